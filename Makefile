@@ -1,0 +1,44 @@
+# The two commands that matter: `make run` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+# llama-cpp-python compiles from source; a portable build (no -march=native) so the cached wheel
+# runs on any x86-64 with AVX2. pip caches the built wheel, so only the first install is slow.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+HOST    ?= 127.0.0.1
+PORT    ?= 8080
+
+.PHONY: run test bench lint install install-dev clean
+
+$(VENV)/bin/activate:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install -q -e '.[local]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install -q -e '.[all]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
+
+test: install-dev
+	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy --strict src/keel
+
+bench: install-dev
+	$(PY) bench/overhead.py
+	$(PY) bench/local_model.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,178 @@
+"""Keel's errors: each class knows its HTTP status, OpenAI error type and code.
+
+The gateway turns any `KeelError` into OpenAI's error body in one place; the reliability
+stage reads `retryable` and `fallback` to decide what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class KeelError(Exception):
+    """Base of every error Keel raises on purpose."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    code: ClassVar[str | None] = None
+    retryable: ClassVar[bool] = False  # worth another attempt on the same deployment
+    fallback: ClassVar[bool] = False  # worth trying the next deployment
+
+    def __init__(self, message: str, *, param: str | None = None, deployment: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.deployment = deployment
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------- the client's mistakes
+
+
+class InvalidRequest(KeelError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(KeelError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(KeelError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(f"The model '{model}' does not exist. Models served here: {listed}.", param="model")
+
+
+class NotSupported(InvalidRequest):
+    code = "unsupported"
+
+
+# ---------------------------------------------------------------------------- the upstream's failures
+
+
+class UpstreamError(KeelError):
+    """A deployment failed in a way a client cannot fix."""
+
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+    retryable = True
+    fallback = True
+
+
+class UpstreamServerError(UpstreamError):
+    code = "upstream_server_error"
+
+    def __init__(self, message: str, *, upstream_status: int = 500, deployment: str | None = None) -> None:
+        super().__init__(message, deployment=deployment)
+        self.upstream_status = upstream_status
+
+
+class UpstreamConnectionError(UpstreamError):
+    code = "upstream_connection_error"
+
+
+class UpstreamMalformed(UpstreamError):
+    code = "upstream_malformed_response"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+class StreamStalled(UpstreamTimeout):
+    code = "stream_stalled"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, deployment: str | None = None) -> None:
+        super().__init__(message, deployment=deployment)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, round(self.retry_after)))} if self.retry_after else {}
+
+
+class UpstreamBadRequest(KeelError):
+    """The upstream refused the request itself: never retried, the same request fails again."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "upstream_bad_request"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The deployment's own key was refused: the operator must fix it; another deployment may work."""
+
+    status = 502
+    code = "upstream_auth_failed"
+    retryable = False
+
+
+class ContextLengthExceeded(UpstreamBadRequest):
+    """Too long for this deployment; a later deployment with a larger window may take it."""
+
+    code = "context_length_exceeded"
+    fallback = True
+
+
+class Overloaded(KeelError):
+    """Keel's own capacity is full (the local model's queue); try again shortly."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+    retryable = True
+    fallback = True
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, deployment: str | None = None) -> None:
+        super().__init__(message, deployment=deployment)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+class CircuitOpen(UpstreamError):
+    status = 503
+    code = "circuit_open"
+
+
+class NoDeploymentAvailable(UpstreamError):
+    status = 503
+    code = "no_deployment_available"
+
+
+class ModelNotLoaded(KeelError):
+    """The embedded model's files are missing: say what to install."""
+
+    status = 503
+    code = "model_not_installed"

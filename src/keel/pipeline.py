@@ -1,0 +1,271 @@
+"""The one pipeline every call flows through, from the gateway or the library.
+
+A `Stage` sees the `Call` on the way in and the `Reply` on the way out; it may answer
+without calling `next`, call it several times, or wrap what comes back. A `Reply` is a
+`Completion` (one chat.completion or embeddings object) or a `ChunkStream`.
+
+Wire objects stay plain dicts on this path: they are parsed once and serialised once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from keel.errors import KeelError
+from keel.types import ChatRequest, EmbeddingRequest
+
+if TYPE_CHECKING:
+    from keel.config import ModelConfig
+    from keel.providers.base import Deployment
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of one deployment, as the reliability stage saw it."""
+
+    deployment: str
+    started: float
+    ended: float = 0.0
+    error: str | None = None  # the error code, None when it answered
+
+
+@dataclass(slots=True)
+class Context:
+    """What Keel knows about a call besides the request itself."""
+
+    request_id: str = field(default_factory=new_request_id)
+    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() value; set by the reliability stage
+    user: str | None = None
+    feature: str | None = None
+    key_id: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    deployment: str | None = None  # the one that answered
+    first_chunk_at: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass(slots=True)
+class Call:
+    request: ChatRequest | EmbeddingRequest
+    model: ModelConfig
+    deployments: Sequence[Deployment]
+    ctx: Context = field(default_factory=Context)
+    target: Deployment | None = None  # the deployment the next attempt goes to
+
+    @property
+    def stream(self) -> bool:
+        return isinstance(self.request, ChatRequest) and bool(self.request.stream)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole answer: an OpenAI chat.completion (or embeddings list) object."""
+
+    body: dict[str, Any]
+
+
+Finaliser = Callable[["ChunkStream"], Awaitable[None] | None]
+
+
+class ChunkStream:
+    """An async iterator of chat.completion.chunk dicts that remembers what passed.
+
+    Stages that need the whole answer register a finaliser instead of buffering; it runs
+    exactly once, when the stream ends, fails, or is closed early (the client went away).
+    Stages that change chunks replace the source with `wrap`, keeping one accumulator.
+    """
+
+    __slots__ = (
+        "_buffered", "_closed", "_finalisers", "_source", "content", "error", "finish_reason", "first",
+        "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
+    )
+
+    def __init__(self, source: AsyncIterator[dict[str, Any]]) -> None:
+        self._source = source
+        self._buffered: list[dict[str, Any]] = []
+        self._finalisers: list[Finaliser] = []
+        self._closed = False
+        self.content: list[str] = []
+        self.refusal: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.id: str | None = None
+        self.model: str | None = None
+        self.system_fingerprint: str | None = None
+        self.first: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def wrap(self, transform: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]]) -> None:
+        self._source = transform(self._source)
+
+    def on_finish(self, finaliser: Finaliser) -> None:
+        self._finalisers.append(finaliser)
+
+    @property
+    def finished(self) -> bool:
+        return self._closed
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def prefetch(self) -> dict[str, Any]:
+        """Pull the first chunk from the source without consuming it: iteration still starts
+        with it. Failures surface here, before anything reached the client (so retry is safe)."""
+        if not self._buffered:
+            self._buffered.append(await self._source.__anext__())
+        return self._buffered[0]
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._buffered:
+            chunk = self._buffered.pop(0)
+            self._accumulate(chunk)
+            return chunk
+        try:
+            chunk = await self._source.__anext__()
+        except StopAsyncIteration:
+            await self._finish(None)
+            raise
+        except BaseException as exc:
+            await self._finish(exc)
+            raise
+        self._accumulate(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop early; the source is closed and finalisers see `error` as the cause."""
+        if self._closed:
+            return
+        closer = getattr(self._source, "aclose", None)
+        try:
+            if closer is not None:
+                await closer()
+        finally:
+            await self._finish(StreamClosed("the client closed the stream before it ended"))
+
+    async def _finish(self, error: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.error = error
+        for finaliser in self._finalisers:
+            result = finaliser(self)
+            if inspect.isawaitable(result):
+                await result
+
+    def _accumulate(self, chunk: dict[str, Any]) -> None:
+        if self.first is None:
+            self.first = chunk
+            self.id = chunk.get("id")
+            self.model = chunk.get("model")
+        if chunk.get("system_fingerprint"):
+            self.system_fingerprint = chunk["system_fingerprint"]
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # n=1 is what Keel serves; other indexes pass through unrecorded
+            delta = choice.get("delta") or {}
+            if text := delta.get("content"):
+                self.content.append(text)
+            if refusal := delta.get("refusal"):
+                self.refusal.append(refusal)
+            for tc in delta.get("tool_calls") or ():
+                self._accumulate_tool_call(tc)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def _accumulate_tool_call(self, delta: dict[str, Any]) -> None:
+        slot = self.tool_calls.setdefault(
+            delta.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if delta.get("id"):
+            slot["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            slot["function"]["name"] += function["name"]
+        if function.get("arguments"):
+            slot["function"]["arguments"] += function["arguments"]
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message the chunks so far add up to."""
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not self.tool_calls else None,
+            "refusal": "".join(self.refusal) or None,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
+
+    def completion(self) -> dict[str, Any]:
+        """The chat.completion object a non-streamed call would have returned."""
+        return {
+            "id": self.id or "",
+            "object": "chat.completion",
+            "created": (self.first or {}).get("created", int(time.time())),
+            "model": self.model or "",
+            "choices": [
+                {"index": 0, "message": self.message(), "finish_reason": self.finish_reason, "logprobs": None}
+            ],
+            "usage": self.usage,
+            "system_fingerprint": self.system_fingerprint,
+        }
+
+
+class StreamClosed(KeelError):
+    """The consumer stopped reading a stream before its end."""
+
+    status = 499
+    code = "client_closed"
+
+
+Reply = Completion | ChunkStream
+Next = Callable[[Call], Awaitable[Reply]]
+
+
+class Stage(Protocol):
+    async def __call__(self, call: Call, next: Next) -> Reply: ...
+
+
+async def dispatch(call: Call) -> Reply:
+    """The innermost step: the chosen deployment's provider answers."""
+    target = call.target if call.target is not None else call.deployments[0]
+    if isinstance(call.request, EmbeddingRequest):
+        return await target.provider.embed(call.request, call)
+    return await target.provider.chat(call.request, call)
+
+
+class Pipeline:
+    """Stages in order, outermost first, ending in `dispatch`."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = tuple(stages)
+        handler: Next = dispatch
+        for stage in reversed(self.stages):
+            handler = _bind(stage, handler)
+        self._handler = handler
+
+    async def __call__(self, call: Call) -> Reply:
+        return await self._handler(call)
+
+
+def _bind(stage: Stage, next: Next) -> Next:
+    async def run(call: Call) -> Reply:
+        return await stage(call, next)
+
+    return run

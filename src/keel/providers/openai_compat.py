@@ -1,0 +1,202 @@
+"""Any OpenAI-compatible HTTP server (OpenAI, Azure-style proxies, vLLM, llama.cpp server,
+another Keel) over one pooled aiohttp session per deployment.
+
+Upstream failures become precise errors: the reliability stage retries what is worth it
+(429 honouring Retry-After, 5xx, timeouts, resets) and never a bad request.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from keel.config import OpenAIDeployment
+from keel.errors import (
+    ContextLengthExceeded,
+    KeelError,
+    UpstreamAuthFailed,
+    UpstreamBadRequest,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from keel.pipeline import Call, ChunkStream, Completion, Reply
+from keel.providers.sse import read_events
+from keel.types import ChatRequest, EmbeddingRequest
+
+
+class OpenAICompatProvider:
+    def __init__(self, config: OpenAIDeployment, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.base_url = config.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        headers = {"content-type": "application/json", **self.config.headers}
+        if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
+            headers["authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _body(self, request: ChatRequest | EmbeddingRequest) -> bytes:
+        body = request.model_dump(exclude_unset=True, by_alias=True)
+        body["model"] = self.config.model
+        return orjson.dumps(body)
+
+    async def chat(self, request: ChatRequest, call: Call) -> Reply:
+        response = await self._post("/chat/completions", self._body(request))
+        if not request.stream:
+            return Completion(await self._json(response))
+        return ChunkStream(self._chunks(response))
+
+    async def embed(self, request: EmbeddingRequest, call: Call) -> Reply:
+        response = await self._post("/embeddings", self._body(request))
+        return Completion(await self._json(response))
+
+    async def _post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        try:
+            response = await self._session.post(self.base_url + path, data=body)
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"cannot reach deployment '{self.name}' at {self.base_url}: {exc}", deployment=self.name
+            ) from None
+        if response.status >= 400:
+            try:
+                text = await response.text()
+            except aiohttp.ClientError:
+                text = ""
+            finally:
+                response.release()
+            raise upstream_error(response.status, text, response.headers, self.name)
+        return response
+
+    async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        try:
+            raw = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' dropped the connection mid-answer: {exc}", deployment=self.name
+            ) from None
+        finally:
+            response.release()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamMalformed(
+                f"deployment '{self.name}' answered with a body that is not JSON", deployment=self.name
+            ) from None
+        if not isinstance(body, dict) or ("choices" not in body and "data" not in body):
+            raise UpstreamMalformed(
+                f"deployment '{self.name}' answered with JSON that is not a completion", deployment=self.name
+            )
+        return body
+
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+        done = False
+        try:
+            async for event in read_events(response.content):
+                if event.data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = orjson.loads(event.data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamMalformed(
+                        f"deployment '{self.name}' sent a stream event that is not JSON", deployment=self.name
+                    ) from None
+                if isinstance(chunk, dict) and "error" in chunk:
+                    error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                    raise UpstreamServerError(
+                        f"deployment '{self.name}' failed mid-stream: {error.get('message', chunk['error'])}",
+                        deployment=self.name,
+                    )
+                yield chunk
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' dropped the stream: {exc}", deployment=self.name
+            ) from None
+        finally:
+            response.release() if done else response.close()
+        if not done:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' ended the stream before it finished (no [DONE])", deployment=self.name
+            )
+
+
+def upstream_error(status: int, text: str, headers: Any, deployment: str) -> KeelError:
+    """The precise error for an upstream's HTTP error answer."""
+    message, code = _error_message(text)
+    where = f"deployment '{deployment}' answered {status}"
+    if status == 429:
+        return UpstreamRateLimited(f"{where}: {message}", retry_after=retry_after(headers), deployment=deployment)
+    if status in (408, 504):
+        return UpstreamTimeout(f"{where}: {message}", deployment=deployment)
+    if status in (401, 403):
+        return UpstreamAuthFailed(
+            f"{where}: its API key was refused; check the deployment's api_key_env", deployment=deployment
+        )
+    if 400 <= status < 500:
+        if code == "context_length_exceeded" or "context length" in message or "context_length" in message:
+            return ContextLengthExceeded(f"{where}: {message}", deployment=deployment)
+        return UpstreamBadRequest(f"{where}: {message}", deployment=deployment)
+    if status >= 500:
+        return UpstreamServerError(f"{where}: {message}", upstream_status=status, deployment=deployment)
+    return UpstreamError(f"{where}: {message}", deployment=deployment)
+
+
+def _error_message(text: str) -> tuple[str, str | None]:
+    try:
+        body = orjson.loads(text)
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            return str(error.get("message") or text[:500]), error.get("code")
+        if isinstance(error, str):
+            return error, None
+    except orjson.JSONDecodeError:
+        pass
+    return (text[:500] or "no message"), None
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms`, `retry-after` (seconds or an HTTP date)."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,222 @@
+"""The OpenAI-compatible gateway: FastAPI routes over the one pipeline.
+
+Bodies are read and parsed here once (size-limited, orjson) and validated into the wire
+types; replies go out with one orjson serialisation. Every answer, errors included, carries
+`x-keel-request-id`; every error has OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keel.engine import Keel
+from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, RequestTooLarge
+from keel.pipeline import ChunkStream, Context, new_request_id
+from keel.providers.sse import DONE, encode_chunk, encode_error
+from keel.types import ChatRequest, EmbeddingRequest
+
+log = logging.getLogger("keel.gateway")
+
+REQUEST_ID = "x-keel-request-id"
+
+
+def create_app(keel: Keel) -> FastAPI:
+    server = keel.config.server
+    master_key = os.environ.get(server.master_key_env) or None
+    if master_key is None:
+        log.warning(
+            "%s is not set: the gateway accepts requests without a key. Set it to require "
+            "'Authorization: Bearer <key>'.", server.master_key_env,
+        )
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await keel.start()
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await keel.close()
+
+    app = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestIdMiddleware)
+
+    def authorise(request: Request) -> None:
+        if master_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), master_key.encode()):
+            raise AuthenticationFailed(
+                "Invalid or missing API key. Send 'Authorization: Bearer <key>' with the gateway's key."
+            )
+
+    async def parse(request: Request, cls: type[BaseModel]) -> Any:
+        authorise(request)
+        raw = await read_body(request, server.max_body_bytes)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSON(f"The request body is not valid JSON: {exc}. Send a JSON object.") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+
+    def context(request: Request) -> Context:
+        return Context(
+            request_id=request.scope["keel.request_id"],
+            feature=request.headers.get("x-keel-feature"),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body: ChatRequest = await parse(request, ChatRequest)
+        reply = await keel.handle(body, context(request))
+        if isinstance(reply, ChunkStream):
+            return StreamingResponse(
+                sse(reply, request.scope["keel.request_id"]),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        return Response(orjson.dumps(reply.body), media_type="application/json")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body: EmbeddingRequest = await parse(request, EmbeddingRequest)
+        reply = await keel.handle(body, context(request))
+        assert not isinstance(reply, ChunkStream)
+        return Response(orjson.dumps(reply.body), media_type="application/json")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorise(request)
+        created = 1_700_000_000
+        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "keel"} for m in keel.config.models]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = state["ready"]
+        return Response(
+            orjson.dumps({"status": "ready" if ready else "starting"}),
+            status_code=200 if ready else 503, media_type="application/json",
+        )
+
+    @app.exception_handler(KeelError)
+    async def keel_error(request: Request, exc: KeelError) -> Response:
+        rid = request.scope.get("keel.request_id", "")
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(level, "request %s failed: %s %s: %s", rid, exc.status, exc.code, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}")
+        error.code = "not_found" if exc.status_code == 404 else "method_not_allowed"  # type: ignore[misc]
+        return error_response(error, status=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        rid = request.scope.get("keel.request_id", "")
+        log.exception("request %s failed unexpectedly", rid)
+        error = KeelError(f"Keel failed unexpectedly; the log has the details under request id {rid}.")
+        return error_response(error)
+
+    return app
+
+
+def error_response(exc: KeelError, status: int | None = None) -> Response:
+    return Response(
+        orjson.dumps(exc.body()), status_code=status or exc.status,
+        headers=exc.headers(), media_type="application/json",
+    )
+
+
+def invalid_request(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+    value = first.get("input")
+    shown = orjson.dumps(value)[:80].decode(errors="replace") if first["type"] != "missing" else ""
+    detail = f"{first['msg']}" + (f", got {shown}" if shown else "")
+    return InvalidRequest(f"Invalid '{param}': {detail}{more}.", param=param)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"The request body is {declared} bytes; this gateway accepts at most {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
+    """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end."""
+    try:
+        async for chunk in stream:
+            yield encode_chunk(chunk)
+    except KeelError as exc:
+        log.warning("request %s: stream ended by %s: %s", request_id, exc.code, exc.message)
+        yield encode_error(exc.body())
+        return
+    except Exception:
+        log.exception("request %s: stream failed unexpectedly", request_id)
+        error = KeelError(f"The stream failed unexpectedly; the log has the details under request id {request_id}.")
+        yield encode_error(error.body())
+        return
+    finally:
+        # A client that went away cancels this generator; shield the close so finalisers run.
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+    yield DONE
+
+
+class RequestIdMiddleware:
+    """Give every request an id and every response the `x-keel-request-id` header (pure ASGI:
+    cheaper than BaseHTTPMiddleware, and it leaves streaming alone)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope["keel.request_id"] = request_id
+        header = (REQUEST_ID.encode(), request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,1 @@
+"""Stand-ins for remote vendors, for Keel's tests and for users' own chaos tests."""

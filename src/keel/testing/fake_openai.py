@@ -1,0 +1,318 @@
+"""A fake OpenAI-compatible upstream with fault injection, for chaos tests and benchmarks.
+
+    python -m keel.testing.fake_openai --port 9100 --fail-rate 0.3 --fail-status 503
+
+It answers `/v1/chat/completions` (plain and SSE), `/v1/embeddings` and `/v1/models` like
+OpenAI does, with an `echo: <last user message>` answer, and can fail on purpose: an HTTP
+status at a given rate (seeded), 429 with Retry-After, hanging, resetting the connection,
+a malformed body, or a stream cut mid-way. It can also replay a recorded SSE transcript
+byte for byte. Tests change its behaviour at run time with `POST /_fake/config` and read
+what it saw with `GET /_fake/stats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import random
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class FakeBehaviour:
+    fail_rate: float = 0.0  # share of calls answered with fail_status
+    fail_status: int = 503
+    retry_after: float | None = None  # sent with 429 and 503 failures when set
+    hang: bool = False  # never answer
+    reset: bool = False  # close the connection without an answer
+    malformed: bool = False  # 200 with a body that is not JSON
+    cut_after: int | None = None  # streams: drop the connection after this many chunks
+    stall_after: int | None = None  # streams: go silent after this many chunks
+    chunks: int = 20  # streamed content chunks per answer
+    latency_ms: float = 0.0
+    chunk_delay_ms: float = 0.0
+    replay: str | None = None  # path of an SSE transcript sent as-is to stream requests
+    model: str = "gpt-4o-mini-2024-07-18"
+    seed: int = 0
+
+
+@dataclass
+class FakeStats:
+    requests: int = 0
+    failures: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    keep_bodies: int = 50
+
+
+class FakeOpenAI:
+    def __init__(self, behaviour: FakeBehaviour | None = None) -> None:
+        self.behaviour = behaviour or FakeBehaviour()
+        self.stats = FakeStats()
+        self.rng = random.Random(self.behaviour.seed)
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.add_routes([
+            web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/embeddings", self.embeddings),
+            web.get("/v1/models", self.models),
+            web.post("/_fake/config", self.configure),
+            web.get("/_fake/stats", self.read_stats),
+        ])
+
+    # ------------------------------------------------------------------ control
+
+    def configure_from(self, changes: dict[str, Any]) -> None:
+        known = {f.name for f in fields(FakeBehaviour)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown fake behaviour keys: {sorted(unknown)}")
+        for key, value in changes.items():
+            setattr(self.behaviour, key, value)
+        if "seed" in changes:
+            self.rng = random.Random(self.behaviour.seed)
+
+    async def configure(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if body.pop("reset_stats", False):
+            self.stats = FakeStats()
+        try:
+            self.configure_from(body)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(asdict(self.behaviour))
+
+    async def read_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(asdict(self.stats)), content_type="application/json")
+
+    # ------------------------------------------------------------------ faults
+
+    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
+        b = self.behaviour
+        if b.latency_ms:
+            await asyncio.sleep(b.latency_ms / 1000)
+        if b.hang:
+            await asyncio.sleep(3600)
+        if b.reset:
+            self.stats.failures += 1
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        if b.fail_rate and self.rng.random() < b.fail_rate:
+            self.stats.failures += 1
+            headers = {"retry-after": f"{b.retry_after:g}"} if b.retry_after is not None else {}
+            error = {"message": f"simulated failure {b.fail_status}", "type": "server_error", "param": None,
+                     "code": None}
+            return web.Response(status=b.fail_status, body=orjson.dumps({"error": error}),
+                                content_type="application/json", headers=headers)
+        if b.malformed:
+            self.stats.failures += 1
+            return web.Response(body=b"<html>bad gateway</html>", content_type="application/json")
+        return None
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self._count(body)
+        if (failed := await self._fault(request)) is not None:
+            return failed
+        if body.get("stream"):
+            return await self._stream(request, body)
+        text = _answer(body)
+        prompt_tokens, completion_tokens = _count_tokens(body), len(text.split())
+        completion = {
+            "id": "chatcmpl-" + _id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.behaviour.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "system_fingerprint": "fp_fake",
+        }
+        return web.Response(body=orjson.dumps(completion), content_type="application/json")
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        b = self.behaviour
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        if b.replay:
+            await response.write(await asyncio.to_thread(Path(b.replay).read_bytes))
+            await response.write_eof()
+            return response
+        pieces = _split(_answer(body), b.chunks)
+        cid, created = "chatcmpl-" + _id(), int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": b.model,
+                   "system_fingerprint": "fp_fake",
+                   "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish}]}
+            if usage:
+                obj["usage"] = usage
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        await response.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+        for n, piece in enumerate(pieces):
+            if b.cut_after is not None and n >= b.cut_after:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if b.stall_after is not None and n >= b.stall_after:
+                await asyncio.sleep(3600)
+            if b.chunk_delay_ms:
+                await asyncio.sleep(b.chunk_delay_ms / 1000)
+            await response.write(chunk({"content": piece}))
+        await response.write(chunk({}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            prompt_tokens = _count_tokens(body)
+            await response.write(chunk({}, usage={
+                "prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                "total_tokens": prompt_tokens + len(pieces)}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self._count(body)
+        if (failed := await self._fault(request)) is not None:
+            return failed
+        inputs = body["input"]
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        data = []
+        for i, item in enumerate(inputs):
+            vector = _vector(orjson.dumps(item), body.get("dimensions") or 8)
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        tokens = sum(len(orjson.dumps(x)) // 4 + 1 for x in inputs)
+        return web.Response(body=orjson.dumps({
+            "object": "list", "data": data, "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.behaviour.model, "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    def _count(self, body: dict[str, Any]) -> None:
+        self.stats.requests += 1
+        if len(self.stats.bodies) < self.stats.keep_bodies:
+            self.stats.bodies.append(body)
+
+
+def _answer(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return f"echo: {content}"
+    return "echo: "
+
+
+def _split(text: str, parts: int) -> list[str]:
+    """`text` in `parts` pieces that join back to it exactly (short texts repeat spaces)."""
+    size = max(1, -(-len(text) // parts))
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    return pieces + [""] * (parts - len(pieces)) if len(pieces) < parts else pieces
+
+
+def _count_tokens(body: dict[str, Any]) -> int:
+    return max(1, len(orjson.dumps(body.get("messages") or [])) // 4)
+
+
+def _id() -> str:
+    return hashlib.sha1(str(time.perf_counter_ns()).encode()).hexdigest()[:24]
+
+
+def _vector(seed: bytes, dims: int) -> list[float]:
+    digest = hashlib.sha256(seed).digest()
+    raw = [digest[i % len(digest)] / 255 - 0.5 for i in range(dims)]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [x / norm for x in raw]
+
+
+class FakeOpenAIServer:
+    """The fake upstream on its own event loop in a thread: `with FakeOpenAIServer() as s: s.url`."""
+
+    def __init__(self, behaviour: FakeBehaviour | None = None, port: int = 0) -> None:
+        self.fake = FakeOpenAI(behaviour)
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-openai", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeOpenAIServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.fake.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    for f in fields(FakeBehaviour):
+        kind = {"float": float, "int": int, "bool": None, "str": str}.get(str(f.type).split(" ")[0])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is None and "bool" in str(f.type):
+            parser.add_argument(flag, action="store_true")
+        elif "None" in str(f.type):
+            parser.add_argument(flag, type=float if "float" in str(f.type) else
+                                (int if "int" in str(f.type) else str), default=None)
+        else:
+            parser.add_argument(flag, type=kind or str, default=f.default)
+    args = vars(parser.parse_args(argv))
+    host, port = args.pop("host"), args.pop("port")
+    fake = FakeOpenAI(FakeBehaviour(**args))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    web.run_app(fake.app, host=host, port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,103 @@
+"""Shared fixtures: fake upstreams and a real `keel serve` process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.exists():
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(FakeBehaviour()) as server:
+        yield server
+
+
+class GatewayProcess:
+    """`keel serve` in a child process, as a user runs it."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.config_path = tmp / f"keel-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / f"keel-{self.port}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> GatewayProcess:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keel.cli", "serve", "--config", str(self.config_path),
+             "--port", str(self.port), "--log-level", "info"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keel serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"keel serve did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `keel serve` with a config dict: `gw = gateway({"models": [...]})`."""
+    started: list[GatewayProcess] = []
+
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+        process = GatewayProcess(config, tmp_path, env).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def require_service(name: str, reason: str) -> None:
+    """Skip when a service is missing, unless CI said services are required."""
+    if os.environ.get("KEEL_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{name} is required in CI (KEEL_REQUIRE_SERVICES=1) but {reason}")
+    pytest.skip(f"{name} not available: {reason}")
