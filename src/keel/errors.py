@@ -66,7 +66,10 @@ class ModelNotFound(KeelError):
 
 
 class NotSupported(InvalidRequest):
+    """This deployment cannot do what was asked (embeddings, forced tools); a later one may."""
+
     code = "unsupported"
+    fallback = True
 
 
 # ---------------------------------------------------------------------------- the upstream's failures

@@ -214,7 +214,7 @@ class ChunkStream:
 
     def completion(self) -> dict[str, Any]:
         """The chat.completion object a non-streamed call would have returned."""
-        return {
+        body: dict[str, Any] = {
             "id": self.id or "",
             "object": "chat.completion",
             "created": (self.first or {}).get("created", int(time.time())),
@@ -223,8 +223,10 @@ class ChunkStream:
                 {"index": 0, "message": self.message(), "finish_reason": self.finish_reason, "logprobs": None}
             ],
             "usage": self.usage,
-            "system_fingerprint": self.system_fingerprint,
         }
+        if self.system_fingerprint is not None:
+            body["system_fingerprint"] = self.system_fingerprint
+        return body
 
 
 class StreamClosed(KeelError):

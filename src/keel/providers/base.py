@@ -81,11 +81,14 @@ def completion_body(
 ) -> dict[str, Any]:
     """A chat.completion object with every field strict clients expect."""
     message.setdefault("refusal", None)
-    return {
+    body = {
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage, "system_fingerprint": system_fingerprint,
+        "usage": usage,
     }
+    if system_fingerprint is not None:  # the spec allows a string or nothing, not null
+        body["system_fingerprint"] = system_fingerprint
+    return body
 
 
 def chunk_body(
@@ -96,10 +99,8 @@ def chunk_body(
     choices = [] if usage is not None else [
         {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
     ]
-    return {
-        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": choices, "usage": usage, "system_fingerprint": None,
-    }
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices, "usage": usage}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

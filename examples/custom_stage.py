@@ -1,0 +1,63 @@
+"""Writing a stage: one object with one async method, placed in the pipeline by the `Keel` constructor.
+
+`AttemptReport` wraps the whole call (it sits outside the reliability stage), so it sees the
+call once, after every retry and fallback, and prints which deployments were tried. On a
+stream it registers a finaliser instead of buffering: the report is printed when the stream ends.
+
+    python examples/custom_stage.py
+"""
+
+import asyncio
+import time
+from pathlib import Path
+
+from keel import Call, ChunkStream, Keel, Reply
+from keel.config import load_config
+from keel.errors import InvalidRequest
+from keel.pipeline import Next
+from keel.types import ChatRequest
+
+
+class AttemptReport:
+    """Print, per call, the deployments tried and how each try ended."""
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        started = time.monotonic()
+        reply = await next(call)
+        if isinstance(reply, ChunkStream):
+            reply.on_finish(lambda stream: self.report(call, started, f"{len(''.join(stream.content))} chars streamed"))
+        else:
+            self.report(call, started, "answered")
+        return reply
+
+    def report(self, call: Call, started: float, outcome: str) -> None:
+        tries = ", ".join(f"{a.deployment}:{a.error or 'ok'}" for a in call.ctx.attempts)
+        print(f"[{call.ctx.request_id}] {outcome} by {call.ctx.deployment} "
+              f"in {time.monotonic() - started:.3f} s after {tries}")
+
+
+class NoShouting:
+    """Refuse a request before any money is spent: answer without calling `next`."""
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        if isinstance(call.request, ChatRequest) and call.request.last_user_text().isupper():
+            raise InvalidRequest("Please do not shout.", param="messages")
+        return await next(call)
+
+
+async def main() -> None:
+    config = load_config(Path(__file__).with_name("simulated.yaml"))
+    async with Keel(config, stages=[AttemptReport(), NoShouting()]) as keel:  # outermost first
+        for _ in range(3):
+            reply = await keel.chat(model="flaky", messages=[{"role": "user", "content": "hello"}])
+            print("  ->", reply.choices[0].message.content)
+        chunks = await keel.chat(model="sim", messages=[{"role": "user", "content": "a stream"}], stream=True)
+        async for _chunk in chunks:
+            pass
+        try:
+            await keel.chat(model="sim", messages=[{"role": "user", "content": "HELLO"}])
+        except InvalidRequest as exc:
+            print("refused:", exc.status, exc.code, exc.message)
+
+
+asyncio.run(main())

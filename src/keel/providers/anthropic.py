@@ -1,0 +1,532 @@
+"""Anthropic's Messages API behind the OpenAI chat interface, over one pooled aiohttp session
+per deployment.
+
+Requests are translated to `POST /v1/messages` (system prompt at the top level, strict
+user/assistant alternation, tool calls and results as content blocks, a required
+`max_tokens`); answers and stream events are translated back into chat.completion objects
+and chunks, so nothing past this module knows the upstream was not OpenAI-shaped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from keel.config import AnthropicDeployment
+from keel.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    KeelError,
+    NotSupported,
+    UpstreamConnectionError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamServerError,
+)
+from keel.pipeline import Call, ChunkStream, Completion, Reply
+from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
+from keel.providers.openai_compat import retry_after, upstream_error
+from keel.providers.sse import read_events
+from keel.types import (
+    AssistantMessage,
+    ChatRequest,
+    DeveloperMessage,
+    ImagePart,
+    Message,
+    NamedToolChoice,
+    RefusalPart,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
+    SystemMessage,
+    TextPart,
+    Tool,
+    ToolChoice,
+    ToolMessage,
+    UserMessage,
+    content_text,
+)
+
+Block = dict[str, Any]
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+# Anthropic says "prompt is too long: N tokens > M maximum" or, when the prompt fits but
+# prompt plus max_tokens does not, "input length and `max_tokens` exceed context limit".
+_TOO_LONG = ("prompt is too long", "exceed context limit", "context window")
+
+
+class AnthropicProvider(ChatOnly):
+    def __init__(self, config: AnthropicDeployment, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.url = config.base_url.rstrip("/") + "/v1/messages"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        headers = {"content-type": "application/json", "anthropic-version": self.config.anthropic_version}
+        if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
+            headers["x-api-key"] = key
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def chat(self, request: ChatRequest, call: Call) -> Reply:
+        response = await self._post(orjson.dumps(messages_body(request, self.config)))
+        if not request.stream:
+            return Completion(completion_from(await self._json(response), self.name))
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return ChunkStream(self._chunks(response, include_usage))
+
+    async def _post(self, body: bytes) -> aiohttp.ClientResponse:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        try:
+            response = await self._session.post(self.url, data=body)
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"cannot reach deployment '{self.name}' at {self.url}: {exc}", deployment=self.name
+            ) from None
+        if response.status >= 400:
+            try:
+                text = await response.text()
+            except aiohttp.ClientError:
+                text = ""
+            finally:
+                response.release()
+            raise anthropic_error(response.status, text, response.headers, self.name)
+        return response
+
+    async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        try:
+            raw = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' dropped the connection mid-answer: {exc}", deployment=self.name
+            ) from None
+        finally:
+            response.release()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamMalformed(
+                f"deployment '{self.name}' answered with a body that is not JSON", deployment=self.name
+            ) from None
+        if not isinstance(body, dict) or body.get("type") != "message" or not isinstance(body.get("content"), list):
+            raise UpstreamMalformed(
+                f"deployment '{self.name}' answered with JSON that is not a message", deployment=self.name
+            )
+        return body
+
+    async def _chunks(self, response: aiohttp.ClientResponse, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        translate = StreamTranslator(self.name, include_usage)
+        try:
+            async for event in read_events(response.content):
+                for chunk in translate(self._event(event.data)):
+                    yield chunk
+                if translate.stopped:
+                    break
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' dropped the stream: {exc}", deployment=self.name
+            ) from None
+        finally:
+            response.release() if translate.stopped else response.close()
+        if not translate.stopped:
+            raise UpstreamConnectionError(
+                f"deployment '{self.name}' ended the stream before it finished (no message_stop)",
+                deployment=self.name,
+            )
+
+    def _event(self, data: str) -> dict[str, Any]:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            raise UpstreamMalformed(
+                f"deployment '{self.name}' sent a stream event that is not a JSON object", deployment=self.name
+            )
+        return event
+
+
+# ---------------------------------------------------------------------------- request: OpenAI → Anthropic
+
+
+def messages_body(request: ChatRequest, config: AnthropicDeployment) -> dict[str, Any]:
+    """The `POST /v1/messages` body for an OpenAI chat request."""
+    body: dict[str, Any] = {
+        "model": config.model,
+        "max_tokens": request.output_limit or config.default_max_tokens,  # Anthropic requires it
+        "messages": _turns(request),
+    }
+    if system := _system(request):
+        body["system"] = system
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else request.stop
+    if request.user:
+        body["metadata"] = {"user_id": request.user}
+    if request.tools:
+        body["tools"] = [_tool(tool) for tool in request.tools]
+        body["tool_choice"] = _tool_choice(request.tool_choice, request.parallel_tool_calls)
+    if request.stream:
+        body["stream"] = True
+    # seed, penalties, logprobs and n have no Anthropic counterpart; they are dropped.
+    return body
+
+
+def _system(request: ChatRequest) -> str:
+    parts = [
+        content_text(m.content) for m in request.messages if isinstance(m, SystemMessage | DeveloperMessage)
+    ]
+    if instruction := _format_instruction(request):
+        parts.append(instruction)
+    return "\n\n".join(p for p in parts if p)
+
+
+def _format_instruction(request: ChatRequest) -> str | None:
+    # The Messages API has no JSON mode or schema-constrained decoding to map these onto, so
+    # the best translation is an instruction; Keel's validation stage checks what comes back.
+    fmt = request.response_format
+    if isinstance(fmt, ResponseFormatJSONSchema):
+        schema = orjson.dumps(fmt.json_schema.schema_ or {}).decode()
+        return (
+            f"Respond with a single JSON value and nothing else (no prose, no code fences). "
+            f"It must validate against this JSON schema, named '{fmt.json_schema.name}': {schema}"
+        )
+    if isinstance(fmt, ResponseFormatJSONObject):
+        return "Respond with a single JSON object and nothing else (no prose, no code fences)."
+    return None
+
+
+def _turns(request: ChatRequest) -> list[dict[str, Any]]:
+    """User and assistant turns, strictly alternating: Anthropic refuses two in a row of one role,
+    so consecutive same-role messages (tool results included, which travel as user turns) merge."""
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(request.messages):
+        if isinstance(message, SystemMessage | DeveloperMessage):
+            continue
+        role, blocks = _turn(message, i)
+        if not blocks:
+            continue  # an empty turn is refused upstream and says nothing
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    for turn in turns:
+        if turn["role"] == "user":
+            # Anthropic wants a turn's tool results before anything else in it (stable order kept).
+            turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+        turn["content"] = _compact(turn["content"])
+    return turns
+
+
+def _turn(message: Message, i: int) -> tuple[str, list[Block]]:
+    if isinstance(message, UserMessage):
+        return "user", _user_blocks(message.content, i)
+    if isinstance(message, AssistantMessage):
+        return "assistant", _assistant_blocks(message, i)
+    if isinstance(message, ToolMessage):
+        return "user", [_tool_result(message)]
+    raise NotSupported(
+        "legacy 'function' messages cannot be sent to an Anthropic deployment; use tools and tool_calls",
+        param=f"messages[{i}]",
+    )
+
+
+def _compact(blocks: list[Block]) -> str | list[Block]:
+    """A lone plain text block as the string form Anthropic also accepts."""
+    if len(blocks) == 1 and blocks[0].keys() == {"type", "text"} and blocks[0]["type"] == "text":
+        return str(blocks[0]["text"])
+    return blocks
+
+
+def _user_blocks(content: str | list[Any], i: int) -> list[Block]:
+    if isinstance(content, str):
+        return _text_blocks([content])
+    blocks: list[Block] = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            blocks.extend(_with_cache_control(_text_blocks([part.text]), part))
+        elif isinstance(part, ImagePart):
+            image = _image(part.image_url.url, f"messages[{i}].content[{j}]")
+            blocks.extend(_with_cache_control([image], part))
+        else:
+            raise NotSupported(
+                f"content parts of type '{part.type}' cannot be sent to an Anthropic deployment",
+                param=f"messages[{i}].content[{j}]",
+            )
+    return blocks
+
+
+def _text_blocks(texts: Iterable[str]) -> list[Block]:
+    # Anthropic refuses empty text blocks.
+    return [{"type": "text", "text": text} for text in texts if text]
+
+
+def _with_cache_control(blocks: list[Block], part: Any) -> list[Block]:
+    """Keep a client's prompt-caching marker (an extra field on the part) on the block."""
+    marker = (part.model_extra or {}).get("cache_control")
+    if marker is not None:
+        for block in blocks:
+            block["cache_control"] = marker
+    return blocks
+
+
+def _image(url: str, param: str) -> Block:
+    if not url.startswith("data:"):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    header, _, data = url.partition(",")
+    media_type, _, encoding = header.removeprefix("data:").partition(";")
+    if encoding != "base64" or not data:
+        raise InvalidRequest("image data URLs must be base64: data:<media type>;base64,<data>", param=param)
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _assistant_blocks(message: AssistantMessage, i: int) -> list[Block]:
+    content = message.content
+    if isinstance(content, str) or content is None:
+        texts = [content or ""]
+    else:
+        texts = [part.text if isinstance(part, TextPart) else part.refusal for part in content
+                 if isinstance(part, TextPart | RefusalPart)]
+    blocks = _text_blocks(texts)
+    for j, tool_call in enumerate(message.tool_calls or ()):
+        blocks.append({
+            "type": "tool_use",
+            "id": tool_call.id,
+            "name": tool_call.function.name,
+            "input": _arguments(tool_call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments"),
+        })
+    return blocks
+
+
+def _arguments(arguments: str, param: str) -> dict[str, Any]:
+    if not arguments.strip():
+        return {}  # some clients send "" for a call without arguments
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest("tool call arguments must be a JSON object to send to Anthropic", param=param)
+    return parsed
+
+
+def _tool_result(message: ToolMessage) -> Block:
+    block: Block = {"type": "tool_result", "tool_use_id": message.tool_call_id}
+    if text := content_text(message.content):
+        block["content"] = text
+    return block
+
+
+def _tool(tool: Tool) -> Block:
+    spec: Block = {"name": tool.function.name}
+    if tool.function.description:
+        spec["description"] = tool.function.description
+    spec["input_schema"] = tool.function.parameters or {"type": "object", "properties": {}}
+    return spec
+
+
+def _tool_choice(choice: ToolChoice | None, parallel: bool | None) -> Block:
+    if isinstance(choice, NamedToolChoice):
+        mapped: Block = {"type": "tool", "name": choice.function.name}
+    elif choice == "none":
+        return {"type": "none"}  # takes no parallelism flag
+    else:
+        mapped = {"type": "any" if choice == "required" else "auto"}
+    if parallel is False:
+        mapped["disable_parallel_tool_use"] = True
+    return mapped
+
+
+# ---------------------------------------------------------------------------- answer: Anthropic → OpenAI
+
+
+def completion_from(message: dict[str, Any], deployment: str) -> dict[str, Any]:
+    """The chat.completion object for an Anthropic message."""
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in message["content"]:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            texts.append(str(block.get("text") or ""))
+        elif block.get("type") == "tool_use":
+            tool_calls.append(_tool_call(block))
+    text = "".join(texts)
+    reply: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    return completion_body(
+        id="chatcmpl-" + str(message.get("id") or ""),
+        model=str(message.get("model") or ""),
+        created=int(time.time()),
+        message=reply,
+        finish_reason=finish_reason(message.get("stop_reason")),
+        usage=usage_from(message.get("usage") or {}),
+    )
+
+
+def _tool_call(block: Block) -> dict[str, Any]:
+    return {
+        "id": block.get("id"),
+        "type": "function",
+        "function": {"name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {}).decode()},
+    }
+
+
+def finish_reason(stop_reason: str | None) -> str | None:
+    if stop_reason is None:
+        return None
+    return FINISH_REASONS.get(stop_reason, "stop")
+
+
+def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI usage: Anthropic's input_tokens leaves out cache writes and reads; OpenAI's
+    prompt_tokens counts every prompt token, with the cached ones also told apart."""
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) + cached
+    body = usage_body(prompt, usage.get("output_tokens") or 0)
+    body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
+
+
+class StreamTranslator:
+    """Anthropic stream events in, OpenAI chunks out; remembers what later events need
+    (the message id and model, prompt usage from message_start, which block is which tool)."""
+
+    def __init__(self, deployment: str, include_usage: bool) -> None:
+        self.deployment = deployment
+        self.include_usage = include_usage
+        self.id = ""
+        self.model = ""
+        self.created = int(time.time())
+        self.usage: dict[str, Any] = {}
+        self.tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self.stopped = False
+        self._handlers: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
+            "message_start": self._message_start,
+            "content_block_start": self._block_start,
+            "content_block_delta": self._block_delta,
+            "message_delta": self._message_delta,
+            "message_stop": self._message_stop,
+            "error": self._error,
+        }
+
+    def __call__(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        # ping, content_block_stop and event types newer than this code carry nothing to pass on.
+        handler = self._handlers.get(str(event.get("type")))
+        return handler(event) if handler else []
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return chunk_body(id=self.id, model=self.model, created=self.created, delta=delta, finish_reason=finish)
+
+    def _message_start(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        message = event.get("message") or {}
+        self.id = "chatcmpl-" + str(message.get("id") or "")
+        self.model = str(message.get("model") or "")
+        self._add_usage(message.get("usage"))
+        return [self._chunk({"role": "assistant", "content": "", "refusal": None})]
+
+    def _block_start(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        block = event.get("content_block") or {}
+        if block.get("type") == "text" and block.get("text"):
+            return [self._chunk({"content": block["text"]})]
+        if block.get("type") != "tool_use":
+            return []  # thinking blocks have no OpenAI counterpart
+        index = self.tools[int(event.get("index", 0))] = len(self.tools)
+        call = {"index": index, "id": block.get("id"), "type": "function",
+                "function": {"name": block.get("name"), "arguments": ""}}
+        return [self._chunk({"tool_calls": [call]})]
+
+    def _block_delta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        delta = event.get("delta") or {}
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return [self._chunk({"content": delta["text"]})]
+        index = self.tools.get(int(event.get("index", 0)))
+        if delta.get("type") == "input_json_delta" and delta.get("partial_json") and index is not None:
+            return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})]
+        return []
+
+    def _message_delta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        self._add_usage(event.get("usage"))
+        stop_reason = (event.get("delta") or {}).get("stop_reason")
+        return [self._chunk({}, finish_reason(stop_reason) or "stop")]
+
+    def _message_stop(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        self.stopped = True
+        if not self.include_usage:
+            return []
+        usage = usage_from(self.usage)
+        return [chunk_body(id=self.id, model=self.model, created=self.created, delta={}, usage=usage)]
+
+    def _error(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        raise stream_error(event.get("error") or {}, self.deployment)
+
+    def _add_usage(self, usage: Any) -> None:
+        # message_delta counts are cumulative; a null there means "unchanged", not zero.
+        if isinstance(usage, dict):
+            self.usage.update({key: value for key, value in usage.items() if value is not None})
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def anthropic_error(status: int, text: str, headers: Any, deployment: str) -> KeelError:
+    """The precise error for an HTTP error answer in Anthropic's shape
+    (`{"type": "error", "error": {"type": "overloaded_error", "message": ...}}`)."""
+    kind, message = _error_detail(text)
+    where = f"deployment '{deployment}' answered {status}"
+    if status == 529 or kind == "overloaded_error":
+        # Overloaded is Anthropic's capacity, not the request: back off and retry, like a 429.
+        return UpstreamRateLimited(f"{where}: {message}", retry_after=retry_after(headers), deployment=deployment)
+    if status == 400 and any(phrase in message.lower() for phrase in _TOO_LONG):
+        return ContextLengthExceeded(f"{where}: {message}", deployment=deployment)
+    return upstream_error(status, text, headers, deployment)
+
+
+def stream_error(error: dict[str, Any], deployment: str) -> KeelError:
+    """An `error` event inside a stream that had begun."""
+    kind = str(error.get("type") or "api_error")
+    message = f"deployment '{deployment}' failed mid-stream: {kind}: {error.get('message') or 'no message'}"
+    if kind in ("overloaded_error", "rate_limit_error"):
+        return UpstreamRateLimited(message, deployment=deployment)
+    return UpstreamServerError(message, deployment=deployment)
+
+
+def _error_detail(text: str) -> tuple[str | None, str]:
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None, text[:500] or "no message"
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, text[:500] or "no message"
+    return error.get("type"), str(error.get("message") or text[:500])
