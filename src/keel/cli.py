@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -89,6 +90,8 @@ def serve(
     cfg = _load(config)
     _preflight(cfg)
     keel = _engine(cfg)
+    # uvicorn re-raises SIGTERM at itself after its graceful shutdown; a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(keel),
         host=host or cfg.server.host,

@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from keel.config import KeelConfig, ModelConfig, load_config
-from keel.errors import InvalidRequest, ModelNotFound
+from keel.errors import ModelNotFound
 from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Reply, Stage
 from keel.providers.base import Deployment, deployment_name, make_provider
 from keel.reliability.breaker import CircuitBreaker
 from keel.reliability.stage import Reliability
+from keel.request_errors import parse_request
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
 
 T = TypeVar("T")
@@ -91,13 +90,13 @@ class Keel:
 
     async def chat(self, **params: Any) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
         """Create a chat completion; with `stream=True`, an async iterator of chunks."""
-        reply = await self.handle(_validated(ChatRequest, params))
+        reply = await self.handle(parse_request(ChatRequest, params, strict=False))
         if isinstance(reply, Completion):
             return ChatCompletion.model_validate(reply.body)
         return _typed_chunks(reply)
 
     async def embeddings(self, **params: Any) -> EmbeddingResponse:
-        reply = await self.handle(_validated(EmbeddingRequest, params))
+        reply = await self.handle(parse_request(EmbeddingRequest, params, strict=False))
         assert isinstance(reply, Completion)
         return EmbeddingResponse.model_validate(reply.body)
 
@@ -122,15 +121,6 @@ def _deployment(model: ModelConfig, config: Any) -> Deployment:
         provider=make_provider(config, name),
         breaker=CircuitBreaker(model.breaker.failure_threshold, model.breaker.cooldown_s),
     )
-
-
-def _validated(cls: type[T], params: dict[str, Any]) -> T:
-    try:
-        return cls.model_validate(params)  # type: ignore[attr-defined, no-any-return]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from None
 
 
 async def _typed_chunks(stream: ChunkStream) -> AsyncIterator[ChatCompletionChunk]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 
 class _Open(BaseModel):
@@ -48,7 +48,23 @@ class OtherPart(_Open):
     type: str
 
 
-ContentPart = TextPart | ImagePart | RefusalPart | OtherPart
+KNOWN_PARTS = ("text", "image_url", "refusal")
+
+
+def _part_kind(part: Any) -> str:
+    # A known type is held to its schema (a text part without text is refused here, not
+    # upstream); any other type is passed on as it came.
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return kind if kind in KNOWN_PARTS else "other"
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image_url")]
+    | Annotated[RefusalPart, Tag("refusal")]
+    | Annotated[OtherPart, Tag("other")],
+    Discriminator(_part_kind),
+]
 
 
 class FunctionCall(_Open):
@@ -178,13 +194,23 @@ class ChatRequest(_Open):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError(
+                "Keel returns one choice per request; leave 'n' out or send 1, "
+                "and send several requests for several answers"
+            )
+        return n
 
     @property
     def output_limit(self) -> int | None:
@@ -207,11 +233,21 @@ def content_text(content: str | list[Any] | None) -> str:
     return "".join(part.text for part in content if isinstance(part, TextPart))
 
 
+# OpenAI's limits: no empty input, at most 2048 inputs in one request.
+_Inputs = Field(min_length=1, max_length=2048)
+EmbeddingInput = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[str], _Inputs]
+    | Annotated[list[int], _Inputs]
+    | Annotated[list[Annotated[list[int], Field(min_length=1)]], _Inputs]
+)
+
+
 class EmbeddingRequest(_Open):
     """POST /v1/embeddings: a string, strings, token ids, or lists of token ids."""
 
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: EmbeddingInput
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None

@@ -18,7 +18,7 @@ import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from keel.engine import Keel
 from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, RequestTooLarge
 from keel.pipeline import ChunkStream, Context, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
+from keel.request_errors import parse_request
 from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
@@ -72,13 +73,12 @@ def create_app(keel: Keel) -> FastAPI:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"The request body is not valid JSON: {exc}. Send a JSON object.") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid_request(exc) from None
+            raise InvalidJSON(
+                f"The request body is not valid JSON ({exc}). Send a JSON object with "
+                "'Content-Type: application/json'."
+            ) from None
+        # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
+        return parse_request(cls, data, strict=True)
 
     def context(request: Request) -> Context:
         return Context(
@@ -96,7 +96,7 @@ def create_app(keel: Keel) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        return Response(orjson.dumps(reply.body), media_type="application/json")
+        return Response(orjson.dumps(spec_nulls_dropped(reply.body, completion=True)), media_type="application/json")
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -126,25 +126,43 @@ def create_app(keel: Keel) -> FastAPI:
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> Response:
-        rid = request.scope.get("keel.request_id", "")
-        level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(level, "request %s failed: %s %s: %s", rid, exc.status, exc.code, exc.message)
+        log_error(request, exc.status, exc)
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}")
-        error.code = "not_found" if exc.status_code == 404 else "method_not_allowed"  # type: ignore[misc]
+        error = route_error(request, exc)
+        log_error(request, exc.status_code, error)
         return error_response(error, status=exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         rid = request.scope.get("keel.request_id", "")
         log.exception("request %s failed unexpectedly", rid)
-        error = KeelError(f"Keel failed unexpectedly; the log has the details under request id {rid}.")
-        return error_response(error)
+        error = KeelError(
+            f"Keel failed unexpectedly; this is a bug, not your request. Report it with the request id {rid}, "
+            "under which the gateway log has the details."
+        )
+        response = error_response(error)
+        # This handler answers from outside the middleware stack: the id header is set here.
+        response.headers[REQUEST_ID] = rid
+        return response
 
     return app
+
+
+def spec_nulls_dropped(body: dict[str, Any], completion: bool = False) -> dict[str, Any]:
+    """`body` without the top-level nulls OpenAI's spec does not allow, whoever built it.
+
+    `system_fingerprint` is an optional string, never null; a chat.completion's `usage` is an
+    optional object, never null (a chunk's may be). Strict clients and validators refuse the
+    nulls, lenient ones read a missing key the same way; two lookups per object.
+    """
+    if "system_fingerprint" in body and body["system_fingerprint"] is None:
+        del body["system_fingerprint"]
+    if completion and "usage" in body and body["usage"] is None:
+        del body["usage"]
+    return body
 
 
 def error_response(exc: KeelError, status: int | None = None) -> Response:
@@ -154,26 +172,68 @@ def error_response(exc: KeelError, status: int | None = None) -> Response:
     )
 
 
-def invalid_request(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-    value = first.get("input")
-    shown = orjson.dumps(value)[:80].decode(errors="replace") if first["type"] != "missing" else ""
-    detail = f"{first['msg']}" + (f", got {shown}" if shown else "")
-    return InvalidRequest(f"Invalid '{param}': {detail}{more}.", param=param)
+class RouteNotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: str) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": self.allowed} if self.allowed else {}
+
+
+ROUTES = "POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models"
+
+
+def route_error(request: Request, exc: StarletteHTTPException) -> KeelError:
+    """An unknown URL or method, said the way OpenAI says it, with what is served instead."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return RouteNotFound(
+            f"Invalid URL ({where}): Keel serves {ROUTES}. Point the client's base_url at the gateway's /v1."
+        )
+    if exc.status_code == 405:
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        allowed = headers.get("allow", "")
+        return MethodNotAllowed(
+            f"Method not allowed ({where}): use {allowed or 'another method'} on this URL.", allowed=allowed
+        )
+    return InvalidRequest(f"{where}: {exc.detail}.")
+
+
+def log_error(request: Request, status: int, exc: KeelError) -> None:
+    rid = request.scope.get("keel.request_id", "")
+    level = logging.WARNING if status < 500 else logging.ERROR
+    # A refused parameter is logged by name only: its message quotes the client's value,
+    # which may be anything the client typed (the request log has the redacted request).
+    detail = f"invalid parameter '{exc.param}'" if isinstance(exc, InvalidRequest) and exc.param else exc.message
+    log.log(level, "request %s %s %s failed: %s %s: %s",
+            rid, request.method, request.url.path, status, exc.code, detail)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"The request body is {declared} bytes; this gateway accepts at most {limit}.")
+        raise RequestTooLarge(
+            f"The request body is {declared} bytes; this gateway accepts at most {limit} "
+            "(server.max_body_bytes). Send a smaller request."
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.")
+            raise RequestTooLarge(
+                f"The request body is over {limit} bytes, the most this gateway accepts "
+                "(server.max_body_bytes). Send a smaller request."
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -182,7 +242,7 @@ async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
     """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end."""
     try:
         async for chunk in stream:
-            yield encode_chunk(chunk)
+            yield encode_chunk(spec_nulls_dropped(chunk))
     except KeelError as exc:
         log.warning("request %s: stream ended by %s: %s", request_id, exc.code, exc.message)
         yield encode_error(exc.body())

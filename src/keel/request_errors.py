@@ -1,0 +1,121 @@
+"""Turning a client's request body into wire types, with errors worded the way OpenAI words them.
+
+The gateway and the library validate through here, so both answer a bad parameter alike:
+the parameter as the client wrote it (`messages[0].content`), what was expected and what came.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from keel.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_request(cls: type[M], data: Any, *, strict: bool) -> M:
+    """`data` as a `cls`, or an InvalidRequest naming the parameter at fault."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"The request body must be a JSON object ({{...}}), got {_json_kind(data)}.")
+    try:
+        return cls.model_validate(data, strict=strict)
+    except ValidationError as exc:
+        raise invalid_request(exc, data) from None
+
+
+# Pydantic error types that mean "wrong JSON type", and the type that was expected.
+_EXPECTED = {
+    "string_type": "a string", "list_type": "an array", "int_type": "an integer", "float_type": "a number",
+    "bool_type": "a boolean", "dict_type": "an object", "model_type": "an object",
+    "model_attributes_type": "an object", "none_required": "null",
+}
+
+
+def invalid_request(exc: ValidationError, data: Any) -> InvalidRequest:
+    """The clearest one of pydantic's errors, as OpenAI words them: the parameter as the client
+    wrote it (`messages[0].content`), what was expected and what came."""
+    found = exc.errors(include_url=False)
+    places = [_place(error, data) for error in found]
+    # Union branches each report their own failure. The one that got deepest into the body
+    # says what is wrong, and among equals a branch that took the type but refused the value.
+    best = max(range(len(found)), key=lambda i: (len(places[i][1]), found[i]["type"] not in _EXPECTED))
+    error, (param, path) = found[best], places[best]
+    same = [found[i] for i in range(len(found)) if places[i][0] == param]
+    kind, shown = error["type"], _shown(error["input"])
+    if kind in ("missing", "union_tag_not_found"):
+        message = f"Missing required parameter '{param}'."
+    elif kind == "union_tag_invalid":
+        tag, expected_tags = _shown(error["ctx"]["tag"]), error["ctx"]["expected_tags"]
+        message = f"Invalid value for '{param}': {tag} is not one of {expected_tags}."
+    elif all(e["type"] in _EXPECTED for e in same):
+        expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in same))
+        message = f"Invalid type for '{param}': expected {expected}, got {shown}."
+    elif kind == "too_short":
+        least = error["ctx"]["min_length"]
+        message = f"Invalid value for '{param}': it must hold at least {least} item{'s' * (least != 1)}, got {shown}."
+    elif kind == "string_too_short":
+        message = f"Invalid value for '{param}': it must not be empty."
+    else:
+        message = f"Invalid value for '{param}': {_reworded(str(error['msg']))} (got {shown})."
+    # Other places in the body, not the union alternatives tried on the way to this one.
+    others = {p for p, steps in places if p != param and steps != path[: len(steps)]}
+    if others:
+        message += f" {len(others)} more invalid parameter{'s' * (len(others) > 1)}: {', '.join(sorted(others))}."
+    return InvalidRequest(message, param=param)
+
+
+def _reworded(msg: str) -> str:
+    """Pydantic's sentence as the second half of ours."""
+    if msg.startswith("Value error, "):
+        return msg.removeprefix("Value error, ")  # our own validators' words
+    if msg.startswith("Input should"):
+        return "it should" + msg.removeprefix("Input should")
+    return msg
+
+
+def _place(error: Any, data: Any) -> tuple[str, list[str | int]]:
+    """Where in the body an error is: pydantic's location without the union branches it tried."""
+    loc: tuple[str | int, ...] = error["loc"]
+    path: list[str | int] = []
+    node = data
+    for n, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif error["type"] == "missing" and n == len(loc) - 1:
+            pass  # the missing key itself
+        else:
+            continue  # a union branch or tag pydantic tried, not a place in the body
+        path.append(part)
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        path.append(str(error["ctx"]["discriminator"]).strip("'"))
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(body)", path
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
+
+
