@@ -53,10 +53,20 @@ def _http_url(value: str) -> str:
     return value
 
 
+class Price(_Strict):
+    """USD per 1M tokens."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt tokens")
+    output: float = Field(ge=0, description="USD per 1M completion tokens")
+    cached_input: float | None = Field(
+        default=None, ge=0, description="USD per 1M cached prompt tokens; default: the input price"
+    )
+
+
 class _Deployment(_Strict):
     name: str | None = Field(default=None, description="label in logs and errors; default: provider/model")
-    price: dict[str, float] | None = Field(
-        default=None, description="free-form price table, kept with the config; no stage reads it yet"
+    price: Price | None = Field(
+        default=None, description="this deployment's price, over the pricing table's entry for its model"
     )
 
 
@@ -203,9 +213,91 @@ class ServerConfig(_Strict):
     )
 
 
+class StoreConfig(_Strict):
+    url: str = Field(default="sqlite:///keel.db", description="request log: sqlite:///PATH or postgresql://...")
+    log_content: bool = Field(default=True, description="keep inputs and outputs; false keeps only metadata")
+    retention_days: float = Field(default=30, gt=0, description="records older than this are purged")
+    max_content_chars: int = Field(default=20_000, ge=0, description="inputs/outputs are cut to this length")
+    batch_size: int = Field(default=500, ge=1, description="records written per batch")
+    flush_interval_ms: float = Field(default=200, gt=0, description="longest wait before a partial batch is written")
+    queue_size: int = Field(default=50_000, ge=1, description="records waiting to be written; beyond: spooled")
+    spool_path: str = Field(default="keel-spool.jsonl", description="where records wait while the store is down")
+    redact: list[str] = Field(
+        default_factory=list, description="regular expressions whose matches are replaced in logged content"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError(f"must be sqlite:///PATH or postgresql://HOST/DB, got {url!r}")
+        return url
+
+
+class StateConfig(_Strict):
+    redis_url: str | None = Field(
+        default=None, description="when set, budgets (and later limits) are shared by replicas through Redis"
+    )
+
+
+BudgetScope = Literal["global", "key", "user", "feature"]
+BudgetWindow = Literal["day", "month", "total"]
+
+
+class BudgetConfig(_Strict):
+    scope: BudgetScope = Field(description="global, key, user or feature")
+    match: str | None = Field(
+        default=None, description="the one key/user/feature this applies to; none: each one gets this budget"
+    )
+    window: BudgetWindow = Field(default="month", description="day, month (UTC calendar) or total")
+    limit_usd: float = Field(gt=0, description="hard cap: a call that could exceed it is refused with 429")
+    alert_at: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.5, 0.8, 1.0], description="shares of the limit that raise an alert"
+    )
+
+    @model_validator(mode="after")
+    def _match_fits_scope(self) -> BudgetConfig:
+        if self.scope == "global" and self.match is not None:
+            raise ValueError("a global budget has no 'match'; remove it or choose scope key, user or feature")
+        return self
+
+
+class AlertsConfig(_Strict):
+    webhook_url: str | None = Field(default=None, description="budget alerts are POSTed here as JSON")
+    max_attempts: int = Field(default=20, ge=1, description="tries per alert before it is logged as lost")
+    initial_backoff_s: float = Field(default=1, gt=0, description="wait before the 2nd try; doubles, capped at 5 min")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+
+class SLOConfig(_Strict):
+    p50_ms: float = Field(default=2000, gt=0, description="target latency median")
+    p99_ms: float = Field(default=10000, gt=0, description="target latency 99th percentile")
+    error_rate: float = Field(default=0.01, ge=0, le=1, description="target share of failed calls")
+    cost_per_request_usd: float = Field(default=0.01, ge=0, description="target mean cost per call")
+
+
+class TracingConfig(_Strict):
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces endpoint; none: no export")
+    to_store: bool = Field(default=True, description="keep spans in the request log store for the dashboard")
+    service_name: str = Field(default="keel", description="service.name of the spans")
+
+
 class KeelConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="the gateway process")
     models: list[ModelConfig] = Field(min_length=1, description="the models clients can ask for")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="the request log")
+    state: StateConfig = Field(default_factory=StateConfig, description="state shared by replicas")
+    pricing: dict[str, Price] = Field(
+        default_factory=dict, description="USD per 1M tokens by upstream model name, over the built-in table"
+    )
+    budgets: list[BudgetConfig] = Field(default_factory=list, description="spend caps with alerts")
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="where budget alerts go")
+    slo: SLOConfig = Field(default_factory=SLOConfig, description="targets of `keel report` and the dashboard")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry spans")
 
     @field_validator("models")
     @classmethod

@@ -51,6 +51,14 @@ class Context:
     attempts: list[Attempt] = field(default_factory=list)
     deployment: str | None = None  # the one that answered
     first_chunk_at: float | None = None
+    trace_id: str | None = None  # W3C trace id (32 hex) of the call's span
+    span_id: str | None = None
+    cache_status: str = "none"
+    guardrails: list[dict[str, Any]] = field(default_factory=list)
+    # Set once by the cost accounting (keel.cost), read by budgets, the log and metrics.
+    usage: dict[str, Any] | None = None
+    cost_usd: float | None = None
+    cost_estimated: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     def remaining(self) -> float | None:

@@ -1,0 +1,1 @@
+"""The request log, traces, metrics and reports: everything Keel shows comes from here."""
