@@ -6,6 +6,7 @@ stage reads `retryable` and `fallback` to decide what to do next.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -165,8 +166,17 @@ class Overloaded(KeelError):
 
 
 class CircuitOpen(UpstreamError):
+    """Every deployment of the model is paused by its breaker; Retry-After says when one probes."""
+
     status = 503
     code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, deployment: str | None = None) -> None:
+        super().__init__(message, deployment=deployment)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
 
 
 class NoDeploymentAvailable(UpstreamError):

@@ -9,6 +9,8 @@ from tenacity import RetryCallState
 
 from keel.config import RetryConfig
 
+_RNG = random.Random()  # one per process: seeding a new one per call costs an os.urandom read
+
 
 class BackoffWithRetryAfter:
     """A tenacity wait strategy: full jitter (AWS architecture blog's "Full Jitter") between
@@ -18,10 +20,11 @@ class BackoffWithRetryAfter:
         self.initial = config.initial_backoff_ms / 1000
         self.maximum = config.max_backoff_ms / 1000
         self.retry_after_cap = config.max_retry_after_s
-        self.rng = rng or random.Random()
+        self.rng = rng if rng is not None else _RNG
 
     def __call__(self, state: RetryCallState) -> float:
-        ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
+        # Bound the exponent: 2**n overflows a float long before max_attempts could get there.
+        ceiling = min(self.maximum, self.initial * 2.0 ** min(state.attempt_number - 1, 64))
         wait = self.rng.uniform(0, ceiling)
         error = state.outcome.exception() if state.outcome is not None else None
         retry_after = getattr(error, "retry_after", None)

@@ -1,4 +1,12 @@
-"""A circuit breaker per deployment: stop calling what keeps failing, probe it again later."""
+"""A circuit breaker per deployment: stop calling what keeps failing, probe it again later.
+
+Every call to a deployment first takes a `Permit` and settles it exactly once: success,
+failure, or release (no verdict: the call was cancelled or the client went away). Permits
+carry the breaker's generation, which moves on at every state change, so the verdict of a
+call that started before a change cannot undo it: ten calls in flight when the breaker
+opens do not stretch its cooldown, and a slow call from before does not close it behind
+the probe's back.
+"""
 
 from __future__ import annotations
 
@@ -24,23 +32,23 @@ class CircuitBreaker:
         self.cooldown_s = cooldown_s
         self._clock = clock
         self.state = BreakerState.CLOSED
-        self.failures = 0
+        self.failures = 0  # consecutive, while closed
         self.opened_at = 0.0
-        self._probing = False
+        self._generation = 0
+        self._probe_out = False
 
-    def allow(self) -> bool:
-        """May a call go through now? In half-open state only one probe at a time."""
-        if self.state is BreakerState.CLOSED:
-            return True
+    def acquire(self) -> Permit | None:
+        """Leave for one call now, or None while open (and while half-open with its probe out)."""
         if self.state is BreakerState.OPEN:
             if self._clock() - self.opened_at < self.cooldown_s:
-                return False
-            self.state = BreakerState.HALF_OPEN
-            self._probing = False
-        if self._probing:
-            return False
-        self._probing = True
-        return True
+                return None
+            self._move(BreakerState.HALF_OPEN)
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probe_out:
+                return None
+            self._probe_out = True
+            return Permit(self, self._generation, probe=True)
+        return Permit(self, self._generation, probe=False)
 
     def retry_in(self) -> float:
         """Seconds until a probe may go through (0 when calls may go now)."""
@@ -48,14 +56,51 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.opened_at + self.cooldown_s - self._clock())
 
-    def record_success(self) -> None:
-        self.state = BreakerState.CLOSED
-        self.failures = 0
-        self._probing = False
+    def _settle(self, permit: Permit, ok: bool | None) -> None:
+        if permit.generation != self._generation:
+            return  # started before the last state change: old news
+        if permit.probe:
+            self._probe_out = False
+            if ok is not None:
+                self._move(BreakerState.CLOSED if ok else BreakerState.OPEN)
+        elif ok:
+            self.failures = 0
+        elif ok is not None:
+            self.failures += 1
+            if self.failures >= self.failure_threshold:
+                self._move(BreakerState.OPEN)
 
-    def record_failure(self) -> None:
-        self.failures += 1
-        self._probing = False
-        if self.state is BreakerState.HALF_OPEN or self.failures >= self.failure_threshold:
-            self.state = BreakerState.OPEN
+    def _move(self, state: BreakerState) -> None:
+        self.state = state
+        self._generation += 1
+        self._probe_out = False
+        self.failures = 0
+        if state is BreakerState.OPEN:
             self.opened_at = self._clock()
+
+
+class Permit:
+    """One call's leave to use a deployment; the first verdict counts, later ones are ignored."""
+
+    __slots__ = ("breaker", "generation", "probe", "settled")
+
+    def __init__(self, breaker: CircuitBreaker, generation: int, *, probe: bool) -> None:
+        self.breaker = breaker
+        self.generation = generation
+        self.probe = probe
+        self.settled = False
+
+    def success(self) -> None:
+        self._settle(True)
+
+    def failure(self) -> None:
+        self._settle(False)
+
+    def release(self) -> None:
+        """No verdict (cancelled, abandoned): a probe's slot is freed for the next call."""
+        self._settle(None)
+
+    def _settle(self, ok: bool | None) -> None:
+        if not self.settled:
+            self.settled = True
+            self.breaker._settle(self, ok)

@@ -3,19 +3,22 @@ a circuit breaker per deployment, and fallback to the next deployment.
 
 One attempt is a pass over the deployments in order: a deployment that fails with an error
 worth a fallback hands the call to the next one at once; when every deployment has failed,
-the attempt has failed and tenacity waits (backoff, or Retry-After) before the next pass.
-An error that is the client's (a bad request) ends the call at once.
+the pass has failed and tenacity waits (backoff, or Retry-After) before the next pass, unless
+that wait would end past the deadline. An error that is the client's (a bad request) ends
+the call at once; so does finding every breaker open, now or through the next wait (failing
+fast is what breakers are for). Each attempt's outcome is recorded in `ctx.attempts`.
 
 Streams are retried only until their first chunk: `prefetch` pulls it inside the attempt,
 so a failure before it is retried like any other; later, a silence longer than the gap
 timeout or the deadline ends the stream with an error the gateway sends as an SSE event.
+For a stream, `attempt_timeout_s` and `first_chunk_timeout_s` bound the wait for chunk one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,57 +29,75 @@ from keel.errors import CircuitOpen, KeelError, StreamStalled, UpstreamError, Up
 from keel.pipeline import Attempt, Call, ChunkStream, Next, Reply
 from keel.providers.base import Deployment
 from keel.reliability.backoff import BackoffWithRetryAfter
+from keel.reliability.breaker import Permit
 
 
 class Reliability:
+    """The stage; it keeps no state of its own (breakers live on the deployments)."""
+
     async def __call__(self, call: Call, next: Next) -> Reply:
-        model = call.model
-        ctx = call.ctx
-        ctx.deadline = ctx.started + model.timeout_s
+        deadline = call.ctx.started + call.model.timeout_s
+        call.ctx.deadline = deadline if call.ctx.deadline is None else min(call.ctx.deadline, deadline)
+        failures: list[KeelError] = []  # this call's, oldest first
+        try:
+            # Most calls end in this first pass, so tenacity (whose machinery costs more than the
+            # rest of this stage together) is only set up once it has failed.
+            return await self._one_pass(call, next, failures)
+        except KeelError as error:
+            first = error
+        return await self._retry(call, next, failures, first)
+
+    async def _retry(self, call: Call, next: Next, failures: list[KeelError], first: KeelError) -> Reply:
+        """Passes after the first, while the error is worth it, attempts remain and the wait
+        before the next would end within the deadline."""
         retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(model.retry.max_attempts), _DeadlineWouldPass(ctx.deadline)),
-            wait=BackoffWithRetryAfter(model.retry),
-            retry=retry_if_exception(lambda e: isinstance(e, KeelError) and e.retryable),
+            stop=stop_any(
+                stop_after_attempt(call.model.retry.max_attempts),
+                _DeadlineWouldPass(call.ctx.deadline or 0.0),
+                _AllPausedThrough(call.deployments),
+            ),
+            wait=BackoffWithRetryAfter(call.model.retry),
+            retry=_WORTH_RETRYING,
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                return await self._one_pass(call, next)
+                if attempt.retry_state.attempt_number == 1:
+                    raise first  # tenacity's attempt 1 is the first pass, already made
+                return await self._one_pass(call, next, failures)
         raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
-    async def _one_pass(self, call: Call, next: Next) -> Reply:
+    async def _one_pass(self, call: Call, next: Next, failures: list[KeelError]) -> Reply:
         """Try each deployment once, in order; return the first answer."""
-        last: KeelError | None = None
+        paused: list[str] = []
         for deployment in call.deployments:
-            if not deployment.breaker.allow():
-                last = last or CircuitOpen(
-                    f"deployment '{deployment.name}' is failing and paused for "
-                    f"{deployment.breaker.retry_in():.1f} s more",
-                    deployment=deployment.name,
-                )
+            if failures and (call.ctx.remaining() or 0.0) <= 0:
+                raise failures[-1]  # out of time: report what failed, not a try that had no time
+            permit = deployment.breaker.acquire()
+            if permit is None:
+                paused.append(f"'{deployment.name}' for {deployment.breaker.retry_in():.1f} s more")
                 continue
             try:
-                return await self._attempt(call, next, deployment)
+                return await self._attempt(call, next, deployment, permit)
             except KeelError as exc:
-                if isinstance(exc, UpstreamError):
-                    deployment.breaker.record_failure()
-                else:
-                    deployment.breaker.record_success()  # it answered; the request was the problem
                 if not exc.fallback:
                     raise
-                last = exc
-        assert last is not None
-        raise last
+                failures.append(exc)
+        if failures:  # this pass's, or the earlier ones of this call that opened the breakers
+            raise failures[-1]
+        raise CircuitOpen(
+            f"model '{call.model.name}' has no deployment to call: each failed repeatedly and is paused "
+            f"({', '.join(paused)})",
+            retry_after=min(d.breaker.retry_in() for d in call.deployments),
+        )
 
-    async def _attempt(self, call: Call, next: Next, deployment: Deployment) -> Reply:
-        model, ctx = call.model, call.ctx
+    async def _attempt(self, call: Call, next: Next, deployment: Deployment, permit: Permit) -> Reply:
+        """One deployment, once, within the attempt's time limit; the breaker hears how it went."""
         record = Attempt(deployment=deployment.name, started=time.monotonic())
-        ctx.attempts.append(record)
-        limit = _earliest(ctx.remaining(), model.attempt_timeout_s)
-        if call.stream:
-            limit = _earliest(limit, model.first_chunk_timeout_s)
+        call.ctx.attempts.append(record)
+        limit, limit_name = _attempt_limit(call)
         try:
-            if limit is not None and limit <= 0:
+            if limit <= 0:
                 raise TimeoutError
             async with asyncio.timeout(limit):
                 reply = await next(replace(call, target=deployment))
@@ -87,67 +108,138 @@ class Reliability:
                         await reply.aclose()
                         raise
         except TimeoutError:
+            waited_for = "first chunk" if call.stream else "answer"
             error = UpstreamTimeout(
-                f"deployment '{deployment.name}' gave no {'first chunk' if call.stream else 'answer'} "
-                f"within {limit:.3g} s", deployment=deployment.name,
+                f"deployment '{deployment.name}' gave no {waited_for} within {limit_name}", deployment=deployment.name
             )
-            record.ended, record.error = time.monotonic(), error.code
+            _settle(permit, record, error)
             raise error from None
-        except KeelError as exc:
-            exc.deployment = exc.deployment or deployment.name
-            record.ended, record.error = time.monotonic(), exc.code
+        except BaseException as exc:
+            if isinstance(exc, KeelError):
+                exc.deployment = exc.deployment or deployment.name
+            _settle(permit, record, exc)
             raise
-        record.ended = time.monotonic()
-        ctx.deployment = deployment.name
+        call.ctx.deployment = deployment.name
         if isinstance(reply, ChunkStream):
-            ctx.first_chunk_at = record.ended
-            reply.wrap(lambda source: _guard_stream(source, call, deployment))
+            call.ctx.first_chunk_at = time.monotonic()
+            reply.wrap(lambda source: _GuardedStream(source, call, deployment, permit, record))
         else:
-            deployment.breaker.record_success()
+            _settle(permit, record, None)
         return reply
 
 
-async def _guard_stream(
-    source: AsyncIterator[dict[str, Any]], call: Call, deployment: Deployment
-) -> AsyncIterator[dict[str, Any]]:
-    """After the first chunk: no silence longer than the gap timeout, nothing past the deadline."""
-    gap = call.model.chunk_gap_timeout_s
-    try:
-        while True:
-            limit = _earliest(call.ctx.remaining(), gap)
-            try:
-                async with asyncio.timeout(limit):
-                    chunk = await source.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise StreamStalled(
-                    f"deployment '{deployment.name}' went silent mid-stream for {limit:.3g} s; "
-                    "the stream was ended", deployment=deployment.name,
-                ) from None
-            yield chunk
-    except UpstreamError:
-        deployment.breaker.record_failure()
-        raise
-    else:
-        deployment.breaker.record_success()
-    finally:
-        closer = getattr(source, "aclose", None)
+class _GuardedStream:
+    """A stream after its first chunk: no silence longer than the gap timeout, nothing past the
+    deadline; the breaker and the attempt record learn how it ended. Closing it closes the source,
+    even when no chunk was pulled through it (the first one waits in the ChunkStream's buffer)."""
+
+    def __init__(
+        self, source: AsyncIterator[dict[str, Any]], call: Call, deployment: Deployment, permit: Permit,
+        record: Attempt,
+    ) -> None:
+        self.source = source
+        self.call = call
+        self.deployment = deployment
+        self.permit = permit
+        self.record = record
+
+    def __aiter__(self) -> _GuardedStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        gap = self.call.model.chunk_gap_timeout_s
+        remaining = self.call.ctx.remaining() or 0.0
+        gap_first = gap is not None and gap < remaining
+        try:
+            async with asyncio.timeout(gap if gap_first else remaining):
+                return await self.source.__anext__()
+        except StopAsyncIteration:
+            _settle(self.permit, self.record, None)
+            raise
+        except TimeoutError:
+            name = self.deployment.name
+            error: UpstreamTimeout = (
+                StreamStalled(f"deployment '{name}' went silent mid-stream for {gap:g} s (chunk_gap_timeout_s); "
+                              "the stream was ended", deployment=name)
+                if gap_first else
+                UpstreamTimeout(f"the call's deadline (timeout_s = {self.call.model.timeout_s:g} s) passed "
+                                f"mid-stream from deployment '{name}'; the stream was ended", deployment=name)
+            )
+            _settle(self.permit, self.record, error)
+            await self._close_source()
+            raise error from None
+        except BaseException as exc:
+            _settle(self.permit, self.record, exc)
+            raise
+
+    async def aclose(self) -> None:
+        """The reader stopped early: no verdict on the deployment, and the upstream is let go."""
+        _settle(self.permit, self.record, asyncio.CancelledError())
+        await self._close_source()
+
+    async def _close_source(self) -> None:
+        closer = getattr(self.source, "aclose", None)
         if closer is not None:
             await closer()
 
 
-def _earliest(*limits: float | None) -> float | None:
-    present = [x for x in limits if x is not None]
-    return min(present) if present else None
+def _settle(permit: Permit, record: Attempt, outcome: BaseException | None) -> None:
+    """Tell the breaker and the attempt record how an attempt ended (the first word counts).
+    None is an answer; a Keel error that is not the upstream's means it answered too ("your
+    request is wrong"); an upstream error is a failure; anything else (cancelled, abandoned,
+    a bug) says nothing about the deployment."""
+    if permit.settled:
+        return
+    record.ended = time.monotonic()
+    if isinstance(outcome, UpstreamError):
+        permit.failure()
+    elif outcome is None or isinstance(outcome, KeelError):
+        permit.success()
+    else:
+        permit.release()
+    if isinstance(outcome, KeelError):
+        record.error = outcome.code or "error"
+    elif outcome is not None:
+        record.error = "cancelled" if isinstance(outcome, asyncio.CancelledError) else "internal_error"
+
+
+def _attempt_limit(call: Call) -> tuple[float, str]:
+    """Seconds this attempt may take, and the setting that bounds it."""
+    model = call.model
+    limit, name = call.ctx.remaining() or 0.0, f"the call's deadline (timeout_s = {model.timeout_s:g} s)"
+    candidates = [(model.attempt_timeout_s, "attempt_timeout_s")]
+    if call.stream:
+        candidates.append((model.first_chunk_timeout_s, "first_chunk_timeout_s"))
+    for seconds, setting in candidates:
+        if seconds is not None and seconds < limit:
+            limit, name = seconds, f"{seconds:g} s ({setting})"
+    return limit, name
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    return isinstance(error, KeelError) and error.retryable and not isinstance(error, CircuitOpen)
+
+
+_WORTH_RETRYING = retry_if_exception(_worth_retrying)
 
 
 class _DeadlineWouldPass(stop_base):
-    """Stop retrying when the next wait would end past the whole-call deadline."""
+    """Stop retrying when the next wait would end past the whole-call deadline. (tenacity runs
+    the wait strategy before the stop check, so `upcoming_sleep` is the wait about to happen.)"""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
 
     def __call__(self, state: RetryCallState) -> bool:
-        upcoming = state.upcoming_sleep or 0.0
-        return time.monotonic() + upcoming >= self.deadline
+        return time.monotonic() + state.upcoming_sleep >= self.deadline
+
+
+class _AllPausedThrough(stop_base):
+    """Stop retrying when every deployment's breaker stays open past the next wait: the next
+    pass could call nobody (the usual case: this call's failures just opened the last one)."""
+
+    def __init__(self, deployments: Sequence[Deployment]) -> None:
+        self.deployments = deployments
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return all(d.breaker.retry_in() > state.upcoming_sleep for d in self.deployments)

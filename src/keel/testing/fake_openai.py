@@ -4,10 +4,10 @@
 
 It answers `/v1/chat/completions` (plain and SSE), `/v1/embeddings` and `/v1/models` like
 OpenAI does, with an `echo: <last user message>` answer, and can fail on purpose: an HTTP
-status at a given rate (seeded), 429 with Retry-After, hanging, resetting the connection,
-a malformed body, or a stream cut mid-way. It can also replay a recorded SSE transcript
-byte for byte. Tests change its behaviour at run time with `POST /_fake/config` and read
-what it saw with `GET /_fake/stats`.
+status at a given rate (seeded) or for the next N requests, 429 with Retry-After, hanging,
+resetting the connection, a malformed body, or a stream cut mid-way or stalled. It can also
+replay a recorded SSE transcript byte for byte. Tests change its behaviour at run time with
+`POST /_fake/config` and read what it saw with `GET /_fake/stats`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from aiohttp import web
 @dataclass
 class FakeBehaviour:
     fail_rate: float = 0.0  # share of calls answered with fail_status
+    fail_first: int = 0  # the next this-many calls are answered with fail_status (counts down)
     fail_status: int = 503
     retry_after: float | None = None  # sent with 429 and 503 failures when set
     hang: bool = False  # never answer
@@ -106,7 +107,8 @@ class FakeOpenAI:
             assert request.transport is not None
             request.transport.close()
             raise asyncio.CancelledError
-        if b.fail_rate and self.rng.random() < b.fail_rate:
+        if b.fail_first > 0 or (b.fail_rate and self.rng.random() < b.fail_rate):
+            b.fail_first = max(0, b.fail_first - 1)
             self.stats.failures += 1
             headers = {"retry-after": f"{b.retry_after:g}"} if b.retry_after is not None else {}
             error = {"message": f"simulated failure {b.fail_status}", "type": "server_error", "param": None,
@@ -166,25 +168,28 @@ class FakeOpenAI:
                 obj["usage"] = usage
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-        await response.write(chunk({"role": "assistant", "content": "", "refusal": None}))
-        for n, piece in enumerate(pieces):
-            if b.cut_after is not None and n >= b.cut_after:
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if b.stall_after is not None and n >= b.stall_after:
-                await asyncio.sleep(3600)
-            if b.chunk_delay_ms:
-                await asyncio.sleep(b.chunk_delay_ms / 1000)
-            await response.write(chunk({"content": piece}))
-        await response.write(chunk({}, "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            prompt_tokens = _count_tokens(body)
-            await response.write(chunk({}, usage={
-                "prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
-                "total_tokens": prompt_tokens + len(pieces)}))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            await response.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+            for n, piece in enumerate(pieces):
+                if b.cut_after is not None and n >= b.cut_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                if b.stall_after is not None and n >= b.stall_after:
+                    await asyncio.sleep(3600)
+                if b.chunk_delay_ms:
+                    await asyncio.sleep(b.chunk_delay_ms / 1000)
+                await response.write(chunk({"content": piece}))
+            await response.write(chunk({}, "stop"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                prompt_tokens = _count_tokens(body)
+                await response.write(chunk({}, usage={
+                    "prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                    "total_tokens": prompt_tokens + len(pieces)}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up mid-stream (a deadline, a gap timeout): nothing left to say
         return response
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -250,11 +255,15 @@ def _vector(seed: bytes, dims: int) -> list[float]:
 
 
 class FakeOpenAIServer:
-    """The fake upstream on its own event loop in a thread: `with FakeOpenAIServer() as s: s.url`."""
+    """The fake upstream on its own event loop in a thread: `with FakeOpenAIServer() as s: s.url`.
 
-    def __init__(self, behaviour: FakeBehaviour | None = None, port: int = 0) -> None:
+    A client that hangs up cancels its handler (a hang or a stall ends with the connection), and
+    stopping waits at most `shutdown_timeout` for requests still in progress."""
+
+    def __init__(self, behaviour: FakeBehaviour | None = None, port: int = 0, shutdown_timeout: float = 0.5) -> None:
         self.fake = FakeOpenAI(behaviour)
         self.port = port
+        self.shutdown_timeout = shutdown_timeout
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-openai", daemon=True)
@@ -269,7 +278,10 @@ class FakeOpenAIServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.fake.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.fake.app, access_log=None, handle_signals=False, handler_cancellation=True,
+            shutdown_timeout=self.shutdown_timeout,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
@@ -280,6 +292,8 @@ class FakeOpenAIServer:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
@@ -311,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    web.run_app(fake.app, host=host, port=port, access_log=None, print=None)
+    web.run_app(fake.app, host=host, port=port, access_log=None, print=None, handler_cancellation=True,
+                shutdown_timeout=1.0)
 
 
 if __name__ == "__main__":  # pragma: no cover

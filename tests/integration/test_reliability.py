@@ -1,0 +1,452 @@
+"""The reliability stage in-process (`keel.engine.Keel`) against fake OpenAI upstreams over HTTP:
+retries, fallbacks, deadlines, per-attempt timeouts, streams and breakers, counted on the fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from keel.config import parse_config
+from keel.engine import Keel
+from keel.errors import (
+    CircuitOpen,
+    StreamStalled,
+    UpstreamBadRequest,
+    UpstreamConnectionError,
+    UpstreamRateLimited,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from keel.pipeline import ChunkStream, Completion, Context
+from keel.reliability.breaker import BreakerState
+from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
+from keel.types import ChatCompletionChunk, ChatRequest
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+FAST_RETRY = {"initial_backoff_ms": 1, "max_backoff_ms": 5}
+
+FakeFactory = Callable[..., FakeOpenAIServer]
+
+
+@pytest.fixture
+def fakes() -> Iterator[FakeFactory]:
+    """Start fake upstreams in threads: `fake = fakes(fail_rate=1.0)`."""
+    started: list[FakeOpenAIServer] = []
+
+    def start(**behaviour: Any) -> FakeOpenAIServer:
+        server = FakeOpenAIServer(FakeBehaviour(**behaviour)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def deployment(fake: FakeOpenAIServer, name: str) -> dict[str, Any]:
+    return {"provider": "openai", "name": name, "base_url": fake.url, "model": "gpt-4o-mini"}
+
+
+@pytest.fixture
+async def keel_for() -> AsyncIterator[Callable[..., Keel]]:
+    """A `Keel` for one model named "m" over the given deployments, closed after the test."""
+    made: list[Keel] = []
+
+    def make(*deployments: dict[str, Any], **model: Any) -> Keel:
+        config = parse_config({"models": [{"name": "m", "deployments": list(deployments), **model}]})
+        keel = Keel(config)
+        made.append(keel)
+        return keel
+
+    yield make
+    for keel in made:
+        await keel.close()
+
+
+async def call(keel: Keel, *, stream: bool = False, ctx: Context | None = None) -> Completion | ChunkStream:
+    request = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "stream": stream})
+    return await keel.handle(request, ctx or Context())
+
+
+def requests_seen(fake: FakeOpenAIServer) -> int:
+    return fake.fake.stats.requests
+
+
+# ---------------------------------------------------------------------------- what is retried, how often
+
+
+async def test_a_bad_request_is_attempted_exactly_once_and_never_falls_back(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    primary, fallback = fakes(fail_rate=1.0, fail_status=400), fakes()
+    keel = keel_for(deployment(primary, "a"), deployment(fallback, "b"), retry={"max_attempts": 5, **FAST_RETRY})
+    with pytest.raises(UpstreamBadRequest) as caught:
+        await keel.chat(model="m", messages=MESSAGES)
+    assert caught.value.status == 400
+    assert caught.value.deployment == "a"
+    assert requests_seen(primary) == 1
+    assert requests_seen(fallback) == 0
+    assert keel.deployments["m"][0].breaker.failures == 0  # the upstream answered; the request was wrong
+
+
+async def test_retries_stop_at_max_attempts(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    fake = fakes(fail_rate=1.0, fail_status=503)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 4, **FAST_RETRY}, breaker={"failure_threshold": 20})
+    ctx = Context()
+    with pytest.raises(UpstreamServerError) as caught:
+        await call(keel, ctx=ctx)
+    assert caught.value.upstream_status == 503
+    assert requests_seen(fake) == 4
+    assert [a.error for a in ctx.attempts] == ["upstream_server_error"] * 4
+
+
+async def test_a_flaky_upstream_is_retried_until_it_answers(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    fake = fakes(fail_first=3, fail_status=503)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 4, **FAST_RETRY})
+    reply = await keel.chat(model="m", messages=MESSAGES)
+    assert reply.choices[0].message.content == "echo: hello there"  # type: ignore[union-attr]
+    assert requests_seen(fake) == 4
+
+
+async def test_fallback_follows_the_configured_order(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    first, second, third = fakes(fail_rate=1.0), fakes(fail_rate=1.0, fail_status=500), fakes(model="third")
+    keel = keel_for(
+        deployment(first, "first"), deployment(second, "second"), deployment(third, "third"),
+        retry={"max_attempts": 1},
+    )
+    ctx = Context()
+    reply = await call(keel, ctx=ctx)
+    assert isinstance(reply, Completion)
+    assert reply.body["model"] == "third"
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [
+        ("first", "upstream_server_error"), ("second", "upstream_server_error"), ("third", None),
+    ]
+    assert ctx.deployment == "third"
+
+
+async def test_each_retry_pass_walks_the_deployments_in_order(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    first, second = fakes(fail_rate=1.0), fakes(fail_rate=1.0)
+    keel = keel_for(
+        deployment(first, "first"), deployment(second, "second"),
+        retry={"max_attempts": 3, **FAST_RETRY}, breaker={"failure_threshold": 20},
+    )
+    ctx = Context()
+    with pytest.raises(UpstreamServerError) as caught:
+        await call(keel, ctx=ctx)
+    assert caught.value.deployment == "second"  # the last failure is the one reported
+    assert [a.deployment for a in ctx.attempts] == ["first", "second"] * 3
+    assert (requests_seen(first), requests_seen(second)) == (3, 3)
+
+
+async def test_rate_limit_retry_after_is_waited_out(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    fake = fakes(fail_first=1, fail_status=429, retry_after=0.5)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 2, **FAST_RETRY})
+    started = time.monotonic()
+    await keel.chat(model="m", messages=MESSAGES)
+    assert 0.5 <= time.monotonic() - started < 0.8
+    assert requests_seen(fake) == 2
+
+
+# ---------------------------------------------------------------------------- deadlines and timeouts
+
+
+async def test_the_whole_call_deadline_includes_retries_and_backoff(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0, latency_ms=20)
+    keel = keel_for(
+        deployment(fake, "a"), timeout_s=0.5,
+        retry={"max_attempts": 20, "initial_backoff_ms": 50, "max_backoff_ms": 100},
+        breaker={"failure_threshold": 20},
+    )
+    ctx = Context()
+    # Either the next wait would have ended past the deadline (the last 503 is reported), or
+    # the last attempt was still running at the deadline and was cut there.
+    with pytest.raises((UpstreamServerError, UpstreamTimeout)):
+        await call(keel, ctx=ctx)
+    elapsed = time.monotonic() - ctx.started
+    assert elapsed < 0.5 + 0.02
+    assert 2 < len(ctx.attempts) < 20
+    # The last attempt may have been cut by the deadline before its request reached the fake.
+    assert len(ctx.attempts) - 1 <= requests_seen(fake) <= len(ctx.attempts)
+
+
+async def test_a_retry_after_beyond_the_deadline_fails_now_instead_of_waiting(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0, fail_status=429, retry_after=5)
+    keel = keel_for(deployment(fake, "a"), timeout_s=2, retry={"max_attempts": 3, **FAST_RETRY})
+    started = time.monotonic()
+    with pytest.raises(UpstreamRateLimited) as caught:
+        await keel.chat(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 0.3
+    assert caught.value.retry_after == 5
+    assert caught.value.headers() == {"retry-after": "5"}
+    assert requests_seen(fake) == 1
+
+
+async def test_a_hanging_upstream_is_cut_at_the_deadline(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    fake = fakes(hang=True)
+    keel = keel_for(deployment(fake, "a"), timeout_s=0.6, retry=FAST_RETRY)
+    ctx = Context()
+    with pytest.raises(UpstreamTimeout) as caught:
+        await call(keel, ctx=ctx)
+    elapsed = time.monotonic() - ctx.started
+    assert 0.6 <= elapsed < 0.65
+    assert caught.value.status == 504 and caught.value.code == "timeout"
+    assert "timeout_s = 0.6 s" in caught.value.message
+    assert len(ctx.attempts) == 1
+
+
+async def test_per_attempt_timeouts_leave_room_for_retries_within_the_deadline(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(hang=True)
+    keel = keel_for(
+        deployment(fake, "a"), timeout_s=0.7, attempt_timeout_s=0.2,
+        retry={"max_attempts": 10, **FAST_RETRY}, breaker={"failure_threshold": 20},
+    )
+    ctx = Context()
+    with pytest.raises(UpstreamTimeout):
+        await call(keel, ctx=ctx)
+    elapsed = time.monotonic() - ctx.started
+    assert 0.7 <= elapsed < 0.75
+    assert len(ctx.attempts) == 4  # 0.2 + 0.2 + 0.2 + what was left of the 0.7
+    assert all(a.error == "timeout" for a in ctx.attempts)
+    durations = [a.ended - a.started for a in ctx.attempts]
+    assert all(0.19 <= d < 0.25 for d in durations[:3])
+
+
+async def test_a_slow_deployment_times_out_per_attempt_and_falls_back(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    slow, fast = fakes(latency_ms=2000), fakes(model="fast")
+    keel = keel_for(deployment(slow, "slow"), deployment(fast, "fast"), attempt_timeout_s=0.2)
+    ctx = Context()
+    reply = await call(keel, ctx=ctx)
+    assert isinstance(reply, Completion) and reply.body["model"] == "fast"
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [("slow", "timeout"), ("fast", None)]
+    assert 0.2 <= time.monotonic() - ctx.started < 0.3
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+async def collect(stream: AsyncIterator[ChatCompletionChunk]) -> str:
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def test_a_stream_failing_before_its_first_chunk_is_retried_into_a_full_stream(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_first=2, fail_status=503)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 3, **FAST_RETRY})
+    stream = await keel.chat(model="m", messages=MESSAGES, stream=True)
+    assert await collect(stream) == "echo: hello there"  # type: ignore[arg-type]
+    assert requests_seen(fake) == 3
+
+
+async def test_a_stream_slow_to_its_first_chunk_falls_back(fakes: FakeFactory, keel_for: Callable[..., Keel]) -> None:
+    slow, fast = fakes(latency_ms=2000), fakes()
+    keel = keel_for(deployment(slow, "slow"), deployment(fast, "fast"), first_chunk_timeout_s=0.2)
+    ctx = Context()
+    reply = await call(keel, stream=True, ctx=ctx)
+    assert isinstance(reply, ChunkStream)
+    async for _ in reply:
+        pass
+    assert "".join(reply.content) == "echo: hello there"
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [("slow", "timeout"), ("fast", None)]
+    assert ctx.first_chunk_at is not None and ctx.first_chunk_at - ctx.started < 0.3
+
+
+async def test_a_stall_after_the_first_chunk_ends_the_stream_at_the_gap_timeout(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(stall_after=3)
+    keel = keel_for(deployment(fake, "a"), chunk_gap_timeout_s=0.3, retry={"max_attempts": 3, **FAST_RETRY})
+    ctx = Context()
+    reply = await call(keel, stream=True, ctx=ctx)
+    assert isinstance(reply, ChunkStream)
+    received, last_chunk_at = 0, time.monotonic()
+    with pytest.raises(StreamStalled) as caught:
+        async for _ in reply:
+            received, last_chunk_at = received + 1, time.monotonic()
+    silence = time.monotonic() - last_chunk_at
+    assert 0.3 <= silence < 0.35
+    assert received == 4  # the role chunk and three pieces
+    assert caught.value.code == "stream_stalled" and "chunk_gap_timeout_s" in caught.value.message
+    assert requests_seen(fake) == 1  # after the first chunk there is no retry
+    assert reply.error is caught.value  # finalisers saw why it ended
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [("a", "stream_stalled")]
+
+
+async def test_a_stream_cut_mid_way_is_an_error_not_a_short_answer(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(cut_after=2)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 3, **FAST_RETRY})
+    stream = await keel.chat(model="m", messages=MESSAGES, stream=True)
+    with pytest.raises(UpstreamConnectionError):
+        await collect(stream)  # type: ignore[arg-type]
+    assert requests_seen(fake) == 1
+
+
+async def test_the_deadline_ends_a_stream_that_is_still_going(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(chunks=50, chunk_delay_ms=20)
+    keel = keel_for(deployment(fake, "a"), timeout_s=0.4, chunk_gap_timeout_s=0.3)
+    ctx = Context()
+    reply = await call(keel, stream=True, ctx=ctx)
+    assert isinstance(reply, ChunkStream)
+    with pytest.raises(UpstreamTimeout) as caught:
+        async for _ in reply:
+            pass
+    assert not isinstance(caught.value, StreamStalled)
+    assert "timeout_s = 0.4 s" in caught.value.message
+    assert 0.4 <= time.monotonic() - ctx.started < 0.45
+
+
+# ---------------------------------------------------------------------------- the record of attempts
+
+
+async def test_ctx_attempts_records_every_attempt_in_order_with_its_outcome(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    first, second = fakes(fail_first=2, fail_status=502), fakes(hang=True)
+    keel = keel_for(
+        deployment(first, "first"), deployment(second, "second"),
+        attempt_timeout_s=0.1, retry={"max_attempts": 3, **FAST_RETRY},
+    )
+    ctx = Context()
+    await call(keel, ctx=ctx)
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [
+        ("first", "upstream_server_error"), ("second", "timeout"),
+        ("first", "upstream_server_error"), ("second", "timeout"),
+        ("first", None),
+    ]
+    assert ctx.deployment == "first"
+    for earlier, later in zip(ctx.attempts, ctx.attempts[1:], strict=False):
+        assert earlier.started <= earlier.ended <= later.started
+
+
+# ---------------------------------------------------------------------------- circuit breakers
+
+
+async def test_an_open_breaker_stops_calls_to_its_deployment(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    primary, fallback = fakes(fail_rate=1.0), fakes(model="fallback")
+    keel = keel_for(
+        deployment(primary, "primary"), deployment(fallback, "fallback"),
+        breaker={"failure_threshold": 3, "cooldown_s": 60},
+    )
+    for _ in range(10):
+        reply = await keel.chat(model="m", messages=MESSAGES)
+        assert reply.model == "fallback"  # type: ignore[union-attr]
+    assert requests_seen(primary) == 3
+    assert keel.deployments["m"][0].breaker.state is BreakerState.OPEN
+
+
+async def test_a_single_open_deployment_fails_fast_without_retrying(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0)
+    keel = keel_for(
+        deployment(fake, "a"), retry={"max_attempts": 2, "initial_backoff_ms": 500, "max_backoff_ms": 500},
+        breaker={"failure_threshold": 1, "cooldown_s": 60},
+    )
+    started = time.monotonic()
+    with pytest.raises(UpstreamServerError):  # its own failure opened the breaker: that is the news
+        await keel.chat(model="m", messages=MESSAGES)
+    with pytest.raises(CircuitOpen) as caught:
+        await keel.chat(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 0.1  # the 500 ms backoff was never waited
+    assert caught.value.status == 503 and re.search(r"'a' for (59\.9|60\.0) s more", caught.value.message)
+    assert requests_seen(fake) == 1
+
+
+async def test_concurrent_failures_open_the_breaker_once_and_a_probe_closes_it(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    primary, fallback = fakes(fail_rate=1.0, latency_ms=50), fakes(model="fallback")
+    keel = keel_for(
+        deployment(primary, "primary"), deployment(fallback, "fallback"),
+        retry={"max_attempts": 1}, breaker={"failure_threshold": 3, "cooldown_s": 0.3},
+    )
+    breaker = keel.deployments["m"][0].breaker
+    replies = await asyncio.gather(*(keel.chat(model="m", messages=MESSAGES) for _ in range(20)))
+    assert {r.model for r in replies} == {"fallback"}  # type: ignore[union-attr]
+    assert requests_seen(primary) == 20  # all were in flight before the first failure came back
+    assert breaker.state is BreakerState.OPEN
+    opened_at = breaker.opened_at
+    await keel.chat(model="m", messages=MESSAGES)
+    assert requests_seen(primary) == 20
+    assert breaker.opened_at == opened_at  # the 17 late failures did not stretch the cooldown
+
+    primary.fake.configure_from({"fail_rate": 0.0, "latency_ms": 200})
+    await asyncio.sleep(0.3)
+    replies = await asyncio.gather(*(keel.chat(model="m", messages=MESSAGES) for _ in range(5)))
+    assert requests_seen(primary) == 21  # exactly one probe went through
+    assert sorted(r.model for r in replies) == ["fallback"] * 4 + ["gpt-4o-mini-2024-07-18"]  # type: ignore[union-attr]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_a_cancelled_probe_does_not_leave_the_breaker_stuck(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0)
+    keel = keel_for(
+        deployment(fake, "a"), retry={"max_attempts": 1}, breaker={"failure_threshold": 1, "cooldown_s": 0.1}
+    )
+    breaker = keel.deployments["m"][0].breaker
+    with pytest.raises(UpstreamServerError):
+        await keel.chat(model="m", messages=MESSAGES)
+    fake.fake.configure_from({"fail_rate": 0.0, "hang": True})
+    await asyncio.sleep(0.1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(keel.chat(model="m", messages=MESSAGES), 0.1)  # the probe, abandoned
+    assert breaker.state is BreakerState.HALF_OPEN
+    fake.fake.configure_from({"hang": False})
+    await keel.chat(model="m", messages=MESSAGES)  # the next call may probe, and closes it
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_a_stream_abandoned_after_its_first_chunk_frees_the_probe(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0)
+    keel = keel_for(
+        deployment(fake, "a"), retry={"max_attempts": 1}, breaker={"failure_threshold": 1, "cooldown_s": 0.1}
+    )
+    breaker = keel.deployments["m"][0].breaker
+    with pytest.raises(UpstreamServerError):
+        await keel.chat(model="m", messages=MESSAGES)
+    fake.fake.configure_from({"fail_rate": 0.0})
+    await asyncio.sleep(0.1)
+    stream = await keel.chat(model="m", messages=MESSAGES, stream=True)
+    await stream.__anext__()  # type: ignore[union-attr]
+    await stream.aclose()  # type: ignore[union-attr]
+    assert breaker.state is BreakerState.HALF_OPEN
+    stream = await keel.chat(model="m", messages=MESSAGES, stream=True)
+    assert await collect(stream) == "echo: hello there"  # type: ignore[arg-type]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_a_stream_failing_mid_way_counts_against_its_breaker(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(cut_after=1)
+    keel = keel_for(deployment(fake, "a"), breaker={"failure_threshold": 2, "cooldown_s": 60})
+    for _ in range(2):
+        stream = await keel.chat(model="m", messages=MESSAGES, stream=True)
+        with pytest.raises(UpstreamConnectionError):
+            await collect(stream)  # type: ignore[arg-type]
+    assert keel.deployments["m"][0].breaker.state is BreakerState.OPEN
