@@ -160,7 +160,7 @@ class AnthropicProvider(ChatOnly):
                 deployment=self.name,
             )
 
-    def _event(self, data: str) -> dict[str, Any]:
+    def _event(self, data: bytes) -> dict[str, Any]:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -119,7 +119,7 @@ class OpenAICompatProvider:
         done = False
         try:
             async for event in read_events(response.content):
-                if event.data == "[DONE]":
+                if event.data == b"[DONE]":
                     done = True
                     break
                 try:

@@ -16,31 +16,32 @@ import orjson
 
 @dataclass(slots=True)
 class SSEvent:
-    data: str
+    data: bytes  # UTF-8; orjson parses bytes directly, so it is not decoded here
     event: str | None = None
 
 
 async def read_events(lines: AsyncIterable[bytes]) -> AsyncIterator[SSEvent]:
-    """Events from an iterable of raw lines (each may end with \\n or \\r\\n)."""
-    data: list[str] = []
+    """Events from an iterable of raw lines (each may end with \\n or \\r\\n).
+
+    Works on bytes: the common line, `data: {...}`, costs one prefix test and one slice."""
+    data: list[bytes] = []
     event: str | None = None
     async for raw in lines:
-        line = raw.decode("utf-8").rstrip("\r\n")
+        line = raw.rstrip(b"\r\n")
         if not line:
             if data:
-                yield SSEvent("\n".join(data), event)
+                yield SSEvent(data[0] if len(data) == 1 else b"\n".join(data), event)
             data, event = [], None
+        elif line.startswith(b"data:"):
+            data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        elif line.startswith(b":"):
             continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event = value
+        else:
+            name, _, value = line.partition(b":")
+            if name == b"event":
+                event = value.removeprefix(b" ").decode("utf-8", "replace")
     if data:
-        yield SSEvent("\n".join(data), event)
+        yield SSEvent(data[0] if len(data) == 1 else b"\n".join(data), event)
 
 
 DONE = b"data: [DONE]\n\n"
