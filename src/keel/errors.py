@@ -154,7 +154,7 @@ class Overloaded(KeelError):
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
-    retryable = True
+    retryable = False  # waiting inside the call would undo the bounded queue: answer 429 now
     fallback = True
 
     def __init__(self, message: str, *, retry_after: float = 1.0, deployment: str | None = None) -> None:
@@ -189,3 +189,39 @@ class ModelNotLoaded(KeelError):
 
     status = 503
     code = "model_not_installed"
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+class BudgetExceeded(KeelError):
+    """A spend cap would be passed if this call ran at its worst-case cost: refused before any
+    money is spent. Retrying the same call is pointless until the window resets."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, scope: str, window: str, limit_usd: float, resets_in: float | None) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.window = window
+        self.limit_usd = limit_usd
+        self.resets_in = resets_in  # seconds until the window resets; None: it never does ("total")
+        self.alerts: list[Any] = []  # budget alerts this refusal raised (keel.limits.Alert); the stage sends them
+
+    def headers(self) -> dict[str, str]:
+        # OpenAI's SDKs retry a 429 unless told not to; a spent budget does not come back in seconds.
+        headers = {"x-should-retry": "false"}
+        if self.resets_in is not None:
+            headers["retry-after"] = str(max(1, math.ceil(self.resets_in)))
+        return headers
+
+
+class BudgetStoreUnavailable(KeelError):
+    """The shared budget counters (Redis) cannot be reached: calls are refused rather than let
+    through unmetered."""
+
+    status = 503
+    type = "api_error"
+    code = "budget_store_unavailable"

@@ -98,13 +98,16 @@ class ChunkStream:
 
     __slots__ = (
         "_buffered", "_closed", "_finalisers", "_source", "content", "error", "finish_reason", "first",
-        "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
+        "hide_usage", "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
     )
 
     def __init__(self, source: AsyncIterator[dict[str, Any]]) -> None:
         self._source = source
         self._buffered: list[dict[str, Any]] = []
         self._finalisers: list[Finaliser] = []
+        # Providers always produce the trailing usage chunk (cost needs it); a client that did
+        # not ask for it (stream_options.include_usage) does not see it.
+        self.hide_usage = False
         self._closed = False
         self.content: list[str] = []
         self.refusal: list[str] = []
@@ -138,20 +141,21 @@ class ChunkStream:
         return self._buffered[0]
 
     async def __anext__(self) -> dict[str, Any]:
-        if self._buffered:
-            chunk = self._buffered.pop(0)
+        while True:
+            if self._buffered:
+                chunk = self._buffered.pop(0)
+            else:
+                try:
+                    chunk = await self._source.__anext__()
+                except StopAsyncIteration:
+                    await self._finish(None)
+                    raise
+                except BaseException as exc:
+                    await self._finish(exc)
+                    raise
             self._accumulate(chunk)
-            return chunk
-        try:
-            chunk = await self._source.__anext__()
-        except StopAsyncIteration:
-            await self._finish(None)
-            raise
-        except BaseException as exc:
-            await self._finish(exc)
-            raise
-        self._accumulate(chunk)
-        return chunk
+            if not (self.hide_usage and chunk.get("usage") and not chunk.get("choices")):
+                return chunk
 
     async def aclose(self) -> None:
         """Stop early; the source is closed and finalisers see `error` as the cause."""

@@ -402,11 +402,12 @@ async def test_streamed_text_adds_up_to_the_plain_answer(
     assert without_ids(reply.completion()) == without_ids(plain)
 
 
-async def test_stream_without_include_usage_has_no_usage_chunk(provider: AnthropicProvider) -> None:
+async def test_stream_always_ends_with_usage_for_cost_accounting(provider: AnthropicProvider) -> None:
     chunks, reply = await stream(provider, messages=HI)
-    assert all(c["usage"] is None and c["choices"] for c in chunks)
+    assert all(c["usage"] is None and c["choices"] for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] > 0
     assert reply.finish_reason == "stop"
-    assert reply.usage is None
+    assert reply.usage == chunks[-1]["usage"]
 
 
 async def test_streamed_tool_calls_add_up_to_the_plain_answer(

@@ -498,7 +498,7 @@ async def test_output_limit_above_the_answer_changes_nothing() -> None:
 
 async def test_truncated_stream_ends_with_length() -> None:
     reply, chunks = await stream(provider(), chat_request("a b c d e", max_tokens=2, stream=True))
-    assert len(chunks) == 1 + 2 + 1
+    assert len(chunks) == 1 + 2 + 1 + 1  # role, two words, finish, usage
     assert "".join(reply.content) == "echo: a "
     assert reply.finish_reason == "length"
 
@@ -518,13 +518,16 @@ async def test_stream_chunks_have_the_openai_shape() -> None:
     sim = provider(model="sim-1")
     _, chunks = await stream(sim, chat_request("x y", stream=True))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]] == ["echo: ", "x ", "y"]
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]] == ["echo: ", "x ", "y"]
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
+    # The usage chunk always ends a provider's stream (cost needs it); the engine hides it from
+    # clients that did not ask (test_engine_hides_the_usage_chunk_unless_asked).
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-sim-")
     assert {c["model"] for c in chunks} == {"sim-1"}
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert abs(chunks[0]["created"] - time.time()) < 5
-    assert all(c["usage"] is None for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1])
 
 
 async def test_include_usage_adds_a_usage_only_last_chunk() -> None:

@@ -96,8 +96,7 @@ class AnthropicProvider(ChatOnly):
         response = await self._post(orjson.dumps(messages_body(request, self.config)))
         if not request.stream:
             return Completion(completion_from(await self._json(response), self.name))
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return ChunkStream(self._chunks(response, include_usage))
+        return ChunkStream(self._chunks(response))
 
     async def _post(self, body: bytes) -> aiohttp.ClientResponse:
         if self._session is None:
@@ -140,8 +139,8 @@ class AnthropicProvider(ChatOnly):
             )
         return body
 
-    async def _chunks(self, response: aiohttp.ClientResponse, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        translate = StreamTranslator(self.name, include_usage)
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+        translate = StreamTranslator(self.name)
         try:
             async for event in read_events(response.content):
                 for chunk in translate(self._event(event.data)):
@@ -422,9 +421,8 @@ class StreamTranslator:
     """Anthropic stream events in, OpenAI chunks out; remembers what later events need
     (the message id and model, prompt usage from message_start, which block is which tool)."""
 
-    def __init__(self, deployment: str, include_usage: bool) -> None:
+    def __init__(self, deployment: str) -> None:
         self.deployment = deployment
-        self.include_usage = include_usage
         self.id = ""
         self.model = ""
         self.created = int(time.time())
@@ -482,8 +480,7 @@ class StreamTranslator:
 
     def _message_stop(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         self.stopped = True
-        if not self.include_usage:
-            return []
+        # Always sent: cost needs it; ChunkStream.hide_usage keeps it from clients that did not ask.
         usage = usage_from(self.usage)
         return [chunk_body(id=self.id, model=self.model, created=self.created, delta={}, usage=usage)]
 

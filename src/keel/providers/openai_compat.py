@@ -62,6 +62,10 @@ class OpenAICompatProvider:
     def _body(self, request: ChatRequest | EmbeddingRequest) -> bytes:
         body = request.model_dump(exclude_unset=True, by_alias=True)
         body["model"] = self.config.model
+        if body.get("stream"):
+            # Cost is computed from the upstream's own usage, streams included; the client sees
+            # the usage chunk only if it asked (ChunkStream.hide_usage).
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(body)
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:

@@ -199,8 +199,8 @@ class SimulatedProvider:
                 f"deployment '{self.name}' (simulated) dropped the stream mid-answer", deployment=self.name
             )
         yield chunk_body(id=id, model=model, created=created, delta={}, finish_reason=answer.finish_reason)
-        if request.stream_options is not None and request.stream_options.include_usage:
-            yield chunk_body(id=id, model=model, created=created, delta={}, usage=answer.usage())
+        # Always sent: cost needs it; ChunkStream.hide_usage keeps it from clients that did not ask.
+        yield chunk_body(id=id, model=model, created=created, delta={}, usage=answer.usage())
 
 
 @dataclass(slots=True, frozen=True)
