@@ -13,8 +13,8 @@ from starlette.testclient import TestClient
 from keel.config import parse_config
 from keel.engine import Keel
 from keel.pipeline import Call, Next, Reply
-from keel.server import create_app
 from keel.request_errors import invalid_request
+from keel.server import create_app
 from keel.server.app import REQUEST_ID, spec_nulls_dropped
 from keel.types import ChatRequest, EmbeddingRequest
 
