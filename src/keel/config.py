@@ -58,6 +58,8 @@ def _http_url(value: str) -> str:
 class Price(_Strict):
     """USD per 1M tokens."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     input: float = Field(ge=0, description="USD per 1M prompt tokens")
     output: float = Field(ge=0, description="USD per 1M completion tokens")
     cached_input: float | None = Field(
@@ -255,7 +257,7 @@ class BudgetConfig(_Strict):
         default=None, description="the one key/user/feature this applies to; none: each one gets this budget"
     )
     window: BudgetWindow = Field(default="month", description="day, month (UTC calendar) or total")
-    limit_usd: float = Field(gt=0, description="hard cap: a call that could exceed it is refused with 429")
+    limit_usd: float = Field(gt=0, allow_inf_nan=False, description="hard cap: a call that could exceed it is refused with 429")
     alert_at: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.5, 0.8, 1.0], description="shares of the limit that raise an alert"
     )

@@ -196,21 +196,28 @@ class ModelNotLoaded(KeelError):
 
 class BudgetExceeded(KeelError):
     """A spend cap would be passed if this call ran at its worst-case cost: refused before any
-    money is spent. Retrying the same call is pointless until the window resets."""
+    money is spent. When the budget itself is spent, retrying is pointless until the window resets;
+    when calls in flight hold the rest, it is worth another try once they finish (`transient`)."""
 
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
 
-    def __init__(self, message: str, *, scope: str, window: str, limit_usd: float, resets_in: float | None) -> None:
+    def __init__(
+        self, message: str, *, scope: str, window: str, limit_usd: float, resets_in: float | None,
+        transient: bool = False,
+    ) -> None:
         super().__init__(message)
         self.scope = scope
         self.window = window
         self.limit_usd = limit_usd
         self.resets_in = resets_in  # seconds until the window resets; None: it never does ("total")
+        self.transient = transient
         self.alerts: list[Any] = []  # budget alerts this refusal raised (keel.limits.Alert); the stage sends them
 
     def headers(self) -> dict[str, str]:
+        if self.transient:
+            return {"retry-after": "1"}
         # OpenAI's SDKs retry a 429 unless told not to; a spent budget does not come back in seconds.
         headers = {"x-should-retry": "false"}
         if self.resets_in is not None:

@@ -1,0 +1,64 @@
+"""The budget stage: hold a call's worst-case cost before it runs, settle its actual cost after.
+
+A refused call never reaches the provider. A call that fails releases its hold (an upstream that
+failed billed nothing); a stream settles when it ends, fails or is closed by the client, at what
+it consumed (estimated when the upstream sent no usage). This stage is also where every call
+that passes it is charged (`CostMeter.charge`), budgets or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from keel.cost.accounting import CostMeter
+from keel.errors import BudgetExceeded
+from keel.limits.alerts import AlertSender
+from keel.limits.budgets import Alert, Budgets, Reservation
+from keel.pipeline import Call, ChunkStream, Next, Reply
+
+log = logging.getLogger("keel.budgets")
+
+
+class BudgetStage:
+    def __init__(self, budgets: Budgets, meter: CostMeter, alerts: AlertSender | None = None) -> None:
+        self.budgets = budgets
+        self.meter = meter
+        self.alerts = alerts
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        try:
+            reservation = await self.budgets.reserve(call, self.meter.worst_case)
+        except BudgetExceeded as refused:
+            self._send(refused.alerts)
+            raise
+        try:
+            reply = await next(call)
+        except BaseException:
+            await self._settle(call, reservation, None)
+            raise
+        if isinstance(reply, ChunkStream):
+            reply.on_finish(lambda stream: self._settle(call, reservation, stream.completion()))
+            return reply
+        await self._settle(call, reservation, reply.body)
+        return reply
+
+    async def _settle(self, call: Call, reservation: Reservation, answer: Mapping[str, Any] | None) -> None:
+        """Charge the call (nothing when no answer came) and settle its hold to that. Never raises:
+        the answer is the client's already; an unsettled hold lapses on its own."""
+        try:
+            self.meter.charge(call, answer)
+            self._send(await self.budgets.settle(reservation, self.meter.charged(call)))
+        except Exception:
+            log.exception(
+                "could not settle the budgets of request %s (cost %s nano-USD); its hold lapses on its own",
+                call.ctx.request_id, self.meter.charged(call),
+            )
+
+    def _send(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            if self.alerts is not None:
+                self.alerts.send(alert)
+            else:
+                log.warning("budget alert (no sender configured): %s", alert.payload())

@@ -1,0 +1,90 @@
+"""The admin API for budgets: list rules with their counters, add a rule, delete one.
+
+    app.include_router(admin_router(budgets, auth=require_master_key))
+
+`auth` is a FastAPI dependency (a callable taking the `Request`) that raises on a bad key; the
+gateway's error handler turns its `KeelError` into the OpenAI error shape. Errors of this router
+are answered here, in that shape, so it works mounted anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from keel.config import BudgetConfig
+from keel.errors import InvalidJSON, InvalidRequest, KeelError
+from keel.limits.budgets import Budgets
+
+
+class BudgetRuleNotFound(InvalidRequest):
+    status = 404
+    code = "budget_rule_not_found"
+
+
+class BudgetRuleFromConfig(InvalidRequest):
+    status = 409
+    code = "budget_rule_in_config"
+
+
+def admin_router(budgets: Budgets, auth: Callable[..., Any] | None = None) -> APIRouter:
+    router = APIRouter(prefix="/admin", dependencies=[Depends(auth)] if auth is not None else [])
+
+    @router.get("/budgets")
+    async def list_budgets() -> Response:
+        return _json({"object": "list", "data": await budgets.status()})
+
+    @router.post("/budgets")
+    async def add_budget(request: Request) -> Response:
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _error(InvalidJSON(f"The body is not valid JSON ({exc}); send one budget rule as a JSON object."))
+        try:
+            rule = BudgetConfig.model_validate(data)
+            entry = await budgets.add_rule(rule)
+        except ValidationError as exc:
+            return _error(InvalidRequest(f"The budget rule is invalid: {_problems(exc)}."))
+        except ValueError as exc:
+            return _error(InvalidRequest(f"The budget rule is invalid: {exc}."))
+        except KeelError as exc:
+            return _error(exc)
+        return _json({"index": entry.index, "source": entry.source, "id": entry.id, "rule": rule.model_dump()}, 201)
+
+    @router.delete("/budgets/{index}")
+    async def delete_budget(index: int) -> Response:
+        try:
+            entry = await budgets.remove_rule(index)
+        except LookupError as exc:
+            return _error(BudgetRuleNotFound(str(exc)))
+        except PermissionError as exc:
+            return _error(BudgetRuleFromConfig(str(exc)))
+        except KeelError as exc:
+            return _error(exc)
+        return _json({"deleted": True, "index": index, "rule": entry.rule.model_dump()})
+
+    return router
+
+
+def _problems(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "the body"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key; valid keys: {', '.join(BudgetConfig.model_fields)}"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(exc: KeelError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

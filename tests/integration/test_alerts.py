@@ -1,0 +1,254 @@
+"""Budget alerts: logged and counted, POSTed to a real local webhook that is down for a while
+(each alert arrives exactly once, in order), given up on and logged only after the configured
+tries; and with budgets in Redis, each threshold reported by exactly one of two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from conftest import require_service
+from prometheus_client import CollectorRegistry, generate_latest
+
+from keel.config import AlertsConfig, BudgetConfig, parse_config
+from keel.cost import to_nanos
+from keel.limits import AlertSender, Budgets, MemoryBudgetBackend, RedisBudgetBackend
+from keel.limits.budgets import Alert
+from keel.pipeline import Call, Context
+from keel.types import ChatRequest
+
+REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+THRESHOLDS = [0.25, 0.5, 0.75, 1.0]
+
+
+def call() -> Call:
+    cfg = parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}]})
+    request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    return Call(request, cfg.models[0], [], Context(feature="faq"))
+
+
+async def alerts(count: int) -> list[Alert]:
+    """`count` real alerts: a feature budget spent past that many thresholds."""
+    budgets = Budgets([BudgetConfig(scope="feature", limit_usd=1, alert_at=THRESHOLDS)], MemoryBudgetBackend())
+    raised: list[Alert] = []
+    while len(raised) < count:
+        reservation = await budgets.reserve(call(), to_nanos(0.25))
+        raised += await budgets.settle(reservation, to_nanos(0.25))
+    return raised
+
+
+class Webhook:
+    """A local webhook that answers 503 until `down_until`, then 200; it remembers what it took."""
+
+    def __init__(self) -> None:
+        self.down_until = 0.0
+        self.taken: list[dict[str, Any]] = []
+        self.refused = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if time.monotonic() < self.down_until:
+            self.refused += 1
+            return web.Response(status=503)
+        self.taken.append(body)
+        return web.Response(status=200)
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = Webhook()
+    app = web.Application()
+    app.router.add_post("/alerts", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    hook.url = f"http://127.0.0.1:{port}/alerts"
+    yield hook
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sender_for() -> AsyncIterator[Callable[..., AlertSender]]:
+    made: list[AlertSender] = []
+
+    def make(url: str | None, **settings: Any) -> AlertSender:
+        sender = AlertSender(AlertsConfig(webhook_url=url, initial_backoff_s=0.1, **settings))
+        made.append(sender)
+        return sender
+
+    yield make
+    for sender in made:
+        await sender.stop(timeout_s=0)
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(500):  # 10 s
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+async def test_an_alert_reaches_a_webhook_that_was_down_for_a_while_exactly_once(
+    webhook: Webhook, sender_for: Callable[..., AlertSender]
+) -> None:
+    webhook.down_until = time.monotonic() + 1.5
+    sender = sender_for(webhook.url)
+    await sender.start()
+    [alert] = await alerts(1)
+    sender.send(alert)
+    await wait_for(lambda: sender.delivered == 1)
+    await asyncio.sleep(0.3)  # nothing more arrives
+    assert webhook.taken == [alert.payload()]
+    assert webhook.refused >= 3 and sender.retried == webhook.refused and sender.lost == 0
+    body = webhook.taken[0]
+    assert (body["scope"], body["match"], body["window"], body["limit_usd"], body["threshold"]) == (
+        "feature", "faq", "month", 1.0, 0.25)
+    assert body["spent_usd"] == 0.25 and body["at"].endswith("+00:00")
+
+
+async def test_alerts_queued_while_the_webhook_is_down_arrive_in_order(
+    webhook: Webhook, sender_for: Callable[..., AlertSender]
+) -> None:
+    webhook.down_until = time.monotonic() + 0.5
+    sender = sender_for(webhook.url)
+    await sender.start()
+    raised = await alerts(3)
+    for alert in raised:
+        sender.send(alert)
+    await wait_for(lambda: sender.delivered == 3)
+    assert [body["threshold"] for body in webhook.taken] == [0.25, 0.5, 0.75]
+
+
+async def test_an_alert_is_given_up_after_max_attempts_and_logged_with_its_payload(
+    webhook: Webhook, sender_for: Callable[..., AlertSender], caplog: pytest.LogCaptureFixture
+) -> None:
+    webhook.down_until = time.monotonic() + 3600
+    sender = sender_for(webhook.url, max_attempts=3)
+    await sender.start()
+    [alert] = await alerts(1)
+    with caplog.at_level(logging.INFO, logger="keel.budgets.alerts"):
+        sender.send(alert)
+        await wait_for(lambda: sender.lost == 1)
+    assert webhook.refused == 3 and sender.retried == 2 and sender.delivered == 0
+    [lost] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "failed 3 times, lastly with HTTP 503" in lost.getMessage() and alert.payload()["id"] in lost.getMessage()
+    [warned] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "budget alert: feature 'faq' month budget" in warned.getMessage()
+
+
+async def test_an_unreachable_webhook_is_retried_like_a_failing_one(sender_for: Callable[..., AlertSender]) -> None:
+    sender = sender_for("http://127.0.0.1:1/alerts", max_attempts=2)
+    await sender.start()
+    [alert] = await alerts(1)
+    sender.send(alert)
+    await wait_for(lambda: sender.lost == 1)
+    assert sender.retried == 1
+
+
+async def test_stopping_logs_alerts_still_undelivered(
+    webhook: Webhook, sender_for: Callable[..., AlertSender], caplog: pytest.LogCaptureFixture
+) -> None:
+    webhook.down_until = time.monotonic() + 3600
+    sender = sender_for(webhook.url)
+    await sender.start()
+    raised = await alerts(2)
+    for alert in raised:
+        sender.send(alert)
+    with caplog.at_level(logging.ERROR, logger="keel.budgets.alerts"):
+        await sender.stop(timeout_s=0.2)
+    assert sender.lost == 2
+    assert sum("the gateway stopped" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_stopping_waits_for_alerts_being_delivered(
+    webhook: Webhook, sender_for: Callable[..., AlertSender]
+) -> None:
+    webhook.down_until = time.monotonic() + 0.3
+    sender = sender_for(webhook.url)
+    await sender.start()
+    for alert in await alerts(2):
+        sender.send(alert)
+    await sender.stop(timeout_s=5)
+    assert len(webhook.taken) == 2 and sender.lost == 0
+
+
+async def test_a_full_queue_loses_the_newest_alert_loudly() -> None:
+    sender = AlertSender(AlertsConfig(webhook_url="http://127.0.0.1:1/alerts"), queue_size=1)
+    raised = await alerts(2)
+    sender.send(raised[0])  # not started: it waits in the queue
+    sender.send(raised[1])
+    assert sender.lost == 1
+    await sender.stop(timeout_s=0)
+
+
+async def test_without_a_webhook_alerts_are_logged_and_counted_for_prometheus(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sender = AlertSender(AlertsConfig())
+    await sender.start()
+    with caplog.at_level(logging.WARNING, logger="keel.budgets.alerts"):
+        for alert in await alerts(2):
+            sender.send(alert)
+    assert len(caplog.records) == 2 and "at 25% of 1.0 USD" in caplog.records[0].getMessage()
+    registry = CollectorRegistry()
+    registry.register(sender)
+    text = generate_latest(registry).decode()
+    assert 'keel_budget_alerts_total{scope="feature",threshold="0.25",window="month"} 1.0' in text
+    assert 'keel_budget_alert_deliveries_total{outcome="lost"} 0.0' in text
+    await sender.stop()
+
+
+# ---------------------------------------------------------------------------- two processes, one Redis
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+        client.ping()
+    except redis.RedisError as exc:
+        require_service("redis", f"{REDIS_URL} did not answer ({exc})")
+    name = f"keel-test:{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(client.scan_iter(match=name + ":*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def spend(prefix: str, calls: int) -> list[float]:
+    """One replica: `calls` concurrent calls of 0.01 USD each; the thresholds it reported."""
+    return asyncio.run(_spend(prefix, calls))
+
+
+async def _spend(prefix: str, calls: int) -> list[float]:
+    rule = BudgetConfig(scope="feature", match="faq", limit_usd=1, alert_at=THRESHOLDS)
+    budgets = Budgets([rule], RedisBudgetBackend(REDIS_URL, prefix))
+    reported: list[float] = []
+
+    async def one() -> None:
+        reservation = await budgets.reserve(call(), to_nanos(0.01))
+        reported.extend(alert.threshold.share for alert in await budgets.settle(reservation, to_nanos(0.01)))
+
+    await asyncio.gather(*(one() for _ in range(calls)))
+    await budgets.close()
+    return reported
+
+
+def test_each_threshold_is_reported_by_exactly_one_of_two_processes(prefix: str) -> None:
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        first, second = pool.starmap(spend, [(prefix, 50), (prefix, 50)])
+    assert sorted(first + second) == THRESHOLDS  # 100 x 0.01 USD: exactly the limit, so 100% too
