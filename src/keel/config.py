@@ -257,7 +257,9 @@ class BudgetConfig(_Strict):
         default=None, description="the one key/user/feature this applies to; none: each one gets this budget"
     )
     window: BudgetWindow = Field(default="month", description="day, month (UTC calendar) or total")
-    limit_usd: float = Field(gt=0, allow_inf_nan=False, description="hard cap: a call that could exceed it is refused with 429")
+    limit_usd: float = Field(
+        gt=0, allow_inf_nan=False, description="hard cap: a call that could exceed it is refused with 429"
+    )
     alert_at: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.5, 0.8, 1.0], description="shares of the limit that raise an alert"
     )

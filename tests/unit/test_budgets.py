@@ -202,10 +202,11 @@ async def test_free_calls_and_calls_no_rule_covers_hold_nothing() -> None:
 
 
 def test_a_budget_with_an_infinite_limit_stops_start_up() -> None:
-    from keel.config import ConfigError
+    from keel.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match=r"budgets\[0\]\.limit_usd: must be a finite amount"):
-        Budgets([rule(scope="global", limit_usd=float("inf"))], MemoryBudgetBackend())
+    with pytest.raises(ConfigError, match=r"budgets\[0\]\.limit_usd: should be a finite number"):
+        parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                      "budgets": [{"scope": "global", "limit_usd": float("inf")}]})
 
 
 # ---------------------------------------------------------------------------- refusals and alerts

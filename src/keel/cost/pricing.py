@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from keel.config import ConfigError, Price
+from keel.config import Price
 from keel.cost.money import Nanos, to_usd
 
 if TYPE_CHECKING:
@@ -85,19 +85,12 @@ _VERSION_SUFFIX = re.compile(r"(?:[-@:](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|0|latest
 class PricingTable:
     """Built-in prices, under keel.yaml's `pricing:`, under each deployment's `price:`.
 
-    Built at start-up: invalid entries that the schema lets through (an infinite price) stop it
-    with a `ConfigError` naming the key, and deployments with no known price are warned about.
+    Built at start-up (keel.config has refused negative and infinite prices already);
+    deployments with no known price are warned about.
     """
 
     def __init__(self, config: KeelConfig | None = None, *, built_in: Mapping[str, Price] = BUILT_IN) -> None:
         configured = dict(config.pricing) if config is not None else {}
-        for name, price in configured.items():
-            _check(price, f"pricing.{name}")
-        if config is not None:
-            for i, model in enumerate(config.models):
-                for j, dep in enumerate(model.deployments):
-                    if dep.price is not None:
-                        _check(dep.price, f"models[{i}].deployments[{j}].price")
         self.configured = {name.lower(): price for name, price in configured.items()}
         self.table = {**{name.lower(): price for name, price in built_in.items()}, **self.configured}
         self._warned: set[str] = set()
@@ -201,9 +194,3 @@ def _rate(usd_per_million: float) -> int:
     # The price as written in keel.yaml (its shortest repr), not its binary float; rounded up.
     return math.ceil(Decimal(str(usd_per_million)) * 1000 * _RATE_SCALE)
 
-
-def _check(price: Price, where: str) -> None:
-    for field in ("input", "output", "cached_input"):
-        value = getattr(price, field)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{where}.{field}: must be a finite number of USD per 1M tokens, got {value}")
