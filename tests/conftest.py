@@ -22,6 +22,13 @@ if not SHARED.exists():
     SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in a directory of its own: the default request log (keel.db) and its
+    spool file land there, not in the checkout, and no test reads another's records."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -167,6 +168,52 @@ def fake_upstream(ctx: typer.Context) -> None:
 
     sys.argv[0] = "keel fake-upstream"  # the program name argparse shows in --help and errors
     fake_openai.main(list(ctx.args))
+
+
+class ReportFormat(StrEnum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command()
+def report(
+    config: ConfigOption = None,
+    since: Annotated[str, typer.Option(help="the window, up to now: 30m, 24h, 7d")] = "24h",
+    feature: Annotated[str | None, typer.Option(help="only calls with this feature tag")] = None,
+    output_format: Annotated[ReportFormat, typer.Option("--format", help="table, json or markdown")] = (
+        ReportFormat.table
+    ),
+    top: Annotated[int, typer.Option(help="rows per breakdown in table and markdown; 0: all")] = 20,
+) -> None:
+    """Latency, errors and cost against the SLO targets (slo: in keel.yaml), then tokens and spend
+    by feature, model and user, from the request log (store.url)."""
+    import time
+
+    from keel.observability import report as slo
+    from keel.observability.store import StoreError
+
+    cfg = _load(config)
+    try:
+        window = slo.parse_window(since)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        store = slo.open_log(cfg.store.url)
+        try:
+            result = slo.build_report(
+                store, since=time.time() - window, feature=feature, slo=cfg.slo, label=since.strip()
+            )
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise _fail(str(exc), 1) from None
+    if output_format is ReportFormat.json:
+        sys.stdout.write(slo.render_json(result) + "\n")
+    elif output_format is ReportFormat.markdown:
+        sys.stdout.write(slo.render_markdown(result, top) + "\n")
+    else:
+        Console().print(slo.render_table(result, top))
 
 
 if __name__ == "__main__":  # pragma: no cover

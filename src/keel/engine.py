@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from keel.config import KeelConfig, ModelConfig, load_config
+from keel.cost.accounting import CostMeter
+from keel.cost.pricing import PricingTable
 from keel.errors import ModelNotFound
+from keel.limits.alerts import AlertSender
+from keel.limits.budgets import Budgets
+from keel.limits.stage import BudgetStage
+from keel.observability.metrics import Metrics, breaker_states
+from keel.observability.stage import Observe
+from keel.observability.store import RecordStore
+from keel.observability.tracing import TraceScope, Tracing
+from keel.observability.writer import RecordWriter
 from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Reply, Stage
 from keel.providers.base import Deployment, deployment_name, make_provider
 from keel.reliability.breaker import CircuitBreaker
@@ -28,14 +38,42 @@ T = TypeVar("T")
 
 
 class Keel:
+    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics, cost),
+    budget, then any `stages` given here, then reliability, which calls the providers. An
+    `Observe` or `BudgetStage` among `stages` replaces the default one."""
+
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
         self.deployments: dict[str, list[Deployment]] = {
             model.name: [_deployment(model, dep) for dep in model.deployments] for model in config.models
         }
-        self.pipeline = Pipeline([*(stages or []), Reliability()])
+        self.meter = CostMeter(PricingTable(config))
+        self.metrics = Metrics()
+        self.writer = RecordWriter(RecordStore(config.store.url), config.store)
+        self.tracing = Tracing(config.tracing, sink=self.writer)
+        self.budgets = Budgets.from_config(config)
+        self.alerts = AlertSender(config.alerts)
+        # An Observe or BudgetStage of the caller's own (a fake sink, other budgets) takes the
+        # default one's place.
+        stages = list(stages or [])
+        observe = _take(stages, Observe)
+        budget = _take(stages, BudgetStage)
+        self.observe = observe or Observe(
+            self.writer, self.tracing, self.metrics, charger=self.meter, log_content=config.store.log_content
+        )
+        self.metrics.watch_breakers(breaker_states(self.deployments))
+        self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
+        self.metrics.watch_dropped(lambda: self.writer.dropped)
+        self.metrics.registry.register(self.alerts)
+        self.pipeline = Pipeline([
+            self.observe, budget or BudgetStage(self.budgets, self.meter, self.alerts), *stages, Reliability(),
+        ])
         self._started = False
         self._start_lock = asyncio.Lock()
+
+    def trace(self, name: str, **attributes: Any) -> TraceScope:
+        """A span around a chain of calls: `with keel.trace("answer"):` or `@keel.trace("answer")`."""
+        return self.tracing.trace(name, **attributes)
 
     @classmethod
     def from_config(cls, path: str | Path) -> Keel:
@@ -48,15 +86,22 @@ class Keel:
         async with self._start_lock:
             if self._started:
                 return
+            await asyncio.to_thread(self.writer.start)
+            await self.alerts.start()
             for deployments in self.deployments.values():
                 for dep in deployments:
                     await dep.provider.start()
             self._started = True
 
     async def close(self) -> None:
+        """Finish: providers closed, alerts sent or logged as lost, the request log flushed."""
         for deployments in self.deployments.values():
             for dep in deployments:
                 await dep.provider.close()
+        await self.alerts.stop()
+        await self.budgets.close()
+        await asyncio.to_thread(self.writer.close)
+        self.tracing.shutdown()
         self._started = False
 
     async def __aenter__(self) -> Keel:
@@ -78,8 +123,14 @@ class Keel:
         """Run one validated request through the pipeline."""
         if not self._started:
             await self.start()
-        model, deployments = self.resolve(request.model)
         ctx = ctx or Context()
+        try:
+            model, deployments = self.resolve(request.model)
+        except ModelNotFound as exc:  # refused before the pipeline: logged here
+            chat = isinstance(request, ChatRequest)
+            self.observe.rejected(ctx, exc, "chat" if chat else "embeddings", model=request.model,
+                                  stream=chat and bool(getattr(request, "stream", False)))
+            raise
         if isinstance(request, ChatRequest):
             ctx.user = ctx.user or request.user
             if ctx.feature is None and request.metadata:
@@ -114,6 +165,18 @@ class Keel:
 
     def close_sync(self) -> None:
         _runner().run(self.close())
+
+
+S = TypeVar("S")
+
+
+def _take(stages: list[Stage], kind: type[S]) -> S | None:
+    """Remove and return the first stage of `kind` in `stages`."""
+    for i, stage in enumerate(stages):
+        if isinstance(stage, kind):
+            del stages[i]
+            return stage
+    return None
 
 
 def _deployment(model: ModelConfig, config: Any) -> Deployment:

@@ -93,7 +93,9 @@ class CacheHit:
 
 
 def config(*deployments: dict[str, Any], max_attempts: int = 1) -> KeelConfig:
-    deployments = deployments or ({"provider": "simulated", "name": "primary", "model": "sim-model"},)
+    # Priced like the fake Charger, so the engine's own meter (in its budget stage) agrees with it.
+    deployments = deployments or ({"provider": "simulated", "name": "primary", "model": "sim-model",
+                                   "price": {"input": 1, "output": 2}},)
     return KeelConfig.model_validate({"models": [{
         "name": "chat", "retry": {"max_attempts": max_attempts, "initial_backoff_ms": 0},
         "deployments": list(deployments),

@@ -1,0 +1,1 @@
+"""Alembic migrations of the request log schema; run by `RecordStore.migrate()`."""

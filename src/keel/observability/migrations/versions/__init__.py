@@ -1,0 +1,1 @@
+"""The request log schema's revisions, oldest first."""

@@ -1,0 +1,365 @@
+"""`keel report`: latency, errors and cost of a window of the request log against the SLO
+targets (`slo:` in keel.yaml), then tokens and spend by feature, model and user.
+
+What is counted:
+- requests: every record in the window, whatever its outcome;
+- latency P50/P99: every call Keel tried to answer (answered, cached, failed, closed by the
+  client); refusals made before any work (blocked, rate-limited, over budget, invalid) would
+  flatter the figure and are left out. Percentiles interpolate linearly between the closest
+  ranks (NumPy's default). They are computed in Python over the window's latency column, read
+  sorted from the database: fine up to about a million calls in the window (~8 MB, ~1 s);
+- error rate: calls whose outcome is `error` (Keel or the upstream failed) over all requests;
+  refusals are Keel doing its job and are counted apart, in `outcomes`;
+- cost per request: the window's spend over its requests.
+A row passes when its value is at or under its target; with no call to measure it passes
+vacuously and shows n/a.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import ColumnElement, Connection, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from keel.config import SLOConfig
+from keel.observability.store import RecordStore, StoreError, requests
+
+REFUSALS = ("blocked", "rate_limited", "budget_exceeded", "invalid")
+DIMENSIONS = ("feature", "model", "user")
+
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_window(text: str) -> float:
+    """`30m`, `24h`, `7d` (also `s` and `w`) in seconds."""
+    match = _WINDOW.match(text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"--since must be a positive number followed by s, m, h, d or w (e.g. 30m, 24h, 7d), got {text!r}"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One SLO row: a measured value against its target."""
+
+    name: str  # the JSON key: p50_ms, p99_ms, error_rate, cost_per_request_usd
+    label: str
+    value: float | None  # None: nothing to measure in the window
+    target: float
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.value is None else self.value <= self.target
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens and spend of one feature, model or user (None: calls without one)."""
+
+    name: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: float
+
+
+@dataclass(slots=True)
+class SLOReport:
+    since: float
+    until: float
+    feature: str | None
+    requests: int
+    errors: int
+    outcomes: dict[str, int]
+    p50_ms: float | None
+    p99_ms: float | None
+    error_rate: float
+    cost_usd: float
+    cost_per_request_usd: float
+    targets: SLOConfig
+    breakdowns: dict[str, list[Usage]] = field(default_factory=dict)  # feature/model/user → rows by spend
+    label: str | None = None  # how the window was asked for, e.g. "24h"
+
+    @property
+    def checks(self) -> list[Check]:
+        return [
+            Check("p50_ms", "latency P50", self.p50_ms, self.targets.p50_ms),
+            Check("p99_ms", "latency P99", self.p99_ms, self.targets.p99_ms),
+            Check("error_rate", "error rate", self.error_rate if self.requests else None, self.targets.error_rate),
+            Check(
+                "cost_per_request_usd", "cost per request",
+                self.cost_per_request_usd if self.requests else None, self.targets.cost_per_request_usd,
+            ),
+        ]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed is not False for check in self.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "error_rate": self.error_rate,
+            "cost_per_request_usd": self.cost_per_request_usd,
+            "targets": {check.name: check.target for check in self.checks},
+            "pass": self.passed,
+            "checks": {check.name: {"value": check.value, "target": check.target, "pass": check.passed}
+                       for check in self.checks},
+            "window": {"since": _iso(self.since), "until": _iso(self.until), "label": self.label,
+                       "feature": self.feature},
+            "errors": self.errors,
+            "cost_usd": self.cost_usd,
+            "outcomes": self.outcomes,
+            **{
+                f"by_{dimension}": [
+                    {dimension: row.name, "requests": row.requests, "prompt_tokens": row.prompt_tokens,
+                     "completion_tokens": row.completion_tokens, "cached_tokens": row.cached_tokens,
+                     "cost_usd": row.cost_usd}
+                    for row in rows
+                ]
+                for dimension, rows in self.breakdowns.items()
+            },
+        }
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0..1) of sorted values, interpolating linearly between closest ranks."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def build_report(
+    store: RecordStore,
+    *,
+    since: float,
+    until: float | None = None,
+    feature: str | None = None,
+    slo: SLOConfig | None = None,
+    label: str | None = None,
+) -> SLOReport:
+    """The SLO report of the records that started in [since, until) (unix seconds)."""
+    until = time.time() if until is None else until
+    window: list[ColumnElement[bool]] = [requests.c.started_at >= since, requests.c.started_at < until]
+    if feature is not None:
+        window.append(requests.c.feature == feature)
+    with store.connection() as conn:
+        outcomes: dict[str, int] = {}
+        cost = 0.0
+        by_outcome = select(requests.c.outcome, func.count(), func.coalesce(func.sum(requests.c.cost_usd), 0.0))
+        for outcome, count, spent in conn.execute(by_outcome.where(*window).group_by(requests.c.outcome)):
+            outcomes[str(outcome)] = int(count)
+            cost += float(spent)
+        latencies = [
+            float(v)
+            for v in conn.execute(
+                select(requests.c.latency_ms)
+                .where(*window, requests.c.outcome.not_in(REFUSALS))
+                .order_by(requests.c.latency_ms)
+            ).scalars()
+        ]
+        breakdowns = {dimension: _usage(conn, dimension, window) for dimension in DIMENSIONS}
+    total = sum(outcomes.values())
+    errors = outcomes.get("error", 0)
+    return SLOReport(
+        since=since,
+        until=until,
+        feature=feature,
+        requests=total,
+        errors=errors,
+        outcomes=dict(sorted(outcomes.items())),
+        p50_ms=percentile(latencies, 0.50),
+        p99_ms=percentile(latencies, 0.99),
+        error_rate=errors / total if total else 0.0,
+        cost_usd=cost,
+        cost_per_request_usd=cost / total if total else 0.0,
+        targets=slo or SLOConfig(),
+        breakdowns=breakdowns,
+        label=label,
+    )
+
+
+def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) -> list[Usage]:
+    column = requests.c[dimension]
+    query = (
+        select(
+            column,
+            func.count(),
+            func.coalesce(func.sum(requests.c.prompt_tokens), 0),
+            func.coalesce(func.sum(requests.c.completion_tokens), 0),
+            func.coalesce(func.sum(requests.c.cached_tokens), 0),
+            func.coalesce(func.sum(requests.c.cost_usd), 0.0),
+        )
+        .where(*window)
+        .group_by(column)
+    )
+    rows = [
+        Usage(name, int(count), int(prompt), int(completion), int(cached), float(cost))
+        for name, count, prompt, completion, cached, cost in conn.execute(query)
+    ]
+    rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.name or ""))
+    return rows
+
+
+def open_log(url: str) -> RecordStore:
+    """The request log to report on; a clear error when there is none yet at that URL (a report
+    never creates an empty database)."""
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreError(
+            f"no request log at {path}: store.url in keel.yaml names a file that does not exist; "
+            "it is created by `keel serve` on its first call, relative to the directory it runs in"
+        )
+    store = RecordStore(url)
+    try:
+        has_schema = store.has_schema()
+    except StoreError:
+        store.close()
+        raise
+    if not has_schema:
+        store.close()
+        raise StoreError(
+            f"the request log at {store.safe_url} has no tables yet: start `keel serve` once against it, "
+            "or check store.url in keel.yaml"
+        )
+    return store
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:/// URL; None for other URLs and in-memory databases."""
+    if not url.startswith("sqlite:"):
+        return None
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        return None  # RecordStore says what is wrong with it
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().absolute()
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def render_json(report: SLOReport) -> str:
+    return orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode()
+
+
+def render_table(report: SLOReport, top: int = 20) -> RenderableType:
+    """Rich tables: the SLO rows with PASS/FAIL in colour, then the breakdowns."""
+    slo = Table(title=_title(report), title_justify="left", expand=False)
+    for header, justify in (("metric", "left"), ("value", "right"), ("target", "right"), ("result", "center")):
+        slo.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for check in report.checks:
+        slo.add_row(check.label, _value(check.name, check.value), "≤ " + _value(check.name, check.target),
+                    _verdict(check.passed))
+    summary = Text(
+        f"{report.requests:,} requests, {report.errors:,} errors, spend {_usd(report.cost_usd)}"
+        + (f"; outcomes: {_outcomes(report)}" if report.outcomes else ""),
+        style="dim",
+    )
+    parts: list[RenderableType] = [slo, summary]
+    for dimension, rows in report.breakdowns.items():
+        table = Table(title=f"By {dimension}", title_justify="left")
+        table.add_column(dimension)
+        for header in ("requests", "prompt tokens", "completion tokens", "spend"):
+            table.add_column(header, justify="right")
+        for row in _top(rows, top):
+            table.add_row(*_usage_cells(row, dimension))
+        parts.append(table)
+    return Group(*parts)
+
+
+def render_markdown(report: SLOReport, top: int = 20) -> str:
+    lines = [f"## {_title(report)}", "", "| metric | value | target | result |", "|---|---:|---:|:---:|"]
+    for check in report.checks:
+        verdict = {True: "PASS", False: "**FAIL**", None: "n/a"}[check.passed]
+        lines.append(
+            f"| {check.label} | {_value(check.name, check.value)} | ≤ {_value(check.name, check.target)} | {verdict} |"
+        )
+    lines += ["", f"{report.requests:,} requests, {report.errors:,} errors, spend {_usd(report.cost_usd)}"
+              + (f"; outcomes: {_outcomes(report)}" if report.outcomes else "")]
+    for dimension, rows in report.breakdowns.items():
+        header = f"| {dimension} | requests | prompt tokens | completion tokens | spend |"
+        lines += ["", f"### By {dimension}", "", header, "|---|---:|---:|---:|---:|"]
+        for row in _top(rows, top):
+            cells = [cell.replace("|", "\\|") for cell in _usage_cells(row, dimension)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _title(report: SLOReport) -> str:
+    window = f"last {report.label}" if report.label else f"since {_iso(report.since)}"
+    scope = f", feature {report.feature}" if report.feature is not None else ""
+    verdict = "PASS" if report.passed else "FAIL"
+    return f"Keel SLO report: {window}{scope} ({verdict})"
+
+
+def _top(rows: list[Usage], top: int) -> list[Usage]:
+    if top <= 0 or len(rows) <= top:
+        return rows
+    rest = rows[top:]
+    other = Usage(
+        f"({len(rest)} more)", sum(r.requests for r in rest), sum(r.prompt_tokens for r in rest),
+        sum(r.completion_tokens for r in rest), sum(r.cached_tokens for r in rest), sum(r.cost_usd for r in rest),
+    )
+    return [*rows[:top], other]
+
+
+def _usage_cells(row: Usage, dimension: str) -> list[str]:
+    name = row.name if row.name is not None else f"(no {dimension})"
+    return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd)]
+
+
+def _verdict(passed: bool | None) -> Text:
+    if passed is None:
+        return Text("n/a", style="dim")
+    return Text("PASS", style="bold green") if passed else Text("FAIL", style="bold red")
+
+
+def _value(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if name.endswith("_ms"):
+        return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+    if name == "error_rate":
+        return f"{value * 100:.2f}%"
+    return _usd(value)
+
+
+def _usd(value: float) -> str:
+    """Dollars and cents; below a dollar, down to a millionth (per-request costs are small)."""
+    if value >= 1 or value == 0:
+        return f"${value:,.2f}"
+    digits = f"{value:.6f}".rstrip("0")
+    return "$" + (digits if len(digits.split(".")[1]) >= 2 else f"{value:.2f}")
+
+
+def _outcomes(report: SLOReport) -> str:
+    return ", ".join(f"{name} {count:,}" for name, count in report.outcomes.items())
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

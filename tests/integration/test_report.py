@@ -1,0 +1,235 @@
+"""`keel report`: SLO figures computed from known records, on SQLite and PostgreSQL, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import require_service
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from keel.cli import app
+from keel.config import SLOConfig
+from keel.observability.record import Outcome, RequestRecord
+from keel.observability.report import build_report, parse_window, percentile, render_markdown
+from keel.observability.store import RecordStore
+
+PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+NOW = time.time()
+REQUIRED_KEYS = {"requests", "p50_ms", "p99_ms", "error_rate", "cost_per_request_usd"}
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    import psycopg
+
+    admin = make_url(PG_ADMIN_URL)
+    try:
+        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
+    except psycopg.Error as exc:
+        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
+    name = f"keel_test_{secrets.token_hex(4)}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordStore]:
+    """A store holding KNOWN, in the window of the last hour, plus records outside it."""
+    url = f"sqlite:///{tmp_path}/log.db" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    opened = RecordStore(url)
+    opened.migrate()
+    opened.write(KNOWN + OUTSIDE)
+    yield opened
+    if request.param == "postgres":
+        with opened.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM requests")
+    opened.close()
+
+
+def rec(n: int, outcome: Outcome, latency: float, cost: float = 0.0, **fields: Any) -> RequestRecord:
+    values: dict[str, Any] = {"started_at": NOW - 600 + n, "feature": "search", "model": "chat", "user": "ann"}
+    values.update(fields)
+    return RequestRecord(
+        request_id=f"req_{n:04d}", ended_at=values["started_at"] + latency / 1000, latency_ms=latency,
+        cost_usd=cost, outcome=outcome, prompt_tokens=100, completion_tokens=20 if outcome == "ok" else 0, **values,
+    )
+
+
+# 100 answered calls (10..1000 ms, $0.002 each), 2 failures, 5 cache hits, 3 blocked (refusals).
+KNOWN: list[RequestRecord] = [
+    rec(i, "ok", 10.0 * (i + 1), 0.002, feature="search" if i % 2 else "chat",
+        model="chat" if i < 80 else "chat-large", user=f"user{i % 4}")
+    for i in range(100)
+] + [
+    rec(100, "error", 5000.0, feature="chat"),
+    rec(101, "error", 7000.0, feature="chat"),
+    *(rec(102 + i, "cached", 2.0) for i in range(5)),
+    *(rec(107 + i, "blocked", 1.0) for i in range(3)),
+]
+OUTSIDE = [rec(200 + i, "error", 60_000.0, 1.0, started_at=NOW - 7200) for i in range(10)]
+
+# The latency sample: every call Keel tried to answer (not the blocked ones).
+SAMPLE = sorted(r.latency_ms for r in KNOWN if r.outcome != "blocked")
+
+
+def test_percentiles_interpolate_between_closest_ranks() -> None:
+    cuts = statistics.quantiles(SAMPLE, n=100, method="inclusive")
+    assert percentile(SAMPLE, 0.50) == pytest.approx(cuts[49]) == pytest.approx(490.0)
+    assert percentile(SAMPLE, 0.99) == pytest.approx(cuts[98]) == pytest.approx(4760.0)
+    assert percentile([], 0.5) is None and percentile([7.0], 0.99) == 7.0
+
+
+def test_report_figures_from_known_records(store: RecordStore) -> None:
+    report = build_report(store, since=NOW - 3600, until=NOW + 1)
+    assert report.requests == 110
+    assert report.p50_ms == pytest.approx(490.0)
+    assert report.p99_ms == pytest.approx(4760.0)
+    assert report.errors == 2 and report.error_rate == pytest.approx(2 / 110)
+    assert report.cost_usd == pytest.approx(0.2)
+    assert report.cost_per_request_usd == pytest.approx(0.2 / 110)
+    assert report.outcomes == {"blocked": 3, "cached": 5, "error": 2, "ok": 100}
+    # Default targets: P50 2 s, P99 10 s, errors 1%, cost $0.01: only the error rate misses.
+    assert {c.name: c.passed for c in report.checks} == {
+        "p50_ms": True, "p99_ms": True, "error_rate": False, "cost_per_request_usd": True,
+    }
+    assert report.passed is False
+
+
+def test_targets_from_the_slo_config_decide_pass_and_fail(store: RecordStore) -> None:
+    slo = SLOConfig(p50_ms=400, p99_ms=5000, error_rate=0.02, cost_per_request_usd=0.001)
+    report = build_report(store, since=NOW - 3600, until=NOW + 1, slo=slo)
+    assert {c.name: c.passed for c in report.checks} == {
+        "p50_ms": False, "p99_ms": True, "error_rate": True, "cost_per_request_usd": False,
+    }
+    relaxed = build_report(store, since=NOW - 3600, until=NOW + 1, slo=SLOConfig(error_rate=0.05))
+    assert relaxed.passed is True
+
+
+def test_breakdowns_sum_tokens_and_spend_by_feature_model_and_user(store: RecordStore) -> None:
+    report = build_report(store, since=NOW - 3600, until=NOW + 1)
+    by_feature = {row.name: row for row in report.breakdowns["feature"]}
+    assert by_feature["search"].requests == 50 + 5 + 3  # odd answered calls, cache hits, blocked
+    assert by_feature["chat"].requests == 50 + 2
+    assert by_feature["search"].cost_usd == pytest.approx(0.1)
+    assert by_feature["chat"].prompt_tokens == 52 * 100 and by_feature["chat"].completion_tokens == 50 * 20
+    by_model = {row.name: row for row in report.breakdowns["model"]}
+    assert by_model["chat-large"].requests == 20 and by_model["chat-large"].cost_usd == pytest.approx(0.04)
+    users = report.breakdowns["user"]
+    assert [row.name for row in users][:4] == ["user0", "user1", "user2", "user3"]  # most spend first
+    assert sum(row.requests for row in users) == 110
+
+
+def test_feature_filter_and_window_choose_the_records(store: RecordStore) -> None:
+    chat = build_report(store, since=NOW - 3600, until=NOW + 1, feature="chat")
+    assert chat.requests == 52 and chat.errors == 2
+    assert chat.p99_ms is not None and chat.p99_ms > 5000
+    wider = build_report(store, since=NOW - 3 * 3600, until=NOW + 1)
+    assert wider.requests == 120 and wider.errors == 12
+    empty = build_report(store, since=NOW + 10, until=NOW + 20)
+    assert empty.requests == 0 and empty.p50_ms is None and empty.passed is True
+    assert all(check.passed is None for check in empty.checks)
+
+
+def test_window_text_is_parsed_or_refused_with_the_forms_accepted() -> None:
+    assert parse_window("30m") == 1800 and parse_window("24h") == 86_400 and parse_window("7d") == 7 * 86_400
+    for bad in ("24", "1y", "-2h", "0h", "h"):
+        with pytest.raises(ValueError, match=r"e\.g\. 30m, 24h, 7d"):
+            parse_window(bad)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def configured(tmp_path: Path) -> Path:
+    """A keel.yaml whose store holds KNOWN (SQLite) and whose SLO relaxes the error target."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    log = RecordStore(url)
+    log.migrate()
+    log.write(KNOWN + OUTSIDE)
+    log.close()
+    config = {
+        "models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}],
+        "store": {"url": url},
+        "slo": {"p50_ms": 1000, "p99_ms": 8000, "error_rate": 0.05, "cost_per_request_usd": 0.01},
+    }
+    path = tmp_path / "keel.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_keel_report_prints_json_with_the_required_keys(configured: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KEEL_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "report", "--config", str(configured), "--since", "1h", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert REQUIRED_KEYS <= set(body)
+    assert body["requests"] == 110
+    assert body["p50_ms"] == pytest.approx(490.0) and body["p99_ms"] == pytest.approx(4760.0)
+    assert body["error_rate"] == pytest.approx(2 / 110)
+    assert body["cost_per_request_usd"] == pytest.approx(0.2 / 110)
+    assert body["targets"] == {"p50_ms": 1000, "p99_ms": 8000, "error_rate": 0.05, "cost_per_request_usd": 0.01}
+    assert body["pass"] is True
+    assert {row["feature"] for row in body["by_feature"]} == {"search", "chat"}
+    assert {"by_model", "by_user", "outcomes"} <= set(body)
+
+
+def test_keel_report_feature_option_narrows_the_json(configured: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["report", "-c", str(configured), "--since", "1h", "--feature", "chat", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["requests"] == 52 and body["window"]["feature"] == "chat"
+
+
+def test_keel_report_table_and_markdown_show_pass_and_fail(configured: Path) -> None:
+    table = CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "2d"])
+    assert table.exit_code == 0, table.output
+    assert "latency P99" in table.stdout and "FAIL" in table.stdout and "PASS" in table.stdout
+    assert "By feature" in table.stdout and "By user" in table.stdout
+    markdown = CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "1h", "--format", "markdown"])
+    assert markdown.exit_code == 0, markdown.output
+    assert "| latency P50 | 490 ms | ≤ 1,000 ms | PASS |" in markdown.stdout
+    assert "### By model" in markdown.stdout
+
+
+def test_markdown_keeps_the_top_rows_and_sums_the_rest(store: RecordStore) -> None:
+    text = render_markdown(build_report(store, since=NOW - 3600, until=NOW + 1), top=2)
+    assert "| (3 more) |" in text  # user0..user3 and "ann": two shown, three summed
+
+
+def test_keel_report_refuses_a_bad_window(configured: Path) -> None:
+    result = CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "yesterday"])
+    assert result.exit_code == 2
+    assert "--since must be a positive number followed by s, m, h, d or w" in result.output
+
+
+def test_keel_report_without_a_log_says_where_it_looked(tmp_path: Path) -> None:
+    config = {"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}],
+              "store": {"url": f"sqlite:///{tmp_path}/none.db"}}
+    path = tmp_path / "keel.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["report", "-c", str(path)])
+    assert result.exit_code == 1
+    assert "no request log at" in result.output and "none.db" in result.output
+    assert not (tmp_path / "none.db").exists()  # a report never creates an empty database
