@@ -73,6 +73,8 @@ def refused(gw: GatewayProcess) -> bool:
         httpx.get(gw.url + "/healthz", timeout=1)
     except httpx.ConnectError:
         return True
+    except httpx.RemoteProtocolError:
+        return False  # accepted just before the listener closed, then dropped: ask again
     return False
 
 

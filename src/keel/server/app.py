@@ -7,6 +7,7 @@ types; replies go out with one orjson serialisation. Every answer, errors includ
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -24,9 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.engine import Keel
 from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, RequestTooLarge
+from keel.observability.stage import TRACEPARENT_HEADERS
 from keel.pipeline import ChunkStream, Context, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.request_errors import parse_request
+from keel.server.admin import admin_router
 from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
@@ -67,32 +70,42 @@ def create_app(keel: Keel) -> FastAPI:
                 "Invalid or missing API key. Send 'Authorization: Bearer <key>' with the gateway's key."
             )
 
-    async def parse(request: Request, cls: type[BaseModel]) -> Any:
-        authorise(request)
-        raw = await read_body(request, server.max_body_bytes)
+    async def parse(request: Request, cls: type[BaseModel], ctx: Context) -> Any:
+        """The validated body; a refusal here is logged to the request log like any call."""
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(
-                f"The request body is not valid JSON ({exc}). Send a JSON object with "
-                "'Content-Type: application/json'."
-            ) from None
-        # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
-        return parse_request(cls, data, strict=True)
+            authorise(request)
+            raw = await read_body(request, server.max_body_bytes)
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidJSON(
+                    f"The request body is not valid JSON ({exc}). Send a JSON object with "
+                    "'Content-Type: application/json'."
+                ) from None
+            # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
+            return parse_request(cls, data, strict=True)
+        except KeelError as exc:
+            keel.observe.rejected(ctx, exc, "chat" if cls is ChatRequest else "embeddings")
+            raise
 
     def context(request: Request) -> Context:
-        return Context(
-            request_id=request.scope["keel.request_id"],
-            feature=request.headers.get("x-keel-feature"),
-        )
+        headers = request.headers
+        ctx = Context(request_id=request.scope["keel.request_id"], feature=headers.get("x-keel-feature"),
+                      key_id=key_id(headers.get("authorization")))
+        if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
+            ctx.extras[TRACEPARENT_HEADERS] = {
+                name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))
+            }
+        return ctx
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body: ChatRequest = await parse(request, ChatRequest)
-        reply = await keel.handle(body, context(request))
+        ctx = context(request)
+        body: ChatRequest = await parse(request, ChatRequest, ctx)
+        reply = await keel.handle(body, ctx)
         if isinstance(reply, ChunkStream):
             return StreamingResponse(
-                sse(reply, request.scope["keel.request_id"]),
+                sse(reply, ctx.request_id),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
@@ -100,10 +113,27 @@ def create_app(keel: Keel) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        body: EmbeddingRequest = await parse(request, EmbeddingRequest)
-        reply = await keel.handle(body, context(request))
+        ctx = context(request)
+        body: EmbeddingRequest = await parse(request, EmbeddingRequest, ctx)
+        reply = await keel.handle(body, ctx)
         assert not isinstance(reply, ChunkStream)
         return Response(orjson.dumps(reply.body), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        authorise(request)  # per-feature spend is not for anyone who can reach the port
+        body, content_type = keel.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def admin_key(request: Request) -> None:
+        if master_key is None:
+            raise AuthenticationFailed(
+                f"The admin API needs the gateway's key: set {server.master_key_env} and send "
+                "'Authorization: Bearer <key>'."
+            )
+        authorise(request)
+
+    app.include_router(admin_router(keel.budgets, auth=admin_key))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -163,6 +193,14 @@ def spec_nulls_dropped(body: dict[str, Any], completion: bool = False) -> dict[s
     if completion and "usage" in body and body["usage"] is None:
         del body["usage"]
     return body
+
+
+def key_id(authorization: str | None) -> str | None:
+    """A stable, non-secret id for the key a client sent: budgets per key and the log use it."""
+    if not authorization:
+        return None
+    token = authorization.partition(" ")[2].strip() or authorization.strip()
+    return "key_" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def error_response(exc: KeelError, status: int | None = None) -> Response:
