@@ -44,6 +44,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     cost_usd: float = 0.0
+    cost_nanousd: int = 0  # the exact cost (1e-9 USD): what budget counters add up
     cost_estimated: bool = False  # tokens counted by Keel because the upstream gave no usage
     latency_ms: float = 0.0
     ttft_ms: float | None = None

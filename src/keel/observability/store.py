@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -94,6 +95,7 @@ requests = Table(
     Column("completion_tokens", Integer, nullable=False),
     Column("cached_tokens", Integer, nullable=False),
     Column("cost_usd", Float, nullable=False),
+    Column("cost_nanousd", BigInteger, nullable=False),  # exact: budget counters add these up
     Column("cost_estimated", Boolean, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("ttft_ms", Float),

@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.Column("completion_tokens", sa.Integer(), nullable=False),
         sa.Column("cached_tokens", sa.Integer(), nullable=False),
         sa.Column("cost_usd", sa.Float(), nullable=False),
+        sa.Column("cost_nanousd", sa.BigInteger(), nullable=False),
         sa.Column("cost_estimated", sa.Boolean(), nullable=False),
         sa.Column("latency_ms", sa.Float(), nullable=False),
         sa.Column("ttft_ms", sa.Float()),
