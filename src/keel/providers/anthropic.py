@@ -30,6 +30,7 @@ from keel.errors import (
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
+from keel.providers.http import post, read_json
 from keel.providers.openai_compat import retry_after, upstream_error
 from keel.providers.sse import read_events
 from keel.types import (
@@ -102,37 +103,10 @@ class AnthropicProvider(ChatOnly):
         if self._session is None:
             await self.start()
         assert self._session is not None
-        try:
-            response = await self._session.post(self.url, data=body)
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"cannot reach deployment '{self.name}' at {self.url}: {exc}", deployment=self.name
-            ) from None
-        if response.status >= 400:
-            try:
-                text = await response.text()
-            except aiohttp.ClientError:
-                text = ""
-            finally:
-                response.release()
-            raise anthropic_error(response.status, text, response.headers, self.name)
-        return response
+        return await post(self._session, self.url, body, self.name, anthropic_error)
 
     async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
-        try:
-            raw = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"deployment '{self.name}' dropped the connection mid-answer: {exc}", deployment=self.name
-            ) from None
-        finally:
-            response.release()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamMalformed(
-                f"deployment '{self.name}' answered with a body that is not JSON", deployment=self.name
-            ) from None
+        body = await read_json(response, self.name)
         if not isinstance(body, dict) or body.get("type") != "message" or not isinstance(body.get("content"), list):
             raise UpstreamMalformed(
                 f"deployment '{self.name}' answered with JSON that is not a message", deployment=self.name

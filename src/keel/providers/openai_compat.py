@@ -30,6 +30,7 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
+from keel.providers.http import post, read_json
 from keel.providers.sse import read_events
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -82,37 +83,10 @@ class OpenAICompatProvider:
         if self._session is None:
             await self.start()
         assert self._session is not None
-        try:
-            response = await self._session.post(self.base_url + path, data=body)
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"cannot reach deployment '{self.name}' at {self.base_url}: {exc}", deployment=self.name
-            ) from None
-        if response.status >= 400:
-            try:
-                text = await response.text()
-            except aiohttp.ClientError:
-                text = ""
-            finally:
-                response.release()
-            raise upstream_error(response.status, text, response.headers, self.name)
-        return response
+        return await post(self._session, self.base_url + path, body, self.name, upstream_error)
 
     async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
-        try:
-            raw = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"deployment '{self.name}' dropped the connection mid-answer: {exc}", deployment=self.name
-            ) from None
-        finally:
-            response.release()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamMalformed(
-                f"deployment '{self.name}' answered with a body that is not JSON", deployment=self.name
-            ) from None
+        body = await read_json(response, self.name)
         if not isinstance(body, dict) or ("choices" not in body and "data" not in body):
             raise UpstreamMalformed(
                 f"deployment '{self.name}' answered with JSON that is not a completion", deployment=self.name
