@@ -19,14 +19,18 @@ class KeelError(Exception):
     retryable: ClassVar[bool] = False  # worth another attempt on the same deployment
     fallback: ClassVar[bool] = False  # worth trying the next deployment
 
-    def __init__(self, message: str, *, param: str | None = None, deployment: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, deployment: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.deployment = deployment
+        self.retry_after = retry_after  # seconds; sent as Retry-After (whole seconds, at least 1)
 
     def headers(self) -> dict[str, str]:
-        return {}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -117,13 +121,6 @@ class UpstreamRateLimited(UpstreamError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float | None = None, deployment: str | None = None) -> None:
-        super().__init__(message, deployment=deployment)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after)))} if self.retry_after else {}
-
 
 class UpstreamBadRequest(KeelError):
     """The upstream refused the request itself: never retried, the same request fails again."""
@@ -158,11 +155,7 @@ class Overloaded(KeelError):
     fallback = True
 
     def __init__(self, message: str, *, retry_after: float = 1.0, deployment: str | None = None) -> None:
-        super().__init__(message, deployment=deployment)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after)))}
+        super().__init__(message, deployment=deployment, retry_after=retry_after)
 
 
 class CircuitOpen(UpstreamError):
@@ -170,13 +163,6 @@ class CircuitOpen(UpstreamError):
 
     status = 503
     code = "circuit_open"
-
-    def __init__(self, message: str, *, retry_after: float | None = None, deployment: str | None = None) -> None:
-        super().__init__(message, deployment=deployment)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
 
 
 class NoDeploymentAvailable(UpstreamError):
