@@ -101,7 +101,7 @@ class Keel:
         await self.alerts.stop()
         await self.budgets.close()
         await asyncio.to_thread(self.writer.close)
-        self.tracing.shutdown()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes OTLP export; may block
         self._started = False
 
     async def __aenter__(self) -> Keel:

@@ -252,6 +252,22 @@ async def test_a_stream_closed_early_by_the_consumer_is_recorded_as_client_close
     assert r.attempt_log[0]["error"] == "cancelled"
 
 
+async def test_a_stream_closed_early_leaves_one_call_span_that_matches_its_record() -> None:
+    h = Harness({"provider": "simulated", "name": "primary", "template": "one two three four"})
+    stream = await h.chat(stream=True)
+    assert isinstance(stream, ChunkStream)
+    await stream.__anext__()
+    await stream.aclose()
+    await stream.aclose()
+    r = h.sink.only()
+    [call] = [s for s in h.sink.spans if s.name == "chat chat"]
+    assert (call.trace_id, call.span_id, call.request_id) == (r.trace_id, r.span_id, r.request_id)
+    assert call.attributes["keel.outcome"] == "client_closed" and call.status == "error"
+    assert call.ended_at == r.ended_at
+    [attempt] = [s for s in h.sink.spans if s.name == "attempt primary"]
+    assert attempt.parent_id == call.span_id and attempt.ended_at <= call.ended_at
+
+
 async def test_embeddings_are_recorded_without_their_vectors() -> None:
     h = Harness()
     reply = await h.keel.handle(EmbeddingRequest.model_validate({"model": "chat", "input": ["a b", "c"]}))

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PBSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.datastructures import Headers
 
 from keel.config import KeelConfig, TracingConfig
@@ -19,7 +29,15 @@ from keel.errors import UpstreamServerError
 from keel.observability.metrics import Metrics
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.stage import Observe
-from keel.observability.tracing import Tracing, extract_parent, stage_span
+from keel.observability.tracing import (
+    EVENTS_ATTRIBUTE,
+    KeelSpan,
+    Tracing,
+    extract_parent,
+    parse_traceparent,
+    stage_span,
+    trace_id_of,
+)
 from keel.pipeline import Call, ChunkStream, Context, Next, Reply
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -155,6 +173,38 @@ async def test_an_inner_stage_can_open_a_child_span_of_the_call() -> None:
     assert call.attributes["keel.cache_status"] == "miss"
 
 
+async def test_a_stage_span_that_fails_is_marked_and_the_error_goes_on() -> None:
+    class Check:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            with stage_span(call, "guardrail pii") as span:
+                assert isinstance(span, KeelSpan) and span.is_recording()
+                raise ValueError("scanner broke")
+
+    keel, _, sink = setup(inner=[Check()])
+    with pytest.raises(ValueError, match="scanner broke"):
+        await keel.handle(request())
+    check, call = sink.span("guardrail pii"), sink.span("chat chat")
+    assert check.status == "error" and check.parent_id == call.span_id
+    [event] = check.attributes[EVENTS_ATTRIBUTE]
+    assert event["name"] == "exception"
+    assert event["attributes"] == {"exception.type": "ValueError", "exception.message": "scanner broke"}
+
+
+async def test_guardrail_verdicts_are_events_of_the_call_span() -> None:
+    class Guardrail:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            call.ctx.guardrails.append({"check": "pii", "verdict": "redacted", "found": ["email"], "note": None})
+            return await next(call)
+
+    keel, _, sink = setup(inner=[Guardrail()])
+    await keel.handle(request())
+    call = sink.span("chat chat")
+    [event] = call.attributes[EVENTS_ATTRIBUTE]
+    assert event["name"] == "guardrail"
+    assert event["attributes"] == {"check": "pii", "verdict": "redacted", "found": "['email']"}
+    assert call.started_at <= event["time"] <= call.ended_at
+
+
 # ---------------------------------------------------------------------------- traceparent and chains
 
 
@@ -174,6 +224,58 @@ def test_bad_or_missing_traceparents_give_no_parent() -> None:
     assert extract_parent(Headers({"TraceParent": f"00-{TRACE_ID}-{PARENT_ID}-01"})) is not None
 
 
+@pytest.mark.parametrize("value", [
+    f"00-{'0' * 32}-{PARENT_ID}-01",  # all-zero trace id
+    f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
+    f"ff-{TRACE_ID}-{PARENT_ID}-01",  # version ff is invalid
+    f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",  # hex is lower case
+    f"00-{TRACE_ID}-{PARENT_ID}-0g",
+    f"0-{TRACE_ID}-{PARENT_ID}-01",
+    f"00-{TRACE_ID[:-1]}-{PARENT_ID}-01",
+    f"00-{TRACE_ID}-{PARENT_ID}-01-extra",  # version 00 has exactly four fields
+    f"01-{TRACE_ID}-{PARENT_ID}-01extra",  # a later version's extra fields follow a dash
+    f"00_{TRACE_ID}_{PARENT_ID}_01",
+    "",
+])
+def test_malformed_traceparents_are_ignored(value: str) -> None:
+    assert parse_traceparent(value) is None
+    assert extract_parent({"traceparent": value}) is None
+
+
+def test_a_traceparent_gives_ids_the_sampled_flag_and_the_tracestate() -> None:
+    parent = extract_parent({"traceparent": f" 00-{TRACE_ID}-{PARENT_ID}-01 ", "tracestate": "congo=t61rcWkgMzE"})
+    assert parent is not None
+    assert (parent.trace_id, parent.span_id, parent.sampled, parent.remote, parent.tracestate) == (
+        TRACE_ID, PARENT_ID, True, True, "congo=t61rcWkgMzE"
+    )
+    unsampled = parse_traceparent(f"00-{TRACE_ID}-{PARENT_ID}-00")
+    assert unsampled is not None and not unsampled.sampled
+    later = parse_traceparent(f"cc-{TRACE_ID}-{PARENT_ID}-09-what-comes-next")  # a future version: read the four
+    assert later is not None and later.sampled and trace_id_of(later) == TRACE_ID
+
+
+def test_a_long_tracestate_is_cut_to_whole_entries() -> None:
+    entries = [f"v{i:02d}=" + "x" * 40 for i in range(20)]  # 44 characters each
+    parent = extract_parent({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": ",".join(entries)})
+    assert parent is not None and parent.tracestate is not None
+    assert parent.tracestate == ",".join(entries[:11]) and len(parent.tracestate) <= 512
+
+
+async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_is_logged() -> None:
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}
+
+    class Lookup:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            with stage_span(call, "cache lookup") as span:
+                assert span is not None and not span.is_recording()
+            return await next(call)
+
+    keel, _, sink = setup(inner=[Lookup()])
+    await keel.handle(request(), Context(extras={"traceparent_headers": headers}))
+    assert sink.spans == []
+    assert (sink.records[0].trace_id, sink.records[0].span_id) == (TRACE_ID, None)
+
+
 async def test_calls_inside_one_trace_block_share_its_trace() -> None:
     keel, tracing, sink = setup()
     with tracing.trace("chain", step_count=2) as chain:
@@ -186,6 +288,22 @@ async def test_calls_inside_one_trace_block_share_its_trace() -> None:
     assert {s.trace_id for s in calls} == {chain_span.trace_id} == {r.trace_id for r in sink.records}
     assert {s.parent_id for s in calls} == {chain_span.span_id}
     assert chain_span.attributes == {"step_count": 2} and chain_span.parent_id is None
+    assert (chain.trace_id, chain.span_id) == (chain_span.trace_id, chain_span.span_id)
+    assert chain_span.started_at <= min(s.started_at for s in calls)
+    assert max(s.ended_at for s in calls) <= chain_span.ended_at
+
+
+async def test_the_library_chat_calls_inside_a_trace_share_it_and_its_span_takes_attributes() -> None:
+    keel, tracing, sink = setup()
+    async with tracing.trace("chain") as chain:
+        assert chain is not None
+        chain.set_attribute("app.user", "u1")
+        await keel.chat(model="chat", messages=[{"role": "user", "content": "one"}])
+        await keel.chat(model="chat", messages=[{"role": "user", "content": "two"}])
+    root = sink.span("chain")
+    calls = [s for s in sink.spans if s.name == "chat chat"]
+    assert [(s.trace_id, s.parent_id) for s in calls] == [(root.trace_id, root.span_id)] * 2
+    assert root.attributes == {"app.user": "u1"}
 
 
 async def test_separate_calls_get_separate_traces() -> None:
@@ -225,6 +343,7 @@ async def test_the_decorator_traces_sync_functions_and_nests() -> None:
 
     assert outer() == 2
     assert sink.span("inner").parent_id == sink.span("outer").span_id
+    assert sink.span("inner").trace_id == sink.span("outer").trace_id
 
 
 async def test_async_with_and_concurrent_tasks_keep_their_own_trace() -> None:
@@ -260,6 +379,47 @@ async def test_a_call_inside_the_applications_own_span_joins_its_trace() -> None
     assert (call.trace_id, call.parent_id) == (format(context.trace_id, "032x"), format(context.span_id, "016x"))
 
 
+async def test_an_application_span_opened_inside_a_trace_block_is_the_parent_of_calls_inside_it() -> None:
+    keel, tracing, sink = setup()
+    app_tracer = TracerProvider(shutdown_on_exit=False).get_tracer("app")
+    with tracing.trace("outer"), app_tracer.start_as_current_span("app step") as app_span:
+        await keel.handle(request())
+    with app_tracer.start_as_current_span("app root"), tracing.trace("inner"):
+        await keel.handle(request())
+    first, second = (s for s in sink.spans if s.name == "chat chat")
+    assert first.parent_id == format(app_span.get_span_context().span_id, "016x")
+    assert (second.parent_id, second.trace_id) == (sink.span("inner").span_id, sink.span("inner").trace_id)
+
+
+async def test_with_an_application_sdk_its_spans_inside_keels_are_keels_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    monkeypatch.setattr(otel_trace, "_TRACER_PROVIDER", provider)  # as set_tracer_provider does, once per process
+
+    class Instrumented:  # an instrumented library the application uses (an HTTP client, say)
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            with otel_trace.get_tracer("httpx").start_as_current_span("GET /moderation"):
+                return await next(call)
+
+    keel, tracing, sink = setup(inner=[Instrumented()])
+    with tracing.trace("chain"):
+        with otel_trace.get_tracer("app").start_as_current_span("app step"):
+            pass
+        await keel.handle(request())
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN  # all detached
+    chain, call = sink.span("chain"), sink.span("chat chat")
+    app_spans = {s.name: s for s in exported.get_finished_spans()}
+    step, moderation = app_spans["app step"], app_spans["GET /moderation"]
+    assert step.parent is not None and moderation.parent is not None
+    assert (format(step.context.trace_id, "032x"), format(step.parent.span_id, "016x")) == (
+        chain.trace_id, chain.span_id
+    )
+    assert format(moderation.parent.span_id, "016x") == call.span_id and call.parent_id == chain.span_id
+
+
 # ---------------------------------------------------------------------------- off, and OTLP
 
 
@@ -285,6 +445,14 @@ async def test_with_tracing_off_no_span_is_made_but_the_callers_trace_id_is_logg
     assert [(r.trace_id, r.span_id) for r in sink.records] == [(TRACE_ID, None), (None, None), (app_trace_id, None)]
 
 
+def test_trace_id_of_reads_keels_parents_and_opentelemetry_contexts() -> None:
+    assert trace_id_of(None) is None
+    assert trace_id_of(extract_parent({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})) == TRACE_ID
+    assert trace_id_of(otel_context.get_current()) is None
+    span = TracerProvider(shutdown_on_exit=False).get_tracer("app").start_span("s")
+    assert trace_id_of(otel_trace.set_span_in_context(span)) == format(span.get_span_context().trace_id, "032x")
+
+
 @pytest.fixture
 def collector() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
     received: list[tuple[str, str, bytes]] = []
@@ -302,22 +470,131 @@ def collector() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", received
     server.shutdown()
     server.server_close()
 
 
+def exported_spans(received: list[tuple[str, str, bytes]]) -> tuple[list[PBSpan], dict[str, Any]]:
+    """The spans of every POST, and the resource's attributes."""
+    spans: list[PBSpan] = []
+    resource: dict[str, Any] = {}
+    for path, content_type, body in received:
+        assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        for resource_spans in message.resource_spans:
+            resource.update(values(resource_spans.resource.attributes))
+            for scope_spans in resource_spans.scope_spans:
+                assert scope_spans.scope.name == "keel"
+                spans.extend(scope_spans.spans)
+    return spans, resource
+
+
+def values(attributes: Iterable[KeyValue]) -> dict[str, Any]:
+    def value(v: AnyValue) -> Any:
+        kind = v.WhichOneof("value")
+        if kind == "array_value":
+            return [value(x) for x in v.array_value.values]
+        return getattr(v, kind) if kind else None
+
+    return {a.key: value(a.value) for a in attributes}
+
+
 async def test_spans_are_exported_over_otlp_when_an_endpoint_is_set(
     collector: tuple[str, list[tuple[str, str, bytes]]]
 ) -> None:
     endpoint, received = collector
-    keel, tracing, sink = setup(tracing=TracingConfig(otlp_endpoint=endpoint, to_store=False, service_name="svc-x"))
+    keel, tracing, sink = setup(
+        {"provider": "simulated", "name": "primary", "errors": {"500": 1.0}},
+        {"provider": "simulated", "name": "backup", "model": "sim-2"},
+        tracing=TracingConfig(otlp_endpoint=endpoint, to_store=False, service_name="svc-x"),
+    )
     assert tracing.enabled
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "vendor=1"}
+    await keel.handle(request(max_tokens=20), Context(extras={"traceparent_headers": headers}))
+    await asyncio.to_thread(tracing.shutdown)  # flushes the queue
+    assert sink.spans == [] and sink.records[0].trace_id == TRACE_ID
+    spans, resource = exported_spans(received)
+    assert resource["service.name"] == "svc-x"
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == ["attempt backup", "attempt primary", "chat chat"]
+    call, failed, answered = by_name["chat chat"], by_name["attempt primary"], by_name["attempt backup"]
+    assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+    assert (call.parent_span_id.hex(), call.span_id.hex()) == (PARENT_ID, sink.records[0].span_id)
+    assert call.trace_state == "vendor=1"
+    assert failed.parent_span_id == answered.parent_span_id == call.span_id
+    assert (call.kind, failed.kind, answered.kind) == (
+        PBSpan.SPAN_KIND_INTERNAL, PBSpan.SPAN_KIND_CLIENT, PBSpan.SPAN_KIND_CLIENT
+    )
+    assert (failed.status.code, failed.status.message) == (Status.STATUS_CODE_ERROR, "upstream_server_error")
+    assert answered.status.code == Status.STATUS_CODE_UNSET
+    a = values(call.attributes)
+    assert (a["gen_ai.operation.name"], a["gen_ai.request.model"], a["gen_ai.response.model"]) == (
+        "chat", "chat", "sim-2"
+    )
+    assert (a["gen_ai.system"], a["gen_ai.request.max_tokens"], a["gen_ai.response.finish_reasons"]) == (
+        "simulated", 20, ["stop"]
+    )
+    assert a["gen_ai.usage.output_tokens"] == sink.records[0].completion_tokens > 0
+    assert values(failed.attributes)["error.type"] == "upstream_server_error"
+    assert call.start_time_unix_nano <= failed.start_time_unix_nano <= answered.end_time_unix_nano
+    assert answered.end_time_unix_nano <= call.end_time_unix_nano
+
+
+async def test_otlp_export_happens_off_the_call_and_with_the_store_too(
+    collector: tuple[str, list[tuple[str, str, bytes]]]
+) -> None:
+    endpoint, received = collector
+    keel, tracing, sink = setup(tracing=TracingConfig(otlp_endpoint=endpoint))
+    assert tracing.exporter is not None
+    tracing.exporter.delay = 0.01  # the background thread sends without waiting for a full batch
+    with tracing.trace("chain", step=1):
+        await keel.handle(request())
+    for _ in range(500):
+        if received:
+            break
+        await asyncio.sleep(0.01)
+    spans, _ = exported_spans(received)
+    assert sorted(s.name for s in spans) == sorted(s.name for s in sink.spans) == [
+        "attempt primary", "chain", "chat chat"
+    ]
+    assert {s.span_id.hex() for s in spans} == {s.span_id for s in sink.spans}
+    await asyncio.to_thread(tracing.shutdown)
+    tracing.shutdown()  # twice is harmless
+    with tracing.trace("late"):
+        pass
+    assert tracing.exporter.dropped == 1  # after shutdown nothing is queued
+
+
+async def test_an_unreachable_collector_loses_spans_not_calls() -> None:
+    keel, tracing, sink = setup(tracing=TracingConfig(otlp_endpoint="http://127.0.0.1:9/v1/traces"))
     await keel.handle(request())
-    await asyncio.to_thread(tracing.shutdown)  # flushes the batch
-    assert sink.spans == []
-    assert received and received[0][:2] == ("/v1/traces", "application/x-protobuf")
-    body = b"".join(r[2] for r in received)
-    assert b"chat chat" in body and b"svc-x" in body and b"gen_ai.request.model" in body
+    assert [s.name for s in sink.spans] == ["attempt primary", "chat chat"]
+    assert tracing.exporter is not None
+    tracing.exporter.exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.5)  # retry less
+    await asyncio.to_thread(tracing.shutdown)
+    assert tracing.exporter.dropped == 0  # queued, sent, refused: logged, not raised
+
+
+def test_after_a_fork_the_child_sends_its_own_spans_only(collector: tuple[str, list[tuple[str, str, bytes]]]) -> None:
+    endpoint, received = collector
+    tracing = Tracing(TracingConfig(otlp_endpoint=endpoint, to_store=False))
+    with tracing.trace("before the fork"):
+        pass
+    pid = os.fork()
+    if pid == 0:  # the child: a worker process
+        code = 1
+        try:
+            with tracing.trace("in the child"):
+                pass
+            tracing.shutdown()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    tracing.shutdown()
+    assert sorted(s.name for s in exported_spans(received)[0]) == ["before the fork", "in the child"]

@@ -14,8 +14,6 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Literal, Protocol, cast, get_args
 
-from opentelemetry.trace import Span
-
 from keel.errors import AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound
 from keel.observability.metrics import Metrics
 from keel.observability.record import (
@@ -26,7 +24,7 @@ from keel.observability.record import (
     SpanRecord,
     bounded,
 )
-from keel.observability.tracing import Tracing, current_span, extract_parent, trace_id_of
+from keel.observability.tracing import KeelSpan, Tracing, current_span, extract_parent, trace_id_of
 from keel.pipeline import Call, ChunkStream, Context, Next, Reply, StreamClosed
 from keel.types import ChatRequest
 
@@ -106,7 +104,7 @@ class Observe:
             log.exception("cost accounting failed for request %s", call.ctx.request_id)
 
     def _finish(
-        self, call: Call, span: Span | None, answer: dict[str, Any] | None, error: BaseException | None
+        self, call: Call, span: KeelSpan | None, answer: dict[str, Any] | None, error: BaseException | None
     ) -> None:
         try:
             record = build_record(call, answer, error, self.log_content)
@@ -159,6 +157,7 @@ def build_record(
         completion_tokens=usage.get("completion_tokens") or 0,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
         cost_usd=ctx.cost_usd or 0.0,
+        cost_nanousd=int(ctx.extras.get("cost_nanousd", 0)),
         cost_estimated=ctx.cost_estimated,
         latency_ms=(now - ctx.started) * 1000,
         ttft_ms=None if ctx.first_chunk_at is None else (ctx.first_chunk_at - ctx.started) * 1000,
