@@ -84,6 +84,7 @@ def start_servers(tmp: Path) -> Servers:
         [sys.executable, "-m", "keel.cli", "serve", "--config", str(path), "--port", str(gw_port),
          "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "KEEL_MASTER_KEY": ""},
+        cwd=tmp,  # its request log (keel.db) starts empty, beside the config
     )
     floor = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.passthrough_floor:app", "--port", str(floor_port),
@@ -169,7 +170,8 @@ async def run(args: argparse.Namespace) -> None:
     servers = start_servers(tmp)
     procs = {"floor": psutil.Process(servers.floor.pid), "keel": psutil.Process(servers.gateway.pid)}
     rss_start = procs["keel"].memory_info().rss / 2**20
-    connector = aiohttp.TCPConnector(limit=512)
+    # Idle connections are dropped before the servers drop them (uvicorn: 5 s), so none is reused closed.
+    connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=3)
     urls = servers.urls
     try:
         async with aiohttp.ClientSession(connector=connector) as session:

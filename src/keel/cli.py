@@ -11,7 +11,7 @@ import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -39,10 +39,11 @@ def _fail(message: str, code: int) -> typer.Exit:
 def _engine(cfg: KeelConfig) -> Keel:
     """The engine, or a clean exit when a provider refuses its settings (a bad template, say)."""
     from keel.engine import Keel
+    from keel.observability.store import StoreError
 
     try:
         return Keel(cfg)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, StoreError) as exc:
         raise _fail(str(exc), 2) from None
 
 
@@ -124,27 +125,23 @@ def chat(
         raise _fail(f"({ModelNotFound.code}) {ModelNotFound(name, [m.name for m in cfg.models]).message}", 1)
     _preflight(cfg)
     keel = _engine(cfg)
-    params: dict[str, object] = {
-        "model": name,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": stream,
-    }
+    params: dict[str, Any] = {"model": name, "messages": [{"role": "user", "content": prompt}]}
     if max_tokens:
         params["max_tokens"] = max_tokens
 
     async def run() -> None:
         async with keel:
-            reply = await keel.chat(**params)
             if stream:
                 try:
-                    async for chunk in reply:  # type: ignore[union-attr]
+                    async for chunk in await keel.chat(stream=True, **params):
                         if chunk.choices and chunk.choices[0].delta.content:
                             sys.stdout.write(chunk.choices[0].delta.content)
                             sys.stdout.flush()
                 finally:
                     sys.stdout.write("\n")  # also after a stream cut short, before the error
             else:
-                print(reply.choices[0].message.content)  # type: ignore[union-attr]
+                reply = await keel.chat(stream=False, **params)
+                print(reply.choices[0].message.content)
 
     try:
         asyncio.run(run())
@@ -185,6 +182,7 @@ def report(
         ReportFormat.table
     ),
     top: Annotated[int, typer.Option(help="rows per breakdown in table and markdown; 0: all")] = 20,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 when a target is missed (for CI)")] = False,
 ) -> None:
     """Latency, errors and cost against the SLO targets (slo: in keel.yaml), then tokens and spend
     by feature, model and user, from the request log (store.url)."""
@@ -214,6 +212,8 @@ def report(
         sys.stdout.write(slo.render_markdown(result, top) + "\n")
     else:
         Console().print(slo.render_table(result, top))
+    if check and not result.passed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
@@ -142,8 +142,18 @@ class Keel:
 
     # ------------------------------------------------------------------ library API
 
-    async def chat(self, **params: Any) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+    @overload
+    async def chat(self, *, stream: Literal[True], **params: Any) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    @overload
+    async def chat(self, *, stream: Literal[False] | None = None, **params: Any) -> ChatCompletion: ...
+
+    async def chat(
+        self, *, stream: bool | None = None, **params: Any
+    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
         """Create a chat completion; with `stream=True`, an async iterator of chunks."""
+        if stream is not None:
+            params["stream"] = stream
         reply = await self.handle(parse_request(ChatRequest, params, strict=False))
         if isinstance(reply, Completion):
             return ChatCompletion.model_validate(reply.body)
@@ -154,14 +164,20 @@ class Keel:
         assert isinstance(reply, Completion)
         return EmbeddingResponse.model_validate(reply.body)
 
-    def chat_sync(self, **params: Any) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+    @overload
+    def chat_sync(self, *, stream: Literal[True], **params: Any) -> Iterator[ChatCompletionChunk]: ...
+
+    @overload
+    def chat_sync(self, *, stream: Literal[False] | None = None, **params: Any) -> ChatCompletion: ...
+
+    def chat_sync(
+        self, *, stream: bool | None = None, **params: Any
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """`chat` for code without an event loop; a stream becomes a plain iterator."""
         runner = _runner()
-        if not params.get("stream"):
-            result = runner.run(self.chat(**params))
-            assert isinstance(result, ChatCompletion)
-            return result
-        return _sync_chunks(runner, self.chat(**params))
+        if not stream:
+            return runner.run(self.chat(stream=stream, **params))
+        return _sync_chunks(runner, self.chat(stream=True, **params))
 
     def close_sync(self) -> None:
         _runner().run(self.close())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.config import Price
 from keel.cost.money import Nanos, to_usd
+from keel.providers.base import deployment_name
 
 if TYPE_CHECKING:
     from keel.config import Deployment as DeploymentConfig
@@ -135,7 +136,7 @@ class PricingTable:
         log.warning(
             "no price known for model '%s' (deployment '%s'): its calls are logged as costing 0 USD and "
             "budgets cannot limit them; add it under 'pricing:' in keel.yaml or set the deployment's 'price:'",
-            label, deployment.name or label,
+            label, deployment_name(deployment),
         )
 
 

@@ -177,13 +177,13 @@ class RecordStore:
 
     def migrate(self) -> None:
         """Create the schema, or upgrade it to the newest revision (`alembic upgrade head`)."""
-        from alembic import command
-        from alembic.config import Config
-
-        # Alembic announces each of its plugins at INFO; keep the "Running upgrade" lines only.
+        # Alembic announces each of its plugins at INFO when imported; keep "Running upgrade" only.
         plugins = logging.getLogger("alembic.runtime.plugins")
         if plugins.level == logging.NOTSET:
             plugins.setLevel(logging.WARNING)
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()
         # ConfigParser interpolation: a literal % in the path must be doubled.
         config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
