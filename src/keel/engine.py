@@ -124,6 +124,9 @@ class Keel:
         if not self._started:
             await self.start()
         ctx = ctx or Context()
+        ctx.user = ctx.user or request.user
+        if ctx.feature is None and isinstance(request, ChatRequest) and request.metadata:
+            ctx.feature = request.metadata.get("feature")
         try:
             model, deployments = self.resolve(request.model)
         except ModelNotFound as exc:  # refused before the pipeline: logged here
@@ -131,10 +134,6 @@ class Keel:
             self.observe.rejected(ctx, exc, "chat" if chat else "embeddings", model=request.model,
                                   stream=chat and bool(getattr(request, "stream", False)))
             raise
-        if isinstance(request, ChatRequest):
-            ctx.user = ctx.user or request.user
-            if ctx.feature is None and request.metadata:
-                ctx.feature = request.metadata.get("feature")
         reply = await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
         if isinstance(reply, ChunkStream) and isinstance(request, ChatRequest):
             reply.hide_usage = not (request.stream_options and request.stream_options.include_usage)

@@ -1,0 +1,128 @@
+"""Shared pieces of the observability acceptance tests (request log, budgets, tracing, metrics):
+a fresh PostgreSQL database, the gateway's config around fake upstreams, the prices the tests
+expect, and readers of what a stopped gateway flushed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from conftest import GatewayProcess, require_service
+from sqlalchemy.engine import make_url
+
+from keel.observability.store import RecordStore
+
+PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUEST_ID = "x-keel-request-id"
+
+# USD per 1M tokens, as keel.yaml's `pricing:` gives them: 150 and 600 nano-dollars a token.
+PRICING: dict[str, dict[str, float]] = {
+    "gpt-4o-mini": {"input": 0.15, "output": 0.6},
+    "gpt-4o": {"input": 2.5, "output": 10.0},
+}
+NANOS_PER_TOKEN = {"gpt-4o-mini": (150, 600), "gpt-4o": (2500, 10_000)}
+
+
+def expected_nanos(model: str, prompt_tokens: int, completion_tokens: int) -> int:
+    """What a call costs at PRICING, in whole nano-dollars (exact: these prices are whole nanos a token)."""
+    rate_in, rate_out = NANOS_PER_TOKEN[model]
+    return prompt_tokens * rate_in + completion_tokens * rate_out
+
+
+def fake_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The prompt tokens the fake upstream reports for these messages (its own rule)."""
+    return max(1, len(orjson.dumps(messages)) // 4)
+
+
+def key_id_of(key: str) -> str:
+    """The non-secret id the gateway logs for a bearer key (sha256, 12 hex digits)."""
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def openai_deployment(name: str, base_url: str, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {"provider": "openai", "name": name, "base_url": base_url, "model": model}
+
+
+def store_section(url: str, tmp: Path, **settings: Any) -> dict[str, Any]:
+    """`store:` with a spool file in `tmp` (never in whatever directory the test runner is in)."""
+    return {"url": url, "spool_path": str(tmp / f"spool-{secrets.token_hex(4)}.jsonl"),
+            "flush_interval_ms": 50, **settings}
+
+
+def start_all(*gateways: GatewayProcess) -> None:
+    """Start gateways side by side (each takes a second or two to be ready)."""
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        for started in [pool.submit(gw.start) for gw in gateways]:
+            started.result()
+
+
+def stop_and_flush(*gateways: GatewayProcess) -> list[int | None]:
+    """SIGTERM every gateway at once, then wait: shutdown flushes the request log. Returns their
+    exit codes (0 is a clean stop; None for one that never started)."""
+    running = [gw.proc for gw in gateways if gw.proc is not None and gw.proc.poll() is None]
+    for proc in running:
+        proc.terminate()  # once: a second SIGTERM during the interpreter's exit would kill it uncleanly
+    for proc in running:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return [gw.proc.returncode if gw.proc is not None else None for gw in gateways]
+
+
+def read_records(url: str, since: float = 0.0) -> list[dict[str, Any]]:
+    store = RecordStore(url)
+    try:
+        return store.records(since=since)
+    finally:
+        store.close()
+
+
+def read_spans(url: str, trace_id: str) -> list[dict[str, Any]]:
+    store = RecordStore(url)
+    try:
+        return store.spans(trace_id)
+    finally:
+        store.close()
+
+
+def assert_openai_error(body: Any, code: str) -> None:
+    """OpenAI's error shape, exactly: {"error": {"message", "type", "param", "code"}}."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["code"] == code, body
+
+
+@contextmanager
+def fresh_pg_database(prefix: str = "keel_e2e") -> Iterator[str]:
+    """A database of its own on the real PostgreSQL (`<prefix>_<random>`), dropped afterwards.
+    Skips locally when PostgreSQL is not running; fails in CI (KEEL_REQUIRE_SERVICES=1)."""
+    import psycopg
+
+    admin = make_url(PG_ADMIN_URL)
+    try:
+        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
+    except psycopg.Error as exc:
+        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def traceparent(trace_id: str, span_id: str) -> str:
+    return f"00-{trace_id}-{span_id}-01"
