@@ -245,6 +245,9 @@ class StateConfig(_Strict):
     redis_url: str | None = Field(
         default=None, description="when set, budgets (and later limits) are shared by replicas through Redis"
     )
+    key_prefix: str = Field(
+        default="keel", min_length=1, description="Redis keys start with this: one prefix per Keel deployment"
+    )
 
 
 BudgetScope = Literal["global", "key", "user", "feature"]

@@ -116,8 +116,8 @@ class Budgets:
     @classmethod
     def from_config(cls, config: KeelConfig, **options: Any) -> Budgets:
         """keel.yaml's budgets, in Redis when `state.redis_url` is set, else in this process."""
-        url = config.state.redis_url
-        backend: BudgetBackend = RedisBudgetBackend(url) if url else MemoryBudgetBackend()
+        url, prefix = config.state.redis_url, f"{config.state.key_prefix}:budget"
+        backend: BudgetBackend = RedisBudgetBackend(url, prefix) if url else MemoryBudgetBackend(prefix)
         return cls(config.budgets, backend, **options)
 
     # ------------------------------------------------------------------ the call path
