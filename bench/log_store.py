@@ -18,6 +18,7 @@ Figures, not asserts: a noisy 2-core machine moves them; run it twice.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import statistics
@@ -28,10 +29,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from keel.config import StoreConfig
-from keel.observability.record import RequestRecord
+from keel.config import KeelConfig, StoreConfig, parse_config
+from keel.engine import Keel
+from keel.observability.record import RequestRecord, SpanRecord
+from keel.observability.stage import Observe
 from keel.observability.store import RecordStore, request_row
+from keel.observability.tracing import Tracing
 from keel.observability.writer import RecordWriter
+from keel.types import ChatRequest
 
 REDACT = [r"sk-[A-Za-z0-9]{16,}", r"\b\d{3}-\d{2}-\d{4}\b"]
 QUESTION = ("Summarise the attached quarterly report for the board, in three bullet points, and flag any "
@@ -139,6 +144,7 @@ def run(name: str, url: str, n: int, tmp: Path) -> None:
     redacted = through_writer(url, n, tmp / f"{name}-2.jsonl", "redacted", REDACT)
     ceiling = store_alone(url, n)
     path = submit_cost(url, min(n, 20_000), tmp / f"{name}-3.jsonl")
+    request_path(url, min(n, 5_000))
     print(
         f"{name:<10} writer {plain:>7,.0f} records/s, {redacted:>7,.0f} with 2 redaction patterns; "
         f"store.write alone {ceiling:>7,.0f}/s\n"
@@ -146,6 +152,48 @@ def run(name: str, url: str, n: int, tmp: Path) -> None:
         f"no-op p50 {path['noop_p50_us']:.2f} µs p99 {path['noop_p99_us']:.2f} µs; "
         f"added p50 {path['added_p50_us']:.2f} µs"
     )
+
+
+class _Discard:
+    """A sink that keeps nothing: the pipeline with the request log off."""
+
+    def submit(self, record: RequestRecord) -> None:
+        return None
+
+    def submit_span(self, span: SpanRecord) -> None:
+        return None
+
+
+def request_path(url: str, calls: int) -> None:
+    """p50/p99 of one call through the whole pipeline (simulated deployment, no latency), with the
+    request log (and spans) going to `url` through the writer, and with them discarded;
+    interleaved call by call, in one event loop."""
+
+    async def measure() -> None:
+        def config(store: str) -> KeelConfig:
+            return parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                                 "store": {"url": store}})
+
+        on = Keel(config(url))
+        off_config = config(url)
+        off = Keel(off_config, stages=[Observe(_Discard(), Tracing(off_config.tracing, _Discard()), on.metrics,
+                                               charger=on.meter)])
+        request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": QUESTION}]})
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        async with on, off:
+            for i in range(calls + 200):
+                for name, keel in (("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on)):
+                    started = time.perf_counter()
+                    await keel.handle(request)
+                    if i >= 200:  # warmed up
+                        times[name].append((time.perf_counter() - started) * 1e6)
+        p50 = {k: statistics.median(v) for k, v in times.items()}
+        p99 = {k: statistics.quantiles(v, n=100)[98] for k, v in times.items()}
+        print(f"{'':<10} request path, one call: log on p50 {p50['on']:.1f} µs p99 {p99['on']:.1f} µs; "
+              f"log off p50 {p50['off']:.1f} µs p99 {p99['off']:.1f} µs; "
+              f"added p50 {p50['on'] - p50['off']:+.1f} µs, p99 {p99['on'] - p99['off']:+.1f} µs")
+
+    asyncio.run(measure())
 
 
 def main() -> None:
