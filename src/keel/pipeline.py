@@ -10,13 +10,13 @@ Wire objects stay plain dicts on this path: they are parsed once and serialised 
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from keel.errors import KeelError
+from keel.ids import random_hex
 from keel.types import ChatRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    return "req_" + random_hex(12)
 
 
 @dataclass(slots=True)

@@ -52,6 +52,8 @@ class Sink:
 
     def submit(self, record: RequestRecord) -> None:
         self.records.append(record)
+        # A call's own spans ride in its record (one row per call in the store).
+        self.spans.extend(SpanRecord(**span) for span in record.spans)
 
     def submit_span(self, span: SpanRecord) -> None:
         self.spans.append(span)

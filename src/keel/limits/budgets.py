@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pydantic import ValidationError
 from keel.config import BudgetConfig, BudgetWindow, ConfigError
 from keel.cost.money import Nanos, to_nanos, to_usd
 from keel.errors import BudgetExceeded
+from keel.ids import random_hex
 from keel.limits.backends import MemoryBudgetBackend, RedisBudgetBackend
 from keel.limits.counters import BudgetBackend, Counter, Refusal, Threshold, counter_key, value_of
 from keel.limits.windows import Period, period_at
@@ -130,7 +130,7 @@ class Budgets:
         counters = self.counters(call.ctx, await self._rules(), now)
         if callable(amount):
             amount = amount(call) if counters else 0
-        reservation = Reservation(os.urandom(8).hex(), amount, counters, held=bool(counters) and amount > 0)
+        reservation = Reservation(random_hex(8), amount, counters, held=bool(counters) and amount > 0)
         if not reservation.held:
             return reservation
         hold_until = now + max(self.reservation_ttl_s, call.model.timeout_s + 60)

@@ -53,6 +53,9 @@ class RequestRecord:
     outcome: Outcome = "ok"
     error_type: str | None = None  # the error code, e.g. "timeout", "budget_exceeded"
     error_message: str | None = None
+    # The call's own spans (the call and each upstream attempt) as SpanRecord dicts: kept in the
+    # record's row, one write per call instead of three; RecordStore.spans() unpacks them.
+    spans: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,4 +83,5 @@ class SpanRecord:
     request_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: attributes are plain values, and this runs once per span.
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -104,6 +104,7 @@ requests = Table(
     Column("outcome", String, nullable=False),
     Column("error_type", String),
     Column("error_message", Text),
+    Column("spans", JSONColumn),  # the call's own spans; other spans (chains) are rows of `spans`
     Index("ix_requests_started_at", "started_at"),
     Index("ix_requests_feature", "feature"),
     Index("ix_requests_model", "model"),
@@ -275,10 +276,15 @@ class RecordStore:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     def spans(self, trace_id: str) -> list[dict[str, Any]]:
-        """The spans of one trace, in the order they started."""
-        query = select(spans).where(spans.c.trace_id == trace_id).order_by(spans.c.started_at, spans.c.span_id)
+        """The spans of one trace, in the order they started: rows of `spans` (chains, stages)
+        and the calls' own spans kept in their request rows."""
+        query = select(spans).where(spans.c.trace_id == trace_id)
+        calls = select(requests.c.spans).where(requests.c.trace_id == trace_id)
         with self.connection() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
+            found = [dict(row) for row in conn.execute(query).mappings()]
+            for (kept,) in conn.execute(calls):
+                found.extend(span for span in kept or () if span.get("trace_id") == trace_id)
+        return sorted(found, key=lambda span: (span["started_at"], span["span_id"]))
 
     def close(self) -> None:
         self.engine.dispose()

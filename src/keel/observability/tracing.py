@@ -39,6 +39,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context as TraceContext
 
 from keel.config import TracingConfig
+from keel.ids import random_hex
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.pipeline import Call
 from keel.types import ChatRequest
@@ -142,12 +143,12 @@ _UNKNOWN = object()
 
 
 def _trace_id() -> str:
-    value = os.urandom(16).hex()
+    value = random_hex(16)
     return value if value != _ZERO_TRACE else _trace_id()
 
 
 def _span_id() -> str:
-    value = os.urandom(8).hex()
+    value = random_hex(8)
     return value if value != _ZERO_SPAN else _span_id()
 
 
@@ -218,13 +219,13 @@ class Tracing:
         span.ended_at = ended_at = record.ended_at  # the call ends when its record says it did
         if not span.sampled:
             return
-        self._attempt_spans(span, call, ended_at)
+        self._attempt_spans(span, call, ended_at, record)
         span.attributes.update(_outcome_attributes(call, record, answer))
         for verdict in call.ctx.guardrails:
             span.add_event("guardrail", _scalars(verdict), ended_at)
         if record.error_type is not None:
             span.set_status("error", record.error_type)
-        self._emit(span)
+        self._emit(span, record)
 
     # ------------------------------------------------------------------ spans
 
@@ -241,7 +242,7 @@ class Tracing:
             else:  # the application's span, opened inside ours (or there is none of ours)
                 parent = _otel_parent(app) or ours
         if parent is None:
-            ids = os.urandom(24).hex()  # a new trace: its id and the span's in one read
+            ids = random_hex(24)  # a new trace: its id and the span's in one read
             trace_id, span_id = ids[:32], ids[32:]
             if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
                 trace_id, span_id = _trace_id(), _span_id()
@@ -252,16 +253,20 @@ class Tracing:
             tracestate=parent.tracestate, otel_seen=app,
         )
 
-    def _emit(self, span: KeelSpan) -> None:
-        """A finished span to the store and the OTLP queue; neither blocks."""
+    def _emit(self, span: KeelSpan, record: RequestRecord | None = None) -> None:
+        """A finished span to the store (inside its call's record when it has one: one row per
+        call) and the OTLP queue; neither blocks."""
         if not span.sampled:
             return
         if self.sink is not None:
-            self.sink.submit_span(span_record(span))
+            if record is not None:
+                record.spans.append(span_record(span).as_dict())
+            else:
+                self.sink.submit_span(span_record(span))
         if self.exporter is not None:
             self.exporter.submit(span)
 
-    def _attempt_spans(self, parent: KeelSpan, call: Call, ended_at: float) -> None:
+    def _attempt_spans(self, parent: KeelSpan, call: Call, ended_at: float, record: RequestRecord) -> None:
         """One child span per upstream attempt, timed by the reliability stage's records (one
         still running when the call ended, as when the client went away, ends with it)."""
         attempts = call.ctx.attempts
@@ -290,7 +295,7 @@ class Tracing:
             if attempt.error is not None:
                 attributes["error.type"] = attempt.error
                 child.status, child.status_message = "error", attempt.error
-            self._emit(child)
+            self._emit(child, record)
 
 
 class _Current:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -69,6 +70,8 @@ class ContentPolicy:
     def apply(self, value: Any) -> Any:
         if not self.keep or value is None:
             return None
+        if not self.patterns and _json_length(value) <= self.max_chars:
+            return value  # the common case: nothing to redact, and the strings fit (JSON is longer)
         budget = self.max_chars
         patterns = self.patterns
 
@@ -101,6 +104,15 @@ class ContentPolicy:
             return item
 
         return walk(value)
+
+
+def _json_length(value: Any) -> int:
+    """Characters of `value` as JSON, at least the sum of its strings' lengths; unbounded when it
+    is not JSON-able (the walk then handles it)."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return sys.maxsize
 
 
 def redaction_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:

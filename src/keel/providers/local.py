@@ -39,6 +39,7 @@ from keel.errors import (
     Overloaded,
     UpstreamServerError,
 )
+from keel.ids import random_hex
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
 from keel.types import (
@@ -226,7 +227,7 @@ def plan_call(request: ChatRequest, config: LocalDeployment, deployment: str) ->
         max_tokens=max_tokens,
         limit_given=limit is not None,
         stream=bool(request.stream),
-        id="chatcmpl-local-" + os.urandom(12).hex(),
+        id="chatcmpl-local-" + random_hex(12),
         model=model_name(config),
     )
 

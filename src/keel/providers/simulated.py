@@ -18,7 +18,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import struct
@@ -38,6 +37,7 @@ from keel.errors import (
     UpstreamServerError,
     UpstreamTimeout,
 )
+from keel.ids import random_hex
 from keel.pipeline import Call, ChunkStream, Completion
 from keel.providers.base import chunk_body, completion_body, usage_body
 from keel.types import ChatRequest, EmbeddingRequest, FunctionDefinition, NamedToolChoice, content_text
@@ -153,7 +153,7 @@ class SimulatedProvider:
         return Answer(
             pieces=pieces, finish_reason=finish, prompt_tokens=prompt_tokens(request),
             tool_name=tool.name if tool is not None else None,
-            tool_call_id="call_" + os.urandom(12).hex() if tool is not None else None,
+            tool_call_id="call_" + random_hex(12) if tool is not None else None,
         )
 
     def _text(self, request: ChatRequest) -> str:
@@ -235,7 +235,7 @@ class Answer:
 
 
 def _completion_id() -> str:
-    return "chatcmpl-sim-" + os.urandom(12).hex()
+    return "chatcmpl-sim-" + random_hex(12)
 
 
 async def _sleep_ms(ms: float) -> None:

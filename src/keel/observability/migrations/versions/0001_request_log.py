@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("outcome", sa.String(), nullable=False),
         sa.Column("error_type", sa.String()),
         sa.Column("error_message", sa.Text()),
+        sa.Column("spans", JSONColumn),
     )
     op.create_index("ix_requests_started_at", "requests", ["started_at"])
     op.create_index("ix_requests_feature", "requests", ["feature"])
