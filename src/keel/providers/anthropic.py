@@ -30,7 +30,7 @@ from keel.errors import (
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
-from keel.providers.http import post, read_json
+from keel.providers.http import lines_of, post, read_json
 from keel.providers.openai_compat import retry_after, upstream_error
 from keel.providers.sse import read_events
 from keel.types import (
@@ -116,7 +116,7 @@ class AnthropicProvider(ChatOnly):
     async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
         translate = StreamTranslator(self.name)
         try:
-            async for event in read_events(response.content):
+            async for event in read_events(lines_of(response.content)):
                 for chunk in translate(self._event(event.data)):
                     yield chunk
                 if translate.stopped:

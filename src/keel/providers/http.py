@@ -3,7 +3,7 @@ transport failures and error answers turned into Keel's precise errors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -48,3 +48,20 @@ async def read_json(response: aiohttp.ClientResponse, deployment: str) -> Any:
     except orjson.JSONDecodeError:
         raise UpstreamMalformed(f"deployment '{deployment}' answered with a body that is not JSON",
                                 deployment=deployment) from None
+
+
+async def lines_of(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive. When the connection fails, aiohttp raises at once and
+    drops what it had already received; those complete lines are passed on first, so a client
+    gets every chunk the upstream sent before the error (a half line is not passed on)."""
+    try:
+        async for line in content:
+            yield line
+    except aiohttp.ClientError:
+        buffered: Sequence[bytes] = getattr(content, "_buffer", ())
+        offset: int = getattr(content, "_buffer_offset", 0)
+        leftover = b"".join(buffered)[offset:]
+        for line in leftover.splitlines(keepends=True):
+            if line.endswith(b"\n"):
+                yield line
+        raise

@@ -30,7 +30,7 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
-from keel.providers.http import post, read_json
+from keel.providers.http import lines_of, post, read_json
 from keel.providers.sse import read_events
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -96,7 +96,7 @@ class OpenAICompatProvider:
     async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
-            async for event in read_events(response.content):
+            async for event in read_events(lines_of(response.content)):
                 if event.data == b"[DONE]":
                     done = True
                     break

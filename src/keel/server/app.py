@@ -7,6 +7,7 @@ types; replies go out with one orjson serialisation. Every answer, errors includ
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -288,24 +289,47 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
-    """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end."""
+    """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end.
+
+    A pump task reads the stream into a small queue and this generator writes whatever is queued
+    in one go: chunks that arrived together (one upstream read) leave in one write instead of a
+    system call each, and a lone chunk leaves at once (nothing ever waits to be batched).
+    """
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+    pump = asyncio.create_task(_pump(stream, queue, request_id))
+    try:
+        while True:
+            parts = [await queue.get()]
+            while not queue.empty():
+                parts.append(queue.get_nowait())
+            ended = parts[-1] is None
+            data = b"".join(part for part in parts if part is not None)
+            if data:
+                yield data
+            if ended:
+                return
+    finally:
+        # A client that went away cancels this generator: stop the pump, and shield the close
+        # so the stream's finalisers (log, cost, budget) run.
+        pump.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(pump, return_exceptions=True)
+            await stream.aclose()
+
+
+async def _pump(stream: ChunkStream, queue: asyncio.Queue[bytes | None], request_id: str) -> None:
     try:
         async for chunk in stream:
-            yield encode_chunk(spec_nulls_dropped(chunk))
+            await queue.put(encode_chunk(spec_nulls_dropped(chunk)))
+        await queue.put(DONE)
     except KeelError as exc:
         log.warning("request %s: stream ended by %s: %s", request_id, exc.code, exc.message)
-        yield encode_error(exc.body())
-        return
+        await queue.put(encode_error(exc.body()))
     except Exception:
         log.exception("request %s: stream failed unexpectedly", request_id)
         error = KeelError(f"The stream failed unexpectedly; the log has the details under request id {request_id}.")
-        yield encode_error(error.body())
-        return
-    finally:
-        # A client that went away cancels this generator; shield the close so finalisers run.
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
-    yield DONE
+        await queue.put(encode_error(error.body()))
+    await queue.put(None)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
