@@ -217,8 +217,48 @@ async def run(args: argparse.Namespace) -> None:
                     mode = "stream" if stream else "plain"
                     print(f"{mode:<7} {key:<6} {p50:>6.2f}ms {p99:>6.2f}ms {p50 - base50:>+8.2f}ms "
                           f"{p99 - base99:>+8.2f}ms {ttft:>7.2f}ms {ttft - base_ttft:>+9.2f}ms")
+        if args.wrk_seconds:
+            wrk_cpu(servers, args.wrk_seconds, 16)
     finally:
         servers.stop()
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '%s'
+"""
+
+
+def wrk_cpu(servers: Servers, seconds: int, connections: int) -> None:
+    """CPU per request with wrk (C, one thread) as the load: it takes far less of the two cores
+    than a Python client, so the servers' own CPU figures are less inflated by contention."""
+    import shutil
+
+    if shutil.which("wrk") is None:
+        print("\nwrk not installed (apt-get install wrk): CPU per request under wrk skipped")
+        return
+    procs = {"floor": psutil.Process(servers.floor.pid), "keel": psutil.Process(servers.gateway.pid)}
+    print(f"\nwith wrk ({connections} connections, {seconds} s per run, interleaved, median of 3)")
+    print(f"{'mode':<7} {'target':<6} {'requests/s':>11} {'CPU ms/req':>11}")
+    for stream in (False, True):
+        script = Path(tempfile.mkstemp(suffix=".lua")[1])
+        script.write_text(WRK_SCRIPT % orjson.dumps({**BODY, "stream": stream}).decode())
+        rows: dict[str, list[tuple[float, float]]] = {"floor": [], "keel": []}
+        for _ in range(3):
+            for key, proc in procs.items():
+                before = cpu_seconds(proc)
+                out = subprocess.run(
+                    ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
+                     servers.urls[key] + "/chat/completions"], capture_output=True, text=True, check=True,
+                ).stdout
+                spent = cpu_seconds(proc) - before
+                total = int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
+                rows[key].append((total / seconds, spent / total * 1000))
+        for key, values in rows.items():
+            rps = statistics.median(v[0] for v in values)
+            cpu = statistics.median(v[1] for v in values)
+            print(f"{'stream' if stream else 'plain':<7} {key:<6} {rps:>11.0f} {cpu:>11.3f}")
 
 
 def main() -> None:
@@ -227,6 +267,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median reported)")
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--rate-requests", type=int, default=300)
+    parser.add_argument("--wrk-seconds", type=int, default=8, help="0: skip the wrk runs")
     args = parser.parse_args()
     try:
         import uvloop
