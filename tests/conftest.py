@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 
@@ -108,3 +111,26 @@ def require_service(name: str, reason: str) -> None:
     if os.environ.get("KEEL_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{name} is required in CI (KEEL_REQUIRE_SERVICES=1) but {reason}")
     pytest.skip(f"{name} not available: {reason}")
+
+
+PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def fresh_pg_database(prefix: str = "keel_e2e") -> Iterator[str]:
+    """A database of its own on the real PostgreSQL (`<prefix>_<random>`), dropped afterwards.
+    Skips locally when PostgreSQL is not running; fails in CI (KEEL_REQUIRE_SERVICES=1)."""
+    import psycopg
+
+    admin = make_url(PG_ADMIN_URL)
+    try:
+        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
+    except psycopg.Error as exc:
+        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()

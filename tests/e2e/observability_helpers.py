@@ -8,19 +8,15 @@ import hashlib
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
-from conftest import GatewayProcess, require_service
-from sqlalchemy.engine import make_url
+from conftest import GatewayProcess
 
 from keel.observability.store import RecordStore
 
-PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUEST_ID = "x-keel-request-id"
 
@@ -104,24 +100,6 @@ def assert_openai_error(body: Any, code: str) -> None:
     assert body["error"]["code"] == code, body
 
 
-@contextmanager
-def fresh_pg_database(prefix: str = "keel_e2e") -> Iterator[str]:
-    """A database of its own on the real PostgreSQL (`<prefix>_<random>`), dropped afterwards.
-    Skips locally when PostgreSQL is not running; fails in CI (KEEL_REQUIRE_SERVICES=1)."""
-    import psycopg
-
-    admin = make_url(PG_ADMIN_URL)
-    try:
-        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
 
 
 def traceparent(trace_id: str, span_id: str) -> str:

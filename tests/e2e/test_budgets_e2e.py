@@ -26,7 +26,7 @@ import openai
 import pytest
 import redis
 import yaml
-from conftest import GatewayProcess, free_port, require_service
+from conftest import GatewayProcess, free_port, fresh_pg_database, require_service
 from observability_helpers import (
     PRICING,
     REDIS_BASE_URL,
@@ -34,7 +34,6 @@ from observability_helpers import (
     assert_openai_error,
     expected_nanos,
     fake_prompt_tokens,
-    fresh_pg_database,
     openai_deployment,
     read_records,
     start_all,

@@ -20,14 +20,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import SHARED, GatewayProcess
+from conftest import SHARED, GatewayProcess, fresh_pg_database
 from observability_helpers import (
     PRICING,
     REQUEST_ID,
     assert_openai_error,
     expected_nanos,
     fake_prompt_tokens,
-    fresh_pg_database,
     key_id_of,
     openai_deployment,
     read_records,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import require_service
-from sqlalchemy.engine import make_url
+from conftest import fresh_pg_database
 from typer.testing import CliRunner
 
 from keel.cli import app
@@ -25,27 +23,15 @@ from keel.observability.record import Outcome, RequestRecord
 from keel.observability.report import build_report, parse_window, percentile, render_markdown
 from keel.observability.store import RecordStore
 
-PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NOW = time.time()
 REQUIRED_KEYS = {"requests", "p50_ms", "p99_ms", "error_rate", "cost_per_request_usd"}
 
 
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
-    import psycopg
-
-    admin = make_url(PG_ADMIN_URL)
-    try:
-        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
-    name = f"keel_test_{secrets.token_hex(4)}"
-    conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    """A database of this module's own on the real PostgreSQL, dropped afterwards."""
+    with fresh_pg_database("keel_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -23,7 +21,7 @@ import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import free_port, require_service
+from conftest import free_port, fresh_pg_database
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
@@ -40,7 +38,6 @@ from keel.observability.store import (
 )
 from keel.observability.writer import REDACTED, RecordWriter, Spool
 
-PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 STATUS = {"ok": 200, "cached": 200, "error": 502, "blocked": 400, "rate_limited": 429,
           "budget_exceeded": 429, "client_closed": 499, "invalid": 400}
 
@@ -51,20 +48,8 @@ STATUS = {"ok": 200, "cached": 200, "error": 502, "blocked": 400, "rate_limited"
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
     """A database of this module's own on the real PostgreSQL, dropped afterwards."""
-    import psycopg
-
-    admin = make_url(PG_ADMIN_URL)
-    try:
-        conn = psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        require_service("postgres", f"cannot connect to {admin.host}:{admin.port or 5432}: {exc}")
-    name = f"keel_test_{secrets.token_hex(4)}"
-    conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    with fresh_pg_database("keel_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
