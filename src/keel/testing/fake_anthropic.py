@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from keel.testing.fake_server import Controls, ThreadedServer
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -81,7 +82,7 @@ class Refused(Exception):
                             headers=self.headers)
 
 
-class FakeAnthropic:
+class FakeAnthropic(Controls[FakeAnthropicBehaviour, FakeAnthropicStats]):
     def __init__(self, behaviour: FakeAnthropicBehaviour | None = None) -> None:
         self.behaviour = behaviour or FakeAnthropicBehaviour()
         self.stats = FakeAnthropicStats()
@@ -93,29 +94,6 @@ class FakeAnthropic:
         ])
 
     # ------------------------------------------------------------------ control
-
-    def configure_from(self, changes: dict[str, Any]) -> None:
-        known = {f.name for f in fields(FakeAnthropicBehaviour)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown fake behaviour keys: {sorted(unknown)}")
-        for key, value in changes.items():
-            setattr(self.behaviour, key, value)
-
-    async def configure(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        if body.pop("reset", False):
-            self.behaviour = FakeAnthropicBehaviour()
-        if body.pop("reset_stats", False):
-            self.stats = FakeAnthropicStats()
-        try:
-            self.configure_from(body)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(asdict(self.behaviour))
-
-    async def read_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(asdict(self.stats)), content_type="application/json")
 
     # ------------------------------------------------------------------ the endpoint
 
@@ -336,15 +314,12 @@ def _id() -> str:
     return hashlib.sha1(str(time.perf_counter_ns()).encode()).hexdigest()[:24]
 
 
-class FakeAnthropicServer:
+class FakeAnthropicServer(ThreadedServer):
     """The fake on its own event loop in a thread: `with FakeAnthropicServer() as s: s.url`."""
 
     def __init__(self, behaviour: FakeAnthropicBehaviour | None = None, port: int = 0) -> None:
         self.fake = FakeAnthropic(behaviour)
-        self.port = port
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-anthropic", daemon=True)
+        super().__init__(self.fake.app, "fake-anthropic", port)
 
     @property
     def url(self) -> str:
@@ -353,39 +328,12 @@ class FakeAnthropicServer:
 
     def configure(self, **changes: Any) -> None:
         """Change the behaviour from the test's thread, on the fake's loop."""
-        async def apply() -> None:
-            self.fake.configure_from(changes)
-
-        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(5)
+        self.call(lambda: self.fake.configure_from(changes))
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
         """The request bodies received so far, oldest first."""
         return list(self.fake.stats.bodies)
-
-    def start(self) -> FakeAnthropicServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(self.fake.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def __enter__(self) -> FakeAnthropicServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,14 +18,15 @@ import base64
 import hashlib
 import random
 import struct
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from keel.testing.fake_server import Controls, ThreadedServer
 
 
 @dataclass
@@ -55,7 +56,7 @@ class FakeStats:
     keep_bodies: int = 50
 
 
-class FakeOpenAI:
+class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
     def __init__(self, behaviour: FakeBehaviour | None = None) -> None:
         self.behaviour = behaviour or FakeBehaviour()
         self.stats = FakeStats()
@@ -72,27 +73,9 @@ class FakeOpenAI:
     # ------------------------------------------------------------------ control
 
     def configure_from(self, changes: dict[str, Any]) -> None:
-        known = {f.name for f in fields(FakeBehaviour)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown fake behaviour keys: {sorted(unknown)}")
-        for key, value in changes.items():
-            setattr(self.behaviour, key, value)
+        super().configure_from(changes)
         if "seed" in changes:
             self.rng = random.Random(self.behaviour.seed)
-
-    async def configure(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        if body.pop("reset_stats", False):
-            self.stats = FakeStats()
-        try:
-            self.configure_from(body)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(asdict(self.behaviour))
-
-    async def read_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(asdict(self.stats)), content_type="application/json")
 
     # ------------------------------------------------------------------ faults
 
@@ -254,52 +237,16 @@ def _vector(seed: bytes, dims: int) -> list[float]:
     return [x / norm for x in raw]
 
 
-class FakeOpenAIServer:
-    """The fake upstream on its own event loop in a thread: `with FakeOpenAIServer() as s: s.url`.
-
-    A client that hangs up cancels its handler (a hang or a stall ends with the connection), and
-    stopping waits at most `shutdown_timeout` for requests still in progress."""
+class FakeOpenAIServer(ThreadedServer):
+    """The fake upstream on its own event loop in a thread: `with FakeOpenAIServer() as s: s.url`."""
 
     def __init__(self, behaviour: FakeBehaviour | None = None, port: int = 0, shutdown_timeout: float = 0.5) -> None:
         self.fake = FakeOpenAI(behaviour)
-        self.port = port
-        self.shutdown_timeout = shutdown_timeout
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-openai", daemon=True)
+        super().__init__(self.fake.app, "fake-openai", port, shutdown_timeout)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> FakeOpenAIServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(
-            self.fake.app, access_log=None, handle_signals=False, handler_cancellation=True,
-            shutdown_timeout=self.shutdown_timeout,
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
