@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from keel.observability.record import RequestRecord, SpanRecord
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -134,3 +136,49 @@ def fresh_pg_database(prefix: str = "keel_e2e") -> Iterator[str]:
     finally:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.close()
+
+
+REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own; every key under it is deleted afterwards."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+        client.ping()
+    except redis.RedisError as exc:
+        require_service("redis", f"{REDIS_URL} did not answer ({exc})")
+    name = f"keel-test:{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(client.scan_iter(match=name + ":*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class RecordingSink:
+    """A request-log sink that keeps what it is given, for tests of the observe stage and tracing."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+        self.spans: list[SpanRecord] = []
+
+    def submit(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        # A call's own spans ride in its record (one row per call in the store).
+        self.spans.extend(SpanRecord(**span) for span in record.spans)
+
+    def submit_span(self, span: SpanRecord) -> None:
+        self.spans.append(span)
+
+    def only(self) -> RequestRecord:
+        assert len(self.records) == 1, self.records
+        return self.records[0]
+
+    def span(self, name: str) -> SpanRecord:
+        found = [s for s in self.spans if s.name == name]
+        assert len(found) == 1, [s.name for s in self.spans]
+        return found[0]

@@ -165,11 +165,6 @@ class CircuitOpen(UpstreamError):
     code = "circuit_open"
 
 
-class NoDeploymentAvailable(UpstreamError):
-    status = 503
-    code = "no_deployment_available"
-
-
 class ModelNotLoaded(KeelError):
     """The embedded model's files are missing: say what to install."""
 

@@ -126,10 +126,6 @@ class ChunkStream:
     def on_finish(self, finaliser: Finaliser) -> None:
         self._finalisers.append(finaliser)
 
-    @property
-    def finished(self) -> bool:
-        return self._closed
-
     def __aiter__(self) -> ChunkStream:
         return self
 

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis
 from aiohttp import web
-from conftest import require_service
+from conftest import REDIS_URL
 from prometheus_client import CollectorRegistry, generate_latest
 
 from keel.config import AlertsConfig, BudgetConfig, parse_config
@@ -26,7 +23,6 @@ from keel.limits.budgets import Alert
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
 
-REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 THRESHOLDS = [0.25, 0.5, 0.75, 1.0]
 
 
@@ -215,18 +211,8 @@ async def test_without_a_webhook_alerts_are_logged_and_counted_for_prometheus(
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-        client.ping()
-    except redis.RedisError as exc:
-        require_service("redis", f"{REDIS_URL} did not answer ({exc})")
-    name = f"keel-test:{uuid.uuid4().hex[:12]}"
-    yield name
-    keys = list(client.scan_iter(match=name + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 def spend(prefix: str, calls: int) -> list[float]:

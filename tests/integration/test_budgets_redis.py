@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
-from conftest import require_service
+from conftest import REDIS_URL
 
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import CostMeter, PricingTable, to_nanos
@@ -29,25 +27,13 @@ from keel.limits.budgets import Alert
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
 
-REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CAP_USD = 1.0
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-        client.ping()
-    except redis.RedisError as exc:
-        require_service("redis", f"{REDIS_URL} did not answer ({exc})")
-    name = f"keel-test:{uuid.uuid4().hex[:12]}"
-    yield name
-    keys = list(client.scan_iter(match=name + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 def config_dict() -> dict[str, Any]:

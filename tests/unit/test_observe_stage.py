@@ -8,36 +8,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from conftest import RecordingSink as Sink
 
 from keel.config import KeelConfig, TracingConfig
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, InvalidJSON, KeelError, UpstreamConnectionError, UpstreamServerError
 from keel.observability.metrics import Metrics
-from keel.observability.record import MAX_METADATA_CHARS, MAX_TAG_CHARS, RequestRecord, SpanRecord
+from keel.observability.record import MAX_METADATA_CHARS, MAX_TAG_CHARS, RequestRecord
 from keel.observability.stage import Observe, outcome_of
 from keel.observability.tracing import Tracing
 from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply, StreamClosed
 from keel.types import ChatRequest, EmbeddingRequest
 
 # ---------------------------------------------------------------------------- fakes
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-        self.spans: list[SpanRecord] = []
-
-    def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        # A call's own spans ride in its record (one row per call in the store).
-        self.spans.extend(SpanRecord(**span) for span in record.spans)
-
-    def submit_span(self, span: SpanRecord) -> None:
-        self.spans.append(span)
-
-    def only(self) -> RequestRecord:
-        assert len(self.records) == 1, self.records
-        return self.records[0]
 
 
 class Charger:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from conftest import RecordingSink as Sink
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -27,7 +28,6 @@ from keel.config import KeelConfig, TracingConfig
 from keel.engine import Keel
 from keel.errors import UpstreamServerError
 from keel.observability.metrics import Metrics
-from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.stage import Observe
 from keel.observability.tracing import (
     EVENTS_ATTRIBUTE,
@@ -43,25 +43,6 @@ from keel.types import ChatRequest, EmbeddingRequest
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-        self.spans: list[SpanRecord] = []
-
-    def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        # A call's own spans ride in its record (one row per call in the store).
-        self.spans.extend(SpanRecord(**span) for span in record.spans)
-
-    def submit_span(self, span: SpanRecord) -> None:
-        self.spans.append(span)
-
-    def span(self, name: str) -> SpanRecord:
-        found = [s for s in self.spans if s.name == name]
-        assert len(found) == 1, [s.name for s in self.spans]
-        return found[0]
 
 
 class Charger:

@@ -14,12 +14,13 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from keel.config import BudgetConfig
 from keel.errors import InvalidJSON, InvalidRequest, KeelError
 from keel.limits.budgets import Budgets
+from keel.server.responses import error_response, json_response
 
 
 class BudgetRuleNotFound(InvalidRequest):
@@ -37,36 +38,37 @@ def admin_router(budgets: Budgets, auth: Callable[..., Any] | None = None) -> AP
 
     @router.get("/budgets")
     async def list_budgets() -> Response:
-        return _json({"object": "list", "data": await budgets.status()})
+        return json_response({"object": "list", "data": await budgets.status()})
 
     @router.post("/budgets")
     async def add_budget(request: Request) -> Response:
         try:
             data = orjson.loads(await request.body())
         except orjson.JSONDecodeError as exc:
-            return _error(InvalidJSON(f"The body is not valid JSON ({exc}); send one budget rule as a JSON object."))
+            return error_response(
+                InvalidJSON(f"The body is not valid JSON ({exc}); send one budget rule as a JSON object.")
+            )
         try:
             rule = BudgetConfig.model_validate(data)
             entry = await budgets.add_rule(rule)
         except ValidationError as exc:
-            return _error(InvalidRequest(f"The budget rule is invalid: {_problems(exc)}."))
-        except ValueError as exc:
-            return _error(InvalidRequest(f"The budget rule is invalid: {exc}."))
+            return error_response(InvalidRequest(f"The budget rule is invalid: {_problems(exc)}."))
         except KeelError as exc:
-            return _error(exc)
-        return _json({"index": entry.index, "source": entry.source, "id": entry.id, "rule": rule.model_dump()}, 201)
+            return error_response(exc)
+        created = {"index": entry.index, "source": entry.source, "id": entry.id, "rule": rule.model_dump()}
+        return json_response(created, 201)
 
     @router.delete("/budgets/{index}")
     async def delete_budget(index: int) -> Response:
         try:
             entry = await budgets.remove_rule(index)
         except LookupError as exc:
-            return _error(BudgetRuleNotFound(str(exc)))
+            return error_response(BudgetRuleNotFound(str(exc)))
         except PermissionError as exc:
-            return _error(BudgetRuleFromConfig(str(exc)))
+            return error_response(BudgetRuleFromConfig(str(exc)))
         except KeelError as exc:
-            return _error(exc)
-        return _json({"deleted": True, "index": index, "rule": entry.rule.model_dump()})
+            return error_response(exc)
+        return json_response({"deleted": True, "index": index, "rule": entry.rule.model_dump()})
 
     return router
 
@@ -80,11 +82,3 @@ def _problems(exc: ValidationError) -> str:
             message = f"unknown key; valid keys: {', '.join(BudgetConfig.model_fields)}"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
-
-
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _error(exc: KeelError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

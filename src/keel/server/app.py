@@ -31,6 +31,7 @@ from keel.pipeline import ChunkStream, Context, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.request_errors import parse_request
 from keel.server.admin import admin_router
+from keel.server.responses import error_response
 from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
@@ -213,13 +214,6 @@ def key_id(authorization: str | None) -> str | None:
         return None
     token = authorization.partition(" ")[2].strip() or authorization.strip()
     return "key_" + hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-def error_response(exc: KeelError, status: int | None = None) -> Response:
-    return Response(
-        orjson.dumps(exc.body()), status_code=status or exc.status,
-        headers=exc.headers(), media_type="application/json",
-    )
 
 
 class RouteNotFound(InvalidRequest):
