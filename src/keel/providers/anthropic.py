@@ -1,5 +1,5 @@
-"""Anthropic's Messages API behind the OpenAI chat interface, over one pooled aiohttp session
-per deployment.
+"""Anthropic's Messages API behind the OpenAI chat interface, over one pool of keep-alive
+connections per deployment (`http_client`).
 
 Requests are translated to `POST /v1/messages` (system prompt at the top level, strict
 user/assistant alternation, tool calls and results as content blocks, a required
@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.config import AnthropicDeployment
@@ -31,6 +30,7 @@ from keel.errors import (
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
 from keel.providers.http import lines_of, post, read_json
+from keel.providers.http_client import Response, UpstreamClient
 from keel.providers.openai_compat import retry_after, upstream_error
 from keel.providers.sse import read_events
 from keel.types import (
@@ -73,25 +73,20 @@ class AnthropicProvider(ChatOnly):
     def __init__(self, config: AnthropicDeployment, name: str) -> None:
         self.config = config
         self.name = name
-        self.url = config.base_url.rstrip("/") + "/v1/messages"
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._client is not None:
             return
         headers = {"content-type": "application/json", "anthropic-version": self.config.anthropic_version}
         if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
             headers["x-api-key"] = key
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        )
+        self._client = UpstreamClient(self.config.base_url, headers, max_connections=self.config.max_connections)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
         response = await self._post(orjson.dumps(messages_body(request, self.config)))
@@ -99,13 +94,13 @@ class AnthropicProvider(ChatOnly):
             return Completion(completion_from(await self._json(response), self.name))
         return ChunkStream(self._chunks(response))
 
-    async def _post(self, body: bytes) -> aiohttp.ClientResponse:
-        if self._session is None:
+    async def _post(self, body: bytes) -> Response:
+        if self._client is None:
             await self.start()
-        assert self._session is not None
-        return await post(self._session, self.url, body, self.name, anthropic_error)
+        assert self._client is not None
+        return await post(self._client, "/v1/messages", body, self.name, anthropic_error)
 
-    async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def _json(self, response: Response) -> dict[str, Any]:
         body = await read_json(response, self.name)
         if not isinstance(body, dict) or body.get("type") != "message" or not isinstance(body.get("content"), list):
             raise UpstreamMalformed(
@@ -113,18 +108,14 @@ class AnthropicProvider(ChatOnly):
             )
         return body
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         translate = StreamTranslator(self.name)
         try:
-            async for event in read_events(lines_of(response.content)):
+            async for event in read_events(lines_of(response, self.name)):
                 for chunk in translate(self._event(event.data)):
                     yield chunk
                 if translate.stopped:
                     break
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"deployment '{self.name}' dropped the stream: {exc}", deployment=self.name
-            ) from None
         finally:
             response.release() if translate.stopped else response.close()
         if not translate.stopped:

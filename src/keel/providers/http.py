@@ -3,30 +3,42 @@ transport failures and error answers turned into Keel's precise errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.errors import KeelError, UpstreamConnectionError, UpstreamMalformed
+from keel.providers.http_client import (
+    ConnectFailed,
+    HTTPClientError,
+    ProtocolError,
+    Response,
+    UpstreamClient,
+)
 
 ErrorMapper = Callable[[int, str, Mapping[str, str], str], KeelError]
 
 
-async def post(
-    session: aiohttp.ClientSession, url: str, body: bytes, deployment: str, to_error: ErrorMapper
-) -> aiohttp.ClientResponse:
+def transport_error(exc: HTTPClientError, deployment: str, where: str) -> KeelError:
+    """A transport failure as the precise (retryable) error the reliability stage acts on."""
+    if isinstance(exc, ProtocolError):
+        return UpstreamMalformed(f"deployment '{deployment}' {where}: {exc}", deployment=deployment)
+    if isinstance(exc, ConnectFailed):
+        return UpstreamConnectionError(f"cannot reach deployment '{deployment}': {exc}", deployment=deployment)
+    return UpstreamConnectionError(f"deployment '{deployment}' {where}: {exc}", deployment=deployment)
+
+
+async def post(client: UpstreamClient, path: str, body: bytes, deployment: str, to_error: ErrorMapper) -> Response:
     """The upstream's answer with a 2xx status; an error answer is read and raised as `to_error` maps it."""
     try:
-        response = await session.post(url, data=body)
-    except aiohttp.ClientError as exc:
-        raise UpstreamConnectionError(f"cannot reach deployment '{deployment}' at {url}: {exc}",
-                                      deployment=deployment) from None
+        response = await client.post(path, body)
+    except HTTPClientError as exc:
+        raise transport_error(exc, deployment, f"failed at {client.url(path)}") from None
     if response.status >= 400:
         try:
             text = await response.text()
-        except aiohttp.ClientError:
+        except HTTPClientError:
             text = ""
         finally:
             response.release()
@@ -34,13 +46,12 @@ async def post(
     return response
 
 
-async def read_json(response: aiohttp.ClientResponse, deployment: str) -> Any:
+async def read_json(response: Response, deployment: str) -> Any:
     """The whole body, parsed; a dropped connection or a body that is not JSON is the upstream's fault."""
     try:
         raw = await response.read()
-    except aiohttp.ClientError as exc:
-        raise UpstreamConnectionError(f"deployment '{deployment}' dropped the connection mid-answer: {exc}",
-                                      deployment=deployment) from None
+    except HTTPClientError as exc:
+        raise transport_error(exc, deployment, "failed mid-answer") from None
     finally:
         response.release()
     try:
@@ -50,18 +61,11 @@ async def read_json(response: aiohttp.ClientResponse, deployment: str) -> Any:
                                 deployment=deployment) from None
 
 
-async def lines_of(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body's lines as they arrive. When the connection fails, aiohttp raises at once and
-    drops what it had already received; those complete lines are passed on first, so a client
-    gets every chunk the upstream sent before the error (a half line is not passed on)."""
+async def lines_of(response: Response, deployment: str) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive; every complete line received before a failure is passed
+    on first, so a client gets every chunk the upstream sent before the error."""
     try:
-        async for line in content:
+        async for line in response.lines():
             yield line
-    except aiohttp.ClientError:
-        buffered: Sequence[bytes] = getattr(content, "_buffer", ())
-        offset: int = getattr(content, "_buffer_offset", 0)
-        leftover = b"".join(buffered)[offset:]
-        for line in leftover.splitlines(keepends=True):
-            if line.endswith(b"\n"):
-                yield line
-        raise
+    except HTTPClientError as exc:
+        raise transport_error(exc, deployment, "dropped the stream") from None

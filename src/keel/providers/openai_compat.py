@@ -1,5 +1,5 @@
 """Any OpenAI-compatible HTTP server (OpenAI, Azure-style proxies, vLLM, llama.cpp server,
-another Keel) over one pooled aiohttp session per deployment.
+another Keel) over one pool of keep-alive connections per deployment (`http_client`).
 
 Upstream failures become precise errors: the reliability stage retries what is worth it
 (429 honouring Retry-After, 5xx, timeouts, resets) and never a bad request.
@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.config import OpenAIDeployment
@@ -31,6 +30,7 @@ from keel.errors import (
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.http import lines_of, post, read_json
+from keel.providers.http_client import Response, UpstreamClient
 from keel.providers.sse import read_events
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -40,25 +40,20 @@ class OpenAICompatProvider:
         self.config = config
         self.name = name
         self.base_url = config.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._client is not None:
             return
         headers = {"content-type": "application/json", **self.config.headers}
         if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
             headers["authorization"] = f"Bearer {key}"
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            auto_decompress=True,
-        )
+        self._client = UpstreamClient(self.base_url, headers, max_connections=self.config.max_connections)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def _body(self, request: ChatRequest | EmbeddingRequest) -> bytes:
         body = request.model_dump(exclude_unset=True, by_alias=True)
@@ -79,13 +74,13 @@ class OpenAICompatProvider:
         response = await self._post("/embeddings", self._body(request))
         return Completion(await self._json(response))
 
-    async def _post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
-        if self._session is None:
+    async def _post(self, path: str, body: bytes) -> Response:
+        if self._client is None:
             await self.start()
-        assert self._session is not None
-        return await post(self._session, self.base_url + path, body, self.name, upstream_error)
+        assert self._client is not None
+        return await post(self._client, path, body, self.name, upstream_error)
 
-    async def _json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def _json(self, response: Response) -> dict[str, Any]:
         body = await read_json(response, self.name)
         if not isinstance(body, dict) or ("choices" not in body and "data" not in body):
             raise UpstreamMalformed(
@@ -93,10 +88,10 @@ class OpenAICompatProvider:
             )
         return body
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
-            async for event in read_events(lines_of(response.content)):
+            async for event in read_events(lines_of(response, self.name)):
                 if event.data == b"[DONE]":
                     done = True
                     break
@@ -113,11 +108,9 @@ class OpenAICompatProvider:
                         deployment=self.name,
                     )
                 yield chunk
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectionError(
-                f"deployment '{self.name}' dropped the stream: {exc}", deployment=self.name
-            ) from None
         finally:
+            # After [DONE] the body may still be ending (the last chunk of a chunked body): the
+            # connection is reused only if it has, else closed.
             response.release() if done else response.close()
         if not done:
             raise UpstreamConnectionError(

@@ -1,0 +1,438 @@
+"""A lean HTTP/1.1 client for upstream calls: keep-alive pool, one write per request.
+
+Every call through the gateway makes one upstream request, so this client's cost is on every
+call's path. A general client (aiohttp) spends about as much CPU on one small POST as all of
+Keel's stages together; this one does only what an upstream LLM API needs:
+
+- POST to one base URL (http or https), the request written in a single `transport.write`;
+- responses parsed by httptools (the parser uvicorn uses): content-length, chunked or
+  read-until-close bodies, gzip and deflate;
+- a pool of keep-alive connections per client, at most `max_connections` in use; idle ones
+  are dropped after `idle_timeout` seconds or when the server closes them;
+- a response body is read whole (`read`) or line by line as it arrives (`lines`), with
+  backpressure: reading from the socket pauses while too much is buffered.
+
+A request on a reused connection that the server had already closed (its keep-alive timeout
+racing ours) is sent again once on a fresh connection, if no byte of an answer came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+BUFFER_HIGH = 256 * 1024  # bytes of body buffered before reading from the socket pauses
+LINGER_S = 5.0  # a released answer's body still arriving is awaited this long for its connection's reuse
+
+
+class HTTPClientError(Exception):
+    """Transport-level failure: the caller maps it to its own error."""
+
+
+class ConnectFailed(HTTPClientError):
+    """No connection could be made (refused, unreachable, DNS, TLS, connect timeout)."""
+
+
+class ConnectionLost(HTTPClientError):
+    """The connection closed or failed before the answer was complete."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered  # some of the answer had arrived
+
+
+class ProtocolError(HTTPClientError):
+    """The server's bytes are not HTTP/1.1 this client can read."""
+
+
+class Headers(dict[str, str]):
+    """Response headers by lower-case name; repeated headers joined with ", "."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
+class Response:
+    """One answer. Read it with `read()` or `lines()`, then `release()` (connection back to the
+    pool when the body was read whole) or `close()` (connection dropped)."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection: _Connection | None = connection
+        self.status = 0
+        self.headers = Headers()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: HTTPClientError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._decoder: Any = None
+
+    # -- fed by the connection
+
+    def _feed(self, data: bytes) -> None:
+        if self._error is not None or self._connection is None:  # failed, or released: dropped
+            return
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as exc:
+                self._fail(ProtocolError(f"the compressed body cannot be read: {exc}"))
+                return
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > BUFFER_HIGH and self._connection is not None:
+                self._connection.pause()
+            self._wake()
+
+    def _finish(self) -> None:
+        if self._decoder is not None:
+            tail = self._decoder.flush()
+            if tail:
+                self._chunks.append(tail)
+        self._complete = True
+        self._wake()
+
+    def _fail(self, error: HTTPClientError) -> None:
+        if not self._complete and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks.clear()
+        self._buffered = 0
+        if self._connection is not None:
+            self._connection.resume()
+        return data
+
+    # -- the caller's side
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return self._take() if self._chunks else b""
+            await self._wait()
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body's lines (ending in b"\\n", the last one may not) as they arrive. Lines that
+        arrived before a failure are all given before the failure is raised."""
+        partial = b""
+        while True:
+            if self._chunks:
+                data = partial + self._take() if partial else self._take()
+                end = data.rfind(b"\n")
+                if end == -1:
+                    partial = data
+                    continue
+                partial = data[end + 1:]
+                for line in data[:end + 1].splitlines(keepends=True):
+                    yield line
+                continue
+            if self._complete:
+                if partial:
+                    yield partial
+                return
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def text(self) -> str:
+        return (await self.read()).decode("utf-8", "replace")
+
+    def release(self) -> None:
+        """Done with the answer: a fully read keep-alive connection goes back to the pool."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.pool._slots.release()
+        if self._error is not None:
+            connection.done(reusable=False)
+        elif self._complete:
+            connection.done(reusable=True)
+        else:  # the rest of the body is on its way (after a stream's [DONE]): read and dropped
+            self._chunks.clear()
+            self._buffered = 0
+            connection.linger()
+
+    def close(self) -> None:
+        """Done with the answer, read or not: its connection is closed."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.pool._slots.release()
+            connection.done(reusable=False)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection carrying one request at a time."""
+
+    def __init__(self, pool: UpstreamClient) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.headers_done: asyncio.Future[None] | None = None
+        self.received = False  # any byte of the current answer
+        self.keep_alive = False
+        self.closed = False
+        self.paused = False
+        self.idle_since = 0.0
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes nobody asked for: the connection cannot be trusted
+            self._drop()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._error(ProtocolError(f"the upstream's answer is not valid HTTP: {exc}"))
+            self._drop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        response = self.response
+        if response is None:
+            return
+        if self.headers_done is not None and self.headers_done.done() and self._reads_until_close():
+            response._finish()  # an HTTP/1.0-style body: the end of the connection ends it
+            return
+        if self._linger is not None:
+            self.done(reusable=False)
+            return
+        reason = f": {exc}" if exc else ""
+        self._error(ConnectionLost(f"the connection closed before the answer was complete{reason}",
+                                   answered=self.received))
+
+    def pause_writing(self) -> None:  # request bodies are small; the transport buffers them
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self.response.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        response.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()  # read here: the parser forgets at the message's end
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            response._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            response._decoder = zlib.decompressobj()
+        elif encoding not in ("", "identity"):
+            response._fail(ProtocolError(f"the answer's content-encoding {encoding!r} is not supported"))
+        if self.headers_done is not None and not self.headers_done.done():
+            self.headers_done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.response is not None
+        self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        assert self.response is not None
+        self.response._finish()
+        if self._linger is not None:
+            self.done(reusable=True)
+
+    # -- the client's side
+
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self.response = Response(self)
+        self.headers_done = asyncio.get_running_loop().create_future()
+        self.received = False
+        self.keep_alive = False
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        return self.headers_done
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def linger(self) -> None:
+        """Released before its body ended: back to the pool when it ends, dropped if it takes long."""
+        self.resume()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.done, False)
+
+    def done(self, reusable: bool) -> None:
+        """Nobody reads the current answer any more: the connection is reused or dropped."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self.response, self.headers_done = None, None
+        if reusable and not self.closed and self.keep_alive:
+            self.resume()
+            self.parser = httptools.HttpResponseParser(self)
+            self.idle_since = time.monotonic()
+            self.pool._put_back(self)
+        else:
+            self._drop()
+            self.pool._forget(self)
+
+    def _error(self, error: HTTPClientError) -> None:
+        if self.headers_done is not None and not self.headers_done.done():
+            self.headers_done.set_exception(error)
+        elif self.response is not None:
+            self.response._fail(error)
+
+    def _reads_until_close(self) -> bool:
+        response = self.response
+        if response is None or response._complete:
+            return False
+        headers = response.headers
+        return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "").lower()
+
+    def _drop(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamClient:
+    """POSTs to one base URL over a pool of keep-alive connections."""
+
+    def __init__(
+        self, base_url: str, headers: Mapping[str, str] | None = None, *, max_connections: int = 256,
+        connect_timeout: float = 10.0, idle_timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be http:// or https:// with a host, got {base_url!r}")
+        self.host = url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.base_path = url.path.rstrip("/")
+        self.ssl: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        default_port = self.port == (443 if self.ssl else 80)
+        host = self.host if default_port else f"{self.host}:{self.port}"
+        if ":" in self.host and not default_port:  # an IPv6 literal
+            host = f"[{self.host}]:{self.port}"
+        lines = [f"Host: {host}", "Accept-Encoding: gzip, deflate", "Connection: keep-alive"]
+        sent = {"host", "accept-encoding", "connection", "content-length", "transfer-encoding"}
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items() if name.lower() not in sent]
+        for line in lines:
+            if "\r" in line or "\n" in line:
+                raise ValueError(f"header {line.split(':', 1)[0]!r} has a line break in its value")
+        self._head_rest = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
+
+    def url(self, path: str) -> str:
+        scheme = "https" if self.ssl else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.base_path}{path}"
+
+    async def post(self, path: str, body: bytes) -> Response:
+        """Send `body` (JSON) and wait for the answer's status and headers."""
+        if self._closed:
+            raise ConnectFailed("the client is closed")
+        head = b"POST %s HTTP/1.1\r\n%s%d\r\n\r\n" % (
+            (self.base_path + path).encode(), self._head_rest, len(body))
+        await self._slots.acquire()
+        try:
+            for attempt in (1, 2):
+                connection, reused = await self._connection()
+                try:
+                    await connection.send(head, body)
+                except ConnectionLost as exc:
+                    connection.done(reusable=False)
+                    if reused and not exc.answered and attempt == 1:
+                        continue  # the server had closed the idle connection: once more, on a new one
+                    raise
+                assert connection.response is not None
+                return connection.response
+        except BaseException:
+            self._slots.release()
+            raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in list(self._all):
+            connection._drop()
+        self._idle.clear()
+        self._all.clear()
+
+    async def _connection(self) -> tuple[_Connection, bool]:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < self.idle_timeout:
+                return connection, True
+            connection._drop()
+            self._all.discard(connection)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(f"no connection to {self.host}:{self.port} within {self.connect_timeout:g} s") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        self._all.add(protocol)
+        return protocol, False
+
+    def _put_back(self, connection: _Connection) -> None:
+        if self._closed:
+            connection._drop()
+        else:
+            self._idle.append(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)

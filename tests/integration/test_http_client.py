@@ -1,0 +1,348 @@
+"""The upstream HTTP client against raw servers that send exactly the bytes each case needs."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from keel.providers import http_client
+from keel.providers.http_client import ConnectFailed, ConnectionLost, ProtocolError, UpstreamClient
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawServer:
+    """Counts connections; `handler(reader, writer, n)` answers the n-th request of a connection."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.active = 0
+        self.most_active = 0
+        self.bodies: list[bytes] = []
+        self.heads: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                self.heads.append(head)
+                self.bodies.append(await reader.readexactly(length))
+                n += 1
+                self.active += 1
+                self.most_active = max(self.most_active, self.active)
+                try:
+                    await self.handler(reader, writer, n)
+                finally:
+                    self.active -= 1
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        len(body), extra, body)
+
+
+async def answer_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.write(ok(b'{"n": %d}' % n))
+    await writer.drain()
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_one_request_per_post() -> None:
+    async with RawServer(answer_json) as server:
+        client = UpstreamClient(server.url, {"authorization": "Bearer k", "content-type": "application/json"})
+        for i in range(20):
+            response = await client.post("/chat/completions", b'{"i": %d}' % i)
+            assert response.status == 200
+            assert await response.read() == b'{"n": %d}' % (i + 1)
+            response.release()
+        await client.close()
+        host = server.url.split("/")[2]
+    assert server.connections == 1
+    assert server.bodies[-1] == b'{"i": 19}'
+    head = server.heads[0].decode()
+    assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+    assert "authorization: Bearer k" in head and "Content-Length: 8" in head
+    assert f"Host: {host}\r\n" in head
+
+
+async def test_lines_arrive_as_the_server_sends_them() -> None:
+    sent_second = asyncio.Event()
+    got_first = asyncio.Event()
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n")
+        writer.write(b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(got_first.wait(), 5)  # the client has the first line before the rest exists
+        writer.write(b"e\r\ndata: sec")
+        await writer.drain()
+        writer.write(b"ond\n\n\r\n0\r\n\r\n")
+        sent_second.set()
+        await writer.drain()
+
+    async with RawServer(chunked) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        lines = []
+        async for line in response.lines():
+            lines.append(line)
+            if line == b"data: first\n":
+                assert not sent_second.is_set()
+                got_first.set()
+        response.release()
+        assert lines == [b"data: first\n", b"\n", b"data: second\n", b"\n"]
+        assert client._idle, "a fully read chunked answer leaves its connection in the pool"
+        await client.close()
+
+
+async def test_body_until_close_and_gzip_and_headers() -> None:
+    payload = b'{"answer": "' + b"x" * 5000 + b'"}'
+
+    async def http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nX-Seen: a\r\nx-seen: b\r\n\r\n")
+        writer.write(gzip.compress(payload))
+        await writer.drain()
+        writer.close()
+
+    async with RawServer(http10) as server:
+        client = UpstreamClient(server.url)
+        for _ in range(2):
+            response = await client.post("/x", b"{}")
+            assert response.headers.get("X-SEEN") == "a, b"
+            assert await response.read() == payload
+            response.release()
+        await client.close()
+    assert server.connections == 2, "an answer read until close cannot leave a reusable connection"
+
+
+async def test_a_stale_pooled_connection_is_replaced_without_an_error() -> None:
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        # Keep-alive promised, then the server drops the connection (its idle timeout).
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    async with RawServer(answer_then_close) as server:
+        client = UpstreamClient(server.url)
+        for _ in range(3):
+            response = await client.post("/x", b"{}")
+            assert await response.read() == b"{}"
+            response.release()
+            await asyncio.sleep(0.1)
+        await client.close()
+    assert server.connections == 3
+
+
+async def test_a_reused_connection_closed_before_answering_is_retried_once_on_a_new_one() -> None:
+    async def close_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 2:  # the race: the server closes just as the client reuses the connection
+            writer.transport.abort()
+            return
+        writer.write(ok(b"{}"))
+        await writer.drain()
+
+    async with RawServer(close_second) as server:
+        client = UpstreamClient(server.url)
+        for _ in range(2):
+            response = await client.post("/x", b"{}")
+            assert await response.read() == b"{}"
+            response.release()
+        await client.close()
+    assert server.connections == 2
+    assert len(server.bodies) == 3
+
+
+async def test_a_fresh_connection_lost_before_answering_fails() -> None:
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.transport.abort()
+
+    async with RawServer(drop) as server:
+        client = UpstreamClient(server.url)
+        with pytest.raises(ConnectionLost) as caught:
+            await client.post("/x", b"{}")
+        assert not caught.value.answered
+        await client.close()
+    assert len(server.bodies) == 1, "a new connection is never retried: the server may have acted on it"
+
+
+async def test_lines_before_a_reset_are_all_given_then_the_loss_is_raised() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\ndata: 1\n\ndata: 2\n\ndata: hal")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with RawServer(cut) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        lines = []
+        with pytest.raises(ConnectionLost) as caught:
+            async for line in response.lines():
+                lines.append(line)
+        assert caught.value.answered
+        assert lines == [b"data: 1\n", b"\n", b"data: 2\n", b"\n"]
+        response.close()
+        assert client._slots._value == 256, "the failed answer gave its connection slot back"
+        await client.close()
+
+
+async def test_garbage_is_a_protocol_error_and_refused_connect_is_connect_failed() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(garbage) as server:
+        client = UpstreamClient(server.url)
+        with pytest.raises(ProtocolError):
+            await client.post("/x", b"{}")
+        await client.close()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = UpstreamClient(f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectFailed, match="cannot connect"):
+        await client.post("/x", b"{}")
+    assert client._slots._value == 256
+    await client.close()
+
+
+async def test_unsupported_content_encoding_fails_reading() -> None:
+    async def brotli(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(ok(b"\x1b\x00", extra=b"Content-Encoding: br\r\n"))
+        await writer.drain()
+
+    async with RawServer(brotli) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        with pytest.raises(ProtocolError, match="'br'"):
+            await response.read()
+        response.release()
+        await client.close()
+
+
+async def test_at_most_max_connections_are_in_use() -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await asyncio.sleep(0.05)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+
+    async with RawServer(slow) as server:
+        client = UpstreamClient(server.url, max_connections=2)
+
+        async def one() -> bytes:
+            response = await client.post("/x", b"{}")
+            try:
+                return await response.read()
+            finally:
+                response.release()
+
+        assert await asyncio.gather(*(one() for _ in range(6))) == [b"{}"] * 6
+        await client.close()
+    assert server.most_active == 2
+    assert server.connections == 2
+
+
+async def test_released_before_the_body_ends_the_connection_is_reused_once_it_does() -> None:
+    release_now = asyncio.Event()
+
+    async def late_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n[DONE]\n\n\r\n")
+        await writer.drain()
+        await release_now.wait()
+        writer.write(b"0\r\n\r\n")  # the terminating chunk comes after the client stopped reading
+        await writer.drain()
+        release_now.clear()
+
+    async with RawServer(late_end) as server:
+        client = UpstreamClient(server.url)
+        for _ in range(2):
+            response = await client.post("/x", b"{}")
+            async for line in response.lines():
+                if line.startswith(b"[DONE]"):
+                    break
+            response.release()
+            release_now.set()
+            await asyncio.sleep(0.05)
+        await client.close()
+    assert server.connections == 1
+
+
+async def test_a_stream_closed_early_drops_its_connection() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not writer.is_closing():
+            writer.write(b"6\r\ndata:\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async with RawServer(endless) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        async for _ in response.lines():
+            break
+        response.close()
+        assert not client._idle and not client._all
+        await client.close()
+
+
+async def test_reading_pauses_while_the_reader_lags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_client, "BUFFER_HIGH", 64 * 1024)
+    size = 8 * 1024 * 1024
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        line = b"y" * 1023 + b"\n"
+        for _ in range(size // 1024):
+            writer.write(line)
+            await writer.drain()
+
+    async with RawServer(big) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        most, total = 0, 0
+        async for line in response.lines():
+            total += len(line)
+            most = max(most, response._buffered)
+            if total % (512 * 1024) == 0:
+                await asyncio.sleep(0.01)  # a slow reader
+        response.release()
+        await client.close()
+    assert total == size
+    assert most < 1024 * 1024, f"{most} bytes buffered: reading did not pause"
+
+
+def test_header_values_cannot_inject_lines_and_urls_must_be_http() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        UpstreamClient("http://127.0.0.1:1", {"x-api-key": "k\r\nX-Evil: 1"})
+    with pytest.raises(ValueError, match="http:// or https://"):
+        UpstreamClient("ftp://example.com")
+
