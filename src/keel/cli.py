@@ -102,6 +102,7 @@ def serve(
         http="httptools",
         log_level=log_level,
         access_log=False,
+        proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* rewriting per request
         # Whole seconds, rounded up; 0 really means no grace (uvicorn reads None as "wait forever").
         timeout_graceful_shutdown=math.ceil(cfg.server.graceful_timeout_s),
     )

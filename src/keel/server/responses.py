@@ -14,9 +14,25 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+def error_parts(exc: KeelError, status: int | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (Retry-After, Allow, ...) and the `{"error": {...}}` body of an error."""
+    return status or exc.status, exc.headers(), orjson.dumps(exc.body())
+
+
 def error_response(exc: KeelError, status: int | None = None) -> Response:
-    """`{"error": {...}}` with the error's status and headers (Retry-After, Allow, ...)."""
-    return Response(
-        orjson.dumps(exc.body()), status_code=status or exc.status, headers=exc.headers(),
-        media_type="application/json",
-    )
+    code, headers, body = error_parts(exc, status)
+    return Response(body, status_code=code, headers=headers, media_type="application/json")
+
+
+def spec_nulls_dropped(body: dict[str, Any], completion: bool = False) -> dict[str, Any]:
+    """`body` without the top-level nulls OpenAI's spec does not allow, whoever built it.
+
+    `system_fingerprint` is an optional string, never null; a chat.completion's `usage` is an
+    optional object, never null (a chunk's may be). Strict clients and validators refuse the
+    nulls, lenient ones read a missing key the same way; two lookups per object.
+    """
+    if "system_fingerprint" in body and body["system_fingerprint"] is None:
+        del body["system_fingerprint"]
+    if completion and "usage" in body and body["usage"] is None:
+        del body["usage"]
+    return body

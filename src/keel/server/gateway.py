@@ -1,0 +1,206 @@
+"""The ASGI app uvicorn runs: an id for every request, and the two routes every call takes
+served in plain ASGI; the rest of the API (models, health, metrics, admin) goes to FastAPI.
+
+A chat or embeddings request is on the path of every LLM call, so it skips the framework:
+no middleware stack, no routing, no Request or Response objects. The body is read with its
+size limit straight from `receive`, the answer leaves in one `send` (a stream: a `send` per
+batch of ready chunks), and a client that goes away mid-stream is noticed by a watcher on
+`receive`, which cancels the stream so its finalisers (log, cost, budget) run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keel.errors import KeelError, RequestTooLarge
+from keel.pipeline import ChunkStream, StreamClosed, new_request_id
+from keel.providers.sse import DONE, encode_chunk, encode_error
+from keel.server.responses import error_parts, spec_nulls_dropped
+
+log = logging.getLogger("keel.gateway")
+
+REQUEST_ID = "x-keel-request-id"
+JSON = (b"content-type", b"application/json")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+@dataclass
+class Incoming:
+    """A hot request: its id, headers (lower-case names) and body, read from ASGI directly."""
+
+    scope: Scope
+    receive: Receive
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(
+                f"The request body is {declared} bytes; this gateway accepts at most {limit} "
+                "(server.max_body_bytes). Send a smaller request."
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                raise StreamClosed("The client went away before sending the whole request.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(
+                    f"The request body is over {limit} bytes, the most this gateway accepts "
+                    "(server.max_body_bytes). Send a smaller request."
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@dataclass
+class Answer:
+    """A whole answer: status, JSON body and extra headers."""
+
+    body: bytes
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
+OnError = Callable[[Incoming, Exception], Answer]
+
+
+class Gateway:
+    """Serve POSTs to the hot paths in plain ASGI; hand the rest to `api` (FastAPI)."""
+
+    def __init__(self, api: ASGIApp, hot: dict[str, HotEndpoint], on_error: OnError,
+                 not_allowed: Callable[[Incoming], KeelError]) -> None:
+        self.api = api
+        self.hot = hot
+        self.on_error = on_error
+        self.not_allowed = not_allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope["keel.request_id"] = request_id
+        id_header = (b"x-keel-request-id", request_id.encode())
+        endpoint = self.hot.get(scope["path"])
+        if endpoint is None:
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), id_header]
+                await send(message)
+
+            await self.api(scope, receive, send_with_id)
+            return
+        incoming = Incoming(scope, receive, request_id,
+                            {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]})
+        try:
+            if scope["method"] != "POST":
+                raise self.not_allowed(incoming)
+            reply = await endpoint(incoming)
+        except Exception as exc:
+            reply = self.on_error(incoming, exc)
+        if isinstance(reply, Answer):
+            headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header]
+            headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "http.response.body", "body": reply.body})
+        else:
+            await send_stream(reply, request_id, receive, send, id_header)
+
+
+async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, send: Send,
+                      id_header: tuple[bytes, bytes]) -> None:
+    """The stream as SSE until its end, or until the client goes away (then it is closed)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = asyncio.Event()
+
+    async def watch() -> None:  # receive() returns when the client disconnects
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header]})
+        async for data in sse(stream, request_id):
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        task.uncancel()  # our own cancel, for a client that left: the stream is closed, not failed
+    finally:
+        watcher.cancel()
+
+
+async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
+    """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end.
+
+    A pump task reads the stream into a small queue and this generator yields whatever is queued
+    in one go: chunks that arrived together (one upstream read) leave in one write instead of a
+    system call each, and a lone chunk leaves at once (nothing ever waits to be batched).
+    """
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+    pump = asyncio.create_task(_pump(stream, queue, request_id))
+    try:
+        while True:
+            parts = [await queue.get()]
+            while not queue.empty():
+                parts.append(queue.get_nowait())
+            ended = parts[-1] is None
+            data = b"".join(part for part in parts if part is not None)
+            if data:
+                yield data
+            if ended:
+                return
+    finally:
+        # A client that went away cancels this generator: stop the pump, and shield the close
+        # so the stream's finalisers (log, cost, budget) run.
+        pump.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(pump, return_exceptions=True)
+            await stream.aclose()
+
+
+async def _pump(stream: ChunkStream, queue: asyncio.Queue[bytes | None], request_id: str) -> None:
+    try:
+        async for chunk in stream:
+            await queue.put(encode_chunk(spec_nulls_dropped(chunk)))
+        await queue.put(DONE)
+    except KeelError as exc:
+        log.warning("request %s: stream ended by %s: %s", request_id, exc.code, exc.message)
+        await queue.put(encode_error(exc.body()))
+    except Exception:
+        log.exception("request %s: stream failed unexpectedly", request_id)
+        error = KeelError(f"The stream failed unexpectedly; the log has the details under request id {request_id}.")
+        await queue.put(encode_error(error.body()))
+    await queue.put(None)
+
+
+def error_answer(exc: KeelError, status: int | None = None) -> Answer:
+    status, headers, body = error_parts(exc, status)
+    return Answer(body, status, headers)
