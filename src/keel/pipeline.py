@@ -59,6 +59,7 @@ class Context:
     usage: dict[str, Any] | None = None
     cost_usd: float | None = None
     cost_estimated: bool = False
+    deliver_first: bool = False  # a Completion's finalisers are left to whoever delivers it
     extras: dict[str, Any] = field(default_factory=dict)
 
     def remaining(self) -> float | None:
@@ -80,9 +81,29 @@ class Call:
 
 @dataclass(slots=True)
 class Completion:
-    """A whole answer: an OpenAI chat.completion (or embeddings list) object."""
+    """A whole answer: an OpenAI chat.completion (or embeddings list) object.
+
+    Stages put their bookkeeping (log, cost, budget) in finalisers, which run once the answer
+    is delivered: by the pipeline before it returns, or, when `ctx.deliver_first` is set (the
+    gateway), by the caller after the answer has left, so that the client does not wait for it.
+    """
 
     body: dict[str, Any]
+    _finalisers: list[Callable[[Completion], Awaitable[None] | None]] = field(default_factory=list, repr=False)
+    _finished: bool = field(default=False, repr=False)
+
+    def on_finish(self, finaliser: Callable[[Completion], Awaitable[None] | None]) -> None:
+        self._finalisers.append(finaliser)
+
+    async def finish(self) -> None:
+        """Run the finalisers, once, in the order they were registered (the innermost stage's first)."""
+        if self._finished:
+            return
+        self._finished = True
+        for finaliser in self._finalisers:
+            result = finaliser(self)
+            if inspect.isawaitable(result):
+                await result
 
 
 Finaliser = Callable[["ChunkStream"], Awaitable[None] | None]
@@ -271,7 +292,10 @@ class Pipeline:
         self._handler = handler
 
     async def __call__(self, call: Call) -> Reply:
-        return await self._handler(call)
+        reply = await self._handler(call)
+        if isinstance(reply, Completion) and not call.ctx.deliver_first:
+            await reply.finish()
+        return reply
 
 
 def _bind(stage: Stage, next: Next) -> Next:

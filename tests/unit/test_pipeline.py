@@ -11,6 +11,7 @@ from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import UpstreamConnectionError
 from keel.pipeline import Call, ChunkStream, Completion, Next, Pipeline, Reply, StreamClosed
+from keel.types import ChatRequest
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -129,3 +130,35 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_a_completion_is_finished_by_the_pipeline_unless_delivery_comes_first() -> None:
+    ran: list[str] = []
+
+    class Bookkeeping:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            reply = await next(call)
+            assert isinstance(reply, Completion)
+            reply.on_finish(lambda completion: ran.append(completion.body["id"]))
+            return reply
+
+    keel = Keel(parse_config({"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}]}))
+
+    class Answer:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            return Completion({"id": call.ctx.request_id})
+
+    pipeline = Pipeline([Bookkeeping(), Answer()])
+    model, deployments = keel.resolve("sim")
+    request = ChatRequest.model_validate({"model": "sim", "messages": [{"role": "user", "content": "x"}]})
+    call = Call(request=request, model=model, deployments=deployments)
+    await pipeline(call)
+    assert ran == [call.ctx.request_id], "the library's path: finished before the answer is returned"
+
+    later = Call(request=request, model=model, deployments=deployments)
+    later.ctx.deliver_first = True
+    reply = await pipeline(later)
+    assert isinstance(reply, Completion) and ran == [call.ctx.request_id]
+    await reply.finish()
+    await reply.finish()
+    assert ran == [call.ctx.request_id, later.ctx.request_id], "the deliverer finishes it, once"

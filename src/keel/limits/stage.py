@@ -40,8 +40,8 @@ class BudgetStage:
             raise
         if isinstance(reply, ChunkStream):
             reply.on_finish(lambda stream: self._settle(call, reservation, stream.completion()))
-            return reply
-        await self._settle(call, reservation, reply.body)
+        else:
+            reply.on_finish(lambda completion: self._settle(call, reservation, completion.body))
         return reply
 
     async def _settle(self, call: Call, reservation: Reservation, answer: Mapping[str, Any] | None) -> None:

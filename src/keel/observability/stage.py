@@ -25,7 +25,7 @@ from keel.observability.record import (
     bounded,
 )
 from keel.observability.tracing import KeelSpan, Tracing, current_span, extract_parent, trace_id_of
-from keel.pipeline import Call, ChunkStream, Context, Next, Reply, StreamClosed
+from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply, StreamClosed
 from keel.types import ChatRequest
 
 log = logging.getLogger("keel.observe")
@@ -82,8 +82,12 @@ class Observe:
 
             reply.on_finish(ended)
             return reply
-        await self._charge(call, reply.body)
-        self._finish(call, span, reply.body, None)
+
+        async def delivered(completion: Completion) -> None:  # once the answer is delivered
+            await self._charge(call, completion.body)
+            self._finish(call, span, completion.body, None)
+
+        reply.on_finish(delivered)
         return reply
 
     def rejected(

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from keel.engine import Keel
 from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError
 from keel.observability.stage import TRACEPARENT_HEADERS
-from keel.pipeline import ChunkStream, Context
+from keel.pipeline import ChunkStream, Completion, Context
 from keel.request_errors import parse_request
 from keel.server.admin import admin_router
 from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotEndpoint, Incoming, error_answer
@@ -79,8 +79,9 @@ def create_app(keel: Keel) -> Gateway:
 
     def context(incoming: Incoming) -> Context:
         headers = incoming.headers
+        # deliver_first: an answer's bookkeeping (log, cost, budget) runs after it has left.
         ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
-                      key_id=key_id(headers.get("authorization")))
+                      key_id=key_id(headers.get("authorization")), deliver_first=True)
         if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
             ctx.extras[TRACEPARENT_HEADERS] = {
                 name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))
@@ -93,14 +94,14 @@ def create_app(keel: Keel) -> Gateway:
         reply = await keel.handle(body, ctx)
         if isinstance(reply, ChunkStream):
             return reply
-        return Answer(orjson.dumps(spec_nulls_dropped(reply.body, completion=True)))
+        return await answer_of(reply, spec_nulls_dropped(reply.body, completion=True))
 
     async def embeddings(incoming: Incoming) -> Answer | ChunkStream:
         ctx = context(incoming)
         body: EmbeddingRequest = await parse(incoming, EmbeddingRequest, ctx)
         reply = await keel.handle(body, ctx)
         assert not isinstance(reply, ChunkStream)
-        return Answer(orjson.dumps(reply.body))
+        return await answer_of(reply, reply.body)
 
     def hot_error(incoming: Incoming, exc: Exception) -> Answer:
         if not isinstance(exc, KeelError):
@@ -180,6 +181,15 @@ def create_app(keel: Keel) -> Gateway:
 
     hot: dict[str, HotEndpoint] = {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings}
     return Gateway(api, hot, on_error=hot_error, not_allowed=not_allowed)
+
+
+async def answer_of(reply: Completion, body: dict[str, Any]) -> Answer:
+    """The answer to send; the reply's finalisers run after it is sent (or now, if it cannot be made)."""
+    try:
+        return Answer(orjson.dumps(body), after=reply.finish)
+    except BaseException:
+        await reply.finish()
+        raise
 
 
 def unexpected_error(request_id: str) -> KeelError:

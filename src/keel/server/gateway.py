@@ -80,6 +80,7 @@ class Answer:
     body: bytes
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    after: Callable[[], Awaitable[None]] | None = None  # run once the answer has left (log, cost, budget)
 
 
 HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
@@ -124,8 +125,12 @@ class Gateway:
         if isinstance(reply, Answer):
             headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header]
             headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
-            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-            await send({"type": "http.response.body", "body": reply.body})
+            try:
+                await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+                await send({"type": "http.response.body", "body": reply.body})
+            finally:
+                if reply.after is not None:
+                    await reply.after()
         else:
             await send_stream(reply, request_id, receive, send, id_header)
 
