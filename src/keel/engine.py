@@ -137,6 +137,7 @@ class Keel:
         reply = await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
         if isinstance(reply, ChunkStream) and isinstance(request, ChatRequest):
             reply.hide_usage = not (request.stream_options and request.stream_options.include_usage)
+            reply.defer_finish = ctx.deliver_first
         return reply
 
     # ------------------------------------------------------------------ library API

@@ -118,8 +118,8 @@ class ChunkStream:
     """
 
     __slots__ = (
-        "_buffered", "_closed", "_finalisers", "_source", "content", "error", "finish_reason", "first",
-        "hide_usage", "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
+        "_buffered", "_closed", "_ended", "_finalisers", "_source", "content", "defer_finish", "error",
+        "finish_reason", "first", "hide_usage", "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
     )
 
     def __init__(self, source: AsyncIterator[dict[str, Any]]) -> None:
@@ -130,6 +130,10 @@ class ChunkStream:
         # not ask for it (stream_options.include_usage) does not see it.
         self.hide_usage = False
         self._closed = False
+        self._ended = False  # the source is exhausted
+        # The gateway sets this: a clean end's finalisers wait for `aclose()`, which it calls once
+        # the end has been written to the client, so the client does not wait for the bookkeeping.
+        self.defer_finish = False
         self.content: list[str] = []
         self.refusal: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
@@ -165,7 +169,9 @@ class ChunkStream:
                 try:
                     chunk = await self._source.__anext__()
                 except StopAsyncIteration:
-                    await self._finish(None)
+                    self._ended = True
+                    if not self.defer_finish:
+                        await self._finish(None)
                     raise
                 except BaseException as exc:
                     await self._finish(exc)
@@ -177,6 +183,9 @@ class ChunkStream:
     async def aclose(self) -> None:
         """Stop early; the source is closed and finalisers see `error` as the cause."""
         if self._closed:
+            return
+        if self._ended:  # a clean end whose finalisers were deferred
+            await self._finish(None)
             return
         closer = getattr(self._source, "aclose", None)
         try:

@@ -273,6 +273,8 @@ def drive(gw: GatewayProcess) -> list[Sent]:
 def test_every_call_leaves_exactly_one_record_under_its_response_request_id(run: LogRun) -> None:
     logged = Counter(row["request_id"] for row in run.rows)
     assert all(count == 1 for count in logged.values()), logged.most_common(3)
+    missing = sorted(s.kind for s in run.sent if s.request_id not in logged)
+    assert not missing, f"no record for: {missing}"
     assert set(logged) == {s.request_id for s in run.sent}
     assert len(run.rows) == len(run.sent) == 8 * N + 6
 

@@ -50,6 +50,8 @@ class Client:
     async def send(self, message: dict[str, Any]) -> None:
         self.sent.append(message)
         self.events.append(message["type"])
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.gone.set()  # as uvicorn does: once the response is complete, receive() says disconnect
         if self.events.count("http.response.body") == self.leave_after_writes:
             self.gone.set()
 
@@ -143,3 +145,22 @@ async def test_a_client_that_leaves_before_sending_the_body_is_logged_as_closed(
     await create_app(keel)(scope(), client.receive, client.send)
     await keel.close()
     assert sink.only().outcome == "client_closed"
+
+
+async def test_a_finished_stream_is_logged_once_its_end_has_been_written() -> None:
+    sink = RecordingSink()
+
+    class Ordered(RecordingSink):
+        def submit(self, record: Any) -> None:
+            client.events.append("record")
+            sink.submit(record)
+
+    keel = Keel(sim(template="one two three"),
+                stages=[Observe(Ordered(), Tracing(TracingConfig(to_store=False)), Metrics())])
+    client = Client(orjson.dumps({**BODY, "stream": True}))
+    await create_app(keel)(scope(), client.receive, client.send)
+    await keel.close()
+    assert client.body().endswith(b"data: [DONE]\n\n")
+    assert client.events[-2:] == ["http.response.body", "record"]
+    assert client.sent[-1].get("more_body") is False
+    assert sink.only().outcome == "ok"

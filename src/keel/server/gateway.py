@@ -151,9 +151,10 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
     watcher = asyncio.create_task(watch())
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header]})
-        async for data in sse(stream, request_id):
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        async for data, ended in sse(stream, request_id):  # the last write ends the response too
+            if ended:  # once the response is complete, receive() says "disconnect" too (uvicorn)
+                watcher.cancel()
+            await send({"type": "http.response.body", "body": data, "more_body": not ended})
     except asyncio.CancelledError:
         if not gone.is_set():
             raise
@@ -162,12 +163,14 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
         watcher.cancel()
 
 
-async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
-    """The stream as SSE; a failure after the first chunk becomes an error event, never a silent end.
+async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes, bool]]:
+    """The stream as SSE, as (bytes, is it the end); a failure after the first chunk becomes an
+    error event, never a silent end.
 
     A pump task reads the stream into a small queue and this generator yields whatever is queued
     in one go: chunks that arrived together (one upstream read) leave in one write instead of a
-    system call each, and a lone chunk leaves at once (nothing ever waits to be batched).
+    system call each, and a lone chunk leaves at once (nothing ever waits to be batched). The
+    stream is closed (its finalisers run: log, cost, budget) after the end has been written.
     """
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
     pump = asyncio.create_task(_pump(stream, queue, request_id))
@@ -178,8 +181,8 @@ async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[bytes]:
                 parts.append(queue.get_nowait())
             ended = parts[-1] is None
             data = b"".join(part for part in parts if part is not None)
-            if data:
-                yield data
+            if data or ended:
+                yield data, ended
             if ended:
                 return
     finally:
