@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -346,3 +350,39 @@ def test_header_values_cannot_inject_lines_and_urls_must_be_http() -> None:
     with pytest.raises(ValueError, match="http:// or https://"):
         UpstreamClient("ftp://example.com")
 
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (the command) is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_with_the_servers_certificate_checked(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    server = await asyncio.start_server(
+        lambda r, w: RawServer(answer_json)._serve(r, w), "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        client = UpstreamClient(f"https://localhost:{port}/v1", ssl_context=trusting)
+        for _ in range(2):
+            response = await client.post("/chat/completions", b"{}")
+            assert await response.read() == b'{"n": %d}' % (_ + 1)
+            response.release()
+        await client.close()
+
+        strict = UpstreamClient(f"https://localhost:{port}/v1")  # the system's CAs do not know this one
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await strict.post("/chat/completions", b"{}")
+        await strict.close()
+    finally:
+        server.close()
