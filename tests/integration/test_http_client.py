@@ -74,6 +74,15 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
         len(body), extra, body)
 
 
+async def fetch(client: UpstreamClient, path: str = "/x", body: bytes = b"{}") -> bytes:
+    """POST, read the whole answer, give the connection back."""
+    response = await client.post(path, body)
+    try:
+        return await response.read()
+    finally:
+        response.release()
+
+
 async def answer_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
     writer.write(ok(b'{"n": %d}' % n))
     await writer.drain()
@@ -158,9 +167,7 @@ async def test_a_stale_pooled_connection_is_replaced_without_an_error() -> None:
     async with RawServer(answer_then_close) as server:
         client = UpstreamClient(server.url)
         for _ in range(3):
-            response = await client.post("/x", b"{}")
-            assert await response.read() == b"{}"
-            response.release()
+            assert await fetch(client) == b"{}"
             await asyncio.sleep(0.1)
         await client.close()
     assert server.connections == 3
@@ -177,9 +184,7 @@ async def test_a_reused_connection_closed_before_answering_is_retried_once_on_a_
     async with RawServer(close_second) as server:
         client = UpstreamClient(server.url)
         for _ in range(2):
-            response = await client.post("/x", b"{}")
-            assert await response.read() == b"{}"
-            response.release()
+            assert await fetch(client) == b"{}"
         await client.close()
     assert server.connections == 2
     assert len(server.bodies) == 3
@@ -262,14 +267,7 @@ async def test_at_most_max_connections_are_in_use() -> None:
     async with RawServer(slow) as server:
         client = UpstreamClient(server.url, max_connections=2)
 
-        async def one() -> bytes:
-            response = await client.post("/x", b"{}")
-            try:
-                return await response.read()
-            finally:
-                response.release()
-
-        assert await asyncio.gather(*(one() for _ in range(6))) == [b"{}"] * 6
+        assert await asyncio.gather(*(fetch(client) for _ in range(6))) == [b"{}"] * 6
         await client.close()
     assert server.most_active == 2
     assert server.connections == 2
@@ -374,10 +372,8 @@ async def test_https_with_the_servers_certificate_checked(certificate: tuple[Pat
     try:
         trusting = ssl.create_default_context(cafile=str(cert))
         client = UpstreamClient(f"https://localhost:{port}/v1", ssl_context=trusting)
-        for _ in range(2):
-            response = await client.post("/chat/completions", b"{}")
-            assert await response.read() == b'{"n": %d}' % (_ + 1)
-            response.release()
+        for n in (1, 2):
+            assert await fetch(client) == b'{"n": %d}' % n
         await client.close()
 
         strict = UpstreamClient(f"https://localhost:{port}/v1")  # the system's CAs do not know this one
