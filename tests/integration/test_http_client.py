@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import shutil
 import socket
@@ -382,3 +383,55 @@ async def test_https_with_the_servers_certificate_checked(certificate: tuple[Pat
         await strict.close()
     finally:
         server.close()
+
+
+async def test_informational_answers_before_the_real_one_are_skipped() -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        await writer.drain()
+        writer.write(ok(b'{"ok": true}'))
+        await writer.drain()
+
+    async with RawServer(early_hints) as server:
+        client = UpstreamClient(server.url)
+        response = await client.post("/x", b"{}")
+        assert response.status == 200 and "link" not in response.headers
+        assert await response.read() == b'{"ok": true}'
+        response.release()
+        assert await fetch(client) == b'{"ok": true}'
+        await client.close()
+    assert server.connections == 1
+
+
+async def test_an_answer_dropped_without_release_gives_its_slot_back() -> None:
+    async with RawServer(answer_json) as server:
+        client = UpstreamClient(server.url, max_connections=1)
+        response = await client.post("/x", b"{}")
+        del response  # never read, never released (a stream generator that never started)
+        gc.collect()
+        assert await asyncio.wait_for(fetch(client), 2) == b'{"n": 1}', "a new connection, the old one dropped"
+        await client.close()
+
+
+async def test_every_slot_comes_back_whatever_happened_to_the_request() -> None:
+    async def varied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        request = len(server.bodies)  # counted over all connections
+        if request == 2:
+            writer.transport.abort()  # the reused connection, closed: retried on a new one
+            return
+        if request == 4:
+            await asyncio.sleep(10)  # hangs: the caller gives up
+        writer.write(ok(b"{}"))
+        await writer.drain()
+
+    async with RawServer(varied) as server:
+        client = UpstreamClient(server.url, max_connections=3)
+        assert await fetch(client) == b"{}"
+        assert await fetch(client) == b"{}"  # the retry
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fetch(client), 0.1)
+        gc.collect()
+        assert client._slots._value == 3
+        assert await fetch(client) == b"{}"
+        assert client._slots._value == 3
+        await client.close()

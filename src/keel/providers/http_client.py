@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -159,6 +160,11 @@ class Response:
                 raise self._error
             await self._wait()
 
+    def __del__(self) -> None:
+        # Dropped unread and unreleased (a stream that was never started): its slot is not lost.
+        if self._connection is not None:
+            self.close()
+
     async def text(self) -> str:
         return (await self.read()).decode("utf-8", "replace")
 
@@ -192,14 +198,21 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.response: Response | None = None
+        # Weak: an answer its reader dropped unreleased is collected, and gives its slot back.
+        self._response: weakref.ref[Response] | None = None
+        self._held: Response | None = None  # a released answer whose body is still arriving
         self.headers_done: asyncio.Future[None] | None = None
         self.received = False  # any byte of the current answer
         self.keep_alive = False
+        self.informational = False  # parsing a 1xx answer
         self.closed = False
         self.paused = False
         self.idle_since = 0.0
         self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def response(self) -> Response | None:
+        return None if self._response is None else self._response()
 
     # -- asyncio.Protocol
 
@@ -251,7 +264,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:  # 1xx (103 Early Hints, an unasked-for 100): the real answer follows
+            self.informational = True
+            response.headers.clear()
+            return
+        response.status = status
         self.keep_alive = self.parser.should_keep_alive()  # read here: the parser forgets at the message's end
         encoding = response.headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
@@ -269,22 +287,26 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.response is not None
+        if self.informational:
+            self.informational = False
+            return
         self.response._finish()
         if self._linger is not None:
             self.done(reusable=True)
 
     # -- the client's side
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[None]:
+    def send(self, head: bytes, body: bytes) -> Response:
         assert self.transport is not None
-        self.response = Response(self)
+        response = Response(self)
+        self._response = weakref.ref(response)
         self.headers_done = asyncio.get_running_loop().create_future()
         self.received = False
         self.keep_alive = False
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
-        return self.headers_done
+        return response
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None and not self.closed:
@@ -299,6 +321,7 @@ class _Connection(asyncio.Protocol):
     def linger(self) -> None:
         """Released before its body ended: back to the pool when it ends, dropped if it takes long."""
         self.resume()
+        self._held = self.response
         self._linger = asyncio.get_running_loop().call_later(LINGER_S, self.done, False)
 
     def done(self, reusable: bool) -> None:
@@ -306,7 +329,7 @@ class _Connection(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self.response, self.headers_done = None, None
+        self._response, self._held, self.headers_done = None, None, None
         if reusable and not self.closed and self.keep_alive:
             self.resume()
             self.parser = httptools.HttpResponseParser(self)
@@ -380,21 +403,28 @@ class UpstreamClient:
         head = b"POST %s HTTP/1.1\r\n%s%d\r\n\r\n" % (
             (self.base_path + path).encode(), self._head_rest, len(body))
         await self._slots.acquire()
-        try:
-            for attempt in (1, 2):
+        for attempt in (1, 2):
+            try:
                 connection, reused = await self._connection()
-                try:
-                    await connection.send(head, body)
-                except ConnectionLost as exc:
+            except BaseException:
+                self._slots.release()
+                raise
+            response = connection.send(head, body)  # from here the answer holds the slot
+            try:
+                assert connection.headers_done is not None
+                await connection.headers_done
+            except ConnectionLost as exc:
+                if reused and not exc.answered and attempt == 1:
+                    # The server had closed the idle connection: once more on a new one, same slot.
+                    response._connection = None
                     connection.done(reusable=False)
-                    if reused and not exc.answered and attempt == 1:
-                        continue  # the server had closed the idle connection: once more, on a new one
-                    raise
-                assert connection.response is not None
-                return connection.response
-        except BaseException:
-            self._slots.release()
-            raise
+                    continue
+                response.close()
+                raise
+            except BaseException:
+                response.close()
+                raise
+            return response
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
