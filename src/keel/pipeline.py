@@ -10,14 +10,17 @@ Wire objects stay plain dicts on this path: they are parsed once and serialised 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from keel.errors import KeelError
 from keel.ids import random_hex
 from keel.types import ChatRequest, EmbeddingRequest
+
+log = logging.getLogger("keel.pipeline")
 
 if TYPE_CHECKING:
     from keel.config import ModelConfig
@@ -100,13 +103,23 @@ class Completion:
         if self._finished:
             return
         self._finished = True
-        for finaliser in self._finalisers:
-            result = finaliser(self)
-            if inspect.isawaitable(result):
-                await result
+        await run_finalisers(self._finalisers, self)
 
 
 Finaliser = Callable[["ChunkStream"], Awaitable[None] | None]
+R = TypeVar("R", "Completion", "ChunkStream")
+
+
+async def run_finalisers(finalisers: Sequence[Callable[[R], Awaitable[None] | None]], reply: R) -> None:
+    """Each finaliser in turn; one that fails is logged and the rest still run (a bug in one
+    stage's bookkeeping must not skip another's record or budget settlement)."""
+    for finaliser in finalisers:
+        try:
+            result = finaliser(reply)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("a finaliser of %s failed: %r", type(reply).__name__, finaliser)
 
 
 class ChunkStream:
@@ -199,10 +212,7 @@ class ChunkStream:
             return
         self._closed = True
         self.error = error
-        for finaliser in self._finalisers:
-            result = finaliser(self)
-            if inspect.isawaitable(result):
-                await result
+        await run_finalisers(self._finalisers, self)
 
     def _accumulate(self, chunk: dict[str, Any]) -> None:
         if self.first is None:

@@ -162,3 +162,23 @@ async def test_a_completion_is_finished_by_the_pipeline_unless_delivery_comes_fi
     await reply.finish()
     await reply.finish()
     assert ran == [call.ctx.request_id, later.ctx.request_id], "the deliverer finishes it, once"
+
+
+async def test_a_failing_finaliser_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[str] = []
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("a bug in some stage's bookkeeping")
+
+    completion = Completion({"id": "x"})
+    completion.on_finish(broken)
+    completion.on_finish(lambda _: ran.append("completion"))
+    await completion.finish()
+
+    stream = ChunkStream(source([chunk({"content": "hi"}, "stop")]))
+    stream.on_finish(broken)
+    stream.on_finish(lambda s: ran.append("stream"))
+    assert [c async for c in stream]
+    assert ran == ["completion", "stream"]
+    assert [r.getMessage().split(' failed')[0] for r in caplog.records] == [
+        "a finaliser of Completion", "a finaliser of ChunkStream"]
