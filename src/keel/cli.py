@@ -103,6 +103,7 @@ def serve(
         log_level=log_level,
         access_log=False,
         proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* rewriting per request
+        server_header=False,  # no "server: uvicorn" on every answer
         # Whole seconds, rounded up; 0 really means no grace (uvicorn reads None as "wait forever").
         timeout_graceful_shutdown=math.ceil(cfg.server.graceful_timeout_s),
     )

@@ -164,3 +164,12 @@ async def test_a_finished_stream_is_logged_once_its_end_has_been_written() -> No
     assert client.events[-2:] == ["http.response.body", "record"]
     assert client.sent[-1].get("more_body") is False
     assert sink.only().outcome == "ok"
+
+
+async def test_a_trailing_slash_reaches_the_same_endpoint() -> None:
+    keel = Keel(sim())
+    client = Client(orjson.dumps(BODY))
+    await create_app(keel)(scope(path="/v1/chat/completions/"), client.receive, client.send)
+    await keel.close()
+    assert client.status() == 200
+    assert orjson.loads(client.body())["object"] == "chat.completion"

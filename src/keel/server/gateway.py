@@ -104,7 +104,8 @@ class Gateway:
         request_id = new_request_id()
         scope["keel.request_id"] = request_id
         id_header = (b"x-keel-request-id", request_id.encode())
-        endpoint = self.hot.get(scope["path"])
+        path: str = scope["path"]
+        endpoint = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
         if endpoint is None:
 
             async def send_with_id(message: Message) -> None:
