@@ -182,3 +182,14 @@ async def test_a_failing_finaliser_is_logged_and_the_others_still_run(caplog: py
     assert ran == ["completion", "stream"]
     assert [r.getMessage().split(' failed')[0] for r in caplog.records] == [
         "a finaliser of Completion", "a finaliser of ChunkStream"]
+
+
+def test_ids_do_not_repeat_when_the_application_seeds_random() -> None:
+    import random
+
+    from keel.pipeline import new_request_id
+
+    random.seed(42)
+    first = new_request_id()
+    random.seed(42)
+    assert new_request_id() != first
