@@ -173,3 +173,17 @@ async def test_a_trailing_slash_reaches_the_same_endpoint() -> None:
     await keel.close()
     assert client.status() == 200
     assert orjson.loads(client.body())["object"] == "chat.completion"
+
+
+async def test_a_stream_that_cannot_be_sent_is_still_closed_and_logged() -> None:
+    sink = RecordingSink()
+    keel = Keel(sim(), stages=[Observe(sink, Tracing(TracingConfig(to_store=False)), Metrics())])
+    client = Client(orjson.dumps({**BODY, "stream": True}))
+
+    async def broken_send(message: dict[str, Any]) -> None:
+        raise RuntimeError("the server could not write the headers")
+
+    with pytest.raises(RuntimeError):
+        await create_app(keel)(scope(), client.receive, broken_send)
+    await keel.close()
+    assert sink.only().outcome == "client_closed"

@@ -103,7 +103,7 @@ class Gateway:
             return
         request_id = new_request_id()
         scope["keel.request_id"] = request_id
-        id_header = (b"x-keel-request-id", request_id.encode())
+        id_header = (REQUEST_ID.encode(), request_id.encode())
         path: str = scope["path"]
         endpoint = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
         if endpoint is None:
@@ -162,6 +162,7 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
         task.uncancel()  # our own cancel, for a client that left: the stream is closed, not failed
     finally:
         watcher.cancel()
+        await stream.aclose()  # a no-op once sse() closed it; else (it never started) finalisers run here
 
 
 async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes, bool]]:
