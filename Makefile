@@ -38,6 +38,7 @@ lint: install-dev
 
 bench: install-dev
 	$(PY) bench/overhead.py
+	$(PY) bench/http_client.py
 	$(PY) bench/local_model.py
 
 clean:
