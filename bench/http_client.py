@@ -24,7 +24,7 @@ import orjson
 from keel.providers.http_client import UpstreamClient
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from overhead import free_port, wait_ready  # noqa: E402
+from overhead import free_port, wait_ready
 
 PLAIN = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "Say something about benchmarks."}]})
 STREAM = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "Say something."}]})
@@ -64,16 +64,12 @@ async def run(one: Callable[[], Awaitable[None]], total: int, concurrency: int) 
     return (time.process_time() - cpu) / total * 1000, total / (time.perf_counter() - wall)
 
 
-async def main(args: argparse.Namespace) -> None:
-    port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "keel.testing.fake_openai", "--port", str(port),
-                                 "--chunks", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
+async def compare(base: str, args: argparse.Namespace) -> None:
+    keel = UpstreamClient(base, {"content-type": "application/json"})
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     try:
-        wait_ready(base + "/models", upstream)
-        keel = UpstreamClient(base, {"content-type": "application/json"})
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
-        print(f"{'mode':<7} {'conc':>4} {'aiohttp CPU':>12} {'keel CPU':>9} {'ratio':>6} {'aiohttp/s':>10} {'keel/s':>8}")
+        print(f"{'mode':<7} {'conc':>4} {'aiohttp CPU':>12} {'keel CPU':>9} {'ratio':>6} "
+              f"{'aiohttp/s':>10} {'keel/s':>8}")
         for stream, body in ((False, PLAIN), (True, STREAM)):
             for concurrency in (1, 16):
                 clients: dict[str, Callable[[], Awaitable[None]]] = {
@@ -91,18 +87,30 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"{'stream' if stream else 'plain':<7} {concurrency:>4} {cpu['aiohttp']:>10.3f}ms "
                       f"{cpu['keel']:>7.3f}ms {cpu['aiohttp'] / cpu['keel']:>6.2f} {rps['aiohttp']:>10.0f} "
                       f"{rps['keel']:>8.0f}")
+    finally:
         await session.close()
         await keel.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "keel.testing.fake_openai", "--port", str(port),
+                                 "--chunks", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_ready(base + "/models", upstream)
+        import uvloop
+
+        uvloop.install()
+        asyncio.run(compare(base, args))
     finally:
         upstream.terminate()
         upstream.wait(10)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3)
-    import uvloop
-
-    uvloop.install()
-    asyncio.run(main(parser.parse_args()))
+    main()
