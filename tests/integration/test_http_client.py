@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from keel.errors import UpstreamConnectionError
 from keel.providers import http_client
+from keel.providers.http import mid_stream_error
 from keel.providers.http_client import ConnectFailed, ConnectionLost, ProtocolError, UpstreamClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -219,6 +221,12 @@ async def test_lines_before_a_reset_are_all_given_then_the_loss_is_raised() -> N
                 lines.append(line)
         assert caught.value.answered
         assert lines == [b"data: 1\n", b"\n", b"data: 2\n", b"\n"]
+        response.close()
+
+        response = await client.post("/x", b"{}")  # the same, with the failure mapped by the reader
+        with pytest.raises(UpstreamConnectionError, match="deployment 'up' dropped the stream"):
+            async for _ in response.lines(mid_stream_error("up")):
+                pass
         response.close()
         assert client._slots._value == 256, "the failed answer gave its connection slot back"
         await client.close()

@@ -29,7 +29,7 @@ from keel.errors import (
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
-from keel.providers.http import lines_of, post, read_json
+from keel.providers.http import mid_stream_error, post, read_json
 from keel.providers.http_client import Response, UpstreamClient
 from keel.providers.openai_compat import retry_after, upstream_error
 from keel.providers.sse import read_events
@@ -111,7 +111,7 @@ class AnthropicProvider(ChatOnly):
     async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         translate = StreamTranslator(self.name)
         try:
-            async for event in read_events(lines_of(response, self.name)):
+            async for event in read_events(response.lines(mid_stream_error(self.name))):
                 for chunk in translate(self._event(event.data)):
                     yield chunk
                 if translate.stopped:

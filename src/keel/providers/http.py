@@ -3,7 +3,7 @@ transport failures and error answers turned into Keel's precise errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -18,6 +18,11 @@ from keel.providers.http_client import (
 )
 
 ErrorMapper = Callable[[int, str, Mapping[str, str], str], KeelError]
+
+
+def mid_stream_error(deployment: str) -> Callable[[HTTPClientError], KeelError]:
+    """For `Response.lines`: a failure mid-stream as the error the reliability stage acts on."""
+    return lambda exc: transport_error(exc, deployment, "dropped the stream")
 
 
 def transport_error(exc: HTTPClientError, deployment: str, where: str) -> KeelError:
@@ -59,13 +64,3 @@ async def read_json(response: Response, deployment: str) -> Any:
     except orjson.JSONDecodeError:
         raise UpstreamMalformed(f"deployment '{deployment}' answered with a body that is not JSON",
                                 deployment=deployment) from None
-
-
-async def lines_of(response: Response, deployment: str) -> AsyncIterator[bytes]:
-    """The body's lines as they arrive; every complete line received before a failure is passed
-    on first, so a client gets every chunk the upstream sent before the error."""
-    try:
-        async for line in response.lines():
-            yield line
-    except HTTPClientError as exc:
-        raise transport_error(exc, deployment, "dropped the stream") from None

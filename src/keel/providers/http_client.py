@@ -24,7 +24,7 @@ import time
 import weakref
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -137,9 +137,10 @@ class Response:
                 return self._take() if self._chunks else b""
             await self._wait()
 
-    async def lines(self) -> AsyncIterator[bytes]:
+    async def lines(self, map_error: Callable[[HTTPClientError], Exception] | None = None) -> AsyncIterator[bytes]:
         """The body's lines (ending in b"\\n", the last one may not) as they arrive. Lines that
-        arrived before a failure are all given before the failure is raised."""
+        arrived before a failure are all given before the failure is raised (as `map_error`
+        turns it, when given: one generator less per line than wrapping this one)."""
         partial = b""
         while True:
             if self._chunks:
@@ -157,7 +158,7 @@ class Response:
                     yield partial
                 return
             if self._error is not None:
-                raise self._error
+                raise self._error if map_error is None else map_error(self._error) from None
             await self._wait()
 
     def __del__(self) -> None:

@@ -29,7 +29,7 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
-from keel.providers.http import lines_of, post, read_json
+from keel.providers.http import mid_stream_error, post, read_json
 from keel.providers.http_client import Response, UpstreamClient
 from keel.providers.sse import read_events
 from keel.types import ChatRequest, EmbeddingRequest
@@ -91,7 +91,7 @@ class OpenAICompatProvider:
     async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
-            async for event in read_events(lines_of(response, self.name)):
+            async for event in read_events(response.lines(mid_stream_error(self.name))):
                 if event.data == b"[DONE]":
                     done = True
                     break
