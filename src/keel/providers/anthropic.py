@@ -111,7 +111,7 @@ class AnthropicProvider(ChatOnly):
     async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         translate = StreamTranslator(self.name)
         try:
-            async for event in read_events(response.lines(mid_stream_error(self.name))):
+            async for event in read_events(response.parts(mid_stream_error(self.name))):
                 for chunk in translate(self._event(event.data)):
                     yield chunk
                 if translate.stopped:

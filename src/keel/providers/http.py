@@ -21,7 +21,7 @@ ErrorMapper = Callable[[int, str, Mapping[str, str], str], KeelError]
 
 
 def mid_stream_error(deployment: str) -> Callable[[HTTPClientError], KeelError]:
-    """For `Response.lines`: a failure mid-stream as the error the reliability stage acts on."""
+    """For `Response.parts`: a failure mid-stream as the error the reliability stage acts on."""
     return lambda exc: transport_error(exc, deployment, "dropped the stream")
 
 

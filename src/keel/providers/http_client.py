@@ -137,29 +137,35 @@ class Response:
                 return self._take() if self._chunks else b""
             await self._wait()
 
-    async def lines(self, map_error: Callable[[HTTPClientError], Exception] | None = None) -> AsyncIterator[bytes]:
-        """The body's lines (ending in b"\\n", the last one may not) as they arrive. Lines that
-        arrived before a failure are all given before the failure is raised (as `map_error`
-        turns it, when given: one generator less per line than wrapping this one)."""
-        partial = b""
+    async def parts(self, map_error: Callable[[HTTPClientError], Exception] | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives, a piece per network read (or what is buffered since);
+        everything that arrived before a failure is given before the failure is raised."""
         while True:
             if self._chunks:
-                data = partial + self._take() if partial else self._take()
-                end = data.rfind(b"\n")
-                if end == -1:
-                    partial = data
-                    continue
-                partial = data[end + 1:]
-                for line in data[:end + 1].splitlines(keepends=True):
-                    yield line
+                yield self._take()
                 continue
             if self._complete:
-                if partial:
-                    yield partial
                 return
             if self._error is not None:
                 raise self._error if map_error is None else map_error(self._error) from None
             await self._wait()
+
+    async def lines(self, map_error: Callable[[HTTPClientError], Exception] | None = None) -> AsyncIterator[bytes]:
+        """The body's lines (ending in b"\\n", the last one may not) as they arrive, for
+        line-delimited bodies (NDJSON); SSE is parsed from `parts` (`keel.providers.sse`)."""
+        partial = b""
+        async for data in self.parts(map_error):
+            if partial:
+                data = partial + data
+            end = data.rfind(b"\n")
+            if end == -1:
+                partial = data
+                continue
+            partial = data[end + 1:]
+            for line in data[:end + 1].splitlines(keepends=True):
+                yield line
+        if partial:
+            yield partial
 
     def __del__(self) -> None:
         # Dropped unread and unreleased (a stream that was never started): its slot is not lost.

@@ -91,7 +91,7 @@ class OpenAICompatProvider:
     async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
-            async for event in read_events(response.lines(mid_stream_error(self.name))):
+            async for event in read_events(response.parts(mid_stream_error(self.name))):
                 if event.data == b"[DONE]":
                     done = True
                     break
