@@ -5,7 +5,8 @@ process, interleaved; CPU time of this process per request (the client's own cos
 
 The fake upstream (`keel.testing.fake_openai`, zero latency) runs in its own process, so the
 CPU measured here is the client's: building and writing the request, parsing the answer,
-pooling the connection. Plain answers are read whole; streams (20 chunks) line by line.
+pooling the connection. Plain answers are read whole; streams (20 chunks) are read into SSE
+events, from aiohttp's lines and from Keel's network reads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiohttp
 import orjson
 
 from keel.providers.http_client import UpstreamClient
+from keel.providers.sse import read_events
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from overhead import free_port, wait_ready
@@ -33,7 +35,7 @@ STREAM = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user
 async def with_keel(client: UpstreamClient, body: bytes, stream: bool) -> None:
     response = await client.post("/chat/completions", body)
     if stream:
-        async for _ in response.lines():
+        async for _ in read_events(response.parts()):
             pass
     else:
         await response.read()
@@ -43,7 +45,7 @@ async def with_keel(client: UpstreamClient, body: bytes, stream: bool) -> None:
 async def with_aiohttp(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> None:
     async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
         if stream:
-            async for _ in response.content:
+            async for _ in read_events(response.content):  # its lines, as the providers read them before
                 pass
         else:
             await response.read()
