@@ -443,3 +443,20 @@ async def test_every_slot_comes_back_whatever_happened_to_the_request() -> None:
         assert await fetch(client) == b"{}"
         assert client._slots._value == 3
         await client.close()
+
+
+async def test_an_answer_collected_in_another_thread_is_given_back_on_the_loop() -> None:
+    async with RawServer(answer_json) as server:
+        client = UpstreamClient(server.url, max_connections=1)
+        response = await client.post("/x", b"{}")
+        cycle: list[object] = [response]
+        cycle.append(cycle)  # only the cycle collector can free it
+        del response, cycle
+        gc.disable()
+        try:
+            await asyncio.to_thread(gc.collect)  # as the request log's writer thread might
+        finally:
+            gc.enable()
+        assert await asyncio.wait_for(fetch(client), 2) == b'{"n": 1}'
+        assert client._slots._value == 1
+        await client.close()

@@ -169,8 +169,15 @@ class Response:
 
     def __del__(self) -> None:
         # Dropped unread and unreleased (a stream that was never started): its slot is not lost.
-        if self._connection is not None:
-            self.close()
+        # The garbage collector may run this in any thread (the request log's writer, say), so
+        # the close is handed to the connection's event loop.
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            try:
+                connection.loop.call_soon_threadsafe(connection.abandon)
+            except RuntimeError:  # the loop is closed: nothing is left to give back
+                pass
 
     async def text(self) -> str:
         return (await self.read()).decode("utf-8", "replace")
@@ -203,6 +210,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamClient) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # Weak: an answer its reader dropped unreleased is collected, and gives its slot back.
@@ -324,6 +332,11 @@ class _Connection(asyncio.Protocol):
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """Its answer was dropped unreleased: the slot comes back and the connection is dropped."""
+        self.pool._slots.release()
+        self.done(reusable=False)
 
     def linger(self) -> None:
         """Released before its body ended: back to the pool when it ends, dropped if it takes long."""
