@@ -47,6 +47,17 @@ def _engine(cfg: KeelConfig) -> Keel:
         raise _fail(str(exc), 2) from None
 
 
+def safe_url(url: str) -> str:
+    """A database URL fit for a log line: its password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1]
+
+
 def _preflight(cfg: KeelConfig) -> None:
     """Say what would fail start-up anyway before anything starts: the embedded model's files.
     (Found later, inside the server's start-up, it would come out as a traceback.)"""
@@ -94,10 +105,15 @@ def serve(
     keel = _engine(cfg)
     # uvicorn re-raises SIGTERM at itself after its graceful shutdown; a drained server exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
+    logging.getLogger("keel").info(
+        "serving %s at http://%s:%d/v1; request log: %s", ", ".join(m.name for m in cfg.models),
+        bind_host, bind_port, safe_url(cfg.store.url),
+    )
     uvicorn.run(
         create_app(keel),
-        host=host or cfg.server.host,
-        port=port if port is not None else cfg.server.port,
+        host=bind_host,
+        port=bind_port,
         loop="uvloop",
         http="httptools",
         log_level=log_level,

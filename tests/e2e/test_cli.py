@@ -93,6 +93,14 @@ def test_serve_starts_and_only_warns_about_an_unset_key_variable(
     assert reply.json()["choices"][0]["message"]["content"] == "echo: hello"
     assert "KEEL_TEST_UNSET_VARIABLE is not set" in gw.log()
     assert "WARNING" in gw.log()
+    assert f"serving sim, up at http://127.0.0.1:{gw.port}/v1; request log: sqlite:///" in gw.log()
+
+
+def test_a_logged_database_url_never_shows_its_password() -> None:
+    from keel.cli import safe_url
+
+    assert safe_url("postgresql://keel:s3cret@db:5432/keel") == "postgresql://keel:***@db:5432/keel"
+    assert safe_url("sqlite:///keel.db") == "sqlite:///keel.db"
 
 
 # ---------------------------------------------------------------------------- keel chat
