@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import gzip
 import shutil
@@ -11,13 +12,21 @@ import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from keel.errors import UpstreamConnectionError
 from keel.providers import http_client
 from keel.providers.http import mid_stream_error
-from keel.providers.http_client import ConnectFailed, ConnectionLost, ProtocolError, UpstreamClient
+from keel.providers.http_client import (
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolError,
+    Proxy,
+    UpstreamClient,
+    proxy_for,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -460,3 +469,131 @@ async def test_an_answer_collected_in_another_thread_is_given_back_on_the_loop()
         assert await asyncio.wait_for(fetch(client), 2) == b'{"n": 1}'
         assert client._slots._value == 1
         await client.close()
+
+
+class ForwardProxy:
+    """A forward proxy as small as it gets: CONNECT tunnels, and plain requests by absolute URL.
+    It records each request line and the Proxy-Authorization it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, bytes | None]] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ForwardProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://user:p%40ss@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        first, *headers = head.split(b"\r\n")
+        auth = next((h.split(b": ", 1)[1] for h in headers if h.lower().startswith(b"proxy-authorization")), None)
+        self.seen.append((first, auth))
+        method, target, _ = first.split(b" ")
+        if method == b"CONNECT":
+            host, port = target.rsplit(b":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:  # http://host:port/path: sent on as it came, the proxy adds nothing
+            where = urlsplit(target.decode())
+            up_reader, up_writer = await asyncio.open_connection(where.hostname, where.port)
+            up_writer.write(head)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def test_the_environment_names_the_proxy_but_never_for_a_loopback_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert proxy_for("https", "api.openai.com") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("HTTP_PROXY", "http://plain.corp:8080")
+    assert proxy_for("https", "api.openai.com") == "http://proxy.corp:3128"
+    assert proxy_for("http", "vllm.internal") == "http://plain.corp:8080"
+    for local in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert proxy_for("http", local) is None, local
+    monkeypatch.setenv("NO_PROXY", ".internal,api.anthropic.com")
+    assert proxy_for("http", "vllm.internal") is None
+    assert proxy_for("https", "api.anthropic.com") is None
+    assert proxy_for("https", "api.openai.com") == "http://proxy.corp:3128"
+    assert UpstreamClient("https://api.openai.com/v1").proxy == Proxy("proxy.corp", 3128)
+    assert UpstreamClient("https://api.openai.com/v1", proxy=None).proxy is None
+
+
+async def test_plain_http_through_a_proxy_names_the_whole_url() -> None:
+    async with RawServer(answer_json) as server, ForwardProxy() as proxy:
+        client = UpstreamClient(server.url, proxy=proxy.url)
+        assert await fetch(client, "/chat/completions") == b'{"n": 1}'
+        assert await fetch(client, "/chat/completions") == b'{"n": 2}', "kept alive through the proxy"
+        await client.close()
+        upstream = server.url
+    line, auth = proxy.seen[0]
+    assert line == f"POST {upstream}/chat/completions HTTP/1.1".encode()
+    assert auth == b"Basic " + base64.b64encode(b"user:p@ss")
+    assert len(proxy.seen) == 1
+
+
+async def test_https_through_a_proxy_tunnels_and_checks_the_certificate(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    server = await asyncio.start_server(lambda r, w: RawServer(answer_json)._serve(r, w), "127.0.0.1", 0,
+                                        ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with ForwardProxy() as proxy:
+            client = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy.url,
+                                    ssl_context=ssl.create_default_context(cafile=str(cert)))
+            for n in (1, 2):
+                assert await fetch(client) == b'{"n": %d}' % n
+            await client.close()
+            assert proxy.seen == [(f"CONNECT localhost:{port} HTTP/1.1".encode(),
+                                   b"Basic " + base64.b64encode(b"user:p@ss"))]
+
+            # The tunnel does not excuse the certificate.
+            strict = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy.url)
+            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                await strict.post("/x", b"{}")
+            await strict.close()
+    finally:
+        server.close()
+
+
+async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure() -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    proxy = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        client = UpstreamClient("https://api.example.com/v1", proxy=f"http://127.0.0.1:{port}")
+        with pytest.raises(ConnectFailed, match=r"refused the tunnel: HTTP/1\.1 407"):
+            await client.post("/chat/completions", b"{}")
+        assert client._slots._value == 256
+        await client.close()
+    finally:
+        proxy.close()
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        UpstreamClient("https://api.example.com", proxy="socks5://127.0.0.1:1080")

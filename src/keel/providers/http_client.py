@@ -19,14 +19,18 @@ racing ours) is sent again once on a fresh connection, if no byte of an answer c
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import ssl
 import time
+import urllib.request
 import weakref
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -224,6 +228,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.idle_since = 0.0
         self._linger: asyncio.TimerHandle | None = None
+        self.tunnel: asyncio.StreamWriter | None = None  # through a proxy's CONNECT
 
     @property
     def response(self) -> Response | None:
@@ -378,12 +383,56 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+FROM_ENVIRONMENT: str | None = "from the environment"  # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY
+
+
+def proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy the environment names for this scheme and host (as curl and httpx read it);
+    none for a loopback host, as Go's HTTP client does: a local upstream is never proxied."""
+    proxies = urllib.request.getproxies_environment()
+    if not proxies or _loopback(host) or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            host, proxies):
+        return None
+    return proxies.get(scheme) or proxies.get("all")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Proxy:
+    host: str
+    port: int
+    authorization: str | None = None  # Proxy-Authorization, from user:password in its URL
+
+    @classmethod
+    def parse(cls, url: str | None) -> Proxy | None:
+        if not url:
+            return None
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"the proxy must be http://HOST:PORT, got {url!r}")
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            authorization = "Basic " + base64.b64encode(credentials).decode()
+        return cls(parts.hostname, parts.port or 80, authorization)
+
+
 class UpstreamClient:
-    """POSTs to one base URL over a pool of keep-alive connections."""
+    """POSTs to one base URL over a pool of keep-alive connections (through a proxy when the
+    environment names one: HTTPS_PROXY / HTTP_PROXY, NO_PROXY honoured)."""
 
     def __init__(
         self, base_url: str, headers: Mapping[str, str] | None = None, *, max_connections: int = 256,
         connect_timeout: float = 10.0, idle_timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = FROM_ENVIRONMENT,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -391,6 +440,7 @@ class UpstreamClient:
         self.host = url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base_path = url.path.rstrip("/")
+        self.proxy = Proxy.parse(proxy_for(url.scheme, self.host) if proxy is FROM_ENVIRONMENT else proxy)
         self.ssl: ssl.SSLContext | None = None
         if url.scheme == "https":
             self.ssl = ssl_context or ssl.create_default_context()
@@ -401,6 +451,11 @@ class UpstreamClient:
         if ":" in self.host and not default_port:  # an IPv6 literal
             host = f"[{self.host}]:{self.port}"
         lines = [f"Host: {host}", "Accept-Encoding: gzip, deflate", "Connection: keep-alive"]
+        # Through a proxy, a plain-HTTP request names the whole URL; an HTTPS one goes through a
+        # CONNECT tunnel and looks as it would directly.
+        self._target = f"http://{host}" if self.proxy is not None and self.ssl is None else ""
+        if self._target and self.proxy is not None and self.proxy.authorization:
+            lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
         sent = {"host", "accept-encoding", "connection", "content-length", "transfer-encoding"}
         lines += [f"{name}: {value}" for name, value in (headers or {}).items() if name.lower() not in sent]
         for line in lines:
@@ -421,7 +476,7 @@ class UpstreamClient:
         if self._closed:
             raise ConnectFailed("the client is closed")
         head = b"POST %s HTTP/1.1\r\n%s%d\r\n\r\n" % (
-            (self.base_path + path).encode(), self._head_rest, len(body))
+            (self._target + self.base_path + path).encode(), self._head_rest, len(body))
         await self._slots.acquire()
         for attempt in (1, 2):
             try:
@@ -462,19 +517,51 @@ class UpstreamClient:
                 return connection, True
             connection._drop()
             self._all.discard(connection)
-        loop = asyncio.get_running_loop()
+        via = f" through the proxy {self.proxy.host}:{self.proxy.port}" if self.proxy else ""
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                protocol = await self._connect()
         except TimeoutError:
-            raise ConnectFailed(f"no connection to {self.host}:{self.port} within {self.connect_timeout:g} s") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            raise ConnectFailed(
+                f"no connection to {self.host}:{self.port}{via} within {self.connect_timeout:g} s") from None
+        except (OSError, ssl.SSLError, EOFError, asyncio.LimitOverrunError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}{via}: {reason}") from None
         self._all.add(protocol)
         return protocol, False
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        proxy = self.proxy
+        if proxy is None:
+            _, protocol = await loop.create_connection(
+                lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                server_hostname=self.host if self.ssl else None,
+            )
+            return protocol
+        if self.ssl is None:  # plain HTTP: the proxy forwards each request
+            _, protocol = await loop.create_connection(lambda: _Connection(self), proxy.host, proxy.port)
+            return protocol
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        try:
+            authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            auth = f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1"))
+            answer = await reader.readuntil(b"\r\n\r\n")
+            status = answer.split(b" ", 2)[1] if answer.count(b" ") >= 1 else b""
+            if status != b"200":
+                line = answer.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+                raise ConnectFailed(f"the proxy {proxy.host}:{proxy.port} refused the tunnel: {line}")
+            protocol = _Connection(self)
+            tls = await loop.start_tls(writer.transport, protocol, self.ssl,
+                                       server_hostname=self.host)
+        except BaseException:
+            writer.close()
+            raise
+        assert tls is not None
+        protocol.tunnel = writer  # the tunnel's own writer lives as long as the connection
+        protocol.connection_made(tls)
+        return protocol
 
     def _put_back(self, connection: _Connection) -> None:
         if self._closed:
