@@ -10,8 +10,10 @@ import shutil
 import socket
 import ssl
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,7 +33,29 @@ from keel.providers.http_client import (
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
-class RawServer:
+class LocalServer:
+    """A TCP server on a free local port while in `async with`; subclasses `_serve` a connection."""
+
+    server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawServer(LocalServer):
     """Counts connections; `handler(reader, writer, n)` answers the n-th request of a connection."""
 
     def __init__(self, handler: Handler) -> None:
@@ -41,20 +65,10 @@ class RawServer:
         self.most_active = 0
         self.bodies: list[bytes] = []
         self.heads: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> RawServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -380,26 +394,35 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-async def test_https_with_the_servers_certificate_checked(certificate: tuple[Path, Path]) -> None:
+@asynccontextmanager
+async def tls_upstream(certificate: tuple[Path, Path]) -> AsyncIterator[int]:
+    """An HTTPS `answer_json` server for localhost with the test certificate; yields its port."""
     cert, key = certificate
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
     server = await asyncio.start_server(
         lambda r, w: RawServer(answer_json)._serve(r, w), "127.0.0.1", 0, ssl=server_tls)
-    port = server.sockets[0].getsockname()[1]
     try:
-        trusting = ssl.create_default_context(cafile=str(cert))
-        client = UpstreamClient(f"https://localhost:{port}/v1", ssl_context=trusting)
-        for n in (1, 2):
-            assert await fetch(client) == b'{"n": %d}' % n
-        await client.close()
-
-        strict = UpstreamClient(f"https://localhost:{port}/v1")  # the system's CAs do not know this one
-        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
-            await strict.post("/chat/completions", b"{}")
-        await strict.close()
+        yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+async def assert_https_works_and_checks_the_certificate(cert: Path, port: int, proxy: str | None) -> None:
+    client = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy,
+                            ssl_context=ssl.create_default_context(cafile=str(cert)))
+    for n in (1, 2):  # one connection, kept alive
+        assert await fetch(client) == b'{"n": %d}' % n
+    await client.close()
+    strict = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy)  # the system's CAs do not know this one
+    with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        await strict.post("/chat/completions", b"{}")
+    await strict.close()
+
+
+async def test_https_with_the_servers_certificate_checked(certificate: tuple[Path, Path]) -> None:
+    async with tls_upstream(certificate) as port:
+        await assert_https_works_and_checks_the_certificate(certificate[0], port, proxy=None)
 
 
 async def test_informational_answers_before_the_real_one_are_skipped() -> None:
@@ -471,26 +494,16 @@ async def test_an_answer_collected_in_another_thread_is_given_back_on_the_loop()
         await client.close()
 
 
-class ForwardProxy:
+class ForwardProxy(LocalServer):
     """A forward proxy as small as it gets: CONNECT tunnels, and plain requests by absolute URL.
     It records each request line and the Proxy-Authorization it saw."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, bytes | None]] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ForwardProxy:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return f"http://user:p%40ss@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return f"http://user:p%40ss@127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -553,29 +566,10 @@ async def test_plain_http_through_a_proxy_names_the_whole_url() -> None:
 
 
 async def test_https_through_a_proxy_tunnels_and_checks_the_certificate(certificate: tuple[Path, Path]) -> None:
-    cert, key = certificate
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
-    server = await asyncio.start_server(lambda r, w: RawServer(answer_json)._serve(r, w), "127.0.0.1", 0,
-                                        ssl=server_tls)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with ForwardProxy() as proxy:
-            client = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy.url,
-                                    ssl_context=ssl.create_default_context(cafile=str(cert)))
-            for n in (1, 2):
-                assert await fetch(client) == b'{"n": %d}' % n
-            await client.close()
-            assert proxy.seen == [(f"CONNECT localhost:{port} HTTP/1.1".encode(),
-                                   b"Basic " + base64.b64encode(b"user:p@ss"))]
-
-            # The tunnel does not excuse the certificate.
-            strict = UpstreamClient(f"https://localhost:{port}/v1", proxy=proxy.url)
-            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
-                await strict.post("/x", b"{}")
-            await strict.close()
-    finally:
-        server.close()
+    async with tls_upstream(certificate) as port, ForwardProxy() as proxy:
+        await assert_https_works_and_checks_the_certificate(certificate[0], port, proxy=proxy.url)
+    tunnel = (f"CONNECT localhost:{port} HTTP/1.1".encode(), b"Basic " + base64.b64encode(b"user:p@ss"))
+    assert proxy.seen == [tunnel, tunnel], "one tunnel for both calls, one for the refused certificate"
 
 
 async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure() -> None:
