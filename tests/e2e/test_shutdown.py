@@ -73,8 +73,8 @@ def refused(gw: GatewayProcess) -> bool:
         httpx.get(gw.url + "/healthz", timeout=1)
     except httpx.ConnectError:
         return True
-    except httpx.RemoteProtocolError:
-        return False  # accepted just before the listener closed, then dropped: ask again
+    except httpx.TransportError:
+        return False  # accepted just before the listener closed, then dropped or left unanswered: ask again
     return False
 
 
