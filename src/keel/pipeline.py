@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from keel.errors import KeelError
 from keel.ids import random_hex
@@ -94,6 +94,11 @@ class Completion:
     body: dict[str, Any]
     _finalisers: list[Callable[[Completion], Awaitable[None] | None]] = field(default_factory=list, repr=False)
     _finished: bool = field(default=False, repr=False)
+    error: ClassVar[None] = None  # as a ChunkStream's: a whole answer did not fail
+
+    def completion(self) -> dict[str, Any]:
+        """The answer, as a ChunkStream's `completion()` gives it: a finaliser reads either alike."""
+        return self.body
 
     def on_finish(self, finaliser: Callable[[Completion], Awaitable[None] | None]) -> None:
         self._finalisers.append(finaliser)

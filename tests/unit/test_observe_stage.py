@@ -225,25 +225,26 @@ async def test_a_stream_that_fails_midway_is_recorded_as_an_error_with_what_came
     assert r.attempt_log[0]["error"] == "upstream_connection_error"
 
 
-async def test_a_stream_closed_early_by_the_consumer_is_recorded_as_client_closed() -> None:
+async def closed_after_one_chunk() -> Harness:
+    """A stream the consumer closes (twice) after its first chunk."""
     h = Harness({"provider": "simulated", "name": "primary", "template": "one two three four"})
     stream = await h.chat(stream=True)
     assert isinstance(stream, ChunkStream)
     await stream.__anext__()
     await stream.aclose()
     await stream.aclose()
+    return h
+
+
+async def test_a_stream_closed_early_by_the_consumer_is_recorded_as_client_closed() -> None:
+    h = await closed_after_one_chunk()
     r = h.sink.only()
     assert (r.status, r.outcome, r.error_type) == (499, "client_closed", "client_closed")
     assert r.attempt_log[0]["error"] == "cancelled"
 
 
 async def test_a_stream_closed_early_leaves_one_call_span_that_matches_its_record() -> None:
-    h = Harness({"provider": "simulated", "name": "primary", "template": "one two three four"})
-    stream = await h.chat(stream=True)
-    assert isinstance(stream, ChunkStream)
-    await stream.__anext__()
-    await stream.aclose()
-    await stream.aclose()
+    h = await closed_after_one_chunk()
     r = h.sink.only()
     [call] = [s for s in h.sink.spans if s.name == "chat chat"]
     assert (call.trace_id, call.span_id, call.request_id) == (r.trace_id, r.span_id, r.request_id)

@@ -16,7 +16,7 @@ from keel.cost.accounting import CostMeter
 from keel.errors import BudgetExceeded
 from keel.limits.alerts import AlertSender
 from keel.limits.budgets import Alert, Budgets, Reservation
-from keel.pipeline import Call, ChunkStream, Next, Reply
+from keel.pipeline import Call, Next, Reply
 
 log = logging.getLogger("keel.budgets")
 
@@ -38,10 +38,7 @@ class BudgetStage:
         except BaseException:
             await self._settle(call, reservation, None)
             raise
-        if isinstance(reply, ChunkStream):
-            reply.on_finish(lambda stream: self._settle(call, reservation, stream.completion()))
-        else:
-            reply.on_finish(lambda completion: self._settle(call, reservation, completion.body))
+        reply.on_finish(lambda answered: self._settle(call, reservation, answered.completion()))
         return reply
 
     async def _settle(self, call: Call, reservation: Reservation, answer: Mapping[str, Any] | None) -> None:

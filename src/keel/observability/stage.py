@@ -25,7 +25,7 @@ from keel.observability.record import (
     bounded,
 )
 from keel.observability.tracing import KeelSpan, Tracing, current_span, extract_parent, trace_id_of
-from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply, StreamClosed
+from keel.pipeline import Call, Context, Next, Reply, StreamClosed
 from keel.types import ChatRequest
 
 log = logging.getLogger("keel.observe")
@@ -70,24 +70,13 @@ class Observe:
             with current_span(span):
                 reply = await next(call)
         except (Exception, asyncio.CancelledError) as error:
-            await self._charge(call, None)  # usage billed on the way (a blocked answer) is still charged
-            self._finish(call, span, None, error)
+            await self._end(call, span, None, error)  # usage billed on the way (a blocked answer) is still charged
             raise
-        if isinstance(reply, ChunkStream):
 
-            async def ended(stream: ChunkStream) -> None:  # once: at the end, on an error, or closed early
-                answer = stream.completion()
-                await self._charge(call, answer)
-                self._finish(call, span, answer, stream.error)
+        async def ended(answered: Reply) -> None:  # once: delivered, or a stream's end, error or early close
+            await self._end(call, span, answered.completion(), answered.error)
 
-            reply.on_finish(ended)
-            return reply
-
-        async def delivered(completion: Completion) -> None:  # once the answer is delivered
-            await self._charge(call, completion.body)
-            self._finish(call, span, completion.body, None)
-
-        reply.on_finish(delivered)
+        reply.on_finish(ended)
         return reply
 
     def rejected(
@@ -96,6 +85,12 @@ class Observe:
     ) -> RequestRecord:
         """Log a call the gateway refused before the pipeline (bad JSON, bad key, unknown model)."""
         return record_rejected(ctx, error, endpoint, sink=self.sink, metrics=self.metrics, model=model, stream=stream)
+
+    async def _end(
+        self, call: Call, span: KeelSpan | None, answer: dict[str, Any] | None, error: BaseException | None
+    ) -> None:
+        await self._charge(call, answer)
+        self._finish(call, span, answer, error)
 
     async def _charge(self, call: Call, answer: dict[str, Any] | None) -> None:
         if self.charger is None:

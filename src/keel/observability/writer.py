@@ -276,21 +276,18 @@ class RecordWriter:
 
     def submit(self, record: RequestRecord) -> None:
         """Queue a record for writing; never blocks on I/O. Do not change it afterwards."""
-        queue = self._queue
-        if len(queue) >= self._max or self._closed:
-            self._overflow(record)
-            return
-        queue.append(record)
-        if len(queue) >= self._batch and not self._wake.is_set():
-            self._wake.set()
+        self._put(record)
 
     def submit_span(self, span: SpanRecord) -> None:
         """Queue a finished span, like `submit`."""
+        self._put(span)
+
+    def _put(self, item: RequestRecord | SpanRecord) -> None:
         queue = self._queue
         if len(queue) >= self._max or self._closed:
-            self._overflow(span)
+            self._overflow(item)
             return
-        queue.append(span)
+        queue.append(item)
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 

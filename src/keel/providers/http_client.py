@@ -266,12 +266,6 @@ class _Connection(asyncio.Protocol):
         self._error(ConnectionLost(f"the connection closed before the answer was complete{reason}",
                                    answered=self.received))
 
-    def pause_writing(self) -> None:  # request bodies are small; the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
