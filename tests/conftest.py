@@ -22,9 +22,8 @@ from sqlalchemy.engine import make_url
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.exists():
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# Public data the tests read (OpenAI's spec, recorded streams), kept in the repository: tests/data/README.md.
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,10 @@
 """OpenAI's own API description as a test oracle: `validate("CreateChatCompletionResponse", body)`.
 
-The spec (../shared/data/openai-spec/openapi.json, OpenAPI 3.1) still marks some fields with
-3.0-style `nullable: true`, which JSON Schema ignores; they are rewritten to allow `null`
-before validating with jsonschema (Draft 2020-12). `$ref`s resolve through a referencing
-Registry holding the whole document, so every schema keeps its references to the others.
+The spec (tests/data/openai-spec/openapi.json, OpenAPI 3.1, trimmed to the schemas used here)
+still marks some fields with 3.0-style `nullable: true`, which JSON Schema ignores; they are
+rewritten to allow `null` before validating with jsonschema (Draft 2020-12). `$ref`s resolve
+through a referencing Registry holding the whole document, so every schema keeps its references
+to the others.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "openai-spec" / "openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "openai-spec" / "openapi.json"
 SPEC_URI = "urn:openai:openapi.json"
 
 # The schemas the gateway's answers must satisfy.
@@ -68,7 +69,10 @@ def validator(schema_name: str) -> Draft202012Validator:
     registry = _registry()
     schemas = registry.contents(SPEC_URI)["components"]["schemas"]
     if schema_name not in schemas:
-        raise KeyError(f"the OpenAI spec has no schema named {schema_name!r}")
+        raise KeyError(
+            f"the OpenAI spec in {SPEC_PATH} has no schema named {schema_name!r}: "
+            "add it to ROOTS in tests/data/trim_openai_spec.py and run that on the full spec"
+        )
     schema = {"$ref": f"{SPEC_URI}#/components/schemas/{schema_name}"}
     return Draft202012Validator(schema, registry=registry)
 

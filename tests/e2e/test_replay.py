@@ -2,7 +2,7 @@
 `openai` SDK through the gateway unchanged: text, tool calls, refusals, logprobs, n>1
 choices, finish reasons and the usage chunk, chunk by chunk.
 
-Transcripts: ../shared/data/openai-sse/*.bin (openai/openai-python, Apache-2.0).
+Transcripts: tests/data/openai-sse/*.bin (openai/openai-python, Apache-2.0).
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from typing import Any
 import httpx
 import httpx2
 import pytest
-from conftest import SHARED, GatewayProcess
+from conftest import DATA, GatewayProcess
 from openai import AsyncOpenAI, OpenAI
 from spec import CHAT_CHUNK, validate
 from wire import AsyncRecordingTransport, RecordingTransport, check_all, stream_chunks, transcript_chunks
 
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 
-TRANSCRIPTS = sorted((SHARED / "data" / "openai-sse").glob("*.bin"))
+TRANSCRIPTS = sorted((DATA / "openai-sse").glob("*.bin"))
 KEY = "sk-keel-replay"
 
 
 def test_all_twelve_transcripts_are_here() -> None:
-    assert len(TRANSCRIPTS) == 12, f"expected 12 recorded streams in {SHARED / 'data' / 'openai-sse'}"
+    assert len(TRANSCRIPTS) == 12, f"expected 12 recorded streams in {DATA / 'openai-sse'}"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import SHARED, GatewayProcess, fresh_pg_database
+from conftest import DATA, GatewayProcess, fresh_pg_database
 from observability_helpers import (
     PRICING,
     REQUEST_ID,
@@ -46,7 +46,7 @@ UPSTREAM_MODEL = "gpt-4o-mini-2024-07-18"  # what the fake upstream answers with
 COST_CHUNKS = 8
 COST_MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "one two three four five six seven"}]
 # A recorded OpenAI stream (plain text, gpt-4o) with its usage chunk taken out.
-TRANSCRIPT = SHARED / "data" / "openai-sse" / "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin"
+TRANSCRIPT = DATA / "openai-sse" / "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin"
 LONG = 10_000
 
 OUTCOME = {
