@@ -1,7 +1,8 @@
 """Keel's errors: each class knows its HTTP status, OpenAI error type and code.
 
 The gateway turns any `KeelError` into OpenAI's error body in one place; the reliability
-stage reads `retryable` and `fallback` to decide what to do next.
+stage reads `retryable` and `fallback` to decide what to do next. Which answers tell clients
+not to retry, and which carry a Retry-After, is tabled in docs/gateway.md ("Retrying").
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ class KeelError(Exception):
     code: ClassVar[str | None] = None
     retryable: ClassVar[bool] = False  # worth another attempt on the same deployment
     fallback: ClassVar[bool] = False  # worth trying the next deployment
+    # What is left after the reliability stage's retries and fallbacks: the gateway adds
+    # `x-should-retry: false`, so OpenAI's SDKs do not retry (and sleep) on top of Keel.
+    retried_by_keel: ClassVar[bool] = False
 
     def __init__(
         self, message: str, *, param: str | None = None, deployment: str | None = None,
@@ -88,6 +92,7 @@ class UpstreamError(KeelError):
     code = "upstream_error"
     retryable = True
     fallback = True
+    retried_by_keel = True
 
 
 class UpstreamServerError(UpstreamError):
@@ -146,23 +151,34 @@ class ContextLengthExceeded(UpstreamBadRequest):
 
 
 class Overloaded(KeelError):
-    """Keel's own capacity is full (the local model's queue); try again shortly."""
+    """Keel's own capacity is full (the local model's queue); try again shortly.
+
+    The next deployment is tried at once; when none is left, the call waits the Retry-After
+    (an estimate of the queue's drain) and tries again, within its deadline. The wait is a
+    sleep outside the queue, so the queue stays bounded."""
 
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
-    retryable = False  # waiting inside the call would undo the bounded queue: answer 429 now
+    retryable = True
     fallback = True
+    retried_by_keel = True
 
     def __init__(self, message: str, *, retry_after: float = 1.0, deployment: str | None = None) -> None:
         super().__init__(message, deployment=deployment, retry_after=retry_after)
 
 
 class CircuitOpen(UpstreamError):
-    """Every deployment of the model is paused by its breaker; Retry-After says when one probes."""
+    """Every deployment of the model is paused by its breaker. `retry_after` says when one
+    probes, but it is not sent as Retry-After: at that moment one call goes through as the
+    probe and every other is refused again, so clients told to come back then would arrive
+    together and mostly fail. The message says how long the pause lasts."""
 
     status = 503
     code = "circuit_open"
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
 
 class ModelNotLoaded(KeelError):

@@ -356,6 +356,6 @@ def test_health_and_readiness_need_no_key(openai_gateway: GatewayProcess) -> Non
     health = httpx.get(openai_gateway.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     ready = httpx.get(openai_gateway.url + "/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert health.headers[REQUEST_ID] != ready.headers[REQUEST_ID]
 

@@ -4,6 +4,7 @@ retries, fallbacks, deadlines, per-attempt timeouts, streams and breakers, count
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,7 @@ from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import (
     CircuitOpen,
+    Overloaded,
     StreamStalled,
     UpstreamBadRequest,
     UpstreamConnectionError,
@@ -23,7 +25,8 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import ChunkStream, Completion, Context
-from keel.reliability.breaker import BreakerState
+from keel.reliability.breaker import BreakerState, CircuitBreaker
+from keel.server.responses import error_parts
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 from keel.types import ChatCompletionChunk, ChatRequest
 
@@ -450,3 +453,157 @@ async def test_a_stream_failing_mid_way_counts_against_its_breaker(
         with pytest.raises(UpstreamConnectionError):
             await collect(stream)  # type: ignore[arg-type]
     assert keel.deployments["m"][0].breaker.state is BreakerState.OPEN
+
+
+# ---------------------------------------------------------------------------- a full local queue (overloaded)
+
+
+class QueueFull:
+    """A deployment's provider whose queue is full for its first `times` calls (as the embedded
+    model's is), after which the wrapped provider answers."""
+
+    def __init__(self, inner: Any, name: str, times: int, retry_after: float) -> None:
+        self.inner, self.name, self.times, self.retry_after = inner, name, times, retry_after
+        self.refused = 0
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def chat(self, request: ChatRequest, call: Any) -> Any:
+        if self.refused < self.times:
+            self.refused += 1
+            raise Overloaded(f"the queue of '{self.name}' is full", retry_after=self.retry_after, deployment=self.name)
+        return await self.inner.chat(request, call)
+
+    async def embed(self, request: Any, call: Any) -> Any:
+        return await self.inner.embed(request, call)
+
+
+def queue_full(keel: Keel, index: int, times: int, retry_after: float) -> QueueFull:
+    dep = keel.deployments["m"][index]
+    dep.provider = QueueFull(dep.provider, dep.name, times, retry_after)
+    return dep.provider
+
+
+async def test_an_overloaded_deployment_hands_the_call_to_the_next_one_at_once(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    primary, spare = fakes(), fakes(model="spare")
+    keel = keel_for(deployment(primary, "a"), deployment(spare, "b"), retry={"max_attempts": 3, **FAST_RETRY})
+    full = queue_full(keel, 0, times=1, retry_after=30)
+    ctx = Context()
+    reply = await call(keel, ctx=ctx)
+    assert isinstance(reply, Completion) and reply.body["model"] == "spare"
+    assert [(a.deployment, a.error) for a in ctx.attempts] == [("a", "overloaded"), ("b", None)]
+    assert full.refused == 1 and requests_seen(spare) == 1
+    assert ctx.attempts[1].started - (ctx.attempts[0].ended or 0) < 5  # its 30 s Retry-After was not waited
+    assert keel.deployments["m"][0].breaker.failures == 0  # a full queue is not a broken deployment
+
+
+async def test_an_overloaded_deployment_is_retried_after_its_retry_after(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes()
+    keel = keel_for(deployment(fake, "a"), timeout_s=10, retry={"max_attempts": 3, **FAST_RETRY})
+    queue_full(keel, 0, times=1, retry_after=0.3)
+    ctx = Context()
+    reply = await call(keel, ctx=ctx)
+    assert isinstance(reply, Completion)
+    assert [a.error for a in ctx.attempts] == ["overloaded", None]
+    assert ctx.attempts[1].started - (ctx.attempts[0].ended or 0) >= 0.3  # waited at least the Retry-After
+    assert requests_seen(fake) == 1
+
+
+async def test_overloaded_past_the_deadline_is_answered_429_at_once_and_clients_are_told_not_to_retry(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    keel = keel_for(deployment(fakes(), "a"), timeout_s=2, retry={"max_attempts": 3, **FAST_RETRY})
+    full = queue_full(keel, 0, times=99, retry_after=5)
+    with pytest.raises(Overloaded) as caught:
+        await keel.chat(model="m", messages=MESSAGES)
+    assert full.refused == 1  # a 5 s wait would end past the 2 s deadline: not started
+    status, headers, _ = error_parts(caught.value)
+    assert status == 429 and headers == {"retry-after": "5", "x-should-retry": "false"}
+
+
+# ---------------------------------------------------------------------------- what clients are told
+
+
+async def test_the_library_keeps_circuit_opens_retry_after_while_the_gateway_sends_no_retry_after(
+    fakes: FakeFactory, keel_for: Callable[..., Keel]
+) -> None:
+    fake = fakes(fail_rate=1.0)
+    keel = keel_for(
+        deployment(fake, "a"), retry={"max_attempts": 1}, breaker={"failure_threshold": 1, "cooldown_s": 60}
+    )
+    with pytest.raises(UpstreamServerError) as failed:
+        await keel.chat(model="m", messages=MESSAGES)
+    with pytest.raises(CircuitOpen) as paused:
+        await keel.chat(model="m", messages=MESSAGES)
+    assert paused.value.retry_after is not None and 59 < paused.value.retry_after <= 60
+    assert error_parts(paused.value)[1] == {"x-should-retry": "false"}
+    assert error_parts(failed.value)[1] == {"x-should-retry": "false"}
+    assert requests_seen(fake) == 1
+
+
+# ---------------------------------------------------------------------------- what the log says
+
+
+def reliability_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name == "keel.reliability" and r.getMessage().startswith(f"request {request_id}: ")]
+
+
+async def test_a_fallback_is_logged_with_the_request_id_the_deployment_and_the_error(
+    fakes: FakeFactory, keel_for: Callable[..., Keel], caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, spare = fakes(fail_rate=1.0, fail_status=503), fakes()
+    keel = keel_for(deployment(primary, "a"), deployment(spare, "b"), retry={"max_attempts": 1})
+    ctx = Context()
+    with caplog.at_level(logging.INFO, logger="keel.reliability"):
+        await call(keel, ctx=ctx)
+    [(level, line)] = reliability_lines(caplog, ctx.request_id)
+    assert level == logging.WARNING
+    assert "falling back to deployment 'b' after 'a' failed: upstream_server_error:" in line
+    assert "answered 503" in line
+
+
+async def test_a_retry_is_logged_with_the_attempt_the_error_and_the_wait(
+    fakes: FakeFactory, keel_for: Callable[..., Keel], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = fakes(fail_first=1, fail_status=502)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 3, **FAST_RETRY})
+    ctx = Context()
+    with caplog.at_level(logging.INFO, logger="keel.reliability"):
+        await call(keel, ctx=ctx)
+    [(level, line)] = reliability_lines(caplog, ctx.request_id)
+    assert level == logging.WARNING
+    assert re.search(r"model 'm': attempt 1 of 3 failed \(deployment 'a': upstream_server_error: .*\); "
+                     r"retrying in \d+\.\d\d s$", line), line
+
+
+async def test_breaker_changes_are_logged_with_the_call_that_caused_them(
+    fakes: FakeFactory, keel_for: Callable[..., Keel], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = fakes(fail_first=1, fail_status=503)
+    keel = keel_for(deployment(fake, "a"), retry={"max_attempts": 1})
+    now = [1000.0]
+    keel.deployments["m"][0].breaker = CircuitBreaker(failure_threshold=1, cooldown_s=10, clock=lambda: now[0])
+    first, second = Context(), Context()
+    with caplog.at_level(logging.INFO, logger="keel.reliability"):
+        with pytest.raises(UpstreamServerError):
+            await call(keel, ctx=first)
+        now[0] += 11  # the cooldown has passed: the next call is the probe
+        await call(keel, ctx=second)
+    [(level, opened)] = reliability_lines(caplog, first.request_id)
+    assert level == logging.WARNING
+    assert "circuit breaker of deployment 'a' opened: 1 consecutive failures (last: upstream_server_error:" in opened
+    assert opened.endswith("it is skipped for 10 s")
+    prefix = f"request {second.request_id}: circuit breaker of deployment 'a'"
+    assert reliability_lines(caplog, second.request_id) == [
+        (logging.INFO, f"{prefix} half-open: this call is its probe"),
+        (logging.INFO, f"{prefix} closed: its probe succeeded"),
+    ]

@@ -223,7 +223,8 @@ class Budgets:
         entry = entries[index]
         if entry.source == "config" or entry.id is None:
             raise PermissionError(
-                f"budget rule {index} comes from keel.yaml; remove it there and restart (or reload) the gateway"
+                f"budget rule {index} comes from keel.yaml; remove it there and restart the gateway "
+                "(rules added with POST /admin/budgets can be changed while it runs)"
             )
         await self.backend.remove_rule(entry.id)
         await self._rules(fresh=True)

@@ -406,6 +406,11 @@ class LocalProvider(ChatOnly):
         """Calls holding or waiting for the model."""
         return self._depth
 
+    @property
+    def loaded(self) -> bool:
+        """The model is in memory and its worker thread runs (`/readyz` reads this)."""
+        return self._worker is not None and self._worker.is_alive()
+
     async def start(self) -> None:
         async with self._starting:
             if self._worker is not None:

@@ -6,7 +6,8 @@ worth a fallback hands the call to the next one at once; when every deployment h
 the pass has failed and tenacity waits (backoff, or Retry-After) before the next pass, unless
 that wait would end past the deadline. An error that is the client's (a bad request) ends
 the call at once; so does finding every breaker open, now or through the next wait (failing
-fast is what breakers are for). Each attempt's outcome is recorded in `ctx.attempts`.
+fast is what breakers are for). Each attempt's outcome is recorded in `ctx.attempts`; each
+fallback, retry and breaker change is logged (`keel.reliability.events`).
 
 Streams are retried only until their first chunk: `prefetch` pulls it inside the attempt,
 so a failure before it is retried like any other; later, a silence longer than the gap
@@ -28,6 +29,7 @@ from tenacity.stop import stop_base
 from keel.errors import CircuitOpen, KeelError, StreamStalled, UpstreamError, UpstreamTimeout
 from keel.pipeline import Attempt, Call, ChunkStream, Next, Reply
 from keel.providers.base import Deployment
+from keel.reliability import events
 from keel.reliability.backoff import BackoffWithRetryAfter
 from keel.reliability.breaker import Permit
 
@@ -58,6 +60,7 @@ class Reliability:
             ),
             wait=BackoffWithRetryAfter(call.model.retry),
             retry=_WORTH_RETRYING,
+            before_sleep=lambda state: events.retrying(call, state),
             reraise=True,
         )
         async for attempt in retrying:
@@ -70,19 +73,25 @@ class Reliability:
     async def _one_pass(self, call: Call, next: Next, failures: list[KeelError]) -> Reply:
         """Try each deployment once, in order; return the first answer."""
         paused: list[str] = []
+        failed: KeelError | None = None  # this pass's last failure
         for deployment in call.deployments:
             if failures and (call.ctx.remaining() or 0.0) <= 0:
                 raise failures[-1]  # out of time: report what failed, not a try that had no time
+            before = deployment.breaker.state
             permit = deployment.breaker.acquire()
+            events.breaker_moved(call, deployment, before, None)
             if permit is None:
                 paused.append(f"'{deployment.name}' for {deployment.breaker.retry_in():.1f} s more")
                 continue
+            if failed is not None:
+                events.fallback(call, failed, deployment)
             try:
                 return await self._attempt(call, next, deployment, permit)
             except KeelError as exc:
                 if not exc.fallback:
                     raise
                 failures.append(exc)
+                failed = exc
         if failures:  # this pass's, or the earlier ones of this call that opened the breakers
             raise failures[-1]
         raise CircuitOpen(
@@ -112,19 +121,19 @@ class Reliability:
             error = UpstreamTimeout(
                 f"deployment '{deployment.name}' gave no {waited_for} within {limit_name}", deployment=deployment.name
             )
-            _settle(permit, record, error)
+            _settle(call, deployment, permit, record, error)
             raise error from None
         except BaseException as exc:
             if isinstance(exc, KeelError):
                 exc.deployment = exc.deployment or deployment.name
-            _settle(permit, record, exc)
+            _settle(call, deployment, permit, record, exc)
             raise
         call.ctx.deployment = deployment.name
         if isinstance(reply, ChunkStream):
             call.ctx.first_chunk_at = time.monotonic()
             reply.wrap(lambda source: _GuardedStream(source, call, deployment, permit, record))
         else:
-            _settle(permit, record, None)
+            _settle(call, deployment, permit, record, None)
         return reply
 
 
@@ -171,17 +180,17 @@ class _GuardedStream:
             return await self.source.__anext__()
         except StopAsyncIteration:
             self._stop_timer()
-            _settle(self.permit, self.record, None)
+            _settle(self.call, self.deployment, self.permit, self.record, None)
             raise
         except asyncio.CancelledError:
             if self._expired is not None and self._reader is not None and self._reader.uncancel() == 0:
                 raise await self._fail(self._expired) from None
             self._stop_timer()
-            _settle(self.permit, self.record, asyncio.CancelledError())
+            _settle(self.call, self.deployment, self.permit, self.record, asyncio.CancelledError())
             raise
         except BaseException as exc:
             self._stop_timer()
-            _settle(self.permit, self.record, exc)
+            _settle(self.call, self.deployment, self.permit, self.record, exc)
             raise
         finally:
             self._waiting_since = None
@@ -189,7 +198,7 @@ class _GuardedStream:
     async def aclose(self) -> None:
         """The reader stopped early: no verdict on the deployment, and the upstream is let go."""
         self._stop_timer()
-        _settle(self.permit, self.record, asyncio.CancelledError())
+        _settle(self.call, self.deployment, self.permit, self.record, asyncio.CancelledError())
         await self._close_source()
 
     def _arm(self, now: float) -> None:
@@ -220,7 +229,7 @@ class _GuardedStream:
 
     async def _fail(self, error: UpstreamTimeout) -> UpstreamTimeout:
         self._stop_timer()
-        _settle(self.permit, self.record, error)
+        _settle(self.call, self.deployment, self.permit, self.record, error)
         await self._close_source()
         return error
 
@@ -230,7 +239,9 @@ class _GuardedStream:
             await closer()
 
 
-def _settle(permit: Permit, record: Attempt, outcome: BaseException | None) -> None:
+def _settle(
+    call: Call, deployment: Deployment, permit: Permit, record: Attempt, outcome: BaseException | None
+) -> None:
     """Tell the breaker and the attempt record how an attempt ended (the first word counts).
     None is an answer; a Keel error that is not the upstream's means it answered too ("your
     request is wrong"); an upstream error is a failure; anything else (cancelled, abandoned,
@@ -238,12 +249,14 @@ def _settle(permit: Permit, record: Attempt, outcome: BaseException | None) -> N
     if permit.settled:
         return
     record.ended = time.monotonic()
+    before = deployment.breaker.state
     if isinstance(outcome, UpstreamError):
         permit.failure()
     elif outcome is None or isinstance(outcome, KeelError):
         permit.success()
     else:
         permit.release()
+    events.breaker_moved(call, deployment, before, outcome)
     if isinstance(outcome, KeelError):
         record.error = outcome.code or "error"
     elif outcome is not None:

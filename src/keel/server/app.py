@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,13 +25,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.engine import Keel
-from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError
+from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
 from keel.observability.stage import TRACEPARENT_HEADERS
 from keel.pipeline import ChunkStream, Completion, Context
 from keel.request_errors import parse_request
 from keel.server.admin import admin_router
 from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotEndpoint, Incoming, error_answer
-from keel.server.responses import error_response, spec_nulls_dropped
+from keel.server.readiness import Readiness
+from keel.server.responses import error_response, json_response, spec_nulls_dropped
 from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
@@ -46,7 +48,10 @@ def create_app(keel: Keel) -> Gateway:
             "%s is not set: the gateway accepts requests without a key. Set it to require "
             "'Authorization: Bearer <key>'.", server.master_key_env,
         )
-    state = {"ready": False}
+    readiness = Readiness(keel)
+    # OpenAI's `created` is when a model was made; ours were made when this gateway loaded its
+    # config: the same on every call, and it moves when the gateway restarts with a new one.
+    created = int(time.time())
 
     def authorise(authorization: str | None) -> None:
         if master_key is None:
@@ -118,11 +123,11 @@ def create_app(keel: Keel) -> Gateway:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await keel.start()
-        state["ready"] = True
+        readiness.started = True
         try:
             yield
         finally:
-            state["ready"] = False
+            readiness.started = False
             await keel.close()
 
     api = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -143,12 +148,20 @@ def create_app(keel: Keel) -> Gateway:
 
     api.include_router(admin_router(keel.budgets, auth=admin_key))
 
+    def model_object(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "keel"}
+
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
         authorise(request.headers.get("authorization"))
-        created = 1_700_000_000
-        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "keel"} for m in keel.config.models]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+        return json_response({"object": "list", "data": [model_object(m.name) for m in keel.config.models]})
+
+    @api.get("/v1/models/{model:path}")  # a path: model names may hold a slash ("org/model")
+    async def model(model: str, request: Request) -> Response:
+        authorise(request.headers.get("authorization"))
+        if keel.config.model(model) is None:
+            raise ModelNotFound(model, [m.name for m in keel.config.models])
+        return json_response(model_object(model))
 
     @api.get("/healthz")
     async def healthz() -> Response:
@@ -156,11 +169,8 @@ def create_app(keel: Keel) -> Gateway:
 
     @api.get("/readyz")
     async def readyz() -> Response:
-        ready = state["ready"]
-        return Response(
-            orjson.dumps({"status": "ready" if ready else "starting"}),
-            status_code=200 if ready else 503, media_type="application/json",
-        )
+        ready, body = await readiness.report()
+        return json_response(body, 200 if ready else 503)
 
     @api.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> Response:
@@ -224,7 +234,10 @@ class MethodNotAllowed(InvalidRequest):
         return {"allow": self.allowed} if self.allowed else {}
 
 
-ROUTES = "POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models"
+ROUTES = (
+    "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{model}, "
+    "GET /healthz, GET /readyz and GET /metrics"
+)
 
 
 def method_not_allowed(method: str, path: str, allowed: str) -> MethodNotAllowed:
@@ -248,7 +261,11 @@ def route_error(request: Request, exc: StarletteHTTPException) -> KeelError:
 
 def log_error(request_id: str, method: str, path: str, status: int, exc: KeelError) -> None:
     level = logging.WARNING if status < 500 else logging.ERROR
-    # A refused parameter is logged by name only: its message quotes the client's value,
-    # which may be anything the client typed (the request log has the redacted request).
-    detail = f"invalid parameter '{exc.param}'" if isinstance(exc, InvalidRequest) and exc.param else exc.message
+    # A body that failed validation is logged by the parameter's name only: its message quotes
+    # the client's value, which may be anything the client typed (the request log has the
+    # redacted request). Every other refusal is Keel's own sentence: logged as it is.
+    if exc.code == InvalidRequest.code and exc.param:
+        detail = f"invalid value for parameter '{exc.param}' (the request log has the request)"
+    else:
+        detail = exc.message
     log.log(level, "request %s %s %s failed: %s %s: %s", request_id, method, path, status, exc.code, detail)

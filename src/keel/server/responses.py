@@ -16,7 +16,10 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
 
 def error_parts(exc: KeelError, status: int | None = None) -> tuple[int, dict[str, str], bytes]:
     """Status, headers (Retry-After, Allow, ...) and the `{"error": {...}}` body of an error."""
-    return status or exc.status, exc.headers(), orjson.dumps(exc.body())
+    headers = exc.headers()
+    if exc.retried_by_keel:
+        headers["x-should-retry"] = "false"  # the official SDKs read exactly "true" / "false"
+    return status or exc.status, headers, orjson.dumps(exc.body())
 
 
 def error_response(exc: KeelError, status: int | None = None) -> Response:
