@@ -13,6 +13,7 @@ import os
 import re
 import string
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -29,8 +30,10 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    # A typo in a key must fail loudly, not be ignored.
-    model_config = ConfigDict(extra="forbid")
+    # A typo in a key must fail loudly, not be ignored; and a value of the wrong type too (strict:
+    # `timeout_s: "30"` or `log_content: "no"` is refused, not coerced). YAML gives real numbers and
+    # booleans; an int is accepted where a number is expected.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RetryConfig(_Strict):
@@ -74,7 +77,23 @@ class _Deployment(_Strict):
     )
 
 
-class OpenAIDeployment(_Deployment):
+class HTTPDeployment(_Deployment):
+    """What every deployment reached over HTTP shares: its connection pool and what it accepts back."""
+
+    max_connections: int = Field(default=256, ge=1, description="size of the connection pool")
+    max_response_mb: float = Field(
+        default=64, gt=0, description="an answer larger than this (MiB, after decompression) fails the attempt"
+    )
+    follow_redirects: bool = Field(
+        default=False,
+        description="follow 307/308 redirects (the POST sent again to the Location, at most 5 hops); "
+        "otherwise a 3xx is an upstream error naming its Location",
+    )
+
+    _base_url_is_http = field_validator("base_url", check_fields=False)(_http_url)
+
+
+class OpenAIDeployment(HTTPDeployment):
     provider: Literal["openai"] = Field(description="any OpenAI-compatible HTTP server")
     base_url: str = Field(default="https://api.openai.com/v1", description="the API root, ending in /v1")
     model: str = Field(description="the model name sent upstream")
@@ -82,12 +101,9 @@ class OpenAIDeployment(_Deployment):
         default=None, description="environment variable holding the upstream key (sent as a Bearer token)"
     )
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers on every request")
-    max_connections: int = Field(default=256, ge=1, description="size of the connection pool")
-
-    _base_url_is_http = field_validator("base_url")(_http_url)
 
 
-class AnthropicDeployment(_Deployment):
+class AnthropicDeployment(HTTPDeployment):
     provider: Literal["anthropic"] = Field(description="Anthropic's Messages API")
     base_url: str = Field(default="https://api.anthropic.com", description="the API root")
     model: str = Field(description="the Anthropic model name")
@@ -98,9 +114,6 @@ class AnthropicDeployment(_Deployment):
     default_max_tokens: int = Field(
         default=1024, ge=1, description="max_tokens when the request has none (Anthropic requires one)"
     )
-    max_connections: int = Field(default=256, ge=1, description="size of the connection pool")
-
-    _base_url_is_http = field_validator("base_url")(_http_url)
 
 
 class LocalDeployment(_Deployment):
@@ -230,7 +243,11 @@ class StoreConfig(_Strict):
     queue_size: int = Field(default=50_000, ge=1, description="records waiting to be written; beyond: spooled")
     spool_path: str = Field(default="keel-spool.jsonl", description="where records wait while the store is down")
     redact: list[str] = Field(
-        default_factory=list, description="regular expressions whose matches are replaced in logged content"
+        default_factory=list,
+        description="regular expressions whose matches are replaced in logged content, after the built-in ones",
+    )
+    redact_defaults: bool = Field(
+        default=True, description="redact API keys, bearer tokens, AWS keys, card numbers and emails; false: off"
     )
 
     @field_validator("url")
@@ -333,8 +350,9 @@ def default_config() -> KeelConfig:
     return KeelConfig.model_validate({"models": [{"name": "local", "deployments": [{"provider": "local"}]}]})
 
 
-def parse_config(data: Any, source: str = "keel.yaml") -> KeelConfig:
-    """Validate what a YAML file held; warnings that do not stop start-up are logged."""
+def parse_config(data: Any, source: str = "keel.yaml", *, warn_unset_keys: bool = True) -> KeelConfig:
+    """Validate what a YAML file held; warnings that do not stop start-up are logged (not by
+    commands that call no upstream: `warn_unset_keys=False`)."""
     if data is None:
         raise ConfigError(f"{source} is empty; it needs at least a 'models' list")
     if not isinstance(data, dict):
@@ -345,12 +363,13 @@ def parse_config(data: Any, source: str = "keel.yaml") -> KeelConfig:
         config = KeelConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    for warning in config_warnings(config):
-        log.warning("%s: %s", source, warning)
+    if warn_unset_keys:
+        for warning in config_warnings(config):
+            log.warning("%s: %s", source, warning)
     return config
 
 
-def load_config(path: str | Path) -> KeelConfig:
+def load_config(path: str | Path, *, warn_unset_keys: bool = True) -> KeelConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -362,7 +381,42 @@ def load_config(path: str | Path) -> KeelConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), warn_unset_keys=warn_unset_keys)
+
+
+CONFIG_ENV = "KEEL_CONFIG"
+CONFIG_FILE = "keel.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """The config file a command reads, and what chose it; no path: the embedded-model default."""
+
+    path: Path | None
+    chosen_by: Literal["--config", "$KEEL_CONFIG", "working directory", "default"]
+
+    def describe(self) -> str:
+        if self.path is None:
+            return (f"none (no --config, ${CONFIG_ENV} or ./{CONFIG_FILE}): "
+                    "the embedded model, served as 'local'")
+        if self.chosen_by == "working directory":
+            return f"{self.path.absolute()} (./{CONFIG_FILE} in the working directory)"
+        return f"{self.path} (from {self.chosen_by})"
+
+    def load(self, *, warn_unset_keys: bool = True) -> KeelConfig:
+        return load_config(self.path, warn_unset_keys=warn_unset_keys) if self.path else default_config()
+
+
+def find_config(flag: str | Path | None = None) -> ConfigSource:
+    """Which config to read: `--config`, else `$KEEL_CONFIG`, else ./keel.yaml when there is one,
+    else none (the embedded model). Every command resolves it here, in this order."""
+    if flag:
+        return ConfigSource(Path(flag), "--config")
+    if named := os.environ.get(CONFIG_ENV):
+        return ConfigSource(Path(named), "$KEEL_CONFIG")
+    if Path(CONFIG_FILE).is_file():
+        return ConfigSource(Path(CONFIG_FILE), "working directory")
+    return ConfigSource(None, "default")
 
 
 def config_warnings(config: KeelConfig) -> list[str]:
@@ -442,8 +496,8 @@ def _message(err: Any, loc: tuple[Any, ...]) -> str:
         return f"required key '{loc[-1]}' is missing" + _MISSING_HINTS.get(str(loc[-1]), "")
     if kind == "union_tag_invalid":
         close = difflib.get_close_matches(str(err["ctx"]["tag"]), PROVIDERS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown provider '{err['ctx']['tag']}'{hint} Valid providers: {', '.join(PROVIDERS)}"
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        return f"unknown provider '{err['ctx']['tag']}'{hint} Valid providers: {', '.join(PROVIDERS)}."
     if kind == "union_tag_not_found":
         return f"required key is missing; it must be one of {', '.join(PROVIDERS)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
@@ -461,10 +515,16 @@ def _message(err: Any, loc: tuple[Any, ...]) -> str:
         message += f", got {_shown(value)}"
     if kind == "string_type" and value is not None and not isinstance(value, dict | list):
         message += "; YAML did not read it as text: put it in quotes"
+    if kind == "bool_type" and isinstance(value, str):
+        message += ": write true or false, without quotes"
+    elif kind in _NUMBER_TYPES and isinstance(value, str):
+        message += ": write the number without quotes"
     if kind in ("float_parsing", "float_type") and loc[-2:-1] == ("latency_ms",):
         message += " (or a mapping such as {kind: normal, mean_ms: 100, stddev_ms: 20})"
     return message
 
+
+_NUMBER_TYPES = ("int_type", "float_type", "int_parsing", "float_parsing")
 
 _MISSING_HINTS = {
     "models": ": list the models clients can ask for",

@@ -111,6 +111,21 @@ class UpstreamMalformed(UpstreamError):
     code = "upstream_malformed_response"
 
 
+class UpstreamRedirected(UpstreamError):
+    """The deployment answered 3xx: its base_url has moved. Another attempt gets the same answer;
+    another deployment may work."""
+
+    code = "upstream_redirected"
+    retryable = False
+
+
+class UpstreamResponseTooLarge(UpstreamError):
+    """The answer passed the deployment's max_response_mb: read no further, never held whole."""
+
+    code = "upstream_response_too_large"
+    retryable = False
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout_error"

@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ import orjson
 
 from keel.config import StoreConfig
 from keel.observability.record import RequestRecord, SpanRecord
+from keel.observability.redaction import redaction_patterns
 from keel.observability.store import RecordRejected, RecordStore, StoreError, StoreUnavailable, request_row, span_row
 
 log = logging.getLogger("keel.request_log")
@@ -50,6 +50,9 @@ Kind = Literal["request", "span"]
 Item = tuple[Kind, dict[str, Any]]  # a prepared row, as written to the store or the spool
 
 REDACTED = "[REDACTED]"
+
+
+REDACT_MARGIN = 1024  # characters past the cut still redacted: longer than any secret a pattern matches
 
 
 class ContentPolicy:
@@ -65,7 +68,7 @@ class ContentPolicy:
     def __init__(self, config: StoreConfig) -> None:
         self.keep = config.log_content
         self.max_chars = config.max_content_chars
-        self.patterns = redaction_patterns(config.redact)
+        self.patterns = redaction_patterns(config.redact, defaults=config.redact_defaults)
 
     def apply(self, value: Any) -> Any:
         if not self.keep or value is None:
@@ -77,15 +80,20 @@ class ContentPolicy:
 
         def text(content: str) -> str:
             nonlocal budget
-            # Redact first: a cut through a secret would leave a piece the pattern no longer matches.
+            room, length = budget, len(content)
+            # Redact before cutting (a cut through a secret would leave a piece the pattern no
+            # longer matches), but only what can be kept and a margin longer than any secret: a
+            # 16 MB answer must not be scanned whole while this thread holds the GIL.
+            if length > room + REDACT_MARGIN:
+                content = content[:room + REDACT_MARGIN]
             for pattern in patterns:
                 content = pattern.sub(REDACTED, content)
-            room = budget
-            if len(content) <= room:
+            if length <= room + REDACT_MARGIN and len(content) <= room:
                 budget = room - len(content)
                 return content
             budget = 0
-            return f"{content[:room]}…[cut {len(content) - room} chars]"
+            cut = (len(content) if length <= room + REDACT_MARGIN else length) - room
+            return f"{content[:room]}…[cut {cut} chars]"
 
         def walk(item: Any) -> Any:
             kind = type(item)
@@ -113,18 +121,6 @@ def _json_length(value: Any) -> int:
         return len(orjson.dumps(value))
     except TypeError:
         return sys.maxsize
-
-
-def redaction_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
-    """The `store.redact` expressions, compiled; a bad one is named with its index.
-    Applied one after the other: an alternation of them all would lose each one's fast prefix scan."""
-    compiled: list[re.Pattern[str]] = []
-    for i, pattern in enumerate(patterns):
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise ValueError(f"store.redact[{i}] is not a valid regular expression ({exc}): {pattern!r}") from None
-    return compiled
 
 
 class Spool:

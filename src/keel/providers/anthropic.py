@@ -29,8 +29,8 @@ from keel.errors import (
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
-from keel.providers.http import mid_stream_error, post, read_json
-from keel.providers.http_client import Response, UpstreamClient
+from keel.providers.http import Upstream, mid_stream_error, read_json
+from keel.providers.http_client import Response
 from keel.providers.openai_compat import retry_after, upstream_error
 from keel.providers.sse import read_events
 from keel.types import (
@@ -73,20 +73,16 @@ class AnthropicProvider(ChatOnly):
     def __init__(self, config: AnthropicDeployment, name: str) -> None:
         self.config = config
         self.name = name
-        self._client: UpstreamClient | None = None
+        headers = {"content-type": "application/json", "anthropic-version": config.anthropic_version}
+        if config.api_key_env and (key := os.environ.get(config.api_key_env)):
+            headers["x-api-key"] = key
+        self.upstream = Upstream(config, config.base_url, headers, name, anthropic_error)
 
     async def start(self) -> None:
-        if self._client is not None:
-            return
-        headers = {"content-type": "application/json", "anthropic-version": self.config.anthropic_version}
-        if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
-            headers["x-api-key"] = key
-        self._client = UpstreamClient(self.config.base_url, headers, max_connections=self.config.max_connections)
+        """Nothing to open: connections are made as calls need them."""
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self.upstream.close()
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
         response = await self._post(orjson.dumps(messages_body(request, self.config)))
@@ -95,10 +91,7 @@ class AnthropicProvider(ChatOnly):
         return ChunkStream(self._chunks(response))
 
     async def _post(self, body: bytes) -> Response:
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        return await post(self._client, "/v1/messages", body, self.name, anthropic_error)
+        return await self.upstream.post("/v1/messages", body)
 
     async def _json(self, response: Response) -> dict[str, Any]:
         body = await read_json(response, self.name)

@@ -9,11 +9,21 @@ Keel's stages together; this one does only what an upstream LLM API needs:
   read-until-close bodies, gzip and deflate;
 - a pool of keep-alive connections per client, at most `max_connections` in use; idle ones
   are dropped after `idle_timeout` seconds or when the server closes them;
-- a response body is read whole (`read`) or line by line as it arrives (`lines`), with
-  backpressure: reading from the socket pauses while too much is buffered.
+- a response body is read whole (`read`, which drains the buffer as the body arrives, so an
+  answer of any size is read) or piece by piece as it arrives (`parts`, `lines`), with
+  backpressure: reading from the socket pauses while too much is buffered and unread;
+- an answer larger than `max_response_bytes` (after decompression) fails with
+  `ResponseTooLarge`: never unbounded memory;
+- chunked trailers are read and dropped, never merged into the answer's headers.
 
-A request on a reused connection that the server had already closed (its keep-alive timeout
-racing ours) is sent again once on a fresh connection, if no byte of an answer came back.
+A request is never sent twice by this client. Before a pooled connection is reused it is
+checked for the server having closed it (a readable idle socket: its FIN, or bytes nobody asked
+for) and dropped if so; a request lost on a reused connection in the remaining race fails with
+`ConnectionLost(reused=True)`, which the reliability stage retries as an attempt of its own
+(logged, priced, counted against `max_attempts`): the server may have acted on the request.
+
+It does not do HTTP/2, redirects (a 3xx is returned as it is; `keel.providers.http` decides),
+cookies, or proxies other than http:// ones; docs/providers.md says why that is fine.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import os
+import select
 import ssl
 import time
 import urllib.request
@@ -36,6 +48,7 @@ import httptools
 
 BUFFER_HIGH = 256 * 1024  # bytes of body buffered before reading from the socket pauses
 LINGER_S = 5.0  # a released answer's body still arriving is awaited this long for its connection's reuse
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # far above any real answer (a 1,000-input embeddings answer is ~20 MB)
 
 
 class HTTPClientError(Exception):
@@ -49,13 +62,26 @@ class ConnectFailed(HTTPClientError):
 class ConnectionLost(HTTPClientError):
     """The connection closed or failed before the answer was complete."""
 
-    def __init__(self, message: str, *, answered: bool = False) -> None:
+    def __init__(self, message: str, *, answered: bool = False, reused: bool = False) -> None:
         super().__init__(message)
         self.answered = answered  # some of the answer had arrived
+        self.reused = reused  # on a pooled keep-alive connection (the server may have closed it as it was reused)
 
 
 class ProtocolError(HTTPClientError):
     """The server's bytes are not HTTP/1.1 this client can read."""
+
+
+class ResponseTooLarge(HTTPClientError):
+    """The answer is larger than the client's `max_response_bytes`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer is larger than {limit:,} bytes (max_response_bytes)")
+        self.limit = limit
+
+
+class ProxyNotSupported(ValueError):
+    """The environment names a proxy this client cannot use."""
 
 
 class Headers(dict[str, str]):
@@ -79,6 +105,7 @@ class Response:
         self._error: HTTPClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._decoder: Any = None
+        self._room = connection.pool.max_response_bytes  # bytes of body still allowed
 
     # -- fed by the connection
 
@@ -86,11 +113,18 @@ class Response:
         if self._error is not None or self._connection is None:  # failed, or released: dropped
             return
         if self._decoder is not None:
-            try:
-                data = self._decoder.decompress(data)
+            try:  # at most one byte past the limit is inflated: a compression bomb stays small
+                data = self._decoder.decompress(data, self._room + 1)
             except zlib.error as exc:
                 self._fail(ProtocolError(f"the compressed body cannot be read: {exc}"))
                 return
+            if self._decoder.unconsumed_tail:
+                self._too_large()
+                return
+        self._room -= len(data)
+        if self._room < 0:
+            self._too_large()
+            return
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
@@ -99,12 +133,26 @@ class Response:
             self._wake()
 
     def _finish(self) -> None:
+        if self._error is not None:
+            return
         if self._decoder is not None:
             tail = self._decoder.flush()
+            self._room -= len(tail)
+            if self._room < 0:
+                self._too_large()
+                return
             if tail:
                 self._chunks.append(tail)
         self._complete = True
         self._wake()
+
+    def _too_large(self) -> None:
+        connection = self._connection
+        self._chunks.clear()
+        self._buffered = 0
+        assert connection is not None
+        self._fail(ResponseTooLarge(connection.pool.max_response_bytes))
+        connection._drop()  # the rest of the body is not read: the connection cannot be reused
 
     def _fail(self, error: HTTPClientError) -> None:
         if not self._complete and self._error is None:
@@ -133,12 +181,16 @@ class Response:
     # -- the caller's side
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body. The buffer is drained as the body arrives, so reading from the socket
+        never pauses here; `max_response_bytes` bounds what is kept."""
+        parts: list[bytes] = []
         while True:
+            if self._chunks:
+                parts.append(self._take())
             if self._error is not None:
                 raise self._error
             if self._complete:
-                return self._take() if self._chunks else b""
+                return b"".join(parts) if len(parts) != 1 else parts[0]
             await self._wait()
 
     async def parts(self, map_error: Callable[[HTTPClientError], Exception] | None = None) -> AsyncIterator[bytes]:
@@ -224,6 +276,7 @@ class _Connection(asyncio.Protocol):
         self.received = False  # any byte of the current answer
         self.keep_alive = False
         self.informational = False  # parsing a 1xx answer
+        self.in_trailers = False  # the final answer's headers are done: what follows a chunked body is trailers
         self.closed = False
         self.paused = False
         self.idle_since = 0.0
@@ -270,6 +323,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
+        if self.in_trailers:  # a chunked body's trailers: not the answer's headers
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self.response.headers
@@ -284,7 +339,11 @@ class _Connection(asyncio.Protocol):
             response.headers.clear()
             return
         response.status = status
+        self.in_trailers = True
         self.keep_alive = self.parser.should_keep_alive()  # read here: the parser forgets at the message's end
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.pool.max_response_bytes and not response._decoder:
+            response._too_large()  # known from the head: not a byte of the body is read
         encoding = response.headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
             response._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -317,10 +376,23 @@ class _Connection(asyncio.Protocol):
         self.headers_done = asyncio.get_running_loop().create_future()
         self.received = False
         self.keep_alive = False
+        self.in_trailers = False
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
         return response
+
+    def dropped_by_server(self) -> bool:
+        """An idle keep-alive connection the server has closed (its FIN is readable) or written to
+        unasked: either way it cannot carry a request. One poll(2) with no wait."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None and not self.closed:
@@ -390,6 +462,15 @@ def proxy_for(scheme: str, host: str) -> str | None:
     return proxies.get(scheme) or proxies.get("all")
 
 
+def proxy_variable(scheme: str) -> str:
+    """The environment variable a proxy for `scheme` was read from, as the user spelled it."""
+    for name in (f"{scheme}_proxy", "all_proxy"):
+        for spelling in (name, name.upper()):
+            if os.environ.get(spelling):
+                return spelling
+    return f"{scheme.upper()}_PROXY"
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -411,7 +492,11 @@ class Proxy:
             return None
         parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"the proxy must be http://HOST:PORT, got {url!r}")
+            shown = parts._replace(netloc=parts.hostname or "").geturl() if parts.password else url
+            raise ProxyNotSupported(
+                f"the proxy {shown!r} is not supported: Keel's upstream client uses http://HOST:PORT proxies "
+                "(https upstreams go through them in a CONNECT tunnel); name an http:// proxy, or put the "
+                "upstream's host in NO_PROXY")
         authorization = None
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
@@ -426,7 +511,7 @@ class UpstreamClient:
     def __init__(
         self, base_url: str, headers: Mapping[str, str] | None = None, *, max_connections: int = 256,
         connect_timeout: float = 10.0, idle_timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None,
-        proxy: str | None = FROM_ENVIRONMENT,
+        proxy: str | None = FROM_ENVIRONMENT, max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -434,16 +519,23 @@ class UpstreamClient:
         self.host = url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base_path = url.path.rstrip("/")
-        self.proxy = Proxy.parse(proxy_for(url.scheme, self.host) if proxy is FROM_ENVIRONMENT else proxy)
+        if proxy is FROM_ENVIRONMENT:
+            try:
+                self.proxy = Proxy.parse(proxy_for(url.scheme, self.host))
+            except ProxyNotSupported as exc:
+                raise ProxyNotSupported(f"{proxy_variable(url.scheme)} names {exc}") from None
+        else:
+            self.proxy = Proxy.parse(proxy)
         self.ssl: ssl.SSLContext | None = None
         if url.scheme == "https":
             self.ssl = ssl_context or ssl.create_default_context()
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         default_port = self.port == (443 if self.ssl else 80)
-        host = self.host if default_port else f"{self.host}:{self.port}"
-        if ":" in self.host and not default_port:  # an IPv6 literal
-            host = f"[{self.host}]:{self.port}"
+        literal = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal goes in brackets
+        host = literal if default_port else f"{literal}:{self.port}"
+        self.authority = f"{literal}:{self.port}"  # as messages and CONNECT name it
+        self.max_response_bytes = max_response_bytes
         lines = [f"Host: {host}", "Accept-Encoding: gzip, deflate", "Connection: keep-alive"]
         # Through a proxy, a plain-HTTP request names the whole URL; an HTTPS one goes through a
         # CONNECT tunnel and looks as it would directly.
@@ -463,7 +555,7 @@ class UpstreamClient:
 
     def url(self, path: str) -> str:
         scheme = "https" if self.ssl else "http"
-        return f"{scheme}://{self.host}:{self.port}{self.base_path}{path}"
+        return f"{scheme}://{self.authority}{self.base_path}{path}"
 
     async def post(self, path: str, body: bytes) -> Response:
         """Send `body` (JSON) and wait for the answer's status and headers."""
@@ -472,29 +564,26 @@ class UpstreamClient:
         head = b"POST %s HTTP/1.1\r\n%s%d\r\n\r\n" % (
             (self._target + self.base_path + path).encode(), self._head_rest, len(body))
         await self._slots.acquire()
-        for attempt in (1, 2):
-            try:
-                connection, reused = await self._connection()
-            except BaseException:
-                self._slots.release()
-                raise
-            response = connection.send(head, body)  # from here the answer holds the slot
-            try:
-                assert connection.headers_done is not None
-                await connection.headers_done
-            except ConnectionLost as exc:
-                if reused and not exc.answered and attempt == 1:
-                    # The server had closed the idle connection: once more on a new one, same slot.
-                    response._connection = None
-                    connection.done(reusable=False)
-                    continue
-                response.close()
-                raise
-            except BaseException:
-                response.close()
-                raise
-            return response
-        raise AssertionError("unreachable")
+        try:
+            connection, reused = await self._connection()
+        except BaseException:
+            self._slots.release()
+            raise
+        response = connection.send(head, body)  # from here the answer holds the slot
+        try:
+            assert connection.headers_done is not None
+            await connection.headers_done
+        except ConnectionLost as exc:
+            response.close()
+            if reused and not exc.answered:
+                raise ConnectionLost(
+                    f"{exc} (a pooled keep-alive connection: the server may have closed it as it was reused)",
+                    reused=True) from None
+            raise
+        except BaseException:
+            response.close()
+            raise
+        return response
 
     async def close(self) -> None:
         self._closed = True
@@ -507,7 +596,7 @@ class UpstreamClient:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < self.idle_timeout:
+            if now - connection.idle_since < self.idle_timeout and not connection.dropped_by_server():
                 return connection, True
             connection._drop()
             self._all.discard(connection)
@@ -517,10 +606,10 @@ class UpstreamClient:
                 protocol = await self._connect()
         except TimeoutError:
             raise ConnectFailed(
-                f"no connection to {self.host}:{self.port}{via} within {self.connect_timeout:g} s") from None
+                f"no connection to {self.authority}{via} within {self.connect_timeout:g} s") from None
         except (OSError, ssl.SSLError, EOFError, asyncio.LimitOverrunError) as exc:
             reason = str(exc) or type(exc).__name__
-            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}{via}: {reason}") from None
+            raise ConnectFailed(f"cannot connect to {self.authority}{via}: {reason}") from None
         self._all.add(protocol)
         return protocol, False
 
@@ -538,7 +627,7 @@ class UpstreamClient:
             return protocol
         reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
         try:
-            authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            authority = self.authority
             auth = f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
             writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1"))
             answer = await reader.readuntil(b"\r\n\r\n")

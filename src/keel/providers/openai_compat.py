@@ -29,8 +29,8 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion, Reply
-from keel.providers.http import mid_stream_error, post, read_json
-from keel.providers.http_client import Response, UpstreamClient
+from keel.providers.http import Upstream, mid_stream_error, read_json
+from keel.providers.http_client import Response
 from keel.providers.sse import read_events
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -40,20 +40,16 @@ class OpenAICompatProvider:
         self.config = config
         self.name = name
         self.base_url = config.base_url.rstrip("/")
-        self._client: UpstreamClient | None = None
+        headers = {"content-type": "application/json", **config.headers}
+        if config.api_key_env and (key := os.environ.get(config.api_key_env)):
+            headers["authorization"] = f"Bearer {key}"
+        self.upstream = Upstream(config, self.base_url, headers, name, upstream_error)
 
     async def start(self) -> None:
-        if self._client is not None:
-            return
-        headers = {"content-type": "application/json", **self.config.headers}
-        if self.config.api_key_env and (key := os.environ.get(self.config.api_key_env)):
-            headers["authorization"] = f"Bearer {key}"
-        self._client = UpstreamClient(self.base_url, headers, max_connections=self.config.max_connections)
+        """Nothing to open: connections are made as calls need them."""
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self.upstream.close()
 
     def _body(self, request: ChatRequest | EmbeddingRequest) -> bytes:
         body = request.model_dump(exclude_unset=True, by_alias=True)
@@ -75,10 +71,7 @@ class OpenAICompatProvider:
         return Completion(await self._json(response))
 
     async def _post(self, path: str, body: bytes) -> Response:
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        return await post(self._client, path, body, self.name, upstream_error)
+        return await self.upstream.post(path, body)
 
     async def _json(self, response: Response) -> dict[str, Any]:
         body = await read_json(response, self.name)
