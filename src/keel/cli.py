@@ -1,12 +1,10 @@
-"""`keel serve`, `keel chat` and `keel fake-upstream`."""
+"""`keel serve`, `keel chat`, `keel report`, `keel check` and `keel fake-upstream`."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import math
-import os
 import signal
 import sys
 from enum import StrEnum
@@ -17,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keel.config import ConfigError, KeelConfig, LocalDeployment, default_config, load_config
+from keel.config import ConfigError, ConfigSource, KeelConfig, find_config
 
 if TYPE_CHECKING:
     from keel.engine import Keel
@@ -26,8 +24,26 @@ app = typer.Typer(help="Keel: the production layer for LLM applications.", no_ar
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="keel.yaml; default: $KEEL_CONFIG, else the embedded model")
+    Path | None,
+    typer.Option("--config", "-c", help="keel.yaml; default: $KEEL_CONFIG, else ./keel.yaml, else the embedded model"),
 ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"keel {version('keel')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Keel: the production layer for LLM applications."""
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -47,43 +63,26 @@ def _engine(cfg: KeelConfig) -> Keel:
         raise _fail(str(exc), 2) from None
 
 
-def safe_url(url: str) -> str:
-    """A database URL fit for a log line: its password hidden."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url.split("@")[-1]
-
-
 def _preflight(cfg: KeelConfig) -> None:
     """Say what would fail start-up anyway before anything starts: the embedded model's files.
     (Found later, inside the server's start-up, it would come out as a traceback.)"""
-    from keel.errors import KeelError
-    from keel.providers.local import INSTALL, model_file
+    from keel.config import LocalDeployment
+    from keel.probes import probe_local
 
     for i, model in enumerate(cfg.models):
         for j, dep in enumerate(model.deployments):
-            if not isinstance(dep, LocalDeployment):
-                continue
-            where = f"models[{i}].deployments[{j}] (provider: local)"
-            try:
-                model_file(dep)
-            except KeelError as exc:
-                raise _fail(f"{where}: {exc.message}", 2) from None
-            if importlib.util.find_spec("llama_cpp") is None:
-                raise _fail(f"{where}: llama-cpp-python is not installed: run {INSTALL}", 2)
+            if isinstance(dep, LocalDeployment) and not (probe := probe_local("", dep)).ok:
+                raise _fail(f"models[{i}].deployments[{j}] (provider: local): {probe.detail}", 2)
 
 
-def _load(path: Path | None) -> KeelConfig:
-    """`--config`, else `$KEEL_CONFIG`, else the embedded model served as `local`."""
-    chosen = path or (Path(os.environ["KEEL_CONFIG"]) if os.environ.get("KEEL_CONFIG") else None)
+def _load(path: Path | None, *, calls_upstreams: bool = True, code: int = 2) -> tuple[ConfigSource, KeelConfig]:
+    """The config every command reads (`keel.config.find_config` says which), or a clean exit
+    naming what is wrong. Only commands that call upstreams warn about unset key variables."""
+    source = find_config(path)
     try:
-        return load_config(chosen) if chosen else default_config()
+        return source, source.load(warn_unset_keys=calls_upstreams)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise _fail(str(exc), code) from None
 
 
 @app.command()
@@ -97,21 +96,25 @@ def serve(
     import uvicorn
 
     from keel.server import create_app
+    from keel.server.runtime import FrozenAfterStartup, tune_interpreter
 
     # Logging first, so warnings found while loading the config come out formatted.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config)
+    from keel.probes import safe_url
+
+    source, cfg = _load(config)
     _preflight(cfg)
     keel = _engine(cfg)
     # uvicorn re-raises SIGTERM at itself after its graceful shutdown; a drained server exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    tune_interpreter()
     bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
     logging.getLogger("keel").info(
-        "serving %s at http://%s:%d/v1; request log: %s", ", ".join(m.name for m in cfg.models),
-        bind_host, bind_port, safe_url(cfg.store.url),
+        "serving %s at http://%s:%d/v1; request log: %s; config: %s", ", ".join(m.name for m in cfg.models),
+        bind_host, bind_port, safe_url(cfg.store.url), source.describe(),
     )
     uvicorn.run(
-        create_app(keel),
+        FrozenAfterStartup(create_app(keel), settle=keel.writer.flush),  # a short tail: see runtime.py
         host=bind_host,
         port=bind_port,
         loop="uvloop",
@@ -136,7 +139,7 @@ def chat(
     """Send one prompt through the pipeline, in-process, and print the answer."""
     from keel.errors import KeelError, ModelNotFound
 
-    cfg = _load(config)
+    _, cfg = _load(config)
     name = model or cfg.models[0].name
     if cfg.model(name) is None:
         # Said before any provider starts: an unknown name must not wait for a model to load.
@@ -209,13 +212,17 @@ def report(
     from keel.observability import report as slo
     from keel.observability.store import StoreError
 
-    cfg = _load(config)
+    source, cfg = _load(config, calls_upstreams=False)
     try:
         window = slo.parse_window(since)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
+    named_by = (
+        f"store.url in {source.path}" if source.path else
+        "the default store.url: no config file was found (no --config, $KEEL_CONFIG or ./keel.yaml)"
+    )
     try:
-        store = slo.open_log(cfg.store.url)
+        store = slo.open_log(cfg.store.url, named_by)
         try:
             result = slo.build_report(
                 store, since=time.time() - window, feature=feature, slo=cfg.slo, label=since.strip()
@@ -231,6 +238,38 @@ def report(
     else:
         Console().print(slo.render_table(result, top))
     if check and not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    config_file: Annotated[
+        Path | None, typer.Argument(metavar="[CONFIG]", help="keel.yaml; default: as --config of the other commands")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds allowed to each probe")] = 5.0,
+) -> None:
+    """Validate a config, then try each backend (request log, Redis, OTLP) and each upstream it
+    names, and print what works; exit 1 if anything fails."""
+    from rich.table import Table
+
+    from keel.observability.report import counted
+    from keel.probes import probe_config
+
+    source, cfg = _load(config_file, calls_upstreams=False, code=1)
+    table = Table(title=f"keel check: {source.describe()}", title_justify="left")
+    for header in ("what", "where", "result", "detail"):
+        table.add_column(header, overflow="fold")
+    table.add_row("config", str(source.path or "(default)"), "[bold green]OK[/]",
+                  f"valid: {counted(len(cfg.models), 'model')}, "
+                  f"{counted(sum(len(m.deployments) for m in cfg.models), 'deployment')}")
+    probes = asyncio.run(probe_config(cfg, timeout))
+    for probe in probes:
+        verdict = "[bold green]OK[/]" if probe.ok else "[bold red]FAIL[/]"
+        table.add_row(escape(probe.what), escape(probe.target), verdict, escape(probe.detail))
+    Console(soft_wrap=False).print(table)
+    failed = [probe for probe in probes if not probe.ok]
+    if failed:
+        err.print(f"[red]{counted(len(failed), 'check')} failed[/red]", highlight=False)
         raise typer.Exit(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import yaml
 from conftest import GatewayProcess, free_port
 
 KEEL = Path(sys.executable).with_name("keel")
+SIM_DEPLOYMENT = {"provider": "simulated"}
 SIM_CONFIG: dict[str, Any] = {
     "models": [{"name": "sim", "deployments": [{"provider": "simulated", "latency_ms": 5, "error_rate": 0.0}]}],
 }
@@ -26,10 +28,13 @@ def keel_command() -> list[str]:
     return [str(KEEL)] if KEEL.exists() else [sys.executable, "-m", "keel.cli"]
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "KEEL_CONFIG"}
     return subprocess.run(
         [*keel_command(), *args], capture_output=True, text=True, timeout=timeout, env={**environment, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -97,10 +102,136 @@ def test_serve_starts_and_only_warns_about_an_unset_key_variable(
 
 
 def test_a_logged_database_url_never_shows_its_password() -> None:
-    from keel.cli import safe_url
+    from keel.probes import safe_url
 
     assert safe_url("postgresql://keel:s3cret@db:5432/keel") == "postgresql://keel:***@db:5432/keel"
     assert safe_url("sqlite:///keel.db") == "sqlite:///keel.db"
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = run("--version", timeout=30)
+    assert result.returncode == 0
+    assert result.stdout == f"keel {version('keel')}\n"
+
+
+def test_serve_reads_keel_yaml_in_the_working_directory_and_says_so(tmp_path: Path) -> None:
+    """And starts quietly: no Alembic INFO lines, no lock file left beside the new database."""
+    write_config(tmp_path, {**SIM_CONFIG, "store": {"url": "sqlite:///log/keel.db"}})
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k != "KEEL_CONFIG"}
+    proc = subprocess.Popen([*keel_command(), "serve", "--port", str(port)], cwd=tmp_path, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # uvicorn says this once the lifespan (migrations included) is done
+            lines.append(line)
+            if "Application startup complete" in line:
+                break
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                           json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    output = "".join(lines)
+    assert reply.status_code == 200, output
+    assert f"serving sim at http://127.0.0.1:{port}/v1; request log: sqlite:///log/keel.db; " \
+           f"config: {tmp_path / 'keel.yaml'} (./keel.yaml in the working directory)" in output
+    assert "alembic" not in output.lower()
+    assert (tmp_path / "log" / "keel.db").exists()
+    assert list(tmp_path.rglob("*.migrate-lock")) == []
+
+
+def test_with_no_config_file_anywhere_the_embedded_model_is_served(tmp_path: Path) -> None:
+    # An unknown model is refused before the embedded model is loaded: quick, and shows what is served.
+    result = run("chat", "--model", "nope", "hi", cwd=tmp_path, timeout=30)
+    assert result.returncode == 1
+    assert "Models served here: local." in result.stderr
+
+
+# ---------------------------------------------------------------------------- keel check
+
+
+def test_check_reports_each_backend_and_upstream_and_exits_1_on_a_failure(tmp_path: Path) -> None:
+    from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
+
+    with FakeOpenAIServer(FakeBehaviour(model="gpt-4o-mini")) as upstream:
+        config = {
+            "models": [
+                {"name": "up", "deployments": [
+                    {"provider": "openai", "base_url": upstream.url, "model": "gpt-4o-mini"},
+                    {"provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "m",
+                     "name": "dead", "api_key_env": "KEEL_TEST_UNSET_VARIABLE"},
+                ]},
+                {"name": "sim", "deployments": [{"provider": "simulated"}]},
+            ],
+            "store": {"url": f"sqlite:///{tmp_path}/new/keel.db"},
+        }
+        result = run("check", str(write_config(tmp_path, config)), "--timeout", "5",
+                     env={"COLUMNS": "250", "KEEL_TEST_UNSET_VARIABLE": ""})
+    rows = table_rows(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "OK" in rows["config"] and "valid: 2 models, 3 deployments" in rows["config"]
+    assert "OK" in rows["request log"] and "does not exist yet" in rows["request log"]
+    assert "OK" in rows["model 'up' → openai/gpt-4o-mini"] and "'gpt-4o-mini' is listed" in rows[
+        "model 'up' → openai/gpt-4o-mini"]
+    assert "FAIL" in rows["model 'up' → dead"] and "Connection refused" in rows["model 'up' → dead"]
+    assert "KEEL_TEST_UNSET_VARIABLE is not set" in rows["model 'up' → dead"]
+    assert "OK" in rows["model 'sim' → simulated/simulated"]
+    assert "1 check failed" in result.stderr
+    assert "WARNING" not in result.stderr  # the unset key is said in its row, not as a log warning
+    assert not (tmp_path / "new").exists()  # nothing created
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """A rich table's rows by their first cell, each row's wrapped lines joined."""
+    rows: dict[str, str] = {}
+    last = ""
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) < 2:
+            continue
+        if cells[0]:
+            last = cells[0]
+            rows[last] = ""
+        rows[last] += " ".join(cells[1:]) + " "
+    return rows
+
+
+def test_check_passes_when_everything_answers(tmp_path: Path) -> None:
+    config = {**SIM_CONFIG, "store": {"url": f"sqlite:///{tmp_path}/keel.db"}}
+    result = run("check", str(write_config(tmp_path, config)), env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout and result.stdout.count("OK") == 3
+
+
+def test_check_of_a_bad_config_exits_1_naming_the_key(tmp_path: Path) -> None:
+    bad = write_config(tmp_path, {"models": [{"name": "m", "timeout_s": "30", "deployments": [SIM_DEPLOYMENT]}]})
+    result = run("check", str(bad))
+    assert result.returncode == 1
+    assert "models[0].timeout_s: should be a valid number, got '30'" in result.stderr
+
+
+# ---------------------------------------------------------------------------- redaction by default
+
+
+def test_a_card_number_never_reaches_the_log_in_plain_text(tmp_path: Path) -> None:
+    from keel.observability.store import RecordStore
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    config = {**SIM_CONFIG, "store": {"url": url}}
+    result = run("chat", "my card is 4111 1111 1111 1111, mail a.b@example.com", "--config",
+                 str(write_config(tmp_path, config)))
+    assert result.returncode == 0, result.stderr
+    store = RecordStore(url)
+    try:
+        [record] = store.records(since=0)
+    finally:
+        store.close()
+    assert record["input"] == [{"role": "user", "content": "my card is [REDACTED], mail [REDACTED]"}]
+    assert "4111" not in str(record["output"]) and "example.com" not in str(record["output"])
 
 
 # ---------------------------------------------------------------------------- keel chat
@@ -163,18 +294,16 @@ class FakeUpstreamProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                output = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"keel fake-upstream exited early:\n{output}")
-            try:
-                httpx.get(self.url + "/models", timeout=1)
+        # It says where it listens once it does: wait for that line (EOF: it exited).
+        seen: list[str] = []
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            seen.append(raw.decode(errors="replace"))
+            if "listening on" in seen[-1]:
+                self.started_line = seen[-1].strip()
                 return
-            except httpx.HTTPError:
-                time.sleep(0.05)
         self.stop()
-        raise RuntimeError("keel fake-upstream did not start")
+        raise RuntimeError("keel fake-upstream exited early:\n" + "".join(seen))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -239,11 +368,39 @@ def test_keel_survives_a_flaky_fake_upstream(
 
 
 def test_fake_upstream_help_lists_its_own_flags() -> None:
-    result = run("fake-upstream", "--help", timeout=30)
+    result = run("fake-upstream", "--help", env={"COLUMNS": "200"}, timeout=30)
     assert result.returncode == 0
     assert "keel fake-upstream" in result.stdout
     for flag in ("--port", "--fail-rate", "--fail-status", "--retry-after", "--hang", "--cut-after", "--seed"):
         assert flag in result.stdout
+
+
+def test_fake_upstream_help_gives_every_flag_a_sentence_and_its_default() -> None:
+    from dataclasses import fields
+
+    from keel.testing.fake_openai import FLAG_HELP, FakeBehaviour
+
+    assert set(FLAG_HELP) == {f.name for f in fields(FakeBehaviour)}
+    result = run("fake-upstream", "--help", env={"COLUMNS": "300"}, timeout=30)
+    options = result.stdout.split("options:")[1].split("\n\n")[0]
+    entries: list[str] = []  # one per flag: its line and the help lines under it
+    for line in options.splitlines():
+        if line.strip().startswith("-"):
+            entries.append(line.strip())
+        elif entries:
+            entries[-1] += " " + line.strip()
+    flags = [entry for entry in entries if not entry.startswith("-h")]
+    assert len(flags) == len(FLAG_HELP) + 2  # and --host, --port
+    for entry in flags:
+        sentence = re.sub(r"^--[\w-]+( [A-Z_]+)?\s+", "", entry)  # the flag and its metavar
+        assert "(default: " in sentence, entry
+        assert len(sentence.split("(default: ")[0].strip()) > 10, entry
+    assert "--port PORT" in options and "(default: 9100)" in options
+
+
+def test_fake_upstream_says_where_it_listens(fake_upstream_process: Callable[..., FakeUpstreamProcess]) -> None:
+    fake = fake_upstream_process()
+    assert fake.started_line == f"fake OpenAI upstream listening on {fake.url} (Ctrl-C stops it)"
 
 
 def test_fake_upstream_refuses_an_unknown_flag() -> None:

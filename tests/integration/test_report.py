@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -19,10 +19,28 @@ from typer.testing import CliRunner
 
 from keel.cli import app
 from keel.config import SLOConfig
+from keel.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    CircuitOpen,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotLoaded,
+    Overloaded,
+    UpstreamBadRequest,
+    UpstreamConnectionError,
+    UpstreamRateLimited,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
 from keel.observability.record import Outcome, RequestRecord
 from keel.observability.report import build_report, parse_window, percentile, render_markdown
+from keel.observability.stage import outcome_of
 from keel.observability.store import RecordStore
+from keel.pipeline import Context
 
+ROOT = Path(__file__).resolve().parents[2]
 NOW = time.time()
 REQUIRED_KEYS = {"requests", "p50_ms", "p99_ms", "error_rate", "cost_per_request_usd"}
 
@@ -86,7 +104,9 @@ def test_report_figures_from_known_records(store: RecordStore) -> None:
     assert report.requests == 110
     assert report.p50_ms == pytest.approx(490.0)
     assert report.p99_ms == pytest.approx(4760.0)
-    assert report.errors == 2 and report.error_rate == pytest.approx(2 / 110)
+    # The error rate is over the calls Keel tried to answer: the 3 blocked ones are not its failures.
+    assert report.attempted == 107
+    assert report.errors == 2 and report.error_rate == pytest.approx(2 / 107)
     assert report.cost_usd == pytest.approx(0.2)
     assert report.cost_per_request_usd == pytest.approx(0.2 / 110)
     assert report.outcomes == {"blocked": 3, "cached": 5, "error": 2, "ok": 100}
@@ -171,7 +191,7 @@ def test_keel_report_prints_json_with_the_required_keys(configured: Path) -> Non
     assert REQUIRED_KEYS <= set(body)
     assert body["requests"] == 110
     assert body["p50_ms"] == pytest.approx(490.0) and body["p99_ms"] == pytest.approx(4760.0)
-    assert body["error_rate"] == pytest.approx(2 / 110)
+    assert body["error_rate"] == pytest.approx(2 / 107) and body["attempted"] == 107
     assert body["cost_per_request_usd"] == pytest.approx(0.2 / 110)
     assert body["targets"] == {"p50_ms": 1000, "p99_ms": 8000, "error_rate": 0.05, "cost_per_request_usd": 0.01}
     assert body["pass"] is True
@@ -210,6 +230,103 @@ def test_keel_report_refuses_a_bad_window(configured: Path) -> None:
     assert "--since must be a positive number followed by s, m, h, d or w" in result.output
 
 
+def test_keel_report_check_exits_1_on_a_missed_target_and_0_when_all_pass(configured: Path, tmp_path: Path) -> None:
+    passed = CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "1h", "--check"])
+    assert passed.exit_code == 0, passed.output
+    strict = yaml.safe_load(configured.read_text())
+    strict["slo"]["error_rate"] = 0.01  # 2 errors in 107 calls: 1.9%
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(strict))
+    missed = CliRunner().invoke(app, ["report", "-c", str(path), "--since", "1h", "--check"])
+    assert missed.exit_code == 1
+    assert "error rate" in missed.stdout and "FAIL" in missed.stdout
+    without_check = CliRunner().invoke(app, ["report", "-c", str(path), "--since", "1h"])
+    assert without_check.exit_code == 0
+
+
+def test_the_summary_counts_in_the_singular_and_plural(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    log = RecordStore(url)
+    log.migrate()
+    log.write([rec(1, "ok", 10.0), rec(2, "error", 20.0)])
+    report = build_report(log, since=NOW - 3600, until=NOW + 1)
+    log.close()
+    assert "2 requests (2 attempted), 1 error, spend $0.00" in render_markdown(report)
+
+
+# ---------------------------------------------------------------------------- what counts as an error
+
+
+def test_client_errors_and_refusals_are_not_counted_in_the_error_rate(tmp_path: Path) -> None:
+    """Only Keel's or the upstream's failures count: not a too-long prompt (the client's mistake),
+    nor a call refused by a budget or a limit (Keel doing its job)."""
+    log = RecordStore(f"sqlite:///{tmp_path}/log.db")
+    log.migrate()
+    log.write([
+        *(rec(i, "ok", 100.0) for i in range(8)),
+        rec(8, "error", 300.0, status=502, error_type="upstream_server_error"),
+        rec(9, "invalid", 40.0, status=400, error_type="context_length_exceeded"),
+        rec(10, "budget_exceeded", 1.0, status=429, error_type="budget_exceeded"),
+        rec(11, "rate_limited", 1.0, status=429, error_type="rate_limited"),
+    ])
+    report = build_report(log, since=NOW - 3600, until=NOW + 1)
+    log.close()
+    assert report.requests == 12 and report.attempted == 9
+    assert report.errors == 1 and report.error_rate == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize(("error", "outcome"), [
+    (ContextLengthExceeded("too long for this model"), "invalid"),
+    (UpstreamBadRequest("the upstream refused the request"), "invalid"),
+    (InvalidRequest("bad body"), "invalid"),
+    (AuthenticationFailed("bad key"), "invalid"),
+    (ModelNotFound("nope", ["sim"]), "invalid"),
+    (UpstreamServerError("503 from upstream", upstream_status=503), "error"),
+    (UpstreamTimeout("no answer"), "error"),
+    (UpstreamConnectionError("refused"), "error"),
+    (UpstreamRateLimited("upstream 429 after retries"), "error"),
+    (CircuitOpen("paused"), "error"),
+    (Overloaded("queue full"), "error"),
+    (ModelNotLoaded("missing"), "error"),
+    (BudgetExceeded("spent", scope="global", window="day", limit_usd=1, resets_in=None), "budget_exceeded"),
+    (RuntimeError("a bug"), "error"),
+])
+def test_each_error_is_classified_as_the_docs_table_says(error: BaseException, outcome: str) -> None:
+    assert outcome_of(Context(), error)[1] == outcome
+
+
+def test_the_outcome_table_lists_every_outcome_and_whether_it_counts() -> None:
+    page = (ROOT / "docs" / "observability.md").read_text()
+    table = page[page.index("### Outcomes"):page.index("### Where it is kept")]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    assert set(rows) == {f"`{outcome}`" for outcome in get_args(Outcome)}
+    assert "context_length_exceeded" in rows["`invalid`"] and "client error" in rows["`invalid`"]
+    assert "**yes**" in rows["`error`"]
+    assert all("**yes**" not in row for name, row in rows.items() if name != "`error`")
+
+
+def test_keel_report_with_no_config_blames_no_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report"], env={"KEEL_CONFIG": ""})
+    assert result.exit_code == 1
+    assert f"no request log at {tmp_path / 'keel.db'}" in result.stderr
+    assert "the default store.url: no config file was found" in result.stderr
+    assert "in keel.yaml" not in result.stderr
+
+
+def test_keel_report_does_not_warn_about_unset_upstream_keys(configured: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load(configured.read_text())
+    config["models"].append({"name": "up", "deployments": [
+        {"provider": "openai", "model": "m", "api_key_env": "KEEL_TEST_UNSET_VARIABLE"}]})
+    path = tmp_path / "with-key.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEL_CONFIG", "KEEL_TEST_UNSET_VARIABLE")}
+    done = subprocess.run([sys.executable, "-m", "keel.cli", "report", "--config", str(path), "--since", "1h"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "KEEL_TEST_UNSET_VARIABLE" not in done.stderr and "WARNING" not in done.stderr
+
+
 def test_keel_report_without_a_log_says_where_it_looked(tmp_path: Path) -> None:
     config = {"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}],
               "store": {"url": f"sqlite:///{tmp_path}/none.db"}}
@@ -218,4 +335,5 @@ def test_keel_report_without_a_log_says_where_it_looked(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", "-c", str(path)])
     assert result.exit_code == 1
     assert "no request log at" in result.output and "none.db" in result.output
+    assert f"store.url in {path}" in result.output
     assert not (tmp_path / "none.db").exists()  # a report never creates an empty database

@@ -26,7 +26,9 @@ from keel.config import (
     RetryConfig,
     ServerConfig,
     SimulatedDeployment,
+    StoreConfig,
     default_config,
+    find_config,
     load_config,
     parse_config,
 )
@@ -204,6 +206,37 @@ def test_a_value_of_the_wrong_type_is_named_with_what_was_given() -> None:
     assert "'soon'" in message
 
 
+# What the docs promise: a value of the wrong type is refused, never converted.
+@pytest.mark.parametrize(("text", "line"), [
+    ('models: [{name: chat, timeout_s: "30", deployments: [{provider: simulated}]}]',
+     "models[0].timeout_s: should be a valid number, got '30': write the number without quotes"),
+    ('models: [{name: chat, deployments: [{provider: simulated}]}]\nstore: {log_content: "no"}',
+     "store.log_content: should be a valid boolean, got 'no': write true or false, without quotes"),
+    ('models: [{name: chat, deployments: [{provider: simulated}]}]\nstore: {batch_size: "500"}',
+     "store.batch_size: should be a valid integer, got '500': write the number without quotes"),
+    ('models: [{name: chat, deployments: [{provider: simulated}]}]\nstore: {batch_size: 2.5}',
+     "store.batch_size: should be a valid integer, got 2.5"),
+    ('models: [{name: chat, deployments: [{provider: simulated}]}]\nserver: {port: "8080"}',
+     "server.port: should be a valid integer, got '8080': write the number without quotes"),
+    ('models: [{name: chat, deployments: [{provider: simulated, latency_ms: "20"}]}]',
+     "models[0].deployments[0].latency_ms: should be a valid number, got '20': write the number without quotes"),
+    ('models: [{name: chat, deployments: [{provider: simulated}]}]\ntracing: {to_store: 1}',
+     "tracing.to_store: should be a valid boolean, got 1"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(text: str, line: str) -> None:
+    message = refusal(yaml.safe_load(text))
+    assert [shown for shown in message.splitlines() if shown.startswith(f"  - {line}")], message
+
+
+def test_yaml_numbers_and_booleans_are_accepted_as_they_are() -> None:
+    config = parse_config(yaml.safe_load(
+        "models: [{name: chat, timeout_s: 30, deployments: [{provider: simulated, latency_ms: 5}]}]\n"
+        "store: {log_content: no, batch_size: 10, retention_days: 7}\n"
+    ))
+    assert config.models[0].timeout_s == 30.0 and isinstance(config.models[0].timeout_s, float)
+    assert config.store.log_content is False and config.store.batch_size == 10
+
+
 @pytest.mark.parametrize(("data", "path"), [
     ({"models": {"name": "chat"}}, "models"),
     ({"models": ["chat"]}, "models[0]"),
@@ -231,8 +264,12 @@ def test_a_negative_backoff_is_refused() -> None:
 def test_an_unknown_provider_lists_the_valid_ones() -> None:
     message = refusal(with_deployment(provider="openia", model="m"))
     assert "models[0].deployments[0].provider: unknown provider 'openia'" in message
-    assert "did you mean 'openai'?" in message
-    assert "openai, anthropic, local, simulated" in message
+    assert "did you mean 'openai'? Valid providers: openai, anthropic, local, simulated." in message
+
+
+def test_an_unknown_provider_with_no_close_match_is_one_sentence_then_the_list() -> None:
+    message = refusal(with_deployment(provider="gemini", model="m"))
+    assert "unknown provider 'gemini'. Valid providers: openai, anthropic, local, simulated." in message
 
 
 def test_a_deployment_without_a_provider_is_refused() -> None:
@@ -425,20 +462,78 @@ def test_anthropic_warns_about_its_default_key_variable(
 # ---------------------------------------------------------------------------- the CLI finds the file
 
 
-def test_keel_config_names_the_file_when_no_flag_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEL_CONFIG", str(write(tmp_path, ISSUE_YAML)))
-    assert [m.name for m in cli._load(None).models] == ["chat", "sim"]
+def names(config: KeelConfig) -> list[str]:
+    return [m.name for m in config.models]
 
 
-def test_the_config_flag_wins_over_keel_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEL_CONFIG", str(write(tmp_path, ISSUE_YAML)))
-    flag = write(tmp_path, "models: [{name: other, deployments: [{provider: simulated}]}]\n", "other.yaml")
-    assert [m.name for m in cli._load(flag).models] == ["other"]
-
-
-def test_without_flag_or_keel_config_the_embedded_model_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory and no $KEEL_CONFIG."""
     monkeypatch.delenv("KEEL_CONFIG", raising=False)
-    assert [m.name for m in cli._load(None).models] == ["local"]
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def test_keel_config_names_the_file_when_no_flag_is_given(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_CONFIG", str(write(workdir.parent, ISSUE_YAML)))
+    source, config = cli._load(None)
+    assert names(config) == ["chat", "sim"] and source.chosen_by == "$KEEL_CONFIG"
+
+
+def test_the_config_flag_wins_over_keel_config(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_CONFIG", str(write(workdir.parent, ISSUE_YAML)))
+    flag = write(workdir.parent, "models: [{name: other, deployments: [{provider: simulated}]}]\n", "other.yaml")
+    assert names(cli._load(flag)[1]) == ["other"]
+
+
+def test_without_flag_keel_config_or_keel_yaml_the_embedded_model_is_served(workdir: Path) -> None:
+    source = find_config(None)
+    assert source.path is None and names(source.load()) == ["local"]
+    assert "the embedded model" in source.describe()
+
+
+def test_a_keel_yaml_in_the_working_directory_is_read(workdir: Path) -> None:
+    write(workdir, "models: [{name: here, deployments: [{provider: simulated}]}]\n")
+    source = find_config(None)
+    assert source.chosen_by == "working directory" and names(source.load()) == ["here"]
+    assert source.describe() == f"{workdir / 'keel.yaml'} (./keel.yaml in the working directory)"
+
+
+def test_keel_config_and_the_flag_win_over_the_working_directory_file(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(workdir, "models: [{name: here, deployments: [{provider: simulated}]}]\n")
+    named = write(workdir.parent, "models: [{name: named, deployments: [{provider: simulated}]}]\n", "named.yaml")
+    flag = write(workdir.parent, "models: [{name: flag, deployments: [{provider: simulated}]}]\n", "flag.yaml")
+    monkeypatch.setenv("KEEL_CONFIG", str(named))
+    assert names(find_config(None).load()) == ["named"]
+    assert names(find_config(flag).load()) == ["flag"]
+    assert find_config(flag).describe() == f"{flag} (from --config)"
+
+
+def test_a_bad_keel_yaml_in_the_working_directory_is_named(workdir: Path) -> None:
+    write(workdir, "models: [{name: here, timeout_s: -1, deployments: [{provider: simulated}]}]\n")
+    result = CliRunner().invoke(cli.app, ["chat", "hi"])
+    assert result.exit_code == 2
+    assert "keel.yaml is invalid" in result.stderr and "models[0].timeout_s" in result.stderr
+
+
+def test_keel_chat_reads_the_working_directory_file(workdir: Path) -> None:
+    write(workdir, "models: [{name: here, deployments: [{provider: simulated}]}]\nstore: {log_content: false}\n")
+    result = CliRunner().invoke(cli.app, ["chat", "hello"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "echo: hello\n"
+
+
+def test_commands_that_call_no_upstream_do_not_warn_about_key_variables(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("UPSTREAM_API_KEY", raising=False)
+    with caplog.at_level(logging.WARNING, logger="keel.config"):
+        parse_config(yaml.safe_load(ISSUE_YAML), warn_unset_keys=False)
+    assert not [r for r in caplog.records if r.name == "keel.config"]
 
 
 def test_keel_chat_reads_keel_config(tmp_path: Path) -> None:
@@ -467,7 +562,7 @@ def test_the_configuration_page_documents_every_key() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text()
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
-        AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution,
+        AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
     ]
     missing = {name for cls in classes for name in cls.model_fields if f"| `{name}` |" not in page}
     assert missing == set()

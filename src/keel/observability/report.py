@@ -1,15 +1,16 @@
 """`keel report`: latency, errors and cost of a window of the request log against the SLO
 targets (`slo:` in keel.yaml), then tokens and spend by feature, model and user.
 
-What is counted:
+What is counted (the outcome classes are the observe stage's; docs/observability.md has the table):
 - requests: every record in the window, whatever its outcome;
-- latency P50/P99: every call Keel tried to answer (answered, cached, failed, closed by the
-  client); refusals made before any work (blocked, rate-limited, over budget, invalid) would
-  flatter the figure and are left out. Percentiles interpolate linearly between the closest
-  ranks (NumPy's default). They are computed in Python over the window's latency column, read
-  sorted from the database: fine up to about a million calls in the window (~8 MB, ~1 s);
-- error rate: calls whose outcome is `error` (Keel or the upstream failed) over all requests;
-  refusals are Keel doing its job and are counted apart, in `outcomes`;
+- attempted: the calls Keel tried to answer (answered, cached, failed, closed by the client), that
+  is all but the caller's mistakes (`invalid`) and refusals (blocked, rate-limited, over budget);
+- latency P50/P99: over the attempted calls; refusals and rejected requests would flatter the
+  figure. Percentiles interpolate linearly between the closest ranks (NumPy's default). They
+  are computed in Python over the window's latency column, read sorted from the database: fine
+  up to about a million calls in the window (~8 MB, ~1 s);
+- error rate: the attempted calls whose outcome is `error` (Keel or the upstream failed), over
+  the attempted calls: a client's bad request or a spent budget is not a failure of the service;
 - cost per request: the window's spend over its requests.
 A row passes when its value is at or under its target; with no call to measure it passes
 vacuously and shows n/a.
@@ -37,7 +38,10 @@ from sqlalchemy.exc import ArgumentError
 from keel.config import SLOConfig
 from keel.observability.store import RecordStore, StoreError, requests
 
-REFUSALS = ("blocked", "rate_limited", "budget_exceeded", "invalid")
+REFUSALS = ("blocked", "rate_limited", "budget_exceeded")  # Keel doing its job: not failures
+CLIENT_ERRORS = ("invalid",)  # the caller's mistake: a 4xx it caused
+NOT_ATTEMPTED = REFUSALS + CLIENT_ERRORS
+SERVER_ERRORS = ("error",)  # what the SLO's error rate counts: Keel or the upstream failed
 DIMENSIONS = ("feature", "model", "user")
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -88,6 +92,7 @@ class SLOReport:
     requests: int
     errors: int
     outcomes: dict[str, int]
+    attempted: int
     p50_ms: float | None
     p99_ms: float | None
     error_rate: float
@@ -102,7 +107,7 @@ class SLOReport:
         return [
             Check("p50_ms", "latency P50", self.p50_ms, self.targets.p50_ms),
             Check("p99_ms", "latency P99", self.p99_ms, self.targets.p99_ms),
-            Check("error_rate", "error rate", self.error_rate if self.requests else None, self.targets.error_rate),
+            Check("error_rate", "error rate", self.error_rate if self.attempted else None, self.targets.error_rate),
             Check(
                 "cost_per_request_usd", "cost per request",
                 self.cost_per_request_usd if self.requests else None, self.targets.cost_per_request_usd,
@@ -127,6 +132,7 @@ class SLOReport:
             "window": {"since": _iso(self.since), "until": _iso(self.until), "label": self.label,
                        "feature": self.feature},
             "errors": self.errors,
+            "attempted": self.attempted,
             "cost_usd": self.cost_usd,
             "outcomes": self.outcomes,
             **{
@@ -176,13 +182,14 @@ def build_report(
             float(v)
             for v in conn.execute(
                 select(requests.c.latency_ms)
-                .where(*window, requests.c.outcome.not_in(REFUSALS))
+                .where(*window, requests.c.outcome.not_in(NOT_ATTEMPTED))
                 .order_by(requests.c.latency_ms)
             ).scalars()
         ]
         breakdowns = {dimension: _usage(conn, dimension, window) for dimension in DIMENSIONS}
     total = sum(outcomes.values())
-    errors = outcomes.get("error", 0)
+    errors = sum(outcomes.get(outcome, 0) for outcome in SERVER_ERRORS)
+    attempted = total - sum(outcomes.get(outcome, 0) for outcome in NOT_ATTEMPTED)
     return SLOReport(
         since=since,
         until=until,
@@ -190,9 +197,10 @@ def build_report(
         requests=total,
         errors=errors,
         outcomes=dict(sorted(outcomes.items())),
+        attempted=attempted,
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
-        error_rate=errors / total if total else 0.0,
+        error_rate=errors / attempted if attempted else 0.0,
         cost_usd=cost,
         cost_per_request_usd=cost / total if total else 0.0,
         targets=slo or SLOConfig(),
@@ -223,14 +231,14 @@ def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) 
     return rows
 
 
-def open_log(url: str) -> RecordStore:
+def open_log(url: str, named_by: str = "store.url in keel.yaml") -> RecordStore:
     """The request log to report on; a clear error when there is none yet at that URL (a report
-    never creates an empty database)."""
-    path = _sqlite_file(url)
+    never creates an empty database). `named_by` says where the URL came from, for the message."""
+    path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StoreError(
-            f"no request log at {path}: store.url in keel.yaml names a file that does not exist; "
-            "it is created by `keel serve` on its first call, relative to the directory it runs in"
+            f"no request log at {path} ({named_by}); `keel serve` creates it on its first call, "
+            "relative to the directory it runs in: run the report from there, or name its config with --config"
         )
     store = RecordStore(url)
     try:
@@ -242,12 +250,12 @@ def open_log(url: str) -> RecordStore:
         store.close()
         raise StoreError(
             f"the request log at {store.safe_url} has no tables yet: start `keel serve` once against it, "
-            "or check store.url in keel.yaml"
+            f"or check {named_by}"
         )
     return store
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The file of a sqlite:/// URL; None for other URLs and in-memory databases."""
     if not url.startswith("sqlite:"):
         return None
@@ -275,11 +283,7 @@ def render_table(report: SLOReport, top: int = 20) -> RenderableType:
     for check in report.checks:
         slo.add_row(check.label, _value(check.name, check.value), "≤ " + _value(check.name, check.target),
                     _verdict(check.passed))
-    summary = Text(
-        f"{report.requests:,} requests, {report.errors:,} errors, spend {_usd(report.cost_usd)}"
-        + (f"; outcomes: {_outcomes(report)}" if report.outcomes else ""),
-        style="dim",
-    )
+    summary = Text(_summary(report), style="dim")
     parts: list[RenderableType] = [slo, summary]
     for dimension, rows in report.breakdowns.items():
         table = Table(title=f"By {dimension}", title_justify="left")
@@ -299,8 +303,7 @@ def render_markdown(report: SLOReport, top: int = 20) -> str:
         lines.append(
             f"| {check.label} | {_value(check.name, check.value)} | ≤ {_value(check.name, check.target)} | {verdict} |"
         )
-    lines += ["", f"{report.requests:,} requests, {report.errors:,} errors, spend {_usd(report.cost_usd)}"
-              + (f"; outcomes: {_outcomes(report)}" if report.outcomes else "")]
+    lines += ["", _summary(report)]
     for dimension, rows in report.breakdowns.items():
         header = f"| {dimension} | requests | prompt tokens | completion tokens | spend |"
         lines += ["", f"### By {dimension}", "", header, "|---|---:|---:|---:|---:|"]
@@ -308,6 +311,19 @@ def render_markdown(report: SLOReport, top: int = 20) -> str:
             cells = [cell.replace("|", "\\|") for cell in _usage_cells(row, dimension)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _summary(report: SLOReport) -> str:
+    return (
+        f"{counted(report.requests, 'request')} ({report.attempted:,} attempted), "
+        f"{counted(report.errors, 'error')}, spend {_usd(report.cost_usd)}"
+        + (f"; outcomes: {_outcomes(report)}" if report.outcomes else "")
+    )
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 error`, `2 errors`, `1,000 requests`."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _title(report: SLOReport) -> str:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Literal, Protocol, cast, get_args
 
-from keel.errors import AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound
+from keel.errors import AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound, UpstreamBadRequest
 from keel.observability.metrics import Metrics
 from keel.observability.record import (
     MAX_METADATA_CHARS,
@@ -220,8 +220,8 @@ def _keel_outcome(error: KeelError) -> Outcome:
             return _OUTCOME_BY_CLASS[cls.__name__]
     if error.code == "budget_exceeded":
         return "budget_exceeded"
-    if isinstance(error, InvalidRequest | AuthenticationFailed | ModelNotFound):
-        return "invalid"
+    if isinstance(error, InvalidRequest | AuthenticationFailed | ModelNotFound | UpstreamBadRequest):
+        return "invalid"  # the caller's mistake, also when the upstream said so (context_length_exceeded)
     return "error"
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -156,6 +157,42 @@ def span_row(span: SpanRecord) -> dict[str, Any]:
 _MIGRATING = threading.Lock()
 
 
+@contextmanager
+def _exclusive_file(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` and delete the file on release. A waiter that wins the lock on a
+    file already deleted (its inode no longer at `path`) opens the path again, so two processes
+    never hold locks on two different files at once."""
+    while True:
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(lock.fileno()).st_ino:
+                continue  # deleted by the previous holder while this one waited: the lock is stale
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # before the unlock: a waiter then sees its lock is stale
+            return
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs each plugin and migration step at INFO; at every start that is noise. Its
+    logger says only warnings while it runs (unless someone set its level on purpose)."""
+    alembic = logging.getLogger("alembic")
+    if alembic.level != logging.NOTSET:
+        yield
+        return
+    alembic.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic.setLevel(logging.NOTSET)
+
+
 class RecordStore:
     """The request log in one database: `RecordStore("sqlite:///keel.db")` or a PostgreSQL URL.
 
@@ -178,17 +215,17 @@ class RecordStore:
 
     def migrate(self) -> None:
         """Create the schema, or upgrade it to the newest revision (`alembic upgrade head`)."""
-        # Alembic announces each of its plugins at INFO when imported; keep "Running upgrade" only.
-        plugins = logging.getLogger("alembic.runtime.plugins")
-        if plugins.level == logging.NOTSET:
-            plugins.setLevel(logging.WARNING)
-        from alembic import command
-        from alembic.config import Config
+        with _quiet_alembic():
+            from alembic import command
+            from alembic.config import Config
 
         config = Config()
         # ConfigParser interpolation: a literal % in the path must be doubled.
         config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
-        with self._migration_lock(), self._translated("create or upgrade the schema of"), self.engine.begin() as conn:
+        with (
+            self._migration_lock(), _quiet_alembic(), self._translated("create or upgrade the schema of"),
+            self.engine.begin() as conn,
+        ):
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             config.attributes["connection"] = conn
@@ -197,18 +234,15 @@ class RecordStore:
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:
         """SQLite has no advisory lock: two writers (threads or processes) opening one new file
-        would both create the tables. A file lock beside the database serialises them."""
+        would both create the tables. A file lock beside the database serialises them, and is
+        deleted by its holder, so none is left behind."""
         if self.path is None:
             with _MIGRATING:
                 yield
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _MIGRATING, open(self.path.with_name(self.path.name + ".migrate-lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with _MIGRATING, _exclusive_file(self.path.with_name(self.path.name + ".migrate-lock")):
+            yield
 
     def has_schema(self) -> bool:
         """Whether the tables exist (also a cheap probe of the connection)."""

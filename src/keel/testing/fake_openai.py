@@ -249,20 +249,45 @@ class FakeOpenAIServer(ThreadedServer):
         return f"http://127.0.0.1:{self.port}/v1"
 
 
+# One sentence per flag for --help; a FakeBehaviour field without one fails a test.
+FLAG_HELP: dict[str, str] = {
+    "fail_rate": "share of calls (0 to 1) answered with --fail-status, drawn from --seed",
+    "fail_first": "answer the next this-many calls with --fail-status, then behave",
+    "fail_status": "HTTP status of the failures that --fail-rate and --fail-first make",
+    "retry_after": "seconds sent as Retry-After with 429 and 503 failures; unset: no header",
+    "hang": "accept calls and never answer them",
+    "reset": "close the connection without an answer",
+    "malformed": "answer 200 with a body that is not JSON",
+    "cut_after": "streams: drop the connection after this many chunks; unset: never",
+    "stall_after": "streams: go silent after this many chunks; unset: never",
+    "chunks": "content chunks per streamed answer",
+    "latency_ms": "wait this long before answering",
+    "chunk_delay_ms": "streams: wait this long between chunks",
+    "replay": "an SSE transcript file sent byte for byte to stream requests; unset: none",
+    "model": "the model name in answers and in /v1/models",
+    "seed": "seed of the failure draws: the same seed fails the same calls",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9100)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
+        epilog="At run time: POST /_fake/config changes these settings, GET /_fake/stats says what it saw.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9100, help="port to listen on")
     for f in fields(FakeBehaviour):
         kind = {"float": float, "int": int, "bool": None, "str": str}.get(str(f.type).split(" ")[0])
         flag = "--" + f.name.replace("_", "-")
+        help_text = FLAG_HELP.get(f.name, "")
         if kind is None and "bool" in str(f.type):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=help_text)
         elif "None" in str(f.type):
             parser.add_argument(flag, type=float if "float" in str(f.type) else
-                                (int if "int" in str(f.type) else str), default=None)
+                                (int if "int" in str(f.type) else str), default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind or str, default=f.default)
+            parser.add_argument(flag, type=kind or str, default=f.default, help=help_text)
     args = vars(parser.parse_args(argv))
     host, port = args.pop("host"), args.pop("port")
     fake = FakeOpenAI(FakeBehaviour(**args))
@@ -272,7 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    web.run_app(fake.app, host=host, port=port, access_log=None, print=None, handler_cancellation=True,
+    literal = f"[{host}]" if ":" in host else host
+
+    def listening(_: str) -> None:  # aiohttp calls it once the socket listens
+        print(f"fake OpenAI upstream listening on http://{literal}:{port}/v1 (Ctrl-C stops it)", flush=True)
+
+    web.run_app(fake.app, host=host, port=port, access_log=None, print=listening, handler_cancellation=True,
                 shutdown_timeout=1.0)
 
 
