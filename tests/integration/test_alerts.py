@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,18 +41,22 @@ async def alerts(count: int) -> list[Alert]:
     return raised
 
 
+DOWN_FOR_GOOD = 10**9
+
+
 class Webhook:
-    """A local webhook that answers 503 until `down_until`, then 200; it remembers what it took."""
+    """A local webhook that answers 503 to its first `down_for` requests, then 200; it remembers
+    what it took. (Counted in requests, not seconds: nothing here depends on the machine's speed.)"""
 
     def __init__(self) -> None:
-        self.down_until = 0.0
+        self.down_for = 0
         self.taken: list[dict[str, Any]] = []
         self.refused = 0
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if time.monotonic() < self.down_until:
+        if self.refused < self.down_for:
             self.refused += 1
             return web.Response(status=503)
         self.taken.append(body)
@@ -75,12 +78,25 @@ async def webhook() -> AsyncIterator[Webhook]:
     await runner.cleanup()
 
 
+class Waits(list[float]):
+    """The sender's sleep between tries: records the wait asked for and lets the loop run once."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        await asyncio.sleep(0)
+
+
 @pytest.fixture
-async def sender_for() -> AsyncIterator[Callable[..., AlertSender]]:
+def waits() -> Waits:
+    return Waits()
+
+
+@pytest.fixture
+async def sender_for(waits: Waits) -> AsyncIterator[Callable[..., AlertSender]]:
     made: list[AlertSender] = []
 
     def make(url: str | None, **settings: Any) -> AlertSender:
-        sender = AlertSender(AlertsConfig(webhook_url=url, initial_backoff_s=0.1, **settings))
+        sender = AlertSender(AlertsConfig(webhook_url=url, initial_backoff_s=0.1, **settings), sleep=waits)
         made.append(sender)
         return sender
 
@@ -98,17 +114,18 @@ async def wait_for(condition: Callable[[], bool]) -> None:
 
 
 async def test_an_alert_reaches_a_webhook_that_was_down_for_a_while_exactly_once(
-    webhook: Webhook, sender_for: Callable[..., AlertSender]
+    webhook: Webhook, sender_for: Callable[..., AlertSender], waits: Waits
 ) -> None:
-    webhook.down_until = time.monotonic() + 1.5
+    webhook.down_for = 4
     sender = sender_for(webhook.url)
     await sender.start()
     [alert] = await alerts(1)
     sender.send(alert)
     await wait_for(lambda: sender.delivered == 1)
-    await asyncio.sleep(0.3)  # nothing more arrives
+    await sender.stop(timeout_s=5)  # nothing more can arrive
     assert webhook.taken == [alert.payload()]
-    assert webhook.refused >= 3 and sender.retried == webhook.refused and sender.lost == 0
+    assert webhook.refused == 4 and sender.retried == 4 and sender.lost == 0
+    assert waits == [0.1, 0.2, 0.4, 0.8]  # exponential backoff from initial_backoff_s
     body = webhook.taken[0]
     assert (body["scope"], body["match"], body["window"], body["limit_usd"], body["threshold"]) == (
         "feature", "faq", "month", 1.0, 0.25)
@@ -118,7 +135,7 @@ async def test_an_alert_reaches_a_webhook_that_was_down_for_a_while_exactly_once
 async def test_alerts_queued_while_the_webhook_is_down_arrive_in_order(
     webhook: Webhook, sender_for: Callable[..., AlertSender]
 ) -> None:
-    webhook.down_until = time.monotonic() + 0.5
+    webhook.down_for = 3
     sender = sender_for(webhook.url)
     await sender.start()
     raised = await alerts(3)
@@ -131,7 +148,7 @@ async def test_alerts_queued_while_the_webhook_is_down_arrive_in_order(
 async def test_an_alert_is_given_up_after_max_attempts_and_logged_with_its_payload(
     webhook: Webhook, sender_for: Callable[..., AlertSender], caplog: pytest.LogCaptureFixture
 ) -> None:
-    webhook.down_until = time.monotonic() + 3600
+    webhook.down_for = DOWN_FOR_GOOD
     sender = sender_for(webhook.url, max_attempts=3)
     await sender.start()
     [alert] = await alerts(1)
@@ -155,16 +172,23 @@ async def test_an_unreachable_webhook_is_retried_like_a_failing_one(sender_for: 
 
 
 async def test_stopping_logs_alerts_still_undelivered(
-    webhook: Webhook, sender_for: Callable[..., AlertSender], caplog: pytest.LogCaptureFixture
+    webhook: Webhook, caplog: pytest.LogCaptureFixture
 ) -> None:
-    webhook.down_until = time.monotonic() + 3600
-    sender = sender_for(webhook.url)
+    webhook.down_for = DOWN_FOR_GOOD
+    retried = asyncio.Event()
+
+    async def park(seconds: float) -> None:  # the first retry waits until the gateway stops
+        retried.set()
+        await asyncio.Event().wait()
+
+    sender = AlertSender(AlertsConfig(webhook_url=webhook.url), sleep=park)
     await sender.start()
     raised = await alerts(2)
     for alert in raised:
         sender.send(alert)
+    await asyncio.wait_for(retried.wait(), 5)
     with caplog.at_level(logging.ERROR, logger="keel.budgets.alerts"):
-        await sender.stop(timeout_s=0.2)
+        await sender.stop(timeout_s=0)
     assert sender.lost == 2
     assert sum("the gateway stopped" in r.getMessage() for r in caplog.records) == 2
 
@@ -172,7 +196,7 @@ async def test_stopping_logs_alerts_still_undelivered(
 async def test_stopping_waits_for_alerts_being_delivered(
     webhook: Webhook, sender_for: Callable[..., AlertSender]
 ) -> None:
-    webhook.down_until = time.monotonic() + 0.3
+    webhook.down_for = 2
     sender = sender_for(webhook.url)
     await sender.start()
     for alert in await alerts(2):

@@ -1,7 +1,7 @@
 """Budget alerts: logged, counted, and POSTed to a webhook until it takes them.
 
 `send` returns at once: the alert is logged (WARNING), counted, and queued; one background task
-POSTs queued alerts in order, retrying each with exponential backoff (`initial_backoff_s`,
+POSTs queued alerts in order, retrying each with exponential backoff (tenacity's: `initial_backoff_s`,
 doubling, at most 5 minutes apart) up to `max_attempts` tries, so a webhook that is down for a
 while (the defaults span about an hour) still gets every alert. Each payload has an `id` that is
 the same for every try: a receiver that saw a try time out after taking it dedupes on that.
@@ -17,11 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from keel.config import AlertsConfig
 from keel.limits.budgets import Alert
@@ -32,9 +39,13 @@ MAX_BACKOFF_S = 300.0
 
 
 class AlertSender:
-    def __init__(self, config: AlertsConfig, *, queue_size: int = 1000, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, config: AlertsConfig, *, queue_size: int = 1000, timeout_s: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config
         self.timeout_s = timeout_s  # per POST
+        self._sleep = sleep  # between tries; tests pass one that does not wait
         self.raised: dict[tuple[str, str, str], int] = {}  # (scope, window, threshold) → alerts
         self.delivered = 0
         self.retried = 0
@@ -97,26 +108,34 @@ class AlertSender:
 
     async def _deliver(self, alert: Alert) -> None:
         assert self._session is not None and self.config.webhook_url is not None
-        body = orjson.dumps(alert.payload())
-        wait = self.config.initial_backoff_s
-        for attempt in range(1, self.config.max_attempts + 1):
-            try:
-                async with self._session.post(
-                    self.config.webhook_url, data=body, headers={"content-type": "application/json"}
-                ) as response:
-                    if 200 <= response.status < 300:
-                        self.delivered += 1
-                        return
-                    problem = f"HTTP {response.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if attempt == self.config.max_attempts:
-                break
-            self.retried += 1
-            log.info("budget alert webhook failed (%s); try %d in %.1f s", problem, attempt + 1, wait)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, MAX_BACKOFF_S)
-        self._lose(alert, f"the webhook failed {self.config.max_attempts} times, lastly with {problem}")
+        session, url, body = self._session, self.config.webhook_url, orjson.dumps(alert.payload())
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_attempts),
+            wait=wait_exponential(multiplier=self.config.initial_backoff_s, max=MAX_BACKOFF_S),
+            retry=retry_if_exception_type((WebhookRefused, aiohttp.ClientError, TimeoutError)),
+            before_sleep=self._retrying,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+                        if not 200 <= response.status < 300:
+                            raise WebhookRefused(f"HTTP {response.status}")
+        except (WebhookRefused, aiohttp.ClientError, TimeoutError) as exc:
+            self._lose(alert, f"the webhook failed {self.config.max_attempts} times, lastly with {_problem(exc)}")
+            return
+        self.delivered += 1
+
+    def _retrying(self, state: RetryCallState) -> None:
+        self.retried += 1
+        error = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.info(
+            "budget alert webhook failed (%s); try %d in %.1f s",
+            _problem(error) if error is not None else "?", state.attempt_number + 1, wait,
+        )
 
     def _lose(self, alert: Alert, why: str) -> None:
         self.lost += 1
@@ -139,3 +158,13 @@ class AlertSender:
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
+
+
+class WebhookRefused(Exception):
+    """The webhook answered, but not with a 2xx: worth another try."""
+
+
+def _problem(error: BaseException) -> str:
+    if isinstance(error, WebhookRefused):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -1,32 +1,27 @@
-"""How long to wait before the next attempt: exponential backoff with full jitter, or the
-upstream's Retry-After when it gave one (capped, so a hostile header cannot park a call)."""
+"""How long to wait before the next attempt: tenacity's exponential backoff with full jitter,
+or the upstream's Retry-After when it gave one (capped, so a hostile header cannot park a call)."""
 
 from __future__ import annotations
 
-import random
-
-from tenacity import RetryCallState
+from tenacity import RetryCallState, wait_random_exponential
+from tenacity.wait import wait_base
 
 from keel.config import RetryConfig
 
-_RNG = random.Random()  # one per process: seeding a new one per call costs an os.urandom read
 
-
-class BackoffWithRetryAfter:
+class BackoffWithRetryAfter(wait_base):
     """A tenacity wait strategy: full jitter (AWS architecture blog's "Full Jitter") between
     0 and min(max, initial * 2**(n-1)), raised to the upstream's Retry-After when it asked."""
 
-    def __init__(self, config: RetryConfig, rng: random.Random | None = None) -> None:
-        self.initial = config.initial_backoff_ms / 1000
-        self.maximum = config.max_backoff_ms / 1000
+    def __init__(self, config: RetryConfig) -> None:
+        self.jitter = wait_random_exponential(
+            multiplier=config.initial_backoff_ms / 1000, max=config.max_backoff_ms / 1000
+        )
         self.retry_after_cap = config.max_retry_after_s
-        self.rng = rng if rng is not None else _RNG
 
-    def __call__(self, state: RetryCallState) -> float:
-        # Bound the exponent: 2**n overflows a float long before max_attempts could get there.
-        ceiling = min(self.maximum, self.initial * 2.0 ** min(state.attempt_number - 1, 64))
-        wait = self.rng.uniform(0, ceiling)
-        error = state.outcome.exception() if state.outcome is not None else None
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = self.jitter(retry_state)
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             wait = max(wait, min(float(retry_after), self.retry_after_cap))
