@@ -12,13 +12,14 @@ import logging
 import os
 import re
 import string
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from keel.validation_errors import path_text, reworded, shown, unknown_key
 
 log = logging.getLogger("keel.config")
 
@@ -491,7 +492,7 @@ def _message(err: Any, loc: tuple[Any, ...]) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        return _unknown_key(loc)
+        return unknown_key(loc, KeelConfig, _BRANCH_MODELS)
     if kind == "missing":
         return f"required key '{loc[-1]}' is missing" + _MISSING_HINTS.get(str(loc[-1]), "")
     if kind == "union_tag_invalid":
@@ -507,8 +508,8 @@ def _message(err: Any, loc: tuple[Any, ...]) -> str:
     if kind == "list_type":
         return f"must be a list (lines starting with '- '), got {_kind(value)}"
     if loc and loc[-1] == "[key]":
-        return f"'{value}' is not a valid key here; {_lower(err['msg'])}"
-    message = _lower(re.sub(r"^Value error, ", "", err["msg"]))
+        return f"'{value}' is not a valid key here; {reworded(err['msg'])}"
+    message = reworded(err["msg"])
     if kind == "value_error":
         return message
     if "headers" not in loc:  # header values may be secrets
@@ -534,60 +535,10 @@ _MISSING_HINTS = {
 }
 
 
-def _unknown_key(loc: tuple[Any, ...]) -> str:
-    key = str(loc[-1])
-    valid = list(_fields_at(loc[:-1]))
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key '{key}'; did you mean '{close[0]}'?"
-    if valid:
-        return f"unknown key '{key}'; valid keys here: {', '.join(valid)}"
-    return f"unknown key '{key}' (check its spelling and indentation)"
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at a location of the file, following pydantic's raw location."""
-    current: type[BaseModel] | None = KeelConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if part in _BRANCH_MODELS:
-            current = _BRANCH_MODELS[part]
-            continue
-        if current is None or part not in current.model_fields:
-            return []
-        current = _model_in(current.model_fields[part].annotation)
-    return list(current.model_fields) if current is not None else []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The one config model inside `list[X]`, `X | None`, `Annotated[X, ...]`; None when ambiguous."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = get_origin(annotation)
-    if origin is None:
-        return None
-    found = {m for arg in get_args(annotation) if (m := _model_in(arg)) is not None}
-    if origin in (Union, types.UnionType) and len(found) > 1:
-        return None
-    return found.pop() if len(found) == 1 else None
-
-
 def _location(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _BRANCH_MODELS or part in _SCALAR_BRANCHES or part == "[key]":
-            continue  # the union member pydantic tried, not a key the user wrote
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _lower(message: str) -> str:
-    message = re.sub(r"^Input should", "should", message)
-    return re.sub(r" or instance of \w+", "", message)
+    # The union members pydantic tried are not keys the user wrote.
+    written = (p for p in loc if p not in _BRANCH_MODELS and p not in _SCALAR_BRANCHES and p != "[key]")
+    return path_text(written, top="(top level)")
 
 
 def _shown(value: Any) -> str:
@@ -595,8 +546,7 @@ def _shown(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shown(value, as_json=False, limit=60)
 
 
 def _kind(value: Any) -> str:

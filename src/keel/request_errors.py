@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import orjson
 from pydantic import BaseModel, ValidationError
 
 from keel.errors import InvalidRequest
+from keel.validation_errors import path_text, reworded, shown
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -44,22 +44,22 @@ def invalid_request(exc: ValidationError, data: Any) -> InvalidRequest:
     best = max(range(len(found)), key=lambda i: (len(places[i][1]), found[i]["type"] not in _EXPECTED))
     error, (param, path) = found[best], places[best]
     same = [found[i] for i in range(len(found)) if places[i][0] == param]
-    kind, shown = error["type"], _shown(error["input"])
+    kind, got = error["type"], shown(error["input"], as_json=True)
     if kind in ("missing", "union_tag_not_found"):
         message = f"Missing required parameter '{param}'."
     elif kind == "union_tag_invalid":
-        tag, expected_tags = _shown(error["ctx"]["tag"]), error["ctx"]["expected_tags"]
+        tag, expected_tags = shown(error["ctx"]["tag"], as_json=True), error["ctx"]["expected_tags"]
         message = f"Invalid value for '{param}': {tag} is not one of {expected_tags}."
     elif all(e["type"] in _EXPECTED for e in same):
         expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in same))
-        message = f"Invalid type for '{param}': expected {expected}, got {shown}."
+        message = f"Invalid type for '{param}': expected {expected}, got {got}."
     elif kind == "too_short":
         least = error["ctx"]["min_length"]
-        message = f"Invalid value for '{param}': it must hold at least {least} item{'s' * (least != 1)}, got {shown}."
+        message = f"Invalid value for '{param}': it must hold at least {least} item{'s' * (least != 1)}, got {got}."
     elif kind == "string_too_short":
         message = f"Invalid value for '{param}': it must not be empty."
     else:
-        message = f"Invalid value for '{param}': {_reworded(str(error['msg']))} (got {shown})."
+        message = f"Invalid value for '{param}': {_as_clause(str(error['msg']))} (got {got})."
     # Other places in the body, not the union alternatives tried on the way to this one.
     others = {p for p, steps in places if p != param and steps != path[: len(steps)]}
     if others:
@@ -67,13 +67,10 @@ def invalid_request(exc: ValidationError, data: Any) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _reworded(msg: str) -> str:
-    """Pydantic's sentence as the second half of ours."""
-    if msg.startswith("Value error, "):
-        return msg.removeprefix("Value error, ")  # our own validators' words
-    if msg.startswith("Input should"):
-        return "it should" + msg.removeprefix("Input should")
-    return msg
+def _as_clause(msg: str) -> str:
+    """Pydantic's sentence as the second half of ours: "it should be ..."."""
+    clause = reworded(msg)
+    return "it " + clause if clause.startswith("should") else clause
 
 
 def _place(error: Any, data: Any) -> tuple[str, list[str | int]]:
@@ -93,18 +90,7 @@ def _place(error: Any, data: Any) -> tuple[str, list[str | int]]:
         path.append(part)
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         path.append(str(error["ctx"]["discriminator"]).strip("'"))
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(body)", path
-
-
-def _shown(value: Any) -> str:
-    try:
-        text = orjson.dumps(value).decode()
-    except TypeError:
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return path_text(path, top="(body)"), path
 
 
 def _json_kind(value: Any) -> str:

@@ -21,6 +21,7 @@ from keel.config import BudgetConfig
 from keel.errors import InvalidJSON, InvalidRequest, KeelError
 from keel.limits.budgets import Budgets
 from keel.server.responses import error_response, json_response
+from keel.validation_errors import describe
 
 
 class BudgetRuleNotFound(InvalidRequest):
@@ -52,7 +53,7 @@ def admin_router(budgets: Budgets, auth: Callable[..., Any] | None = None) -> AP
             rule = BudgetConfig.model_validate(data)
             entry = await budgets.add_rule(rule)
         except ValidationError as exc:
-            return error_response(InvalidRequest(f"The budget rule is invalid: {_problems(exc)}."))
+            return error_response(InvalidRequest(f"The budget rule is invalid: {describe(exc, BudgetConfig)}"))
         except KeelError as exc:
             return error_response(exc)
         created = {"index": entry.index, "source": entry.source, "id": entry.id, "rule": rule.model_dump()}
@@ -71,14 +72,3 @@ def admin_router(budgets: Budgets, auth: Callable[..., Any] | None = None) -> AP
         return json_response({"deleted": True, "index": index, "rule": entry.rule.model_dump()})
 
     return router
-
-
-def _problems(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "the body"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = f"unknown key; valid keys: {', '.join(BudgetConfig.model_fields)}"
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
