@@ -176,8 +176,7 @@ def request_path(url: str, calls: int) -> None:
 
         on = Keel(config(url))
         off_config = config(url)
-        off = Keel(off_config, stages=[Observe(_Discard(), Tracing(off_config.tracing, _Discard()), on.metrics,
-                                               charger=on.meter)])
+        off = Keel(off_config, stages=[Observe(_Discard(), Tracing(off_config.tracing, _Discard()), on.metrics)])
         request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": QUESTION}]})
         times: dict[str, list[float]] = {"on": [], "off": []}
         async with on, off:

@@ -1,8 +1,10 @@
-"""Writing a stage: one object with one async method, placed in the pipeline by the `Keel` constructor.
+"""Writing a stage (docs/pipeline.md, "Writing a stage"): one object with one async method,
+placed in the pipeline by the `Keel` constructor, outermost first.
 
-`AttemptReport` wraps the whole call (it sits outside the reliability stage), so it sees the
-call once, after every retry and fallback, and prints which deployments were tried. On a
-stream it registers a finaliser instead of buffering: the report is printed when the stream ends.
+`AttemptReport` sits outside the reliability stage, so it sees each call once, after every retry
+and fallback. Its bookkeeping is a finaliser, registered the same way on a whole answer and on a
+stream: it runs once the reply has been delivered (a stream: at its end), never delaying it.
+`NoShouting` refuses a call with a `KeelError` before any money is spent.
 
     python examples/custom_stage.py
 """
@@ -11,7 +13,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from keel import Call, ChunkStream, Keel, Reply
+from keel import Call, Keel, Reply
 from keel.config import load_config
 from keel.errors import InvalidRequest
 from keel.pipeline import Next
@@ -19,25 +21,24 @@ from keel.types import ChatRequest
 
 
 class AttemptReport:
-    """Print, per call, the deployments tried and how each try ended."""
+    """Print, per call, how it ended and the deployments tried, once its reply has been delivered."""
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         started = time.monotonic()
         reply = await next(call)
-        if isinstance(reply, ChunkStream):
-            reply.on_finish(lambda stream: self.report(call, started, f"{len(''.join(stream.content))} chars streamed"))
-        else:
-            self.report(call, started, "answered")
+        reply.on_finish(lambda answered: self.report(call, started, answered))
         return reply
 
-    def report(self, call: Call, started: float, outcome: str) -> None:
+    def report(self, call: Call, started: float, answered: Reply) -> None:
+        text = answered.completion()["choices"][0]["message"]["content"] or ""
+        ended = "answered" if answered.error is None else f"ended by {answered.error!r}"
         tries = ", ".join(f"{a.deployment}:{a.error or 'ok'}" for a in call.ctx.attempts)
-        print(f"[{call.ctx.request_id}] {outcome} by {call.ctx.deployment} "
+        print(f"[{call.ctx.request_id}] {ended} ({len(text)} chars) by {call.ctx.deployment} "
               f"in {time.monotonic() - started:.3f} s after {tries}")
 
 
 class NoShouting:
-    """Refuse a request before any money is spent: answer without calling `next`."""
+    """Refuse a request before any money is spent: raise without calling `next`."""
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         if isinstance(call.request, ChatRequest) and call.request.last_user_text().isupper():

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, overload
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
+from keel.cost.stage import CostStage
 from keel.errors import ModelNotFound
 from keel.limits.alerts import AlertSender
 from keel.limits.budgets import Budgets
@@ -38,8 +39,8 @@ T = TypeVar("T")
 
 
 class Keel:
-    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics, cost),
-    budget, then any `stages` given here, then reliability, which calls the providers. An
+    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), budget,
+    cost, then any `stages` given here, then reliability, which calls the providers. An
     `Observe` or `BudgetStage` among `stages` replaces the default one."""
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
@@ -58,15 +59,14 @@ class Keel:
         stages = list(stages or [])
         observe = _take(stages, Observe)
         budget = _take(stages, BudgetStage)
-        self.observe = observe or Observe(
-            self.writer, self.tracing, self.metrics, charger=self.meter, log_content=config.store.log_content
-        )
+        self.observe = observe or Observe(self.writer, self.tracing, self.metrics, log_content=config.store.log_content)
         self.metrics.watch_breakers(breaker_states(self.deployments))
         self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
         self.metrics.watch_dropped(lambda: self.writer.dropped)
         self.metrics.registry.register(self.alerts)
         self.pipeline = Pipeline([
-            self.observe, budget or BudgetStage(self.budgets, self.meter, self.alerts), *stages, Reliability(),
+            self.observe, budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter), *stages,
+            Reliability(),
         ])
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -119,8 +119,13 @@ class Keel:
             raise ModelNotFound(name, list(self.deployments))
         return model, self.deployments[name]
 
-    async def handle(self, request: ChatRequest | EmbeddingRequest, ctx: Context | None = None) -> Reply:
-        """Run one validated request through the pipeline."""
+    async def handle(
+        self, request: ChatRequest | EmbeddingRequest, ctx: Context | None = None, *, caller_settles: bool = False
+    ) -> Reply:
+        """Run one validated request through the pipeline, and settle its reply once delivered: a
+        Completion before this returns, a stream when its consumer reaches its end (or closes it).
+        With `caller_settles`, the caller delivers the reply elsewhere and then calls
+        `await reply.settle()` (the gateway, after the last byte has been written)."""
         if not self._started:
             await self.start()
         ctx = ctx or Context()
@@ -135,9 +140,12 @@ class Keel:
                                   stream=chat and bool(getattr(request, "stream", False)))
             raise
         reply = await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
-        if isinstance(reply, ChunkStream) and isinstance(request, ChatRequest):
-            reply.hide_usage = not (request.stream_options and request.stream_options.include_usage)
-            reply.defer_finish = ctx.deliver_first
+        if isinstance(reply, ChunkStream):
+            reply.settles_at_end = not caller_settles
+            if isinstance(request, ChatRequest):
+                reply.hide_usage = not (request.stream_options and request.stream_options.include_usage)
+        elif not caller_settles:
+            await reply.settle()
         return reply
 
     # ------------------------------------------------------------------ library API
@@ -210,7 +218,7 @@ async def _typed_chunks(stream: ChunkStream) -> AsyncIterator[ChatCompletionChun
         async for chunk in stream:
             yield ChatCompletionChunk.model_validate(chunk)
     finally:
-        await stream.aclose()
+        await stream.settle()
 
 
 class _LoopRunner:

@@ -4,6 +4,11 @@ A `Stage` sees the `Call` on the way in and the `Reply` on the way out; it may a
 without calling `next`, call it several times, or wrap what comes back. A `Reply` is a
 `Completion` (one chat.completion or embeddings object) or a `ChunkStream`.
 
+Delivery: stages register bookkeeping on a reply (`on_finish`); whoever delivers the reply
+settles it once it has been delivered (`await reply.settle()`), which runs that bookkeeping once.
+In-process, `Keel.handle` settles a Completion before it returns and a stream settles itself at
+its end; the gateway settles each reply after its last byte has been written.
+
 Wire objects stay plain dicts on this path: they are parsed once and serialised once.
 """
 
@@ -14,8 +19,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
+from keel.cost.money import Nanos, to_usd
 from keel.errors import KeelError
 from keel.ids import random_hex
 from keel.types import ChatRequest, EmbeddingRequest
@@ -24,6 +30,7 @@ log = logging.getLogger("keel.pipeline")
 
 if TYPE_CHECKING:
     from keel.config import ModelConfig
+    from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
 
 
@@ -42,6 +49,37 @@ class Attempt:
 
 
 @dataclass(slots=True)
+class BilledUsage:
+    """An answer billed by the upstream that the client will not see (a validation re-ask, a
+    cascade's first tier, an answer an output guardrail blocked): charged with the call."""
+
+    deployment: str  # the deployment's name, as in `Deployment.name`
+    usage: dict[str, Any]
+    model: str | None = None  # the model the upstream said answered, when it differs from the configured one
+
+
+@dataclass(slots=True)
+class CallCost:
+    """What a call cost: set once when the call is settled, by the cost stage (`keel.cost.stage`);
+    read by the budget stage, the request log and the metrics."""
+
+    nanos: Nanos = 0  # exact, in nano-dollars: sum these, not `usd`, to match budget counters
+    usage: dict[str, Any] | None = None  # the usage charged, with what the upstream left out estimated
+    estimated: bool = False  # some token counts were estimated by Keel
+    unpriced: bool = False  # a deployment that answered has no known price (charged 0)
+    billed: list[BilledUsage] | None = None  # stages inside the cost stage add to it with `bill`
+
+    @property
+    def usd(self) -> float:
+        return to_usd(self.nanos)
+
+    def bill(self, billed: BilledUsage) -> None:
+        if self.billed is None:
+            self.billed = []
+        self.billed.append(billed)
+
+
+@dataclass(slots=True)
 class Context:
     """What Keel knows about a call besides the request itself."""
 
@@ -54,16 +92,13 @@ class Context:
     attempts: list[Attempt] = field(default_factory=list)
     deployment: str | None = None  # the one that answered
     first_chunk_at: float | None = None
+    # The caller's W3C trace headers, {"traceparent": ..., "tracestate": ...} (lower-case names):
+    # only these two, never the API key. The call's span is their child.
+    trace_headers: dict[str, str] | None = None
     trace_id: str | None = None  # W3C trace id (32 hex) of the call's span
     span_id: str | None = None
-    cache_status: str = "none"
-    guardrails: list[dict[str, Any]] = field(default_factory=list)
-    # Set once by the cost accounting (keel.cost), read by budgets, the log and metrics.
-    usage: dict[str, Any] | None = None
-    cost_usd: float | None = None
-    cost_estimated: bool = False
-    deliver_first: bool = False  # a Completion's finalisers are left to whoever delivers it
-    extras: dict[str, Any] = field(default_factory=dict)
+    tracer: StageTracer | None = None  # set by the observe stage, for `stage_span`
+    cost: CallCost = field(default_factory=CallCost)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -82,76 +117,78 @@ class Call:
         return isinstance(self.request, ChatRequest) and bool(self.request.stream)
 
 
-@dataclass(slots=True)
-class Completion:
-    """A whole answer: an OpenAI chat.completion (or embeddings list) object.
+class Delivery:
+    """A reply's bookkeeping (the request log, cost, budget settlement): finalisers that stages
+    register with `on_finish` and that run once, when whoever delivered the reply calls `settle()`.
 
-    Stages put their bookkeeping (log, cost, budget) in finalisers, which run once the answer
-    is delivered: by the pipeline before it returns, or, when `ctx.deliver_first` is set (the
-    gateway), by the caller after the answer has left, so that the client does not wait for it.
+    The deliverer is Keel in-process (a Completion before `Keel.handle` returns, a stream at its
+    end) and the gateway after the reply's last byte has been written, so the client never waits
+    for the bookkeeping. Finalisers run in the order they were registered: the innermost stage's first.
     """
 
-    body: dict[str, Any]
-    _finalisers: list[Callable[[Completion], Awaitable[None] | None]] = field(default_factory=list, repr=False)
-    _finished: bool = field(default=False, repr=False)
+    __slots__ = ("_finalisers", "_settled")
+
+    def __init__(self) -> None:
+        self._finalisers: list[Callable[[Any], Awaitable[None] | None]] = []
+        self._settled = False
+
+    def on_finish(self, finaliser: Callable[[Self], Awaitable[None] | None]) -> None:
+        self._finalisers.append(finaliser)
+
+    async def settle(self) -> None:
+        """Run the finalisers, once; one that fails is logged and the rest still run (a bug in one
+        stage's bookkeeping must not skip another's record or budget settlement)."""
+        if self._settled:
+            return
+        self._settled = True
+        for finaliser in self._finalisers:
+            try:
+                result = finaliser(self)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("a finaliser of %s failed: %r", type(self).__name__, finaliser)
+
+
+class Completion(Delivery):
+    """A whole answer: an OpenAI chat.completion (or embeddings list) object as a plain dict."""
+
+    __slots__ = ("body",)
     error: ClassVar[None] = None  # as a ChunkStream's: a whole answer did not fail
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__()
+        self.body = body
 
     def completion(self) -> dict[str, Any]:
         """The answer, as a ChunkStream's `completion()` gives it: a finaliser reads either alike."""
         return self.body
 
-    def on_finish(self, finaliser: Callable[[Completion], Awaitable[None] | None]) -> None:
-        self._finalisers.append(finaliser)
 
-    async def finish(self) -> None:
-        """Run the finalisers, once, in the order they were registered (the innermost stage's first)."""
-        if self._finished:
-            return
-        self._finished = True
-        await run_finalisers(self._finalisers, self)
-
-
-Finaliser = Callable[["ChunkStream"], Awaitable[None] | None]
-R = TypeVar("R", "Completion", "ChunkStream")
-
-
-async def run_finalisers(finalisers: Sequence[Callable[[R], Awaitable[None] | None]], reply: R) -> None:
-    """Each finaliser in turn; one that fails is logged and the rest still run (a bug in one
-    stage's bookkeeping must not skip another's record or budget settlement)."""
-    for finaliser in finalisers:
-        try:
-            result = finaliser(reply)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("a finaliser of %s failed: %r", type(reply).__name__, finaliser)
-
-
-class ChunkStream:
+class ChunkStream(Delivery):
     """An async iterator of chat.completion.chunk dicts that remembers what passed.
 
-    Stages that need the whole answer register a finaliser instead of buffering; it runs
-    exactly once, when the stream ends, fails, or is closed early (the client went away).
+    Stages that need the whole answer register a finaliser instead of buffering. In-process the
+    stream settles itself when it ends or fails (`settles_at_end`); `settle()` (or `aclose()`)
+    before the end closes the source first, and the finalisers see a `StreamClosed` error.
     Stages that change chunks replace the source with `wrap`, keeping one accumulator.
     """
 
     __slots__ = (
-        "_buffered", "_closed", "_ended", "_finalisers", "_source", "content", "defer_finish", "error",
-        "finish_reason", "first", "hide_usage", "id", "model", "refusal", "system_fingerprint", "tool_calls", "usage",
+        "_buffered", "_done", "_source", "content", "error", "finish_reason", "first", "hide_usage", "id", "model",
+        "refusal", "settles_at_end", "system_fingerprint", "tool_calls", "usage",
     )
 
     def __init__(self, source: AsyncIterator[dict[str, Any]]) -> None:
+        super().__init__()
         self._source = source
         self._buffered: list[dict[str, Any]] = []
-        self._finalisers: list[Finaliser] = []
         # Providers always produce the trailing usage chunk (cost needs it); a client that did
         # not ask for it (stream_options.include_usage) does not see it.
         self.hide_usage = False
-        self._closed = False
-        self._ended = False  # the source is exhausted
-        # The gateway sets this: a clean end's finalisers wait for `aclose()`, which it calls once
-        # the end has been written to the client, so the client does not wait for the bookkeeping.
-        self.defer_finish = False
+        self._done = False  # the source ended, failed or was closed: `error` says which
+        # False when the consumer delivers the stream elsewhere and settles it after (the gateway).
+        self.settles_at_end = True
         self.content: list[str] = []
         self.refusal: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
@@ -165,9 +202,6 @@ class ChunkStream:
 
     def wrap(self, transform: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]]) -> None:
         self._source = transform(self._source)
-
-    def on_finish(self, finaliser: Finaliser) -> None:
-        self._finalisers.append(finaliser)
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -186,38 +220,33 @@ class ChunkStream:
             else:
                 try:
                     chunk = await self._source.__anext__()
-                except StopAsyncIteration:
-                    self._ended = True
-                    if not self.defer_finish:
-                        await self._finish(None)
-                    raise
                 except BaseException as exc:
-                    await self._finish(exc)
+                    self._done = True
+                    if not isinstance(exc, StopAsyncIteration):
+                        self.error = exc
+                    if self.settles_at_end:
+                        await self.settle()
                     raise
             self._accumulate(chunk)
             if not (self.hide_usage and chunk.get("usage") and not chunk.get("choices")):
                 return chunk
 
-    async def aclose(self) -> None:
-        """Stop early; the source is closed and finalisers see `error` as the cause."""
-        if self._closed:
-            return
-        if self._ended:  # a clean end whose finalisers were deferred
-            await self._finish(None)
-            return
-        closer = getattr(self._source, "aclose", None)
+    async def settle(self) -> None:
+        """Run the finalisers, once. A stream that has not ended is closed first (its consumer went
+        away): its source is closed and `error` is a `StreamClosed`."""
         try:
-            if closer is not None:
-                await closer()
+            if not self._done:
+                self._done = True
+                self.error = StreamClosed("the client closed the stream before it ended")
+                closer = getattr(self._source, "aclose", None)
+                if closer is not None:
+                    await closer()
         finally:
-            await self._finish(StreamClosed("the client closed the stream before it ended"))
+            await super().settle()
 
-    async def _finish(self, error: BaseException | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.error = error
-        await run_finalisers(self._finalisers, self)
+    async def aclose(self) -> None:
+        """`settle()`, under the name async iterators are closed by."""
+        await self.settle()
 
     def _accumulate(self, chunk: dict[str, Any]) -> None:
         if self.first is None:
@@ -315,15 +344,10 @@ class Pipeline:
             handler = _bind(stage, handler)
         self._handler = handler
 
-    async def __call__(self, call: Call) -> Reply:
-        reply = await self._handler(call)
-        if isinstance(reply, Completion) and not call.ctx.deliver_first:
-            await reply.finish()
-        return reply
+    def __call__(self, call: Call) -> Awaitable[Reply]:
+        """The reply, not yet settled: whoever delivers it settles it."""
+        return self._handler(call)
 
 
 def _bind(stage: Stage, next: Next) -> Next:
-    async def run(call: Call) -> Reply:
-        return await stage(call, next)
-
-    return run
+    return lambda call: stage(call, next)  # no coroutine of its own: one frame per stage, not two

@@ -1,15 +1,14 @@
 """Budgets shared through a real Redis: two OS processes (two gateway replicas) with 250
 concurrent calls each against one cap never pass it, the counter equals the sum of the costs
-they logged exactly, and each alert threshold is reported by exactly one of them. Holds lapse,
-admin rules reach every replica, and an unreachable Redis refuses calls with a 503."""
+they logged exactly, and each alert threshold is reported by exactly one of them. Counter keys
+expire with their window, and an unreachable Redis refuses calls with a 503. What every backend
+must do, Redis included, is in test_budget_backends_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import random
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from conftest import REDIS_URL
 
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import CostMeter, PricingTable, to_nanos
-from keel.cost.accounting import COST_NANOS
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, BudgetStoreUnavailable
 from keel.limits import AlertSender, Budgets, BudgetStage, RedisBudgetBackend
@@ -82,7 +80,7 @@ async def _replica(prefix: str, calls: int, seed: int) -> dict[str, Any]:
         except BudgetExceeded:
             refused += 1
             return
-        costs.append(ctx.extras[COST_NANOS])
+        costs.append(ctx.cost.nanos)
 
     await asyncio.gather(*(one() for _ in range(calls)))
     await keel.close()
@@ -107,31 +105,13 @@ def test_two_replicas_with_500_concurrent_calls_never_pass_the_cap(prefix: str) 
     assert reserved == 0
     assert 40 <= len(costs) <= 130 and refused >= 300, (len(costs), refused)
 
-    # Each threshold reached is reported once, by one replica or the other, never both.
+    # Each threshold reached is reported once, by one replica or the other, never both. The cap
+    # (1.0) is reported when a refusal found it spent; one caused only by calls in flight is not.
     reported = [alert["threshold"] for result in results for alert in result["alerts"]]
-    assert sorted(reported) == [t for t in THRESHOLDS if t * to_nanos(CAP_USD) <= spent or t == 1.0], (
-        reported, spent)
+    below_cap = sorted(t for t in reported if t < 1.0)
+    assert below_cap == [t for t in THRESHOLDS if t < 1.0 and t * to_nanos(CAP_USD) <= spent], (reported, spent)
+    assert reported.count(1.0) <= 1, reported
     assert all(alert["id"].startswith(key) for result in results for alert in result["alerts"])
-
-
-@pytest.fixture
-async def shared(prefix: str) -> AsyncIterator[tuple[Budgets, Budgets, Clock]]:
-    clock = Clock(time.time())  # Redis expires keys by its own clock: stay near it
-    first = Budgets([BudgetConfig(scope="global", limit_usd=1)], RedisBudgetBackend(REDIS_URL, prefix),
-                    clock=clock, reservation_ttl_s=60, rules_refresh_s=0)
-    second = Budgets([BudgetConfig(scope="global", limit_usd=1)], RedisBudgetBackend(REDIS_URL, prefix),
-                     clock=clock, reservation_ttl_s=60, rules_refresh_s=0)
-    yield first, second, clock
-    await first.close()
-    await second.close()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def call_for(ctx: Context | None = None) -> Call:
@@ -140,21 +120,8 @@ def call_for(ctx: Context | None = None) -> Call:
     return Call(request, cfg.models[0], [], ctx or Context())
 
 
-async def test_a_hold_that_is_never_settled_lapses_in_redis(shared: tuple[Budgets, Budgets, Clock]) -> None:
-    first, second, clock = shared
-    crashed = await first.reserve(call_for(), to_nanos(0.75))  # its replica dies: never settled
-    with pytest.raises(BudgetExceeded):
-        await second.reserve(call_for(), to_nanos(0.5))
-    clock.now += 121  # the hold lasts the model's timeout_s (60 s) plus 60 s
-    late = await second.reserve(call_for(), to_nanos(0.5))
-    await second.settle(late, to_nanos(0.5))
-    key = late.counters[0].key
-    assert await second.backend.snapshot([key], clock()) == [(to_nanos(0.5), 0)]
-    assert crashed.counters[0].key == key
-
-
-async def test_counter_keys_expire_after_their_window(shared: tuple[Budgets, Budgets, Clock]) -> None:
-    first, _, _ = shared
+async def test_counter_keys_expire_after_their_window(prefix: str) -> None:
+    first = Budgets([BudgetConfig(scope="global", limit_usd=1)], RedisBudgetBackend(REDIS_URL, prefix))
     reservation = await first.reserve(call_for(), to_nanos(0.1))
     await first.settle(reservation, to_nanos(0.1))
     client = redis.asyncio.Redis.from_url(REDIS_URL)
@@ -163,28 +130,7 @@ async def test_counter_keys_expire_after_their_window(shared: tuple[Budgets, Bud
     assert expires_at is not None and await client.expiretime(key) == expires_at
     assert await client.expiretime(key + ":holds") in (expires_at, -2)  # -2: emptied, so gone
     await client.aclose()
-
-
-async def test_admin_rules_reach_every_replica(shared: tuple[Budgets, Budgets, Clock]) -> None:
-    first, second, _ = shared
-    entry = await first.add_rule(BudgetConfig(scope="user", match="ann", limit_usd=0.1))
-    assert [e.source for e in await second.rules()] == ["config", "admin"]
-    with pytest.raises(BudgetExceeded, match="user 'ann'"):
-        await second.reserve(call_for(Context(user="ann")), to_nanos(0.2))
-    await second.remove_rule(entry.index)
-    await first.reserve(call_for(Context(user="ann")), to_nanos(0.2))
-
-
-async def test_admin_status_reads_the_shared_counters(shared: tuple[Budgets, Budgets, Clock]) -> None:
-    first, second, _ = shared
-    await first.add_rule(BudgetConfig(scope="feature", limit_usd=5))
-    for feature, amount in (("faq", 0.25), ("chat:v2", 0.5)):
-        reservation = await first.reserve(call_for(Context(feature=feature)), to_nanos(amount))
-        await first.settle(reservation, to_nanos(amount))
-    status = await second.status()
-    assert status[0]["counters"][0]["spent_usd"] == 0.75
-    per_feature = {c["value"]: c["spent_usd"] for c in status[1]["counters"]}
-    assert per_feature == {"faq": 0.25, "chat:v2": 0.5}
+    await first.close()
 
 
 async def test_an_unreachable_redis_refuses_calls_with_a_503() -> None:

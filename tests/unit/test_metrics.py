@@ -4,7 +4,6 @@ bounded; breakers, queues and dropped records are read at scrape time."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from keel.observability.metrics import OTHER, BoundedLabel, Metrics, breaker_sta
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.stage import Observe
 from keel.observability.tracing import Tracing
-from keel.pipeline import Call, ChunkStream, Context
+from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply
 from keel.reliability.breaker import BreakerState
 from keel.types import ChatRequest
 
@@ -32,23 +31,25 @@ class Sink:
         pass
 
 
-class Charger:
-    def charge(self, call: Call, answer: Mapping[str, Any] | None) -> None:
-        if answer is None:
-            return
-        usage = answer.get("usage") or {"prompt_tokens": 5, "completion_tokens": 7}
-        call.ctx.usage = {**usage, "prompt_tokens_details": {"cached_tokens": 2}}
-        call.ctx.cost_usd = 0.001 * usage["prompt_tokens"]
+class CachedTokens:
+    """An upstream that reports two of the prompt's tokens as cached (plain answers)."""
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        reply = await next(call)
+        if isinstance(reply, Completion):
+            reply.body["usage"]["prompt_tokens_details"] = {"cached_tokens": 2}
+        return reply
 
 
 def keel_for(metrics: Metrics, sink: Sink) -> Keel:
     config = KeelConfig.model_validate({"models": [
-        {"name": "good", "deployments": [{"provider": "simulated", "name": "sim-a"}]},
+        {"name": "good", "deployments": [{"provider": "simulated", "name": "sim-a",
+                                          "price": {"input": 1000, "output": 2000}}]},
         {"name": "flaky", "retry": {"max_attempts": 3, "initial_backoff_ms": 0},
          "deployments": [{"provider": "simulated", "name": "sim-bad", "errors": {"500": 1.0}}]},
     ]})
-    observe = Observe(sink, Tracing(TracingConfig(to_store=False)), metrics, Charger())
-    return Keel(config, stages=[observe])
+    observe = Observe(sink, Tracing(TracingConfig(to_store=False)), metrics)
+    return Keel(config, stages=[observe, CachedTokens()])
 
 
 def chat(model: str, **fields: Any) -> ChatRequest:
@@ -95,6 +96,8 @@ async def test_metrics_after_a_scripted_run_equal_what_the_records_say() -> None
     assert value(metrics, "keel_time_to_first_token_seconds_sum", model="good") == pytest.approx(
         sum(r.ttft_ms or 0 for r in streams) / 1000
     )
+    assert all(r.cost_usd > 0 for r in records if r.model == "good")
+    assert sum(r.cached_tokens for r in records) == 4
     for feature in ("search", "summary"):
         assert value(metrics, "keel_cost_usd_total", model="good", feature=feature) == pytest.approx(
             sum(r.cost_usd for r in records if r.feature == feature and r.model == "good")

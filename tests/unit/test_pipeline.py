@@ -1,4 +1,5 @@
-"""ChunkStream remembers what passed, runs finalisers exactly once, and hides what clients did not ask for."""
+"""ChunkStream remembers what passed and hides what clients did not ask for; every reply is settled
+(its finalisers run) exactly once, by whoever delivers it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import UpstreamConnectionError
-from keel.pipeline import Call, ChunkStream, Completion, Next, Pipeline, Reply, StreamClosed
+from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Pipeline, Reply, StreamClosed
 from keel.types import ChatRequest
 
 
@@ -132,36 +133,50 @@ class _nothing:
         return None
 
 
-async def test_a_completion_is_finished_by_the_pipeline_unless_delivery_comes_first() -> None:
+async def test_a_reply_is_settled_by_keel_in_process_or_else_by_its_caller_once() -> None:
     ran: list[str] = []
 
     class Bookkeeping:
         async def __call__(self, call: Call, next: Next) -> Reply:
             reply = await next(call)
-            assert isinstance(reply, Completion)
-            reply.on_finish(lambda completion: ran.append(completion.body["id"]))
+            reply.on_finish(lambda answered: ran.append(f"{call.ctx.request_id} {answered.error!r}"))
             return reply
 
-    keel = Keel(parse_config({"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}]}))
+    keel = Keel(parse_config({"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}]}),
+                stages=[Bookkeeping()])
+    plain = ChatRequest.model_validate({"model": "sim", "messages": [{"role": "user", "content": "x"}]})
+    ctx = Context()
+    await keel.handle(plain, ctx)
+    assert ran == [f"{ctx.request_id} None"], "in-process: settled before the answer is returned"
 
-    class Answer:
-        async def __call__(self, call: Call, next: Next) -> Reply:
-            return Completion({"id": call.ctx.request_id})
+    ran.clear()
+    ctx = Context()
+    reply = await keel.handle(plain, ctx, caller_settles=True)
+    assert ran == []
+    await reply.settle()
+    await reply.settle()
+    assert ran == [f"{ctx.request_id} None"], "the caller settles it, once"
 
-    pipeline = Pipeline([Bookkeeping(), Answer()])
-    model, deployments = keel.resolve("sim")
-    request = ChatRequest.model_validate({"model": "sim", "messages": [{"role": "user", "content": "x"}]})
-    call = Call(request=request, model=model, deployments=deployments)
-    await pipeline(call)
-    assert ran == [call.ctx.request_id], "the library's path: finished before the answer is returned"
+    ran.clear()
+    ctx = Context()
+    stream = await keel.handle(plain.model_copy(update={"stream": True}), ctx, caller_settles=True)
+    assert isinstance(stream, ChunkStream)
+    assert [c async for c in stream] and ran == [], "its end is not its settlement: the caller has yet to deliver it"
+    await stream.settle()
+    assert ran == [f"{ctx.request_id} None"], "a clean end, not a close"
+    await keel.close()
 
-    later = Call(request=request, model=model, deployments=deployments)
-    later.ctx.deliver_first = True
-    reply = await pipeline(later)
-    assert isinstance(reply, Completion) and ran == [call.ctx.request_id]
-    await reply.finish()
-    await reply.finish()
-    assert ran == [call.ctx.request_id, later.ctx.request_id], "the deliverer finishes it, once"
+
+async def test_a_failed_stream_delivered_elsewhere_is_settled_with_its_error() -> None:
+    ran: list[BaseException | None] = []
+    stream = ChunkStream(source([chunk({"content": "a"})], UpstreamConnectionError("cut")))
+    stream.settles_at_end = False
+    stream.on_finish(lambda s: ran.append(s.error))
+    with pytest.raises(UpstreamConnectionError):
+        _ = [c async for c in stream]
+    assert ran == []
+    await stream.settle()
+    assert len(ran) == 1 and isinstance(ran[0], UpstreamConnectionError)
 
 
 async def test_a_failing_finaliser_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
@@ -173,7 +188,7 @@ async def test_a_failing_finaliser_is_logged_and_the_others_still_run(caplog: py
     completion = Completion({"id": "x"})
     completion.on_finish(broken)
     completion.on_finish(lambda _: ran.append("completion"))
-    await completion.finish()
+    await completion.settle()
 
     stream = ChunkStream(source([chunk({"content": "hi"}, "stop")]))
     stream.on_finish(broken)

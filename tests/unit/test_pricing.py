@@ -16,11 +16,10 @@ from conftest import require_service
 
 from keel.config import ConfigError, KeelConfig, Price, parse_config
 from keel.cost import CHECKED, CostMeter, PricingTable, cost, cost_nanos, to_nanos
-from keel.cost.accounting import BILLED_USAGE, COST_NANOS, UNPRICED
 from keel.cost.pricing import BUILT_IN, FREE
 from keel.cost.tokens import completion_tokens, prompt_tokens, text_tokens
 from keel.engine import Keel
-from keel.pipeline import Attempt, Call, ChunkStream, Completion, Context, Next, Reply
+from keel.pipeline import Attempt, BilledUsage, Call, ChunkStream, Completion, Context, Next, Reply
 from keel.providers.anthropic import usage_from
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -181,21 +180,6 @@ def test_embeddings_usage_without_completion_tokens_costs_its_input() -> None:
 # ---------------------------------------------------------------------------- the meter, through the pipeline
 
 
-class Charging:
-    """A stage that charges every answer as the budget stage does (at the end of a stream)."""
-
-    def __init__(self, meter: CostMeter) -> None:
-        self.meter = meter
-
-    async def __call__(self, call: Call, next: Next) -> Reply:
-        reply = await next(call)
-        if isinstance(reply, ChunkStream):
-            reply.on_finish(lambda stream: self.meter.charge(call, stream.completion()))
-        else:
-            self.meter.charge(call, reply.body)
-        return reply
-
-
 class WithoutUsage:
     """An upstream that reports no usage (some OpenAI-compatible servers, on streams)."""
 
@@ -220,8 +204,7 @@ async def run() -> AsyncIterator[Callable[..., Any]]:
     async def call(
         cfg: KeelConfig, ctx: Context, read: int | None = None, usage: bool = True, **request: Any
     ) -> Any:
-        stages: list[Any] = [Charging(CostMeter(PricingTable(cfg)))] + ([] if usage else [WithoutUsage()])
-        keel = Keel(cfg, stages=stages)
+        keel = Keel(cfg, stages=[] if usage else [WithoutUsage()])  # its cost stage charges the call
         made.append(keel)
         body = {"model": "m", "messages": [{"role": "user", "content": "one two three four five"}], **request}
         reply = await keel.handle(ChatRequest.model_validate(body), ctx)
@@ -244,10 +227,10 @@ async def test_a_stream_costs_what_the_same_answer_costs_unstreamed(run: Callabl
     plain, streamed = Context(), Context()
     await run(cfg, plain)
     await run(cfg, streamed, stream=True, stream_options={"include_usage": True})
-    assert plain.usage is not None and plain.usage["completion_tokens"] > 0
-    assert streamed.usage == plain.usage
-    assert streamed.cost_usd == plain.cost_usd and streamed.cost_estimated is plain.cost_estimated is False
-    assert streamed.extras[COST_NANOS] == plain.extras[COST_NANOS] == cost_nanos(plain.usage, Price(input=2, output=8))
+    assert plain.cost.usage is not None and plain.cost.usage["completion_tokens"] > 0
+    assert streamed.cost.usage == plain.cost.usage
+    assert streamed.cost.usd == plain.cost.usd and streamed.cost.estimated is plain.cost.estimated is False
+    assert streamed.cost.nanos == plain.cost.nanos == cost_nanos(plain.cost.usage, Price(input=2, output=8))
 
 
 async def test_a_stream_without_usage_is_estimated_and_marked(run: Callable[..., Any]) -> None:
@@ -255,17 +238,17 @@ async def test_a_stream_without_usage_is_estimated_and_marked(run: Callable[...,
     plain, streamed = Context(), Context()
     await run(cfg, plain)
     await run(cfg, streamed, stream=True, usage=False)
-    assert streamed.cost_estimated is True
-    assert streamed.usage is not None
-    assert streamed.usage["prompt_tokens"] >= plain.usage["prompt_tokens"]  # type: ignore[index]
-    assert streamed.usage["completion_tokens"] >= plain.usage["completion_tokens"]  # type: ignore[index]
-    assert streamed.extras[COST_NANOS] >= plain.extras[COST_NANOS]
+    assert streamed.cost.estimated is True
+    assert streamed.cost.usage is not None
+    assert streamed.cost.usage["prompt_tokens"] >= plain.cost.usage["prompt_tokens"]  # type: ignore[index]
+    assert streamed.cost.usage["completion_tokens"] >= plain.cost.usage["completion_tokens"]  # type: ignore[index]
+    assert streamed.cost.nanos >= plain.cost.nanos
 
 
 async def test_a_plain_answer_without_usage_is_estimated_too(run: Callable[..., Any]) -> None:
     ctx = Context()
     await run(config(SIM), ctx, usage=False)
-    assert ctx.cost_estimated is True and ctx.extras[COST_NANOS] > 0
+    assert ctx.cost.estimated is True and ctx.cost.nanos > 0
 
 
 async def test_a_stream_the_client_left_early_is_charged_for_what_it_consumed(run: Callable[..., Any]) -> None:
@@ -273,39 +256,27 @@ async def test_a_stream_the_client_left_early_is_charged_for_what_it_consumed(ru
     whole, early = Context(), Context()
     await run(cfg, whole, stream=True, usage=False)
     await run(cfg, early, stream=True, read=5, usage=False)
-    assert early.cost_estimated is True
-    assert 0 < early.extras[COST_NANOS] < whole.extras[COST_NANOS]
+    assert early.cost.estimated is True
+    assert 0 < early.cost.nanos < whole.cost.nanos
 
 
 async def test_an_unpriced_model_costs_zero_and_is_flagged(run: Callable[..., Any]) -> None:
     cfg = config({"provider": "simulated", "model": "x"}, pricing={})
     ctx = Context()
     await run(cfg, ctx)
-    assert ctx.cost_usd == 0 and UNPRICED not in ctx.extras  # simulated: free, not unknown
+    assert ctx.cost.usd == 0 and not ctx.cost.unpriced  # simulated: free, not unknown
     meter = CostMeter(PricingTable(config(openai("acme-large"))))
     hosted = config(openai("acme-large"))
     call = Call(ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
                 hosted.models[0], Keel(hosted).deployments["m"])
     call.ctx.attempts.append(Attempt("simulated/sim-model", 0.0))  # it reached a deployment
     meter.charge(call, {"model": "acme-large", "usage": {"prompt_tokens": 10, "completion_tokens": 10}})
-    assert call.ctx.cost_usd == 0 and call.ctx.extras[UNPRICED] is True
+    assert call.ctx.cost.usd == 0 and call.ctx.cost.unpriced is True
 
 
 def keel_call(cfg: KeelConfig, **request: Any) -> Call:
     body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], **request}
     return Call(ChatRequest.model_validate(body), cfg.models[0], Keel(cfg).deployments["m"])
-
-
-def test_charging_twice_keeps_the_first_charge() -> None:
-    cfg = config(SIM)
-    meter = CostMeter(PricingTable(cfg))
-    call = keel_call(cfg)
-    call.ctx.attempts.append(Attempt("simulated/sim-model", 0.0))
-    meter.charge(call, {"model": "sim-model", "usage": {"prompt_tokens": 100, "completion_tokens": 100}})
-    first = call.ctx.cost_usd
-    meter.charge(call, {"model": "sim-model", "usage": {"prompt_tokens": 999, "completion_tokens": 999}})
-    assert call.ctx.cost_usd == first == pytest.approx(0.001)
-    assert call.ctx.usage == {"prompt_tokens": 100, "completion_tokens": 100}
 
 
 def test_no_answer_or_no_attempt_costs_nothing_but_discarded_billed_answers_count() -> None:
@@ -314,15 +285,15 @@ def test_no_answer_or_no_attempt_costs_nothing_but_discarded_billed_answers_coun
     failed = keel_call(cfg)
     failed.ctx.attempts.append(Attempt("simulated/sim-model", 0.0))
     meter.charge(failed, None)
-    assert failed.ctx.cost_usd == 0
+    assert failed.ctx.cost.usd == 0
     cached = keel_call(cfg)  # answered by a stage before any deployment: no attempt
     meter.charge(cached, {"model": "sim-model", "usage": {"prompt_tokens": 100, "completion_tokens": 100}})
-    assert cached.ctx.cost_usd == 0
+    assert cached.ctx.cost.usd == 0
     reasked = keel_call(cfg)
     reasked.ctx.attempts.append(Attempt("simulated/sim-model", 0.0))
-    reasked.ctx.extras[BILLED_USAGE] = [{"deployment": "simulated/sim-model", "usage": {"prompt_tokens": 500}}]
+    reasked.ctx.cost.bill(BilledUsage("simulated/sim-model", {"prompt_tokens": 500}))
     meter.charge(reasked, {"model": "sim-model", "usage": {"prompt_tokens": 100, "completion_tokens": 100}})
-    assert reasked.ctx.extras[COST_NANOS] == (100 * 2 + 100 * 8 + 500 * 2) * 1000
+    assert reasked.ctx.cost.nanos == (100 * 2 + 100 * 8 + 500 * 2) * 1000
 
 
 def test_worst_case_is_the_prompt_and_output_limit_at_the_dearest_deployment() -> None:

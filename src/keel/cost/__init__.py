@@ -1,6 +1,6 @@
 """Cost: prices of models, what a call cost, and the most it could cost.
 
-Money is counted in whole nano-dollars (`keel.cost.money`); `Context.cost_usd` is the edge.
+Money is counted in whole nano-dollars (`keel.cost.money`); `ctx.cost.usd` is the edge.
 """
 
 from keel.cost.accounting import CostMeter

@@ -1,11 +1,11 @@
-"""What a call cost, set once on its context, and the most it could cost, for reservations."""
+"""What a call cost (`ctx.cost`, set by the cost stage) and the most it could cost, for reservations."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from keel.cost.money import Nanos, to_usd
+from keel.cost.money import Nanos
 from keel.cost.pricing import PricingTable, cost_nanos
 from keel.cost.tokens import completion_tokens, prompt_tokens
 from keel.types import ChatRequest
@@ -14,16 +14,9 @@ if TYPE_CHECKING:
     from keel.pipeline import Call
     from keel.providers.base import Deployment
 
-COST_NANOS = "cost_nanousd"  # Context.extras key: the exact cost in nano-dollars (cost_usd is this / 1e9)
-UNPRICED = "cost_unpriced"  # Context.extras key: True when the answering model has no known price
-# Context.extras key for stages inside the budget stage that got a billed answer the client will not
-# see (a validation re-ask, a cascade's first tier, an answer an output guardrail blocked): append
-# {"deployment": name, "model": returned model, "usage": usage} and it is charged with the call.
-BILLED_USAGE = "billed_usage"
-
 
 class CostMeter:
-    """Sets `ctx.usage`, `ctx.cost_usd` and `ctx.cost_estimated` from the upstream's usage.
+    """Sets `ctx.cost` (`CallCost`) from the upstream's usage.
 
     When the upstream reported no usage (or only part of it) the missing counts are estimated
     locally (`keel.cost.tokens`) and the record is marked estimated. A call that reached no
@@ -35,37 +28,27 @@ class CostMeter:
         self.default_max_tokens = default_max_tokens  # output bound of a request that sets none
 
     def charge(self, call: Call, answer: Mapping[str, Any] | None) -> None:
-        """Charge a call once for its answer (a chat.completion or embeddings body; for a stream,
-        `stream.completion()`; None when no upstream answered: nothing is billed). Later calls
-        leave the first charge unchanged. The cost in nano-dollars is also kept in
-        `ctx.extras["cost_nanousd"]`: sum that, not `cost_usd`, to match budget counters exactly."""
-        ctx = call.ctx
-        if ctx.cost_usd is not None:
-            return
-        if answer is None or not ctx.attempts:
+        """Set `ctx.cost` for the call's answer (a chat.completion or embeddings body; for a
+        stream, `stream.completion()`; None when no upstream answered: nothing is billed), plus
+        the answers billed but not delivered (`ctx.cost.billed`). The cost stage calls it once."""
+        cost = call.ctx.cost
+        if answer is None or not call.ctx.attempts:
             nanos, usage, estimated = 0, dict((answer or {}).get("usage") or {}), False
         else:
             usage, estimated = _usage(call, answer)
             nanos = self._price(call, _answering(call), answer.get("model"), usage)
-        for billed in ctx.extras.get(BILLED_USAGE, ()):
-            deployment = _named(call, billed.get("deployment"))
-            nanos += self._price(call, deployment, billed.get("model"), billed.get("usage") or {})
-        ctx.usage = usage or None
-        ctx.cost_estimated = estimated
-        ctx.extras[COST_NANOS] = nanos
-        ctx.cost_usd = to_usd(nanos)
+        for billed in cost.billed or ():
+            nanos += self._price(call, _named(call, billed.deployment), billed.model, billed.usage)
+        cost.usage = usage or None
+        cost.estimated = estimated
+        cost.nanos = nanos
 
     def _price(self, call: Call, deployment: Deployment, model: str | None, usage: Mapping[str, Any]) -> Nanos:
         price = self.pricing.for_deployment(deployment.config, model or None)
         if price is None:
-            call.ctx.extras[UNPRICED] = True
+            call.ctx.cost.unpriced = True
             return 0
         return cost_nanos(usage, price)
-
-    @staticmethod
-    def charged(call: Call) -> Nanos:
-        """The call's charge in nano-dollars (0 before `charge`)."""
-        return int(call.ctx.extras.get(COST_NANOS, 0))
 
     def worst_case(self, call: Call) -> Nanos:
         """The most a call can cost: its estimated prompt and its output bound, at the price of the

@@ -2,7 +2,7 @@
 
 Counters, reservations and logged costs are whole nano-dollars, so the sum of the costs
 logged for a window equals the budget counter exactly; floats appear only at the edges
-(`Context.cost_usd`, alert payloads, the admin API). One token of the cheapest hosted
+(`CallCost.usd`, alert payloads, the admin API). One token of the cheapest hosted
 model costs tens of nano-dollars, so nothing is lost to rounding that a bill would show,
 and an int64 holds 9.2e9 USD. Redis' Lua compares counters as doubles: exact up to 2**53
 nano-dollars (about 9 million USD per counter).

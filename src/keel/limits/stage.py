@@ -2,15 +2,13 @@
 
 A refused call never reaches the provider. A call that fails releases its hold (an upstream that
 failed billed nothing); a stream settles when it ends, fails or is closed by the client, at what
-it consumed (estimated when the upstream sent no usage). This stage is also where every call
-that passes it is charged (`CostMeter.charge`), budgets or not.
+it consumed. The actual cost is `ctx.cost`, charged by the cost stage just inside this one
+(its finaliser runs before this stage's).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from keel.cost.accounting import CostMeter
 from keel.errors import BudgetExceeded
@@ -36,21 +34,20 @@ class BudgetStage:
         try:
             reply = await next(call)
         except BaseException:
-            await self._settle(call, reservation, None)
+            await self._settle(call, reservation)
             raise
-        reply.on_finish(lambda answered: self._settle(call, reservation, answered.completion()))
+        reply.on_finish(lambda _: self._settle(call, reservation))
         return reply
 
-    async def _settle(self, call: Call, reservation: Reservation, answer: Mapping[str, Any] | None) -> None:
-        """Charge the call (nothing when no answer came) and settle its hold to that. Never raises:
-        the answer is the client's already; an unsettled hold lapses on its own."""
+    async def _settle(self, call: Call, reservation: Reservation) -> None:
+        """Settle the call's hold to what it was charged. Never raises: the answer is the client's
+        already; an unsettled hold lapses on its own."""
         try:
-            self.meter.charge(call, answer)
-            self._send(await self.budgets.settle(reservation, self.meter.charged(call)))
+            self._send(await self.budgets.settle(reservation, call.ctx.cost.nanos))
         except Exception:
             log.exception(
                 "could not settle the budgets of request %s (cost %s nano-USD); its hold lapses on its own",
-                call.ctx.request_id, self.meter.charged(call),
+                call.ctx.request_id, call.ctx.cost.nanos,
             )
 
     def _send(self, alerts: list[Alert]) -> None:

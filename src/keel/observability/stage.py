@@ -8,13 +8,19 @@ to the writer, whose thread does the heavy work (redaction, cutting content, JSO
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol, cast, get_args
 
-from keel.errors import AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound, UpstreamBadRequest
+from keel.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    InvalidRequest,
+    KeelError,
+    ModelNotFound,
+    UpstreamBadRequest,
+)
 from keel.observability.metrics import Metrics
 from keel.observability.record import (
     MAX_METADATA_CHARS,
@@ -30,10 +36,6 @@ from keel.types import ChatRequest
 
 log = logging.getLogger("keel.observe")
 
-# ctx.extras key: the caller's W3C trace headers, {"traceparent": ..., "tracestate": ...} (lower-case
-# names, or a case-insensitive mapping). Pass only these two: extras must not carry the API key.
-TRACEPARENT_HEADERS = "traceparent_headers"
-
 
 class RecordSink(Protocol):
     """The request log writer: both calls return at once (records are written off the path)."""
@@ -43,40 +45,27 @@ class RecordSink(Protocol):
     def submit_span(self, span: SpanRecord) -> None: ...
 
 
-class Charger(Protocol):
-    """Cost accounting (`keel.cost.CostMeter`): sets ctx.usage, ctx.cost_usd and ctx.cost_estimated
-    from the answer (None when the call failed); a second charge of the same call changes nothing."""
-
-    def charge(self, call: Call, answer: Mapping[str, Any] | None) -> Awaitable[None] | None: ...
-
-
 class Observe:
     """One record, one span tree and the metrics per call: answered, failed, blocked, limited,
-    cached or closed early by the client."""
+    cached or closed early by the client. The cost is read from `ctx.cost` (the cost stage,
+    inside this one, charged it)."""
 
-    def __init__(
-        self, sink: RecordSink, tracing: Tracing, metrics: Metrics, charger: Charger | None = None,
-        log_content: bool = True,
-    ) -> None:
+    def __init__(self, sink: RecordSink, tracing: Tracing, metrics: Metrics, log_content: bool = True) -> None:
         self.sink = sink
         self.tracing = tracing
         self.metrics = metrics
-        self.charger = charger
         self.log_content = log_content
 
     async def __call__(self, call: Call, next: Next) -> Reply:
-        span = self.tracing.start_call_span(call, extract_parent(call.ctx.extras.get(TRACEPARENT_HEADERS)))
+        span = self.tracing.start_call_span(call, extract_parent(call.ctx.trace_headers))
         try:
             with current_span(span):
                 reply = await next(call)
         except (Exception, asyncio.CancelledError) as error:
-            await self._end(call, span, None, error)  # usage billed on the way (a blocked answer) is still charged
+            self._end(call, span, None, error)
             raise
-
-        async def ended(answered: Reply) -> None:  # once: delivered, or a stream's end, error or early close
-            await self._end(call, span, answered.completion(), answered.error)
-
-        reply.on_finish(ended)
+        # Once, when the reply is settled: delivered, or a stream's end, failure or early close.
+        reply.on_finish(lambda answered: self._end(call, span, answered.completion(), answered.error))
         return reply
 
     def rejected(
@@ -86,23 +75,7 @@ class Observe:
         """Log a call the gateway refused before the pipeline (bad JSON, bad key, unknown model)."""
         return record_rejected(ctx, error, endpoint, sink=self.sink, metrics=self.metrics, model=model, stream=stream)
 
-    async def _end(
-        self, call: Call, span: KeelSpan | None, answer: dict[str, Any] | None, error: BaseException | None
-    ) -> None:
-        await self._charge(call, answer)
-        self._finish(call, span, answer, error)
-
-    async def _charge(self, call: Call, answer: dict[str, Any] | None) -> None:
-        if self.charger is None:
-            return
-        try:
-            result = self.charger.charge(call, answer)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:  # a pricing bug must not fail an answered call, nor lose its record
-            log.exception("cost accounting failed for request %s", call.ctx.request_id)
-
-    def _finish(
+    def _end(
         self, call: Call, span: KeelSpan | None, answer: dict[str, Any] | None, error: BaseException | None
     ) -> None:
         try:
@@ -121,7 +94,8 @@ def build_record(
     ctx, request = call.ctx, call.request
     now, ended_at = time.monotonic(), time.time()
     status, outcome, error_type, message = outcome_of(ctx, error)
-    usage = ctx.usage or (answer or {}).get("usage") or {}
+    cost = ctx.cost
+    usage = cost.usage or (answer or {}).get("usage") or {}
     first = call.deployments[0].name if call.deployments else None
     metadata = request.metadata if isinstance(request, ChatRequest) else None
     attempts = ctx.attempts
@@ -147,17 +121,15 @@ def build_record(
              "ms": ((a.ended or now) - a.started) * 1000, "error": a.error}
             for a in attempts
         ],
-        cache_status=ctx.cache_status,
-        guardrails=list(ctx.guardrails),
         input=_input(call) if log_content else None,
         output=_output(answer) if log_content else None,
         metadata=bounded_metadata(metadata),
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-        cost_usd=ctx.cost_usd or 0.0,
-        cost_nanousd=int(ctx.extras.get("cost_nanousd", 0)),
-        cost_estimated=ctx.cost_estimated,
+        cost_usd=cost.usd,
+        cost_nanousd=cost.nanos,
+        cost_estimated=cost.estimated,
         latency_ms=(now - ctx.started) * 1000,
         ttft_ms=None if ctx.first_chunk_at is None else (ctx.first_chunk_at - ctx.started) * 1000,
         upstream_ms=sum(((a.ended or now) - a.started) for a in attempts) * 1000 if attempts else None,
@@ -175,7 +147,7 @@ def record_rejected(
     """Log and count a call refused before the pipeline (bad JSON, bad key, unknown model):
     no span, but the caller's trace id when it sent a traceparent."""
     if ctx.trace_id is None:
-        ctx.trace_id = trace_id_of(extract_parent(ctx.extras.get(TRACEPARENT_HEADERS)))
+        ctx.trace_id = trace_id_of(extract_parent(ctx.trace_headers))
     now, ended_at = time.monotonic(), time.time()
     status, outcome, error_type, message = outcome_of(ctx, error)
     record = RequestRecord(
@@ -190,20 +162,13 @@ def record_rejected(
     return record
 
 
-# Errors other stages raise, by class name (they need not import this module).
-_OUTCOME_BY_CLASS: dict[str, Outcome] = {
-    "StreamClosed": "client_closed",
-    "BudgetExceeded": "budget_exceeded",
-    "RateLimited": "rate_limited",
-    "GuardrailViolation": "blocked",
-}
 _OUTCOMES = frozenset(get_args(Outcome))
 
 
 def outcome_of(ctx: Context, error: BaseException | None) -> tuple[int, Outcome, str | None, str | None]:
     """(HTTP status, outcome, error type, error message) of how a call ended."""
     if error is None:
-        return 200, "cached" if ctx.cache_status.startswith("hit") else "ok", None, None
+        return 200, "ok", None, None
     if isinstance(error, asyncio.CancelledError):
         return StreamClosed.status, "client_closed", StreamClosed.code, "the client went away before the answer"
     if not isinstance(error, KeelError):
@@ -212,13 +177,14 @@ def outcome_of(ctx: Context, error: BaseException | None) -> tuple[int, Outcome,
 
 
 def _keel_outcome(error: KeelError) -> Outcome:
-    declared = getattr(error, "outcome", None)  # an error class may say it outright
+    # A stage's own error class says its outcome outright (`outcome = "rate_limited"`), so this
+    # module need not know every stage's errors.
+    declared = getattr(error, "outcome", None)
     if declared in _OUTCOMES:
         return cast(Outcome, declared)
-    for cls in type(error).__mro__:
-        if cls.__name__ in _OUTCOME_BY_CLASS:
-            return _OUTCOME_BY_CLASS[cls.__name__]
-    if error.code == "budget_exceeded":
+    if isinstance(error, StreamClosed):
+        return "client_closed"
+    if isinstance(error, BudgetExceeded):
         return "budget_exceeded"
     if isinstance(error, InvalidRequest | AuthenticationFailed | ModelNotFound | UpstreamBadRequest):
         return "invalid"  # the caller's mistake, also when the upstream said so (context_length_exceeded)

@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -54,8 +54,6 @@ SpanKind = Literal["internal", "server", "client"]
 
 log = logging.getLogger("keel.tracing")
 
-# Where the call's tracer waits for stages that want a span of their own (see `stage_span`).
-TRACER_KEY = "keel.tracer"
 # The store has no column for span events: they are kept in the attributes under this name.
 EVENTS_ATTRIBUTE = "keel.events"
 
@@ -118,6 +116,14 @@ class KeelSpan:
 
     def is_recording(self) -> bool:
         return self.sampled and not self.ended_at
+
+
+class StageTracer(NamedTuple):
+    """What the observe stage leaves on the call (`ctx.tracer`) for stages that want a span of
+    their own (`stage_span`): the tracer and the call's span."""
+
+    tracing: Tracing
+    span: KeelSpan
 
 
 @dataclass(slots=True)
@@ -207,7 +213,7 @@ class Tracing:
         span = self._start(f"{operation} {request.model}", attributes, parent, started_at)
         ctx.trace_id = span.trace_id
         ctx.span_id = span.span_id if span.sampled else None
-        ctx.extras[TRACER_KEY] = (self, span)
+        ctx.tracer = StageTracer(self, span)
         return span
 
     def end_call_span(
@@ -221,8 +227,6 @@ class Tracing:
             return
         self._attempt_spans(span, call, ended_at, record)
         span.attributes.update(_outcome_attributes(call, record, answer))
-        for verdict in call.ctx.guardrails:
-            span.add_event("guardrail", _scalars(verdict), ended_at)
         if record.error_type is not None:
             span.set_status("error", record.error_type)
         self._emit(span, record)
@@ -367,11 +371,11 @@ def _otel_parent(app: otel_trace.Span) -> SpanParent | None:
 def stage_span(call: Call, name: str, **attributes: Any) -> Iterator[KeelSpan | None]:
     """A span for one stage's own work (a guardrail check, a cache lookup), child of the call's
     span. Stages need no tracer of their own: the observe stage left one on the call."""
-    found = call.ctx.extras.get(TRACER_KEY)
+    found = call.ctx.tracer
     if found is None:
         yield None
         return
-    tracing, parent = cast(tuple[Tracing, KeelSpan], found)
+    tracing, parent = found
     span = tracing._start(name, attributes, parent, time.time())
     token = _CURRENT.set(span)
     try:
@@ -737,9 +741,6 @@ def _outcome_attributes(call: Call, record: RequestRecord, answer: Mapping[str, 
         attributes["keel.deployment"] = record.deployment
     if record.feature is not None:
         attributes["keel.feature"] = record.feature
-    route = call.ctx.extras.get("route")
-    if route is not None:
-        attributes["keel.route"] = str(route)
     if record.error_type is not None:
         attributes["error.type"] = record.error_type
     if answer is not None:
@@ -749,8 +750,3 @@ def _outcome_attributes(call: Call, record: RequestRecord, answer: Mapping[str, 
         if reasons:
             attributes["gen_ai.response.finish_reasons"] = reasons
     return attributes
-
-
-def _scalars(values: Mapping[str, Any]) -> dict[str, str | bool | int | float]:
-    """What an OTel event may carry: scalar values (others are shown as text)."""
-    return {k: v if isinstance(v, str | bool | int | float) else str(v) for k, v in values.items() if v is not None}

@@ -16,17 +16,18 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.engine import Keel
 from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
-from keel.observability.stage import TRACEPARENT_HEADERS
 from keel.pipeline import ChunkStream, Completion, Context
 from keel.request_errors import parse_request
 from keel.server.admin import admin_router
@@ -37,169 +38,219 @@ from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
 
-__all__ = ["REQUEST_ID", "create_app", "spec_nulls_dropped"]
+__all__ = ["REQUEST_ID", "Served", "create_app", "spec_nulls_dropped"]
 
 
 def create_app(keel: Keel) -> Gateway:
-    server = keel.config.server
-    master_key = os.environ.get(server.master_key_env) or None
-    if master_key is None:
-        log.warning(
-            "%s is not set: the gateway accepts requests without a key. Set it to require "
-            "'Authorization: Bearer <key>'.", server.master_key_env,
-        )
-    readiness = Readiness(keel)
+    """The gateway over `keel`: the hot routes in plain ASGI, the rest on FastAPI, sharing one `Served`."""
+    served = Served.of(keel)
+    api = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api.state.keel = served
+    api.include_router(routes)
+    api.include_router(admin_router(keel.budgets, auth=admin_key))
+    api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
+    api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    api.add_exception_handler(Exception, unexpected)
+    hot: dict[str, HotEndpoint] = {
+        "/v1/chat/completions": partial(chat_completions, served), "/v1/embeddings": partial(embeddings, served),
+    }
+    return Gateway(api, hot, on_error=hot_error, not_allowed=not_allowed)
+
+
+@dataclass(slots=True)
+class Served:
+    """What every route shares, at `app.state.keel` (FastAPI routes) or bound to the hot ones."""
+
+    keel: Keel
+    master_key: str | None  # None: requests need no key
+    master_key_env: str
+    readiness: Readiness
     # OpenAI's `created` is when a model was made; ours were made when this gateway loaded its
     # config: the same on every call, and it moves when the gateway restarts with a new one.
-    created = int(time.time())
+    created: int
 
-    def authorise(authorization: str | None) -> None:
+    @classmethod
+    def of(cls, keel: Keel) -> Served:
+        env = keel.config.server.master_key_env
+        master_key = os.environ.get(env) or None
         if master_key is None:
+            log.warning(
+                "%s is not set: the gateway accepts requests without a key. Set it to require "
+                "'Authorization: Bearer <key>'.", env,
+            )
+        return cls(keel, master_key, env, Readiness(keel), int(time.time()))
+
+    def authorise(self, authorization: str | None) -> None:
+        if self.master_key is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), master_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.master_key.encode()):
             raise AuthenticationFailed(
                 "Invalid or missing API key. Send 'Authorization: Bearer <key>' with the gateway's key."
             )
 
-    # ---------------------------------------------------------------- the hot routes
 
-    async def parse(incoming: Incoming, cls: type[BaseModel], ctx: Context) -> Any:
-        """The validated body; a refusal here is logged to the request log like any call."""
+# -------------------------------------------------------------------- the hot routes
+
+
+async def chat_completions(served: Served, incoming: Incoming) -> Answer | ChunkStream:
+    ctx = context(incoming)
+    body: ChatRequest = await parse(served, incoming, ChatRequest, ctx)
+    reply = await served.keel.handle(body, ctx, caller_settles=True)
+    if isinstance(reply, ChunkStream):
+        return reply
+    return await answer_of(reply, spec_nulls_dropped(reply.body, completion=True))
+
+
+async def embeddings(served: Served, incoming: Incoming) -> Answer | ChunkStream:
+    ctx = context(incoming)
+    body: EmbeddingRequest = await parse(served, incoming, EmbeddingRequest, ctx)
+    reply = await served.keel.handle(body, ctx, caller_settles=True)
+    assert not isinstance(reply, ChunkStream)
+    return await answer_of(reply, reply.body)
+
+
+def context(incoming: Incoming) -> Context:
+    headers = incoming.headers
+    ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
+                  key_id=key_id(headers.get("authorization")))
+    if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
+        ctx.trace_headers = {name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))}
+    return ctx
+
+
+async def parse(served: Served, incoming: Incoming, cls: type[BaseModel], ctx: Context) -> Any:
+    """The validated body; a refusal here is logged to the request log like any call."""
+    try:
+        served.authorise(incoming.headers.get("authorization"))
+        raw = await incoming.body(served.keel.config.server.max_body_bytes)
         try:
-            authorise(incoming.headers.get("authorization"))
-            raw = await incoming.body(server.max_body_bytes)
-            try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidJSON(
-                    f"The request body is not valid JSON ({exc}). Send a JSON object with "
-                    "'Content-Type: application/json'."
-                ) from None
-            # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
-            return parse_request(cls, data, strict=True)
-        except KeelError as exc:
-            keel.observe.rejected(ctx, exc, "chat" if cls is ChatRequest else "embeddings")
-            raise
-
-    def context(incoming: Incoming) -> Context:
-        headers = incoming.headers
-        # deliver_first: an answer's bookkeeping (log, cost, budget) runs after it has left.
-        ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
-                      key_id=key_id(headers.get("authorization")), deliver_first=True)
-        if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
-            ctx.extras[TRACEPARENT_HEADERS] = {
-                name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))
-            }
-        return ctx
-
-    async def chat_completions(incoming: Incoming) -> Answer | ChunkStream:
-        ctx = context(incoming)
-        body: ChatRequest = await parse(incoming, ChatRequest, ctx)
-        reply = await keel.handle(body, ctx)
-        if isinstance(reply, ChunkStream):
-            return reply
-        return await answer_of(reply, spec_nulls_dropped(reply.body, completion=True))
-
-    async def embeddings(incoming: Incoming) -> Answer | ChunkStream:
-        ctx = context(incoming)
-        body: EmbeddingRequest = await parse(incoming, EmbeddingRequest, ctx)
-        reply = await keel.handle(body, ctx)
-        assert not isinstance(reply, ChunkStream)
-        return await answer_of(reply, reply.body)
-
-    def hot_error(incoming: Incoming, exc: Exception) -> Answer:
-        if not isinstance(exc, KeelError):
-            log.exception("request %s failed unexpectedly", incoming.request_id)
-            exc = unexpected_error(incoming.request_id)
-        log_error(incoming.request_id, incoming.method, incoming.path, exc.status, exc)
-        return error_answer(exc)
-
-    def not_allowed(incoming: Incoming) -> KeelError:
-        return method_not_allowed(incoming.method, incoming.path, "POST")
-
-    # ---------------------------------------------------------------- the rest, on FastAPI
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await keel.start()
-        readiness.started = True
-        try:
-            yield
-        finally:
-            readiness.started = False
-            await keel.close()
-
-    api = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @api.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        authorise(request.headers.get("authorization"))  # per-feature spend is not for anyone who can reach the port
-        body, content_type = keel.metrics.render()
-        return Response(body, media_type=content_type)
-
-    def admin_key(request: Request) -> None:
-        if master_key is None:
-            raise AuthenticationFailed(
-                f"The admin API needs the gateway's key: set {server.master_key_env} and send "
-                "'Authorization: Bearer <key>'."
-            )
-        authorise(request.headers.get("authorization"))
-
-    api.include_router(admin_router(keel.budgets, auth=admin_key))
-
-    def model_object(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "keel"}
-
-    @api.get("/v1/models")
-    async def models(request: Request) -> Response:
-        authorise(request.headers.get("authorization"))
-        return json_response({"object": "list", "data": [model_object(m.name) for m in keel.config.models]})
-
-    @api.get("/v1/models/{model:path}")  # a path: model names may hold a slash ("org/model")
-    async def model(model: str, request: Request) -> Response:
-        authorise(request.headers.get("authorization"))
-        if keel.config.model(model) is None:
-            raise ModelNotFound(model, [m.name for m in keel.config.models])
-        return json_response(model_object(model))
-
-    @api.get("/healthz")
-    async def healthz() -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    @api.get("/readyz")
-    async def readyz() -> Response:
-        ready, body = await readiness.report()
-        return json_response(body, 200 if ready else 503)
-
-    @api.exception_handler(KeelError)
-    async def keel_error(request: Request, exc: KeelError) -> Response:
-        log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, exc.status, exc)
-        return error_response(exc)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        error = route_error(request, exc)
-        log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, exc.status_code, error)
-        return error_response(error, status=exc.status_code)
-
-    @api.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        rid = request.scope.get("keel.request_id", "")
-        log.exception("request %s failed unexpectedly", rid)
-        return error_response(unexpected_error(rid))
-
-    hot: dict[str, HotEndpoint] = {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings}
-    return Gateway(api, hot, on_error=hot_error, not_allowed=not_allowed)
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSON(
+                f"The request body is not valid JSON ({exc}). Send a JSON object with "
+                "'Content-Type: application/json'."
+            ) from None
+        # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
+        return parse_request(cls, data, strict=True)
+    except KeelError as exc:
+        served.keel.observe.rejected(ctx, exc, "chat" if cls is ChatRequest else "embeddings")
+        raise
 
 
 async def answer_of(reply: Completion, body: dict[str, Any]) -> Answer:
-    """The answer to send; the reply's finalisers run after it is sent (or now, if it cannot be made)."""
+    """The answer to send, carrying the reply the gateway settles once it has left (or now, if it
+    cannot be made)."""
     try:
-        return Answer(orjson.dumps(body), after=reply.finish)
+        return Answer(orjson.dumps(body), settles=reply)
     except BaseException:
-        await reply.finish()
+        await reply.settle()
         raise
+
+
+def hot_error(incoming: Incoming, exc: Exception) -> Answer:
+    if not isinstance(exc, KeelError):
+        log.exception("request %s failed unexpectedly", incoming.request_id)
+        exc = unexpected_error(incoming.request_id)
+    log_error(incoming.request_id, incoming.method, incoming.path, exc.status, exc)
+    return error_answer(exc)
+
+
+def not_allowed(incoming: Incoming) -> KeelError:
+    return method_not_allowed(incoming.method, incoming.path, "POST")
+
+
+# -------------------------------------------------------------------- the rest, on FastAPI
+
+
+def served_by(request: Request) -> Served:
+    served: Served = request.app.state.keel
+    return served
+
+
+def authorised(request: Request) -> Served:
+    """The dependency of the routes that need the gateway's key (when it has one)."""
+    served = served_by(request)
+    served.authorise(request.headers.get("authorization"))
+    return served
+
+
+def admin_key(request: Request) -> None:
+    """The admin API needs a key even when the rest of the gateway does not."""
+    served = served_by(request)
+    if served.master_key is None:
+        raise AuthenticationFailed(
+            f"The admin API needs the gateway's key: set {served.master_key_env} and send "
+            "'Authorization: Bearer <key>'."
+        )
+    served.authorise(request.headers.get("authorization"))
+
+
+@asynccontextmanager
+async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+    served: Served = api.state.keel
+    await served.keel.start()
+    served.readiness.started = True
+    try:
+        yield
+    finally:
+        served.readiness.started = False
+        await served.keel.close()
+
+
+routes = APIRouter()
+
+
+@routes.get("/metrics")
+async def metrics(served: Served = Depends(authorised)) -> Response:
+    # Behind the key: per-feature spend is not for anyone who can reach the port.
+    body, content_type = served.keel.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@routes.get("/v1/models")
+async def models(served: Served = Depends(authorised)) -> Response:
+    names = [m.name for m in served.keel.config.models]
+    return json_response({"object": "list", "data": [model_object(served, name) for name in names]})
+
+
+@routes.get("/v1/models/{model:path}")  # a path: model names may hold a slash ("org/model")
+async def model(model: str, served: Served = Depends(authorised)) -> Response:
+    if served.keel.config.model(model) is None:
+        raise ModelNotFound(model, [m.name for m in served.keel.config.models])
+    return json_response(model_object(served, model))
+
+
+def model_object(served: Served, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": served.created, "owned_by": "keel"}
+
+
+@routes.get("/healthz")
+async def healthz() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@routes.get("/readyz")
+async def readyz(served: Served = Depends(served_by)) -> Response:
+    ready, body = await served.readiness.report()
+    return json_response(body, 200 if ready else 503)
+
+
+async def keel_error(request: Request, exc: KeelError) -> Response:
+    log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, exc.status, exc)
+    return error_response(exc)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    error = route_error(request, exc)
+    log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, exc.status_code, error)
+    return error_response(error, status=exc.status_code)
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    rid = request.scope.get("keel.request_id", "")
+    log.exception("request %s failed unexpectedly", rid)
+    return error_response(unexpected_error(rid))
 
 
 def unexpected_error(request_id: str) -> KeelError:

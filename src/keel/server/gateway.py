@@ -5,7 +5,8 @@ A chat or embeddings request is on the path of every LLM call, so it skips the f
 no middleware stack, no routing, no Request or Response objects. The body is read with its
 size limit straight from `receive`, the answer leaves in one `send` (a stream: a `send` per
 batch of ready chunks), and a client that goes away mid-stream is noticed by a watcher on
-`receive`, which cancels the stream so its finalisers (log, cost, budget) run.
+`receive`, which cancels the stream. Every reply is settled (its bookkeeping: log, cost,
+budget) once its last byte has been written, or once the client has gone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import KeelError, RequestTooLarge
-from keel.pipeline import ChunkStream, StreamClosed, new_request_id
+from keel.pipeline import ChunkStream, Completion, StreamClosed, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.server.responses import error_parts, spec_nulls_dropped
 
@@ -80,7 +81,7 @@ class Answer:
     body: bytes
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-    after: Callable[[], Awaitable[None]] | None = None  # run once the answer has left (log, cost, budget)
+    settles: Completion | None = None  # the reply this answer delivers: settled once it has left
 
 
 HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
@@ -130,8 +131,8 @@ class Gateway:
                 await send({"type": "http.response.start", "status": reply.status, "headers": headers})
                 await send({"type": "http.response.body", "body": reply.body})
             finally:
-                if reply.after is not None:
-                    await reply.after()
+                if reply.settles is not None:
+                    await reply.settles.settle()
         else:
             await send_stream(reply, request_id, receive, send, id_header)
 
@@ -162,7 +163,7 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
         task.uncancel()  # our own cancel, for a client that left: the stream is closed, not failed
     finally:
         watcher.cancel()
-        await stream.aclose()  # a no-op once sse() closed it; else (it never started) finalisers run here
+        await stream.settle()  # a no-op once sse() settled it; else (it never started) it is settled here
 
 
 async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes, bool]]:
@@ -172,7 +173,7 @@ async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes
     A pump task reads the stream into a small queue and this generator yields whatever is queued
     in one go: chunks that arrived together (one upstream read) leave in one write instead of a
     system call each, and a lone chunk leaves at once (nothing ever waits to be batched). The
-    stream is closed (its finalisers run: log, cost, budget) after the end has been written.
+    stream is settled (log, cost, budget) after the end has been written.
     """
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
     pump = asyncio.create_task(_pump(stream, queue, request_id))
@@ -188,12 +189,12 @@ async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes
             if ended:
                 return
     finally:
-        # A client that went away cancels this generator: stop the pump, and shield the close
-        # so the stream's finalisers (log, cost, budget) run.
+        # A client that went away cancels this generator: stop the pump, and shield the
+        # settlement so the stream's bookkeeping (log, cost, budget) runs.
         pump.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(pump, return_exceptions=True)
-            await stream.aclose()
+            await stream.settle()
 
 
 async def _pump(stream: ChunkStream, queue: asyncio.Queue[bytes | None], request_id: str) -> None:
