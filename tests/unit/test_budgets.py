@@ -10,44 +10,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from budget_calls import Clock, call_for, rule
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
-from keel.config import AlertsConfig, BudgetConfig, KeelConfig, parse_config
+from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import CostMeter, PricingTable, to_nanos
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, UpstreamServerError
 from keel.limits import AlertSender, Budgets, BudgetStage, MemoryBudgetBackend
 from keel.limits.windows import period_at
-from keel.pipeline import Call, ChunkStream, Context
+from keel.pipeline import ChunkStream, Context
 from keel.server.admin import admin_router
 from keel.types import ChatRequest
 
 NOV_30_LATE = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC).timestamp()
 DEC_31_LATE = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def rule(**fields: Any) -> BudgetConfig:
-    return BudgetConfig.model_validate({"limit_usd": 1.0, **fields})
-
-
-def model_config(**model: Any) -> KeelConfig:
-    deployment = {"provider": "simulated", "model": "sim", "price": {"input": 1000, "output": 1000}}
-    return parse_config({"models": [{"name": "m", "deployments": [deployment], **model}]})
-
-
-def call_for(ctx: Context | None = None, cfg: KeelConfig | None = None) -> Call:
-    cfg = cfg or model_config()
-    request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    return Call(request, cfg.models[0], [], ctx or Context())
 
 
 # ---------------------------------------------------------------------------- windows and counters
