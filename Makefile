@@ -9,7 +9,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 
-.PHONY: run test bench lint install install-dev clean
+.PHONY: run test bench lint install install-dev services clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ run: install
 	@echo "In another terminal here, 'source $(VENV)/bin/activate' puts keel (and the venv's python) on PATH."
 	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
 
+# Servers the tests run as child processes but pip cannot install: nginx (Debian's package) for the HTTP
+# conformance matrix (tests/integration/test_http_conformance.py). Installed only when missing; needs
+# root, as CI and the developers' machines have. Without it those cells skip locally (fail in CI).
+services:
+	@test -x /usr/sbin/nginx || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
+
 test: install-dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -39,7 +45,11 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy --strict src/keel
 
+# wrk (Debian's package) is bench/overhead.py's load for the CPU and tail figures; without it the tail
+# is measured with aiohttp, which shares the cores with the servers (it says so).
 bench: install-dev
+	@command -v wrk >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; } \
+		|| echo "wrk could not be installed: bench/overhead.py measures the tail with aiohttp instead"
 	$(PY) bench/overhead.py
 	$(PY) bench/http_client.py
 	$(PY) bench/local_model.py
