@@ -528,7 +528,10 @@ class UpstreamClient:
             self.proxy = Proxy.parse(proxy)
         self.ssl: ssl.SSLContext | None = None
         if url.scheme == "https":
-            self.ssl = ssl_context or ssl.create_default_context()
+            if ssl_context is None:
+                ssl_context = ssl.create_default_context()
+                ssl_context.set_alpn_protocols(["http/1.1"])  # a server offering h2 knows at once: HTTP/1.1 here
+            self.ssl = ssl_context
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         default_port = self.port == (443 if self.ssl else 80)
