@@ -8,7 +8,10 @@ in one process so a noisy machine hurts both alike. Reported:
 - requests/s at concurrency 1, 16, 64, plain and streamed (20 chunks);
 - added latency p50/p99 and added time to first token at a fixed 10 requests/s;
 - the gateway's CPU time per request, from the process's own CPU counters;
-- the gateway's RSS after start (no embedded model loaded).
+- the gateway's RSS after start (no embedded model loaded);
+- the tail at saturation: p50, p99 and p99/p50 under wrk at 16 connections, and the longest single
+  request at one connection, plain and streamed (medians of 3 interleaved rounds; the direct run is
+  the baseline: what the machine and the load generator cost on their own).
 """
 
 from __future__ import annotations
@@ -62,15 +65,26 @@ class Servers:
     upstream: subprocess.Popen[bytes]
     floor: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes]
-    urls: dict[str, str]  # direct, floor, keel
+    urls: dict[str, str]  # direct, floor, keel (and untuned, when asked for)
+    untuned: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        for proc in (self.gateway, self.floor, self.upstream):
-            proc.terminate()
-            proc.wait(10)
+        for proc in (self.untuned, self.gateway, self.floor, self.upstream):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
 
 
-def start_servers(tmp: Path) -> Servers:
+def start_gateway(tmp: Path, config: Path, port: int, launcher: list[str]) -> subprocess.Popen[bytes]:
+    """`keel serve` in a directory of its own, so its request log (keel.db) starts empty."""
+    tmp.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, *launcher, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "KEEL_MASTER_KEY": ""}, cwd=tmp,
+    )
+
+
+def start_servers(tmp: Path, untuned: bool = False) -> Servers:
     up_port, gw_port, floor_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "keel.testing.fake_openai", "--port", str(up_port), "--chunks", "20"],
@@ -80,12 +94,7 @@ def start_servers(tmp: Path) -> Servers:
         {"provider": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "gpt-4o-mini"}]}]}
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "keel.cli", "serve", "--config", str(path), "--port", str(gw_port),
-         "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "KEEL_MASTER_KEY": ""},
-        cwd=tmp,  # its request log (keel.db) starts empty, beside the config
-    )
+    gateway = start_gateway(tmp / "keel", path, gw_port, ["-m", "keel.cli"])
     floor = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.passthrough_floor:app", "--port", str(floor_port),
          "--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log"],
@@ -97,7 +106,13 @@ def start_servers(tmp: Path) -> Servers:
     wait_ready(f"http://127.0.0.1:{floor_port}/readyz", floor)
     urls = {"direct": f"http://127.0.0.1:{up_port}/v1", "floor": f"http://127.0.0.1:{floor_port}/v1",
             "keel": f"http://127.0.0.1:{gw_port}/v1"}
-    return Servers(upstream, floor, gateway, urls)
+    servers = Servers(upstream, floor, gateway, urls)
+    if untuned:  # the gateway without keel.server.runtime's settings: the "before" of the tail
+        port = free_port()
+        servers.untuned = start_gateway(tmp / "untuned", path, port, [str(ROOT / "bench" / "untuned_serve.py")])
+        wait_ready(f"http://127.0.0.1:{port}/readyz", servers.untuned)
+        urls["untuned"] = f"http://127.0.0.1:{port}/v1"
+    return servers
 
 
 async def one(session: aiohttp.ClientSession, base: str, stream: bool) -> tuple[float, float]:
@@ -138,9 +153,9 @@ async def fixed_rate(
     session: aiohttp.ClientSession, servers: Servers, stream: bool, count: int, rate: float
 ) -> dict[str, list[float]]:
     """Rotate direct, floor and keel requests at `rate` per second (open loop)."""
-    results: dict[str, list[float]] = {f"{k}{t}": [] for k in servers.urls for t in ("", "_ttft")}
+    targets = [(key, servers.urls[key]) for key in ("direct", "floor", "keel")]
+    results: dict[str, list[float]] = {f"{k}{t}": [] for k, _ in targets for t in ("", "_ttft")}
     tasks = []
-    targets = list(servers.urls.items())
 
     async def record(base: str, key: str) -> None:
         total, first = await one(session, base, stream)
@@ -167,60 +182,71 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
-    servers = start_servers(tmp)
-    procs = {"floor": psutil.Process(servers.floor.pid), "keel": psutil.Process(servers.gateway.pid)}
-    rss_start = procs["keel"].memory_info().rss / 2**20
+    servers = start_servers(tmp, untuned=args.untuned)
+    rss_start = psutil.Process(servers.gateway.pid).memory_info().rss / 2**20
     # Idle connections are dropped before the servers drop them (uvicorn: 5 s), so none is reused closed.
     connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=3)
-    urls = servers.urls
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             for stream in (False, True):  # warm every path
-                for _ in range(50):
-                    for base in urls.values():
+                for _ in range(100):
+                    for base in servers.urls.values():
                         await one(session, base, stream)
-            print(f"keel RSS after start (no embedded model): {rss_start:.1f} MiB\n")
-            print("throughput (requests/s, median of interleaved rounds) and CPU per request (ms)")
-            print(f"{'mode':<7} {'conc':>4} {'direct':>7} {'floor':>7} {'keel':>7} {'keel/floor':>10} "
-                  f"{'floor CPU':>9} {'keel CPU':>9}")
-            cpu_rows: dict[tuple[str, bool], list[float]] = {}
-            for stream in (False, True):
-                for concurrency in (1, 16, 64):
-                    rps: dict[str, list[float]] = {k: [] for k in urls}
-                    cpu: dict[str, list[float]] = {k: [] for k in procs}
-                    for _ in range(args.rounds):
-                        for key, base in urls.items():
-                            before = cpu_seconds(procs[key]) if key in procs else 0.0
-                            rps[key].append(await closed_loop(session, base, stream, concurrency, args.requests))
-                            if key in procs:
-                                cpu[key].append((cpu_seconds(procs[key]) - before) / args.requests * 1000)
-                    r = {k: statistics.median(v) for k, v in rps.items()}
-                    c = {k: statistics.median(v) for k, v in cpu.items()}
-                    for key in procs:
-                        cpu_rows.setdefault((key, stream), []).append(c[key])
-                    mode = "stream" if stream else "plain"
-                    print(f"{mode:<7} {concurrency:>4} {r['direct']:>7.0f} {r['floor']:>7.0f} {r['keel']:>7.0f} "
-                          f"{r['keel'] / r['floor']:>10.2f} {c['floor']:>9.3f} {c['keel']:>9.3f}")
-            print()
-            for key in procs:
-                plain, stream_cpu = min(cpu_rows[(key, False)]), min(cpu_rows[(key, True)])
-                print(f"{key:<5} CPU per plain request {plain:.3f} ms, per 20-chunk stream {stream_cpu:.3f} ms "
-                      f"({(stream_cpu - plain) / 20:.4f} ms per chunk beyond a plain request)")
-            print(f"\nfixed rate {args.rate:g} requests/s, {args.rate_requests} requests per target, rotating")
-            print(f"{'mode':<7} {'target':<6} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10} "
-                  f"{'TTFT p50':>9} {'added TTFT':>11}")
-            for stream in (False, True):
-                r = await fixed_rate(session, servers, stream, args.rate_requests * len(urls), args.rate)
-                base50, base99, base_ttft = pct(r["direct"], 0.5), pct(r["direct"], 0.99), pct(r["direct_ttft"], 0.5)
-                for key in urls:
-                    p50, p99, ttft = pct(r[key], 0.5), pct(r[key], 0.99), pct(r[key + "_ttft"], 0.5)
-                    mode = "stream" if stream else "plain"
-                    print(f"{mode:<7} {key:<6} {p50:>6.2f}ms {p99:>6.2f}ms {p50 - base50:>+8.2f}ms "
-                          f"{p99 - base99:>+8.2f}ms {ttft:>7.2f}ms {ttft - base_ttft:>+9.2f}ms")
-        if args.wrk_seconds:
-            wrk_cpu(servers, args.wrk_seconds, 16)
+            print(f"keel RSS after start (no embedded model): {rss_start:.1f} MiB")
+            if not args.only_saturation:
+                await throughput(session, servers, args)
+                await added_latency(session, servers, args)
+                if args.wrk_seconds:
+                    wrk_cpu(servers, args.wrk_seconds, 16)
+            if args.saturation_seconds:
+                await saturation(servers, session, args.saturation_seconds, args.rounds)
     finally:
         servers.stop()
+
+
+async def throughput(session: aiohttp.ClientSession, servers: Servers, args: argparse.Namespace) -> None:
+    urls = {key: servers.urls[key] for key in ("direct", "floor", "keel")}
+    procs = {"floor": psutil.Process(servers.floor.pid), "keel": psutil.Process(servers.gateway.pid)}
+    print("\nthroughput (requests/s, median of interleaved rounds) and CPU per request (ms)")
+    print(f"{'mode':<7} {'conc':>4} {'direct':>7} {'floor':>7} {'keel':>7} {'keel/floor':>10} "
+          f"{'floor CPU':>9} {'keel CPU':>9}")
+    cpu_rows: dict[tuple[str, bool], list[float]] = {}
+    for stream in (False, True):
+        for concurrency in (1, 16, 64):
+            rps: dict[str, list[float]] = {k: [] for k in urls}
+            cpu: dict[str, list[float]] = {k: [] for k in procs}
+            for _ in range(args.rounds):
+                for key, base in urls.items():
+                    before = cpu_seconds(procs[key]) if key in procs else 0.0
+                    rps[key].append(await closed_loop(session, base, stream, concurrency, args.requests))
+                    if key in procs:
+                        cpu[key].append((cpu_seconds(procs[key]) - before) / args.requests * 1000)
+            r = {k: statistics.median(v) for k, v in rps.items()}
+            c = {k: statistics.median(v) for k, v in cpu.items()}
+            for key in procs:
+                cpu_rows.setdefault((key, stream), []).append(c[key])
+            mode = "stream" if stream else "plain"
+            print(f"{mode:<7} {concurrency:>4} {r['direct']:>7.0f} {r['floor']:>7.0f} {r['keel']:>7.0f} "
+                  f"{r['keel'] / r['floor']:>10.2f} {c['floor']:>9.3f} {c['keel']:>9.3f}")
+    print()
+    for key in procs:
+        plain, stream_cpu = min(cpu_rows[(key, False)]), min(cpu_rows[(key, True)])
+        print(f"{key:<5} CPU per plain request {plain:.3f} ms, per 20-chunk stream {stream_cpu:.3f} ms "
+              f"({(stream_cpu - plain) / 20:.4f} ms per chunk beyond a plain request)")
+
+
+async def added_latency(session: aiohttp.ClientSession, servers: Servers, args: argparse.Namespace) -> None:
+    print(f"\nfixed rate {args.rate:g} requests/s, {args.rate_requests} requests per target, rotating")
+    print(f"{'mode':<7} {'target':<6} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10} "
+          f"{'TTFT p50':>9} {'added TTFT':>11}")
+    for stream in (False, True):
+        r = await fixed_rate(session, servers, stream, args.rate_requests * 3, args.rate)
+        base50, base99, base_ttft = pct(r["direct"], 0.5), pct(r["direct"], 0.99), pct(r["direct_ttft"], 0.5)
+        for key in ("direct", "floor", "keel"):
+            p50, p99, ttft = pct(r[key], 0.5), pct(r[key], 0.99), pct(r[key + "_ttft"], 0.5)
+            mode = "stream" if stream else "plain"
+            print(f"{mode:<7} {key:<6} {p50:>6.2f}ms {p99:>6.2f}ms {p50 - base50:>+8.2f}ms "
+                  f"{p99 - base99:>+8.2f}ms {ttft:>7.2f}ms {ttft - base_ttft:>+9.2f}ms")
 
 
 WRK_SCRIPT = """
@@ -228,6 +254,13 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '%s'
 """
+
+
+def wrk_script(stream: bool, extra: str = "") -> Path:
+    """A wrk Lua script that POSTs the bench's chat request (streamed or not)."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_SCRIPT % orjson.dumps({**BODY, "stream": stream}).decode() + extra)
+    return script
 
 
 def wrk_cpu(servers: Servers, seconds: int, connections: int) -> None:
@@ -242,8 +275,7 @@ def wrk_cpu(servers: Servers, seconds: int, connections: int) -> None:
     print(f"\nwith wrk ({connections} connections, {seconds} s per run, interleaved, median of 3)")
     print(f"{'mode':<7} {'target':<6} {'requests/s':>11} {'CPU ms/req':>11}")
     for stream in (False, True):
-        script = Path(tempfile.mkstemp(suffix=".lua")[1])
-        script.write_text(WRK_SCRIPT % orjson.dumps({**BODY, "stream": stream}).decode())
+        script = wrk_script(stream)
         rows: dict[str, list[tuple[float, float]]] = {"floor": [], "keel": []}
         for _ in range(3):
             for key, proc in procs.items():
@@ -261,6 +293,87 @@ def wrk_cpu(servers: Servers, seconds: int, connections: int) -> None:
             print(f"{'stream' if stream else 'plain':<7} {key:<6} {rps:>11.0f} {cpu:>11.3f}")
 
 
+# wrk's own summary, as one JSON line: its --latency table has no max and rounds the percentiles.
+WRK_TAIL = """
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
+  io.write(string.format('TAIL {"p50": %d, "p99": %d, "max": %d, "requests": %d, "errors": %d}\\n',
+    latency:percentile(50), latency:percentile(99), latency.max, summary.requests, errors))
+end
+"""
+
+
+@dataclass
+class Tail:
+    """One saturation run's latencies, in milliseconds."""
+
+    p50: float
+    p99: float
+    max: float
+
+    @staticmethod
+    def median(runs: list[Tail]) -> Tail:
+        return Tail(*(statistics.median(getattr(run, name) for run in runs) for name in ("p50", "p99", "max")))
+
+
+def wrk_tail(url: str, script: Path, connections: int, seconds: int) -> Tail:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + "/chat/completions"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    found = orjson.loads(next(line for line in out.splitlines() if line.startswith("TAIL "))[5:])
+    if found["errors"]:
+        raise RuntimeError(f"{url}: {found['errors']} of {found['requests']} requests failed under wrk")
+    return Tail(found["p50"] / 1000, found["p99"] / 1000, found["max"] / 1000)  # wrk counts microseconds
+
+
+async def aiohttp_tail(session: aiohttp.ClientSession, base: str, stream: bool, connections: int, seconds: int) -> Tail:
+    """The same measure with this process as the load (when wrk is missing): it takes a core's worth
+    of CPU from the servers, so every target's tail, the baseline's too, comes out longer."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            latencies.append((await one(session, base, stream))[0] * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return Tail(pct(latencies, 0.5), pct(latencies, 0.99), max(latencies))
+
+
+async def saturation(servers: Servers, session: aiohttp.ClientSession, seconds: int, rounds: int) -> None:
+    """p50, p99 and p99/p50 at 16 connections, and the longest request at one connection: a stall
+    (a garbage collection, a thread holding the GIL) shows in the tail long before the median."""
+    import shutil
+
+    use_wrk = shutil.which("wrk") is not None
+    print(f"\ntail at saturation ({'wrk' if use_wrk else 'aiohttp, in this process'}, {seconds} s per run, "
+          f"interleaved, median of {rounds} rounds)")
+    if not use_wrk:
+        print("wrk is not installed (make bench installs it; or apt-get install wrk): this process is the load, "
+              "and it shares the cores with the servers, so every tail here is longer than under wrk")
+    print(f"{'mode':<7} {'target':<8} {'p50 c=16':>9} {'p99 c=16':>9} {'p99/p50':>8} {'max c=1':>8} "
+          f"{'worst c=1':>10}")
+    for stream in (False, True):
+        script = wrk_script(stream, WRK_TAIL)
+        runs: dict[tuple[str, int], list[Tail]] = {}
+        for _ in range(rounds):
+            for connections in (16, 1):
+                for key, base in servers.urls.items():
+                    if use_wrk:
+                        tail = wrk_tail(base, script, connections, seconds)
+                    else:
+                        tail = await aiohttp_tail(session, base, stream, connections, seconds)
+                    runs.setdefault((key, connections), []).append(tail)
+        os.unlink(script)
+        for key in servers.urls:
+            busy, alone = Tail.median(runs[(key, 16)]), Tail.median(runs[(key, 1)])
+            worst = max(run.max for run in runs[(key, 1)])
+            print(f"{'stream' if stream else 'plain':<7} {key:<8} {busy.p50:>7.2f}ms {busy.p99:>7.2f}ms "
+                  f"{busy.p99 / busy.p50:>8.1f} {alone.max:>6.2f}ms {worst:>8.2f}ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per throughput run")
@@ -268,6 +381,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--rate-requests", type=int, default=300)
     parser.add_argument("--wrk-seconds", type=int, default=8, help="0: skip the wrk runs")
+    parser.add_argument("--saturation-seconds", type=int, default=5,
+                        help="per run of the tail at saturation; 0: skip it")
+    parser.add_argument("--only-saturation", action="store_true", help="measure the tail at saturation only")
+    parser.add_argument("--untuned", action="store_true",
+                        help="also a gateway without keel.server.runtime's settings, in the tail table only")
     args = parser.parse_args()
     try:
         import uvloop
