@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from conftest import free_port, require_service
 
 pytestmark = [pytest.mark.newcomer, pytest.mark.timeout(1200)]
 
@@ -57,7 +57,7 @@ def shell(clone: Path, command: str, timeout: float = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (ROOT / ".git").exists():
-        pytest.skip(f"{ROOT} is not a git checkout: nothing to clone")
+        require_service("a git checkout", f"{ROOT} has no .git: there is nothing to clone")
     folder = tmp_path_factory.mktemp("newcomer") / "keel"
     assert not folder.resolve().is_relative_to(ROOT), "the clone must live outside the checkout"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(folder)], check=True, timeout=120)

@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -356,9 +357,17 @@ async def test_released_before_the_body_ends_the_connection_is_reused_once_it_do
                     break
             response.release()
             release_now.set()
-            await asyncio.sleep(0.05)
+            await until_idle(client)  # the body's end came in after the release: the connection is back
         await client.close()
     assert server.connections == 1
+
+
+async def until_idle(client: UpstreamClient, within_s: float = 5.0) -> None:
+    """Wait until a connection is back in the client's pool; fail after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not client._idle:
+        assert time.monotonic() < deadline, f"no connection came back to the pool within {within_s} s"
+        await asyncio.sleep(0.005)
 
 
 async def test_a_stream_closed_early_drops_its_connection() -> None:

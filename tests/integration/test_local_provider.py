@@ -226,13 +226,14 @@ async def test_what_the_model_cannot_do_is_refused_before_queueing(local: Factor
 
 
 async def test_full_queue_answers_429_at_once(local: Factory) -> None:
+    # Each story would hold the model for 20 s at its best speed: a call that queued behind them
+    # could not finish within the 5 s safety net, so an answer in time is an answer at once.
     provider = await local(queue_size=1)
-    running = await stream(provider, messages=STORY, max_tokens=400, temperature=0)
-    waiting = await stream(provider, messages=STORY, max_tokens=400, temperature=0)
-    started = time.monotonic()
+    running = await stream(provider, messages=STORY, max_tokens=1500, temperature=0)
+    waiting = await stream(provider, messages=STORY, max_tokens=1500, temperature=0)
     with pytest.raises(Overloaded) as caught:
-        await plain(provider, max_tokens=4)
-    assert time.monotonic() - started < 0.5
+        await asyncio.wait_for(plain(provider, max_tokens=4), 5)
+    assert provider.depth == 2  # the refused call took no place in the queue
     assert caught.value.status == 429
     assert caught.value.retry_after > 0
     assert int(caught.value.headers()["retry-after"]) >= 1
@@ -262,16 +263,19 @@ async def test_cancelling_the_consumer_frees_the_model(local: Factory) -> None:
     reply = await stream(provider, messages=STORY, max_tokens=1500, temperature=0)
     await reply.prefetch()
 
+    reading = asyncio.Event()
+
     async def read_all() -> None:
-        async for _ in reply:
-            pass
+        async for chunk in reply:
+            if chunk["choices"][0]["delta"].get("content"):
+                reading.set()  # past the prefetched first chunk: chunks come from the model now
 
     reader = asyncio.create_task(read_all())
-    await asyncio.sleep(0.2)
-    reader.cancel()
+    await asyncio.wait_for(reading.wait(), 10)
+    reader.cancel()  # it is waiting for its next chunk, or about to: the cancellation lands there
     with pytest.raises(asyncio.CancelledError):
-        await reader
-    await wait_idle(provider, within_s=10)
+        await asyncio.wait_for(reader, 10)
+    await wait_idle(provider, within_s=10)  # the story's 1500 tokens would take 20 s
 
 
 # ---------------------------------------------------------------------------- errors

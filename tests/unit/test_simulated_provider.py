@@ -29,14 +29,35 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion
-from keel.providers.simulated import SimulatedProvider, draw_latency_ms, minimal_instance
+from keel.providers.simulated import HANG_S, SimulatedProvider, draw_latency_ms, minimal_instance
 from keel.types import ChatCompletion, ChatRequest, EmbeddingRequest
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def provider(**config: Any) -> SimulatedProvider:
-    return SimulatedProvider(SimulatedDeployment.model_validate({"provider": "simulated", **config}), "sim")
+SAFETY_NET_S = 5.0  # what a broken test waits at most: far above any wait under test
+
+
+class Sleeps:
+    """The provider's waits (`sleep=`), recorded in seconds: each returns at once, or, with `hold`,
+    when the test sets `released`, so a test sees what waits and on what without a clock."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.seconds: list[float] = []
+        self.requested = asyncio.Event()
+        self.released = asyncio.Event()
+        if not hold:
+            self.released.set()
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+        self.requested.set()
+        await self.released.wait()
+
+
+def provider(sleep: Sleeps | None = None, **config: Any) -> SimulatedProvider:
+    deployment = SimulatedDeployment.model_validate({"provider": "simulated", **config})
+    return SimulatedProvider(deployment, "sim", sleep=sleep or asyncio.sleep)
 
 
 def unvalidated_provider(template: str) -> SimulatedProvider:
@@ -225,20 +246,21 @@ async def test_embeddings_fail_like_chat() -> None:
 
 async def test_hang_never_answers_and_ends_when_cancelled() -> None:
     sim = provider(errors={"hang": 1.0})
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError):  # a deadline's cancellation ends the day-long wait at once
         await asyncio.wait_for(sim.chat(chat_request(), call_for(chat_request())), timeout=0.1)
-    assert time.monotonic() - started < 1.0
 
 
-async def test_hang_on_a_stream_never_gives_a_first_chunk() -> None:
-    sim = provider(errors={"hang": 1.0})
-    task = asyncio.ensure_future(stream(sim, chat_request(stream=True)))
-    await asyncio.sleep(0.05)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_hang_waits_a_day_before_any_answer_or_first_chunk(streamed: bool) -> None:
+    sleeps = Sleeps(hold=True)
+    sim = provider(sleeps, errors={"hang": 1.0})
+    task = asyncio.ensure_future(stream(sim, chat_request(stream=True)) if streamed else complete(sim, chat_request()))
+    await asyncio.wait_for(sleeps.requested.wait(), SAFETY_NET_S)
+    assert sleeps.seconds == [HANG_S]  # the only wait: no latency configured, and no chunk came before it
     assert not task.done()
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    with pytest.raises(asyncio.CancelledError):  # nothing in the provider holds on to a cancelled call
+        await asyncio.wait_for(task, SAFETY_NET_S)
 
 
 async def test_stream_cut_yields_about_half_then_drops_the_connection() -> None:
@@ -276,10 +298,13 @@ async def test_stream_status_faults_fail_before_the_stream_starts() -> None:
 
 
 async def test_fixed_latency_delays_the_answer() -> None:
-    sim = provider(latency_ms=150)
-    started = time.monotonic()
-    await complete(sim, chat_request())
-    assert 0.14 <= time.monotonic() - started < 1.0
+    sleeps = Sleeps(hold=True)
+    task = asyncio.ensure_future(complete(provider(sleeps, latency_ms=150), chat_request()))
+    await asyncio.wait_for(sleeps.requested.wait(), SAFETY_NET_S)
+    assert sleeps.seconds == [0.15]
+    assert not task.done()  # the answer waits for the latency
+    sleeps.released.set()
+    assert content_of(await asyncio.wait_for(task, SAFETY_NET_S)) == "echo: hello there"
 
 
 async def test_latency_applies_before_a_failure_too() -> None:
@@ -291,18 +316,20 @@ async def test_latency_applies_before_a_failure_too() -> None:
 
 
 async def test_stream_waits_for_latency_plus_ttft_then_token_delays() -> None:
-    sim = provider(latency_ms=50, ttft_ms=100, token_delay_ms=30)
+    sleeps = Sleeps()
+    sim = provider(sleeps, latency_ms=50, ttft_ms=100, token_delay_ms=30)
     request = chat_request("one two three four", stream=True)  # 5 words with "echo:"
-    started = time.monotonic()
     reply = await sim.chat(request, call_for(request))
     assert isinstance(reply, ChunkStream)
+    assert sleeps.seconds == [0.05]  # the latency, before the stream starts
     await reply.prefetch()
-    first = time.monotonic() - started
-    _ = [chunk async for chunk in reply]
-    total = time.monotonic() - started
-    assert 0.14 <= first < 1.0
-    assert total - first >= 5 * 0.03 - 0.01
-    assert total < 2.0
+    assert sleeps.seconds == [0.05, 0.1]  # then the time to the first chunk
+    waits_before_each_word: list[int] = []
+    async for chunk in reply:
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            waits_before_each_word.append(len(sleeps.seconds))
+    assert sleeps.seconds == [0.05, 0.1] + [0.03] * 5
+    assert waits_before_each_word == [3, 4, 5, 6, 7]  # a token delay before each word, not all up front
 
 
 def test_latency_distributions_stay_inside_their_bounds() -> None:
@@ -638,11 +665,11 @@ async def test_a_hanging_upstream_is_cut_by_the_attempt_deadline() -> None:
                                                                                  "initial_backoff_ms": 1})
     started = time.monotonic()
     try:
-        with pytest.raises(UpstreamTimeout):
-            await keel.chat(model="sim", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(UpstreamTimeout):  # the hang lasts a day: ending at all is the deadline's doing
+            await asyncio.wait_for(keel.chat(model="sim", messages=[{"role": "user", "content": "hi"}]), SAFETY_NET_S)
     finally:
         await keel.close()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started >= 2 * 0.05  # two attempts, each cut at its own limit, not before
 
 
 async def test_a_cut_stream_ends_with_an_error_after_its_first_chunks() -> None:

@@ -8,6 +8,7 @@ import http.server
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -517,9 +518,10 @@ async def test_otlp_export_happens_off_the_call_and_with_the_store_too(
     tracing.exporter.delay = 0.01  # the background thread sends without waiting for a full batch
     with tracing.trace("chain", step=1):
         await keel.handle(request())
-    for _ in range(500):
-        if received:
-            break
+    # Until all three have come, in however many POSTs the exporter's thread split them into.
+    deadline = time.monotonic() + 10
+    while len(exported_spans(received)[0]) < len(sink.spans):
+        assert time.monotonic() < deadline, f"{len(received)} POSTs after 10 s, not all the spans"
         await asyncio.sleep(0.01)
     spans, _ = exported_spans(received)
     assert sorted(s.name for s in spans) == sorted(s.name for s in sink.spans) == [

@@ -22,7 +22,7 @@ import random
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -52,8 +52,11 @@ FAULT_ORDER: tuple[SimulatedFault, ...] = get_args(SimulatedFault)
 class SimulatedProvider:
     """The `simulated` deployment: answers from a template, fails on purpose, seeded."""
 
-    def __init__(self, config: SimulatedDeployment, name: str) -> None:
+    def __init__(
+        self, config: SimulatedDeployment, name: str, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
         self.config = config
+        self._sleep = sleep  # every wait goes through it (seconds), so tests can see them without a clock
         self.name = name
         self.template = checked_template(config.template, name)
         self.rng = random.Random(config.seed)
@@ -70,7 +73,7 @@ class SimulatedProvider:
 
     async def chat(self, request: ChatRequest, call: Call) -> Completion | ChunkStream:
         fault = self.draw_fault()
-        await _sleep_ms(self._latency_ms())
+        await self._sleep_ms(self._latency_ms())
         stream = bool(request.stream)
         # A stream's malformed event and cut connection happen inside the body, after the headers.
         if fault is not None and not (stream and fault in ("malformed", "cut")):
@@ -82,7 +85,7 @@ class SimulatedProvider:
 
     async def embed(self, request: EmbeddingRequest, call: Call) -> Completion:
         fault = self.draw_fault()
-        await _sleep_ms(self._latency_ms())
+        await self._sleep_ms(self._latency_ms())
         if fault is not None:
             await self._fail(fault)
         inputs = embedding_inputs(request.input)
@@ -115,6 +118,11 @@ class SimulatedProvider:
     def _latency_ms(self) -> float:
         return draw_latency_ms(self.config.latency_ms, self._latency_rng)
 
+    async def _sleep_ms(self, ms: float) -> None:
+        # No await at all for zero: a simulator with no latency should cost nothing in benchmarks.
+        if ms > 0:
+            await self._sleep(ms / 1000)
+
     async def _fail(self, fault: SimulatedFault) -> None:
         """Raise what a real upstream failing this way would make the HTTP provider raise."""
         where = f"deployment '{self.name}' (simulated)"
@@ -128,7 +136,7 @@ class SimulatedProvider:
                 deployment=self.name,
             )
         if fault == "hang":
-            await asyncio.sleep(HANG_S)  # cancellation (a deadline) ends it; nothing here catches it
+            await self._sleep(HANG_S)  # cancellation (a deadline) ends it; nothing here catches it
             raise UpstreamTimeout(f"{where} never answered (simulated hang)", deployment=self.name)
         if fault == "malformed":
             raise UpstreamMalformed(f"{where} answered with a body that is not JSON (simulated)", deployment=self.name)
@@ -184,7 +192,7 @@ class SimulatedProvider:
     ) -> AsyncIterator[dict[str, Any]]:
         """Role chunk, one chunk per word, the finish chunk, then usage if the client asked for it."""
         id, created, model = _completion_id(), int(time.time()), self.config.model
-        await _sleep_ms(self.config.ttft_ms)
+        await self._sleep_ms(self.config.ttft_ms)
         if fault == "malformed":
             raise UpstreamMalformed(
                 f"deployment '{self.name}' (simulated) sent a stream event that is not JSON", deployment=self.name
@@ -192,7 +200,7 @@ class SimulatedProvider:
         yield chunk_body(id=id, model=model, created=created, delta=answer.first_delta())
         pieces = answer.pieces[: len(answer.pieces) // 2] if fault == "cut" else answer.pieces
         for piece in pieces:
-            await _sleep_ms(self.config.token_delay_ms)
+            await self._sleep_ms(self.config.token_delay_ms)
             yield chunk_body(id=id, model=model, created=created, delta=answer.piece_delta(piece))
         if fault == "cut":
             raise UpstreamConnectionError(
@@ -236,12 +244,6 @@ class Answer:
 
 def _completion_id() -> str:
     return "chatcmpl-sim-" + random_hex(12)
-
-
-async def _sleep_ms(ms: float) -> None:
-    # No await at all for zero: a simulator with no latency should cost nothing in benchmarks.
-    if ms > 0:
-        await asyncio.sleep(ms / 1000)
 
 
 # ---------------------------------------------------------------------------- configuration
