@@ -58,12 +58,39 @@ def writer_cpu() -> float:
     return 0.0
 
 
+_beat = [0.0]  # when the loop last woke the lag watcher
+stacks: list[tuple[float, float, list[str]]] = []  # (when, loop silent for, the loop thread's stack)
+STACK_AFTER_S = 0.008
+
+
+def watch_stacks(loop_thread: int) -> None:
+    """From a thread of its own: when the loop has not woken for STACK_AFTER_S, what its thread is
+    running (once per stall). Taking the GIL to look is the switch interval's business, so a stall
+    spent in one long Python call is caught in it; one the OS caused shows the loop idle."""
+    seen = 0.0
+    while True:
+        time.sleep(0.002)
+        beat = _beat[0]
+        silent = time.perf_counter() - beat
+        if beat and silent > STACK_AFTER_S and beat != seen:
+            seen = beat
+            frame = sys._current_frames().get(loop_thread)
+            lines = []
+            while frame is not None and len(lines) < 12:
+                code = frame.f_code
+                lines.append(f"{code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {code.co_name}")
+                frame = frame.f_back
+            stacks.append((beat, silent, lines))
+
+
 async def watch_lag() -> None:
     """Each lag with what ran meanwhile: the loop's own thread (a long callback, a collection),
     the writer's thread (holding the GIL), or neither (the OS ran another process)."""
     clock, own = time.perf_counter, time.thread_time
+    threading.Thread(target=watch_stacks, args=(threading.get_ident(),), daemon=True).start()
     while True:
         before, own_before, writer_before = clock(), own(), writer_cpu()
+        _beat[0] = before
         await asyncio.sleep(0.001)
         late = clock() - before - 0.001
         if late > LAG_FLOOR_S:
@@ -108,7 +135,9 @@ def instrument_app() -> None:
 def dump(path: Path) -> None:
     counts["at_end"] = [len(gc.get_objects(g)) for g in (0, 1, 2)]
     counts["frozen"] = [gc.get_freeze_count()]
-    path.write_bytes(orjson.dumps({"lags": lags, "collections": collections, "drains": drains, "counts": counts}))
+    path.write_bytes(orjson.dumps(
+        {"lags": lags, "collections": collections, "drains": drains, "counts": counts, "stacks": stacks}
+    ))
 
 
 def main() -> None:
