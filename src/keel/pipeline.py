@@ -14,7 +14,6 @@ Wire objects stay plain dicts on this path: they are parsed once and serialised 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -144,7 +143,7 @@ class Delivery:
         for finaliser in self._finalisers:
             try:
                 result = finaliser(self)
-                if inspect.isawaitable(result):
+                if result is not None:  # an async finaliser's coroutine
                     await result
             except Exception:
                 log.exception("a finaliser of %s failed: %r", type(self).__name__, finaliser)

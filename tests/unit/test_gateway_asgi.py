@@ -17,6 +17,8 @@ from keel.observability.stage import Observe
 from keel.observability.tracing import Tracing
 from keel.pipeline import Call, Completion, Next, Reply
 from keel.server import create_app
+from keel.server.app import Served, chat_completions
+from keel.server.gateway import Answer, Incoming
 
 BODY = {"model": "sim", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -187,3 +189,41 @@ async def test_a_stream_that_cannot_be_sent_is_still_closed_and_logged() -> None
         await create_app(keel)(scope(), client.receive, broken_send)
     await keel.close()
     assert sink.only().outcome == "client_closed"
+
+
+async def test_a_stream_that_fails_midway_is_logged_once_its_error_event_has_been_written() -> None:
+    sink = RecordingSink()
+
+    class Ordered(RecordingSink):
+        def submit(self, record: Any) -> None:
+            client.events.append("record")
+            sink.submit(record)
+
+    keel = Keel(sim(template="one two three four", errors={"cut": 1.0}),
+                stages=[Observe(Ordered(), Tracing(TracingConfig(to_store=False)), Metrics())])
+    client = Client(orjson.dumps({**BODY, "stream": True}))
+    await create_app(keel)(scope(), client.receive, client.send)
+    await keel.close()
+    assert b'"code":"upstream_connection_error"' in client.body().split(b"data: ")[-1]
+    assert client.events[-2:] == ["http.response.body", "record"]
+    assert sink.only().outcome == "error"
+
+
+async def test_a_hot_route_is_a_function_of_the_shared_state_and_the_request() -> None:
+    settled: list[str] = []
+
+    class Bookkeeping:
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            reply = await next(call)
+            reply.on_finish(lambda _: settled.append(call.ctx.request_id))
+            return reply
+
+    keel = Keel(sim(), stages=[Bookkeeping()])
+    client = Client(orjson.dumps(BODY))
+    answer = await chat_completions(Served.of(keel), Incoming(scope(), client.receive, "req_alone"))
+    await keel.close()
+    assert isinstance(answer, Answer) and answer.settles is not None
+    assert orjson.loads(answer.body)["choices"][0]["message"]["content"] == "echo: hello"
+    assert settled == [], "the answer has not been delivered yet"
+    await answer.settles.settle()
+    assert settled == ["req_alone"]
