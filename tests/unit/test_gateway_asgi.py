@@ -149,19 +149,23 @@ async def test_a_client_that_leaves_before_sending_the_body_is_logged_as_closed(
     assert sink.only().outcome == "client_closed"
 
 
-async def test_a_finished_stream_is_logged_once_its_end_has_been_written() -> None:
-    sink = RecordingSink()
+async def stream_logged_in_order(**deployment: Any) -> tuple[Client, RecordingSink]:
+    """A stream served to a client whose events show when the call's record was written."""
+    client, sink = Client(orjson.dumps({**BODY, "stream": True})), RecordingSink()
 
     class Ordered(RecordingSink):
         def submit(self, record: Any) -> None:
             client.events.append("record")
             sink.submit(record)
 
-    keel = Keel(sim(template="one two three"),
-                stages=[Observe(Ordered(), Tracing(TracingConfig(to_store=False)), Metrics())])
-    client = Client(orjson.dumps({**BODY, "stream": True}))
+    keel = Keel(sim(**deployment), stages=[Observe(Ordered(), Tracing(TracingConfig(to_store=False)), Metrics())])
     await create_app(keel)(scope(), client.receive, client.send)
     await keel.close()
+    return client, sink
+
+
+async def test_a_finished_stream_is_logged_once_its_end_has_been_written() -> None:
+    client, sink = await stream_logged_in_order(template="one two three")
     assert client.body().endswith(b"data: [DONE]\n\n")
     assert client.events[-2:] == ["http.response.body", "record"]
     assert client.sent[-1].get("more_body") is False
@@ -192,18 +196,7 @@ async def test_a_stream_that_cannot_be_sent_is_still_closed_and_logged() -> None
 
 
 async def test_a_stream_that_fails_midway_is_logged_once_its_error_event_has_been_written() -> None:
-    sink = RecordingSink()
-
-    class Ordered(RecordingSink):
-        def submit(self, record: Any) -> None:
-            client.events.append("record")
-            sink.submit(record)
-
-    keel = Keel(sim(template="one two three four", errors={"cut": 1.0}),
-                stages=[Observe(Ordered(), Tracing(TracingConfig(to_store=False)), Metrics())])
-    client = Client(orjson.dumps({**BODY, "stream": True}))
-    await create_app(keel)(scope(), client.receive, client.send)
-    await keel.close()
+    client, sink = await stream_logged_in_order(template="one two three four", errors={"cut": 1.0})
     assert b'"code":"upstream_connection_error"' in client.body().split(b"data: ")[-1]
     assert client.events[-2:] == ["http.response.body", "record"]
     assert sink.only().outcome == "error"
