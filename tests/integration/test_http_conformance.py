@@ -171,7 +171,7 @@ class Endpoint:
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Endpoint]]:
     """Every server but the raw one, started in parallel, stopped at the module's end."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl (the command) is needed to make the test certificates")
+        require_service("openssl", "the openssl command is not on PATH (it makes the test certificates)")
     folder = tmp_path_factory.mktemp("conformance")
     certificates = {"localhost": make_certificate(folder, "localhost"),
                     "other": make_certificate(folder, "other.invalid")}
