@@ -252,8 +252,8 @@ def check(
     names, and print what works; exit 1 if anything fails."""
     from rich.table import Table
 
-    from keel.observability.report import counted
     from keel.probes import probe_config
+    from keel.wording import counted
 
     source, cfg = _load(config_file, calls_upstreams=False, code=1)
     table = Table(title=f"keel check: {source.describe()}", title_justify="left")

@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
+from keel.budgets.alerts import AlertSender
+from keel.budgets.budgets import Budgets
+from keel.budgets.stage import BudgetStage
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import ModelNotFound
-from keel.limits.alerts import AlertSender
-from keel.limits.budgets import Budgets
-from keel.limits.stage import BudgetStage
 from keel.observability.metrics import Metrics, breaker_states
 from keel.observability.stage import Observe
 from keel.observability.store import RecordStore

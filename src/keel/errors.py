@@ -225,7 +225,7 @@ class BudgetExceeded(KeelError):
         self.limit_usd = limit_usd
         self.resets_in = resets_in  # seconds until the window resets; None: it never does ("total")
         self.transient = transient
-        self.alerts: list[Any] = []  # budget alerts this refusal raised (keel.limits.Alert); the stage sends them
+        self.alerts: list[Any] = []  # budget alerts this refusal raised (keel.budgets.Alert); the stage sends them
 
     def headers(self) -> dict[str, str]:
         if self.transient:

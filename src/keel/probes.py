@@ -23,8 +23,9 @@ from keel.config import (
     SimulatedDeployment,
 )
 from keel.errors import KeelError
-from keel.observability.report import counted, sqlite_file
+from keel.observability.report import sqlite_file
 from keel.providers.base import deployment_name
+from keel.wording import counted
 
 REDIS_INSTALL = "pip install 'keel[redis]'"
 

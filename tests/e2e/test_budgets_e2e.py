@@ -51,7 +51,7 @@ MAX_TOKENS = 2  # the fake's answer, "echo: hello", is two tokens: the worst cas
 CALL_NANOS = expected_nanos("gpt-4o-mini", fake_prompt_tokens(MESSAGES), 2)
 LIMIT_NANOS = 100 * CALL_NANOS
 LIMIT_USD = LIMIT_NANOS / 1e9
-# The one counter of a global budget of the total window (keel.limits.counters.counter_key).
+# The one counter of a global budget of the total window (keel.budgets.counters.counter_key).
 COUNTER_KEY = "keel:budget:global:total:total"
 
 

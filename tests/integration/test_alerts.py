@@ -15,10 +15,10 @@ from aiohttp import web
 from conftest import REDIS_URL
 from prometheus_client import CollectorRegistry, generate_latest
 
+from keel.budgets import AlertSender, Budgets, MemoryBudgetBackend, RedisBudgetBackend
+from keel.budgets.budgets import Alert
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import to_nanos
-from keel.limits import AlertSender, Budgets, MemoryBudgetBackend, RedisBudgetBackend
-from keel.limits.budgets import Alert
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
 

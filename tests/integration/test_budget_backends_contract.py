@@ -22,13 +22,13 @@ import pytest
 from budget_calls import Clock, call_for, model_config, rule
 from conftest import REDIS_URL
 
+from keel.budgets import Budgets, MemoryBudgetBackend, RedisBudgetBackend
+from keel.budgets.budgets import Alert
+from keel.budgets.counters import BudgetBackend
+from keel.budgets.windows import period_at
 from keel.config import BudgetConfig
 from keel.cost import to_nanos
 from keel.errors import BudgetExceeded
-from keel.limits import Budgets, MemoryBudgetBackend, RedisBudgetBackend
-from keel.limits.budgets import Alert
-from keel.limits.counters import BudgetBackend
-from keel.limits.windows import period_at
 from keel.pipeline import Context
 
 OpenBackend = Callable[[], BudgetBackend]

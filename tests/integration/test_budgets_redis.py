@@ -16,12 +16,12 @@ import redis
 import redis.asyncio
 from conftest import REDIS_URL
 
+from keel.budgets import AlertSender, Budgets, BudgetStage, RedisBudgetBackend
+from keel.budgets.budgets import Alert
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import CostMeter, PricingTable, to_nanos
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, BudgetStoreUnavailable
-from keel.limits import AlertSender, Budgets, BudgetStage, RedisBudgetBackend
-from keel.limits.budgets import Alert
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
 

@@ -14,12 +14,12 @@ from budget_calls import Clock, call_for, rule
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
+from keel.budgets import AlertSender, Budgets, BudgetStage, MemoryBudgetBackend
+from keel.budgets.windows import period_at
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import CostMeter, PricingTable, to_nanos
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, UpstreamServerError
-from keel.limits import AlertSender, Budgets, BudgetStage, MemoryBudgetBackend
-from keel.limits.windows import period_at
 from keel.pipeline import ChunkStream, Context
 from keel.server.admin import admin_router
 from keel.types import ChatRequest

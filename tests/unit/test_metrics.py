@@ -115,24 +115,6 @@ def record(**fields: Any) -> RequestRecord:
     return RequestRecord(request_id="req_1", started_at=0.0, ended_at=1.0, model="m", **fields)
 
 
-def test_cache_hits_and_guardrail_blocks_are_counted_by_kind_and_check() -> None:
-    metrics = Metrics()
-    metrics.observe(record(cache_status="hit_exact", outcome="cached"))
-    metrics.observe(record(cache_status="hit_semantic", outcome="cached"))
-    metrics.observe(record(cache_status="hit_semantic", outcome="cached"))
-    metrics.observe(record(cache_status="miss"))
-    metrics.observe(record(outcome="blocked", status=400, guardrails=[
-        {"check": "pii", "action": "block"}, {"check": "length", "action": "pass"}
-    ]))
-    metrics.observe(record(outcome="blocked", status=400, error_type="injection_detected"))
-    metrics.observe(record(guardrails=[{"check": "pii", "action": "redact"}]))
-    assert value(metrics, "keel_cache_hits_total", kind="exact") == 1
-    assert value(metrics, "keel_cache_hits_total", kind="semantic") == 2
-    assert value(metrics, "keel_guardrail_blocks_total", check="pii") == 1
-    assert value(metrics, "keel_guardrail_blocks_total", check="length") == 0
-    assert value(metrics, "keel_guardrail_blocks_total", check="injection_detected") == 1
-
-
 def test_feature_labels_are_cut_and_capped_beyond_n_values() -> None:
     metrics = Metrics(max_label_chars=10, max_features=2)
     for feature in ("alpha", "beta", "gamma", "delta", "alpha", "x" * 50, None):

@@ -72,7 +72,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.feature = BoundedLabel(max_label_chars, max_features)
         self.model = BoundedLabel(max_label_chars, max_models)
-        self.check = BoundedLabel(max_label_chars, 50)
         r = self.registry
         self.requests = Labelled(Counter(
             "keel_requests", "Calls that reached Keel, by outcome", ["model", "feature", "status", "outcome"],
@@ -87,10 +86,6 @@ class Metrics:
         ))
         self.tokens = Labelled(Counter("keel_tokens", "Tokens by kind", ["model", "kind"], registry=r))
         self.cost = Labelled(Counter("keel_cost_usd", "Spend in USD", ["model", "feature"], registry=r))
-        self.cache_hits = Labelled(Counter("keel_cache_hits", "Answers served from the cache", ["kind"], registry=r))
-        self.guardrail_blocks = Labelled(
-            Counter("keel_guardrail_blocks", "Calls blocked by a guardrail", ["check"], registry=r)
-        )
         self.retries = Labelled(Counter(
             "keel_retries", "Upstream attempts after a call's first", ["model", "deployment"], registry=r
         ))
@@ -113,10 +108,6 @@ class Metrics:
                 self.tokens(model, kind).inc(count)
         if record.cost_usd:
             self.cost(model, feature).inc(record.cost_usd)
-        if record.cache_status.startswith("hit"):
-            self.cache_hits(record.cache_status.removeprefix("hit_") or "exact").inc()
-        for check in _blocking_checks(record):
-            self.guardrail_blocks(self.check(check)).inc()
         for attempt in record.attempt_log[1:]:
             self.retries(model, str(attempt.get("deployment", ""))).inc()
 
@@ -176,15 +167,3 @@ class _Callbacks:
             value=self.dropped() if self.dropped is not None else 0,
         )
         return [breakers, queues, dropped]
-
-
-def _blocking_checks(record: RequestRecord) -> list[str]:
-    """The guardrail checks that blocked this call. A verdict is `{"check": name, "action": "block", ...}`
-    (or `"verdict": "block"`); a blocked call with no such verdict counts under its error code."""
-    checks = [
-        str(v.get("check") or "unknown") for v in record.guardrails
-        if v.get("action") in ("block", "blocked") or v.get("verdict") in ("block", "blocked")
-    ]
-    if not checks and record.outcome == "blocked":
-        checks.append(record.error_type or "unknown")
-    return checks

@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError
 
 from keel.config import SLOConfig
 from keel.observability.store import RecordStore, StoreError, requests
+from keel.wording import counted
 
 REFUSALS = ("blocked", "rate_limited", "budget_exceeded")  # Keel doing its job: not failures
 CLIENT_ERRORS = ("invalid",)  # the caller's mistake: a 4xx it caused
@@ -319,11 +320,6 @@ def _summary(report: SLOReport) -> str:
         f"{counted(report.errors, 'error')}, spend {_usd(report.cost_usd)}"
         + (f"; outcomes: {_outcomes(report)}" if report.outcomes else "")
     )
-
-
-def counted(n: int, noun: str) -> str:
-    """`1 error`, `2 errors`, `1,000 requests`."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _title(report: SLOReport) -> str:

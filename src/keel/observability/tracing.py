@@ -43,6 +43,7 @@ from keel.ids import random_hex
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.pipeline import Call
 from keel.types import ChatRequest
+from keel.wording import counted
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -584,7 +585,7 @@ class OtlpExport:
         self.flush()
         self.exporter.shutdown()
         if self.dropped:
-            log.warning("%d spans were not exported: the OTLP queue was full", self.dropped)
+            log.warning("%s not exported: the OTLP queue was full", counted(self.dropped, "span"))
 
     def _forked(self) -> None:
         """In a child process: the parent's thread and queued spans stayed with the parent."""

@@ -40,6 +40,7 @@ from keel.config import StoreConfig
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.redaction import redaction_patterns
 from keel.observability.store import RecordRejected, RecordStore, StoreError, StoreUnavailable, request_row, span_row
+from keel.wording import counted
 
 log = logging.getLogger("keel.request_log")
 
@@ -633,7 +634,7 @@ class RecordWriter:
             log.warning("request log: the retention purge failed, next try in %.0fs: %s", self._retention_interval, exc)
             return
         if purged:
-            log.info("request log: purged %d records older than %g days", purged, self.config.retention_days)
+            log.info("request log: purged %s older than %g days", counted(purged, "record"), self.config.retention_days)
 
 
 def _name(item: Item) -> str:

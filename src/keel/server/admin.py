@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from keel.budgets.budgets import Budgets
 from keel.config import BudgetConfig
 from keel.errors import InvalidJSON, InvalidRequest, KeelError
-from keel.limits.budgets import Budgets
 from keel.server.responses import error_response, json_response
 from keel.validation_errors import describe
 

@@ -30,8 +30,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from keel.budgets.budgets import Alert
 from keel.config import AlertsConfig
-from keel.limits.budgets import Alert
 
 log = logging.getLogger("keel.budgets.alerts")
 

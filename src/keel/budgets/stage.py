@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from keel.budgets.alerts import AlertSender
+from keel.budgets.budgets import Alert, Budgets, Reservation
 from keel.cost.accounting import CostMeter
 from keel.errors import BudgetExceeded
-from keel.limits.alerts import AlertSender
-from keel.limits.budgets import Alert, Budgets, Reservation
 from keel.pipeline import Call, Next, Reply
 
 log = logging.getLogger("keel.budgets")

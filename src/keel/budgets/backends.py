@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from keel.budgets.counters import Counter, Crossing, Refusal
 from keel.cost.money import Nanos
 from keel.errors import BudgetStoreUnavailable
-from keel.limits.counters import Counter, Crossing, Refusal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

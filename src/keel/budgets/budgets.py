@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
+from keel.budgets.backends import MemoryBudgetBackend, RedisBudgetBackend
+from keel.budgets.counters import BudgetBackend, Counter, Refusal, Threshold, counter_key, value_of
+from keel.budgets.windows import Period, period_at
 from keel.config import BudgetConfig, BudgetWindow, ConfigError
 from keel.cost.money import Nanos, to_nanos, to_usd
 from keel.errors import BudgetExceeded
 from keel.ids import random_hex
-from keel.limits.backends import MemoryBudgetBackend, RedisBudgetBackend
-from keel.limits.counters import BudgetBackend, Counter, Refusal, Threshold, counter_key, value_of
-from keel.limits.windows import Period, period_at
 
 if TYPE_CHECKING:
     from keel.config import KeelConfig

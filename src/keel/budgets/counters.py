@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, unquote
 
+from keel.budgets.windows import Period
 from keel.config import BudgetConfig, BudgetScope
 from keel.cost.money import Nanos
-from keel.limits.windows import Period
 
 
 @dataclass(frozen=True, slots=True)
