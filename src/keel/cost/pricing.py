@@ -76,7 +76,7 @@ BUILT_IN: dict[str, Price] = {
 }
 
 FREE = _p(0.0, 0.0)
-_UNBILLED = ("local", "simulated")  # run by Keel itself: no upstream bill
+_UNBILLED = ("local", "local-embedder", "simulated")  # run by Keel itself: no upstream bill
 # What may follow a known name in a returned one: a date or version suffix (gpt-4o-mini-2024-07-18,
 # gpt-3.5-turbo-0125, claude-3-5-sonnet-20241022, claude-sonnet-4@20250514, claude-sonnet-4-0,
 # -latest). Anything else (o3-pro, gpt-4-32k) is another model, with another price: unknown.

@@ -70,6 +70,10 @@ def make_provider(config: DeploymentConfig, name: str) -> Provider:
         from keel.providers.local import LocalProvider
 
         return LocalProvider(config, name)
+    if config.provider == "local-embedder":
+        from keel.providers.local_embedder import LocalEmbedderProvider
+
+        return LocalEmbedderProvider(config, name)
     from keel.providers.simulated import SimulatedProvider
 
     return SimulatedProvider(config, name)
