@@ -1,4 +1,4 @@
-"""`keel serve`, `keel chat`, `keel report`, `keel check` and `keel fake-upstream`."""
+"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys` and `keel fake-upstream`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from keel.auth.cli import keys_app
 from keel.config import ConfigError, ConfigSource, KeelConfig, find_config
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Keel: the production layer for LLM applications.", no_args_is_help=True)
 err = Console(stderr=True)
+app.add_typer(keys_app, name="keys")
 
 ConfigOption = Annotated[
     Path | None,

@@ -291,14 +291,14 @@ class StateConfig(_Strict):
     )
 
 
-BudgetScope = Literal["global", "key", "user", "feature"]
+BudgetScope = Literal["global", "tenant", "key", "user", "feature"]
 BudgetWindow = Literal["day", "month", "total"]
 
 
 class BudgetConfig(_Strict):
-    scope: BudgetScope = Field(description="global, key, user or feature")
+    scope: BudgetScope = Field(description="global, tenant, key, user or feature")
     match: str | None = Field(
-        default=None, description="the one key/user/feature this applies to; none: each one gets this budget"
+        default=None, description="the one tenant/key/user/feature this applies to; none: each one gets this budget"
     )
     window: BudgetWindow = Field(default="month", description="day, month (UTC calendar) or total")
     limit_usd: float = Field(
@@ -311,7 +311,7 @@ class BudgetConfig(_Strict):
     @model_validator(mode="after")
     def _match_fits_scope(self) -> BudgetConfig:
         if self.scope == "global" and self.match is not None:
-            raise ValueError("a global budget has no 'match'; remove it or choose scope key, user or feature")
+            raise ValueError("a global budget has no 'match'; remove it or choose scope tenant, key, user or feature")
         return self
 
 
@@ -339,6 +339,18 @@ class TracingConfig(_Strict):
     service_name: str = Field(default="keel", description="service.name of the spans")
 
 
+class AuthConfig(_Strict):
+    virtual_keys: bool = Field(
+        default=False, description="clients must send a virtual key (`keel keys create`) or the master key"
+    )
+    cache_ttl_s: float = Field(
+        default=0.5, gt=0, le=1, description="a key lookup is reused this long: a revoked key stops within it"
+    )
+    negative_cache_size: int = Field(
+        default=10_000, ge=1, description="unknown keys remembered (each for cache_ttl_s); beyond: oldest dropped"
+    )
+
+
 class KeelConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="the gateway process")
     models: list[ModelConfig] = Field(min_length=1, description="the models clients can ask for")
@@ -351,6 +363,7 @@ class KeelConfig(_Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="where budget alerts go")
     slo: SLOConfig = Field(default_factory=SLOConfig, description="targets of `keel report` and the dashboard")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry spans")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="virtual keys and tenants")
 
     @field_validator("models")
     @classmethod

@@ -10,11 +10,15 @@ keyword arguments. Both run the one pipeline.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
+from keel.auth.lookup import KeyLookup
+from keel.auth.stage import Auth
+from keel.auth.store import KeyStore
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
@@ -22,7 +26,7 @@ from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
-from keel.errors import ModelNotFound
+from keel.errors import KeelError, ModelNotFound
 from keel.observability.metrics import Metrics, breaker_states
 from keel.observability.stage import Observe
 from keel.observability.store import RecordStore
@@ -39,7 +43,7 @@ T = TypeVar("T")
 
 
 class Keel:
-    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), budget,
+    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, budget,
     cost, then any `stages` given here, then reliability, which calls the providers. An
     `Observe` or `BudgetStage` among `stages` replaces the default one."""
 
@@ -54,6 +58,8 @@ class Keel:
         self.tracing = Tracing(config.tracing, sink=self.writer)
         self.budgets = Budgets.from_config(config)
         self.alerts = AlertSender(config.alerts)
+        self.keys = KeyStore(self.writer.store)
+        self.auth = _auth(config, self.keys)
         # An Observe or BudgetStage of the caller's own (a fake sink, other budgets) takes the
         # default one's place.
         stages = list(stages or [])
@@ -65,7 +71,8 @@ class Keel:
         self.metrics.watch_dropped(lambda: self.writer.dropped)
         self.metrics.registry.register(self.alerts)
         self.pipeline = Pipeline([
-            self.observe, budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter), *stages,
+            self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
+            budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter), *stages,
             Reliability(),
         ])
         self._started = False
@@ -87,6 +94,8 @@ class Keel:
             if self._started:
                 return
             await asyncio.to_thread(self.writer.start)
+            if self.auth is not None:  # the keys' table must exist before the first call
+                await asyncio.to_thread(self.writer.store.migrate)
             await self.alerts.start()
             for deployments in self.deployments.values():
                 for dep in deployments:
@@ -136,9 +145,15 @@ class Keel:
             model, deployments = self.resolve(request.model)
         except ModelNotFound as exc:  # refused before the pipeline: logged here
             chat = isinstance(request, ChatRequest)
-            self.observe.rejected(ctx, exc, "chat" if chat else "embeddings", model=request.model,
+            refused: KeelError = exc
+            if self.auth is not None:  # a caller without a key learns nothing of the models
+                try:
+                    await self.auth.admit(ctx, request.model)
+                except KeelError as auth_error:
+                    refused = auth_error
+            self.observe.rejected(ctx, refused, "chat" if chat else "embeddings", model=request.model,
                                   stream=chat and bool(getattr(request, "stream", False)))
-            raise
+            raise refused from None
         reply = await self.pipeline(Call(request=request, model=model, deployments=deployments, ctx=ctx))
         if isinstance(reply, ChunkStream):
             reply.settles_at_end = not caller_settles
@@ -206,6 +221,14 @@ def _take(stages: list[Stage], kind: type[S]) -> S | None:
             del stages[i]
             return stage
     return None
+
+
+def _auth(config: KeelConfig, keys: KeyStore) -> Auth | None:
+    """The auth stage when virtual keys are on; off, the gateway checks the master key alone."""
+    if not config.auth.virtual_keys:
+        return None
+    lookup = KeyLookup(keys, ttl_s=config.auth.cache_ttl_s, negative_size=config.auth.negative_cache_size)
+    return Auth(lookup, os.environ.get(config.server.master_key_env) or None)
 
 
 def _deployment(model: ModelConfig, config: Any) -> Deployment:

@@ -64,6 +64,32 @@ class AuthenticationFailed(KeelError):
     code = "invalid_api_key"
 
 
+class ModelNotAllowed(KeelError):
+    """A virtual key asked for a model outside its allowed list."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+    outcome: ClassVar[str] = "invalid"
+
+
+class AdminForbidden(KeelError):
+    """A key that may call models but not this admin action (or not another tenant's data)."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+    outcome: ClassVar[str] = "invalid"
+
+
+class KeysUnavailable(KeelError):
+    """The database holding the virtual keys cannot be read: no key can be checked."""
+
+    status = 503
+    type = "api_error"
+    code = "keys_unavailable"
+
+
 class ModelNotFound(KeelError):
     status = 404
     type = "invalid_request_error"

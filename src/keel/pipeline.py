@@ -28,6 +28,7 @@ from keel.types import ChatRequest, EmbeddingRequest
 log = logging.getLogger("keel.pipeline")
 
 if TYPE_CHECKING:
+    from keel.auth.keys import Credential, VirtualKey
     from keel.config import ModelConfig
     from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
@@ -87,7 +88,11 @@ class Context:
     deadline: float | None = None  # time.monotonic() value; set by the reliability stage
     user: str | None = None
     feature: str | None = None
-    key_id: str | None = None
+    key_id: str | None = None  # the virtual key's id when keys are on (keel.auth)
+    # What the caller presented (a digest, never the key itself); None in-process: trusted.
+    credential: Credential | None = None
+    key: VirtualKey | None = None  # the caller's virtual key, set by the auth stage
+    tenant: str | None = None  # its tenant: scopes logs, budgets and admin views
     attempts: list[Attempt] = field(default_factory=list)
     deployment: str | None = None  # the one that answered
     first_chunk_at: float | None = None

@@ -25,6 +25,7 @@ from conftest import free_port, fresh_pg_database
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
+import keel.auth.store  # noqa: F401  (its table is part of the schema compared)
 from keel.config import StoreConfig
 from keel.observability.record import Outcome, RequestRecord, SpanRecord
 from keel.observability.store import (
@@ -254,7 +255,7 @@ def test_migrations_create_the_schema_from_empty(url: str, stores: Callable[[str
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0001_request_log"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002_virtual_keys"
         indexed = {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
     assert {("started_at",), ("feature",), ("model",), ("user",), ("trace_id",)} <= indexed
     assert [c.name for c in requests.columns] == list(REQUEST_FIELDS)

@@ -271,7 +271,7 @@ class Budgets:
 def _scope_value(rule: BudgetConfig, ctx: Context) -> str | None:
     if rule.scope == "global":
         return None
-    value = ctx.key_id if rule.scope == "key" else ctx.user if rule.scope == "user" else ctx.feature
+    value = {"tenant": ctx.tenant, "key": ctx.key_id, "user": ctx.user, "feature": ctx.feature}[rule.scope]
     if value is None or (rule.match is not None and value != rule.match):
         return None
     return value

@@ -56,6 +56,7 @@ class RequestRecord:
     # The call's own spans (the call and each upstream attempt) as SpanRecord dicts: kept in the
     # record's row, one write per call instead of three; RecordStore.spans() unpacks them.
     spans: list[dict[str, Any]] = field(default_factory=list)
+    tenant: str | None = None  # the virtual key's tenant
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -107,6 +107,7 @@ def build_record(
         trace_id=ctx.trace_id,
         span_id=ctx.span_id,
         key_id=ctx.key_id,
+        tenant=ctx.tenant,
         user=bounded(ctx.user or request.user),
         feature=bounded(ctx.feature or (metadata or {}).get("feature")),
         model=request.model,
@@ -152,7 +153,7 @@ def record_rejected(
     status, outcome, error_type, message = outcome_of(ctx, error)
     record = RequestRecord(
         request_id=ctx.request_id, started_at=ended_at - (now - ctx.started), ended_at=ended_at,
-        endpoint=endpoint, trace_id=ctx.trace_id, span_id=ctx.span_id, key_id=ctx.key_id,
+        endpoint=endpoint, trace_id=ctx.trace_id, span_id=ctx.span_id, key_id=ctx.key_id, tenant=ctx.tenant,
         user=bounded(ctx.user), feature=bounded(ctx.feature), model=bounded(model), stream=stream,
         latency_ms=(now - ctx.started) * 1000, status=status, outcome=outcome, error_type=error_type,
         error_message=message,

@@ -106,11 +106,13 @@ requests = Table(
     Column("error_type", String),
     Column("error_message", Text),
     Column("spans", JSONColumn),  # the call's own spans; other spans (chains) are rows of `spans`
+    Column("tenant", String),  # the virtual key's tenant (revision 0002)
     Index("ix_requests_started_at", "started_at"),
     Index("ix_requests_feature", "feature"),
     Index("ix_requests_model", "model"),
     Index("ix_requests_user", "user"),
     Index("ix_requests_trace_id", "trace_id"),
+    Index("ix_requests_tenant", "tenant"),
 )
 
 # The primary key (trace_id, span_id) is the index on trace_id that trace look-ups use.
@@ -255,6 +257,13 @@ class RecordStore:
         with self._translated("read"), self.engine.connect() as conn:
             yield conn
 
+    @contextmanager
+    def transaction(self, doing: str) -> Iterator[Connection]:
+        """A connection in a transaction, committed when the block ends; failures as `StoreError`s
+        saying what could not be done (`doing`: "revoke a key in")."""
+        with self._translated(doing), self.engine.begin() as conn:
+            yield conn
+
     def write(
         self,
         records: Sequence[RequestRecord | Mapping[str, Any]],
@@ -291,10 +300,12 @@ class RecordStore:
         limit: int | None = None,
         *,
         key_id: str | None = None,
+        tenant: str | None = None,
         newest_first: bool = False,
     ) -> list[dict[str, Any]]:
         """Records that started in [since, until), oldest first unless `newest_first`; one dict
-        per record, keyed like `RequestRecord`. `key_id` keeps one tenant's records only."""
+        per record, keyed like `RequestRecord`. `key_id` keeps one key's records only, `tenant`
+        one tenant's."""
         query = select(requests).where(requests.c.started_at >= since)
         if until is not None:
             query = query.where(requests.c.started_at < until)
@@ -302,6 +313,8 @@ class RecordStore:
             query = query.where(requests.c.feature == feature)
         if key_id is not None:
             query = query.where(requests.c.key_id == key_id)
+        if tenant is not None:
+            query = query.where(requests.c.tenant == tenant)
         order = requests.c.started_at.desc() if newest_first else requests.c.started_at
         query = query.order_by(order, requests.c.request_id)
         if limit is not None:

@@ -9,6 +9,7 @@ types; replies go out with one orjson serialisation. Every answer, errors includ
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -26,8 +27,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from keel.auth.admin import keys_router
+from keel.auth.keys import Credential
 from keel.engine import Keel
-from keel.errors import AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
+from keel.errors import AdminForbidden, AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
 from keel.pipeline import ChunkStream, Completion, Context
 from keel.request_errors import parse_request
 from keel.server.admin import admin_router
@@ -47,7 +50,8 @@ def create_app(keel: Keel) -> Gateway:
     api = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.state.keel = served
     api.include_router(routes)
-    api.include_router(admin_router(keel.budgets, auth=admin_key))
+    api.include_router(admin_router(keel.budgets, auth=admin_key, key_ids=tenant_key_ids))
+    api.include_router(keys_router(keel.keys, keel.auth.lookup if keel.auth else None, auth=admin_key))
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
@@ -112,8 +116,9 @@ async def embeddings(served: Served, incoming: Incoming) -> Answer | ChunkStream
 
 def context(incoming: Incoming) -> Context:
     headers = incoming.headers
+    authorization = headers.get("authorization")
     ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
-                  key_id=key_id(headers.get("authorization")))
+                  key_id=key_id(authorization), credential=Credential.of(authorization))
     if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
         ctx.trace_headers = {name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))}
     return ctx
@@ -122,7 +127,8 @@ def context(incoming: Incoming) -> Context:
 async def parse(served: Served, incoming: Incoming, cls: type[BaseModel], ctx: Context) -> Any:
     """The validated body; a refusal here is logged to the request log like any call."""
     try:
-        served.authorise(incoming.headers.get("authorization"))
+        if served.keel.auth is None:  # with virtual keys on, the auth stage checks the key
+            served.authorise(incoming.headers.get("authorization"))
         raw = await incoming.body(served.keel.config.server.max_body_bytes)
         try:
             data = orjson.loads(raw)
@@ -168,22 +174,44 @@ def served_by(request: Request) -> Served:
     return served
 
 
-def authorised(request: Request) -> Served:
-    """The dependency of the routes that need the gateway's key (when it has one)."""
+async def authorised(request: Request) -> Served:
+    """The dependency of the routes that need the gateway's key (when it has one), or, with
+    virtual keys on, any valid key."""
     served = served_by(request)
-    served.authorise(request.headers.get("authorization"))
+    if served.keel.auth is None:
+        served.authorise(request.headers.get("authorization"))
+    else:
+        await served.keel.auth.identify(Credential.of(request.headers.get("authorization")))
     return served
 
 
-def admin_key(request: Request) -> None:
-    """The admin API needs a key even when the rest of the gateway does not."""
+async def admin_key(request: Request) -> None:
+    """The admin API needs a key even when the rest of the gateway does not: the master key
+    (every tenant), or with virtual keys on a tenant admin key (its tenant only, left in
+    `request.state.tenant`)."""
     served = served_by(request)
+    request.state.tenant = None
+    auth = served.keel.auth
+    if auth is not None:
+        key = await auth.identify(Credential.of(request.headers.get("authorization")))
+        if key is not None and not key.admin:
+            raise AdminForbidden(
+                f"The key {key.id} may call models but not the admin API; use a tenant admin key or the master key."
+            )
+        request.state.tenant = key.tenant if key is not None else None
+        return
     if served.master_key is None:
         raise AuthenticationFailed(
             f"The admin API needs the gateway's key: set {served.master_key_env} and send "
             "'Authorization: Bearer <key>'."
         )
     served.authorise(request.headers.get("authorization"))
+
+
+async def tenant_key_ids(request: Request, tenant: str) -> list[str]:
+    """The ids of a tenant's keys: its budgets of scope `key` are counted under them."""
+    keys = served_by(request).keel.keys
+    return [key.id for key in await asyncio.to_thread(keys.list, tenant)]
 
 
 @asynccontextmanager

@@ -1,0 +1,147 @@
+"""The admin API of keys and of the request log, scoped by tenant.
+
+    app.include_router(keys_router(keel, auth=admin_key))
+
+`auth` (a FastAPI dependency) admits the master key, which sees every tenant, and tenant admin
+keys (`admin: true`), which see and change only their own tenant: it leaves the caller's tenant
+in `request.state.tenant` (None for the master key). The secret of a new key is in the answer to
+its creation, and nowhere else, ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, TypeVar
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from keel.auth.keys import KeyBudget, KeyLimits, VirtualKey
+from keel.auth.lookup import KeyLookup
+from keel.auth.store import KeyStore
+from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeysUnavailable
+from keel.observability.store import StoreError
+from keel.validation_errors import describe
+
+T = TypeVar("T")
+
+
+class KeyNotFound(InvalidRequest):
+    status = 404
+    code = "key_not_found"
+
+
+class KeyBudgetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    limit_usd: float = Field(gt=0, allow_inf_nan=False)
+    window: Literal["day", "month", "total"] = "month"
+
+
+class NewKey(BaseModel):
+    """The body of POST /admin/keys (and the options of `keel keys create`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tenant: str | None = Field(default=None, min_length=1, max_length=128)  # a tenant admin's own by default
+    owner: str | None = Field(default=None, max_length=256)
+    label: str | None = Field(default=None, max_length=256)
+    models: list[str] | None = Field(default=None, min_length=1)  # none: every model
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    budgets: list[KeyBudgetSpec] = Field(default_factory=list)
+    admin: bool = False
+    expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+def caller_tenant(request: Request) -> str | None:
+    """The tenant the admin caller may see; None: every tenant (the master key)."""
+    tenant: str | None = getattr(request.state, "tenant", None)
+    return tenant
+
+
+def keys_router(keys: KeyStore, lookup: KeyLookup | None, auth: Callable[..., Any]) -> APIRouter:
+    router = APIRouter(prefix="/admin", dependencies=[Depends(auth)])
+
+    # Plain dicts, serialised by FastAPI: these routes are not hot, and this module stays free of
+    # keel.server (which imports it).
+    @router.post("/keys", status_code=201)
+    async def create_key(request: Request) -> dict[str, Any]:
+        spec = _new_key(await request.body())
+        own = caller_tenant(request)
+        tenant = spec.tenant or own
+        if tenant is None:
+            raise InvalidRequest("Say which tenant the key belongs to: {\"tenant\": \"team-a\", ...}.", param="tenant")
+        if own is not None and tenant != own:
+            raise AdminForbidden(f"A tenant admin key creates keys of its own tenant ('{own}') only.")
+        key, secret = await _store(lambda: create(keys, spec, tenant))
+        return {**key.public(), "key": secret}
+
+    @router.get("/keys")
+    async def list_keys(request: Request) -> dict[str, Any]:
+        found = await _store(lambda: keys.list(caller_tenant(request)))
+        return {"object": "list", "data": [key.public() for key in found]}
+
+    @router.delete("/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
+        key = await _store(lambda: keys.revoke(key_id, caller_tenant(request)))
+        if key is None:  # another tenant's key is "not found" too: its existence is not told
+            raise KeyNotFound(f"There is no key '{key_id}'; GET /admin/keys lists the keys you can see.")
+        if lookup is not None:
+            lookup.forget(key.digest)
+        return {**key.public(), "revoked": True}
+
+    @router.get("/requests")
+    async def list_requests(request: Request, since_s: float = 3600, limit: int = 100) -> dict[str, Any]:
+        """The newest records of the request log, the caller's tenant's only."""
+        since = time.time() - max(0.0, since_s)
+        rows = await _store(lambda: keys.store.records(
+            since, limit=max(1, min(limit, 1000)), tenant=caller_tenant(request), newest_first=True))
+        return {"object": "list", "data": rows}
+
+    return router
+
+
+def create(keys: KeyStore, spec: NewKey, tenant: str) -> tuple[VirtualKey, str]:
+    """Store a key as `spec` says; the key and its secret."""
+    expires_at = time.time() + spec.expires_in_s if spec.expires_in_s else None
+    return keys.create(
+        tenant, owner=spec.owner, label=spec.label, models=spec.models,
+        limits=KeyLimits(spec.requests_per_minute, spec.tokens_per_minute),
+        budgets=[KeyBudget(b.limit_usd, b.window) for b in spec.budgets], admin=spec.admin, expires_at=expires_at,
+    )
+
+
+def tenant_budgets(status: list[dict[str, Any]], tenant: str | None, key_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """The budget rules and counters a tenant may see: its own tenant's and its keys'."""
+    if tenant is None:
+        return status
+    mine = {"tenant": {tenant}, "key": set(key_ids)}
+    shown = []
+    for entry in status:
+        values = mine.get(entry["rule"]["scope"])
+        match = entry["rule"]["match"]
+        if values is None or (match is not None and match not in values):
+            continue
+        counters = [c for c in entry["counters"] if c["value"] in values]
+        shown.append({**entry, "counters": counters})
+    return shown
+
+
+def _new_key(body: bytes) -> NewKey:
+    try:
+        data = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The body is not valid JSON ({exc}); send the new key's fields as a JSON object.") from None
+    try:
+        return NewKey.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(f"The key is invalid: {describe(exc, NewKey)}") from None
+
+
+async def _store(work: Callable[[], T]) -> T:
+    try:
+        return await asyncio.to_thread(work)
+    except StoreError as exc:
+        raise KeysUnavailable(f"The key store cannot be used right now ({exc}). Try again in a moment.") from None
