@@ -1,6 +1,6 @@
 """What the gateway adds: the same load sent direct to an upstream and through `keel serve`.
 
-    .venv/bin/python bench/overhead.py [--requests 2000] [--rate-requests 200]
+    .venv/bin/python bench/overhead.py [--requests 2000] [--rate-requests 200] [--limits memory|redis]
 
 A fake OpenAI-compatible upstream with zero added latency runs in its own process; the
 gateway runs in another (`keel serve`, one worker). Direct and gateway runs are interleaved
@@ -12,6 +12,11 @@ in one process so a noisy machine hurts both alike. Reported:
 - the tail at saturation: p50, p99 and p99/p50 under wrk at 16 connections, and the longest single
   request at one connection, plain and streamed (medians of 3 interleaved rounds; the direct run is
   the baseline: what the machine and the load generator cost on their own).
+
+`--limits memory` (or `redis`) serves the gateway with rate limits on: global requests and tokens
+per minute and a per-model requests limit, set so high that nothing is refused (three counters
+charged per call, tokens corrected after it); run it beside a run without to read their cost.
+`--redis-url` names the Redis (default: $KEEL_TEST_REDIS_URL or redis://127.0.0.1:6379/0).
 """
 
 from __future__ import annotations
@@ -84,14 +89,28 @@ def start_gateway(tmp: Path, config: Path, port: int, launcher: list[str]) -> su
     )
 
 
-def start_servers(tmp: Path, untuned: bool = False) -> Servers:
+def rate_limits(backend: str, redis_url: str) -> dict[str, object]:
+    """keel.yaml's `limits:` for --limits: three counters per call, none ever refusing."""
+    limits: dict[str, object] = {
+        "backend": backend, "global": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12},
+        "per_model": {"requests_per_minute": 10**9},
+    }
+    if backend == "redis":
+        limits["redis_url"] = redis_url
+    return limits
+
+
+def start_servers(tmp: Path, untuned: bool = False, limits: dict[str, object] | None = None) -> Servers:
     up_port, gw_port, floor_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "keel.testing.fake_openai", "--port", str(up_port), "--chunks", "20"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    config = {"models": [{"name": "chat", "deployments": [
+    config: dict[str, object] = {"models": [{"name": "chat", "deployments": [
         {"provider": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "gpt-4o-mini"}]}]}
+    if limits:
+        config["limits"] = limits
+        config["state"] = {"key_prefix": f"keel-bench-{os.getpid()}"}  # counters of this run's own
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     gateway = start_gateway(tmp / "keel", path, gw_port, ["-m", "keel.cli"])
@@ -182,7 +201,9 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
-    servers = start_servers(tmp, untuned=args.untuned)
+    limits = rate_limits(args.limits, args.redis_url) if args.limits != "off" else None
+    servers = start_servers(tmp, untuned=args.untuned, limits=limits)
+    print(f"keel rate limits: {args.limits}" + (f" ({args.redis_url})" if args.limits == "redis" else ""))
     rss_start = psutil.Process(servers.gateway.pid).memory_info().rss / 2**20
     # Idle connections are dropped before the servers drop them (uvicorn: 5 s), so none is reused closed.
     connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=3)
@@ -386,6 +407,9 @@ def main() -> None:
     parser.add_argument("--only-saturation", action="store_true", help="measure the tail at saturation only")
     parser.add_argument("--untuned", action="store_true",
                         help="also a gateway without keel.server.runtime's settings, in the tail table only")
+    parser.add_argument("--limits", choices=["off", "memory", "redis"], default="off",
+                        help="serve the gateway with rate limits on, in this backend")
+    parser.add_argument("--redis-url", default=os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = parser.parse_args()
     try:
         import uvloop

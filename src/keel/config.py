@@ -230,6 +230,32 @@ Deployment = Annotated[
 ]
 
 
+class RateLimitConfig(_Strict):
+    """Requests and tokens per minute, on a sliding window; either may be left out (no limit)."""
+
+    requests_per_minute: int | None = Field(default=None, gt=0, description="calls per minute")
+    tokens_per_minute: int | None = Field(
+        default=None, gt=0,
+        description="prompt plus completion tokens per minute: charged before the call (estimated prompt plus "
+        "max_tokens), corrected to the actual count after it",
+    )
+
+    @model_validator(mode="after")
+    def _says_something(self) -> RateLimitConfig:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("set requests_per_minute, tokens_per_minute or both (or remove this entry)")
+        return self
+
+
+class ModelLimitsConfig(_Strict):
+    """A model's own rate limits: each entry replaces the top-level one of the same name for calls to
+    this model (per_key and per_user then count those calls on counters of their own)."""
+
+    per_model: RateLimitConfig | None = Field(default=None, description="this model, all callers together")
+    per_key: RateLimitConfig | None = Field(default=None, description="each API key's calls to this model")
+    per_user: RateLimitConfig | None = Field(default=None, description="each user's calls to this model")
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
@@ -240,6 +266,9 @@ class ModelConfig(_Strict):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker per deployment")
     deployments: list[Deployment] = Field(
         min_length=1, description="tried in order: later ones are fallbacks"
+    )
+    limits: ModelLimitsConfig | None = Field(
+        default=None, description="rate limits of calls to this model, over the top-level `limits`"
     )
 
 
@@ -351,6 +380,47 @@ class AuthConfig(_Strict):
     )
 
 
+RateLimitBackend = Literal["memory", "redis"]
+
+
+class LimitsConfig(_Strict):
+    """Rate limits: requests and tokens per minute, per key, user, model and in all (docs/rate-limits.md)."""
+
+    backend: RateLimitBackend = Field(
+        default="memory", description="memory (this process) or redis (shared by every replica)"
+    )
+    redis_url: str | None = Field(default=None, description="the Redis of the redis backend; default: state.redis_url")
+    on_backend_error: Literal["fail_open", "fail_closed"] = Field(
+        default="fail_open",
+        description="when Redis cannot be reached: let calls through unlimited, or refuse them with 503",
+    )
+    global_: RateLimitConfig | None = Field(default=None, alias="global", description="all calls together")
+    per_key: RateLimitConfig | None = Field(
+        default=None, description="each API key (a virtual key's own limits replace this one)"
+    )
+    per_user: RateLimitConfig | None = Field(default=None, description="each user (the request's `user`)")
+    per_model: RateLimitConfig | None = Field(default=None, description="each model, all callers together")
+    default_max_tokens: int = Field(
+        default=1024, ge=1,
+        description="completion tokens charged up front when a request sets no max_tokens and its deployment "
+        "has no default",
+    )
+    backend_timeout_s: float = Field(
+        default=2, gt=0, le=30,
+        description="Redis: longest wait to connect or for an answer before on_backend_error applies",
+    )
+    backend_retry_s: float = Field(
+        default=1, ge=0, le=60, description="Redis: after a failure, calls skip it (on_backend_error) this long"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+        return url
+
+
 class KeelConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="the gateway process")
     models: list[ModelConfig] = Field(min_length=1, description="the models clients can ask for")
@@ -364,6 +434,7 @@ class KeelConfig(_Strict):
     slo: SLOConfig = Field(default_factory=SLOConfig, description="targets of `keel report` and the dashboard")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry spans")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="virtual keys and tenants")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="rate limits (requests, tokens)")
 
     @field_validator("models")
     @classmethod
@@ -377,6 +448,14 @@ class KeelConfig(_Strict):
                 )
             first[model.name] = i
         return models
+
+    @model_validator(mode="after")
+    def _limits_have_a_store(self) -> KeelConfig:
+        if self.limits.backend == "redis" and not (self.limits.redis_url or self.state.redis_url):
+            raise ValueError(
+                "limits.backend is redis but no Redis is named: set limits.redis_url (or state.redis_url)"
+            )
+        return self
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

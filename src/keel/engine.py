@@ -27,6 +27,9 @@ from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
+from keel.limits.limiter import RateLimiter
+from keel.limits.rules import RateRules
+from keel.limits.stage import RateLimitStage
 from keel.observability.metrics import Metrics, breaker_states
 from keel.observability.stage import Observe
 from keel.observability.store import RecordStore
@@ -43,9 +46,9 @@ T = TypeVar("T")
 
 
 class Keel:
-    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, budget,
-    cost, then any `stages` given here, then reliability, which calls the providers. An
-    `Observe` or `BudgetStage` among `stages` replaces the default one."""
+    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, rate
+    limit, budget, cost, then any `stages` given here, then reliability, which calls the providers.
+    An `Observe`, `RateLimitStage` or `BudgetStage` among `stages` replaces the default one."""
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
@@ -65,13 +68,18 @@ class Keel:
         stages = list(stages or [])
         observe = _take(stages, Observe)
         budget = _take(stages, BudgetStage)
+        rate_limit = _take(stages, RateLimitStage) or _rate_limit_stage(config)
+        self.rate_limits = rate_limit.limiter if rate_limit is not None else None
         self.observe = observe or Observe(self.writer, self.tracing, self.metrics, log_content=config.store.log_content)
         self.metrics.watch_breakers(breaker_states(self.deployments))
         self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
         self.metrics.watch_dropped(lambda: self.writer.dropped)
         self.metrics.registry.register(self.alerts)
+        if self.rate_limits is not None:
+            self.metrics.registry.register(self.rate_limits)
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
+            *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
             budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter), *stages,
             Reliability(),
         ])
@@ -109,6 +117,8 @@ class Keel:
                 await dep.provider.close()
         await self.alerts.stop()
         await self.budgets.close()
+        if self.rate_limits is not None:
+            await self.rate_limits.close()
         await asyncio.to_thread(self.writer.close)
         await asyncio.to_thread(self.tracing.shutdown)  # flushes OTLP export; may block
         self._started = False
@@ -229,6 +239,14 @@ def _auth(config: KeelConfig, keys: KeyStore) -> Auth | None:
         return None
     lookup = KeyLookup(keys, ttl_s=config.auth.cache_ttl_s, negative_size=config.auth.negative_cache_size)
     return Auth(lookup, os.environ.get(config.server.master_key_env) or None)
+
+
+def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:
+    """The rate-limit stage when some limit is configured, or virtual keys (which may carry their
+    own) are on; otherwise none, and calls do no rate-limit work at all."""
+    if RateRules.from_config(config).any or config.auth.virtual_keys:
+        return RateLimitStage(RateLimiter.from_config(config))
+    return None
 
 
 def _deployment(model: ModelConfig, config: Any) -> Deployment:

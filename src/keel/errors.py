@@ -270,3 +270,47 @@ class BudgetStoreUnavailable(KeelError):
     status = 503
     type = "api_error"
     code = "budget_store_unavailable"
+
+
+# ---------------------------------------------------------------------------- rate limits
+
+
+class RateLimited(KeelError):
+    """A rate limit of Keel's own (requests or tokens per minute) is reached: refused before any
+    money is reserved. Worth another try after Retry-After, so the answer says so (`x-should-retry:
+    true`, which OpenAI's SDKs obey, and `retry-after-ms`, which they prefer)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    outcome: ClassVar[str] = "rate_limited"
+
+    def __init__(self, message: str, *, scope: str, kind: str, retry_after: float | None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.scope = scope  # global | key | user | model
+        self.kind = kind  # requests | tokens
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {"x-should-retry": "false"}
+        wait = max(self.retry_after, 0.001)
+        return {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000)),
+                "x-should-retry": "true"}
+
+
+class RequestOverRateLimit(RateLimited):
+    """A request whose tokens alone exceed a tokens-per-minute limit: it can never fit, however
+    long the client waits. 429 `rate_limit_exceeded` as OpenAI answers the same case ("Request too
+    large ... on tokens per min"), but with `x-should-retry: false` and no Retry-After."""
+
+    def __init__(self, message: str, *, scope: str) -> None:
+        super().__init__(message, scope=scope, kind="tokens", retry_after=None)
+
+
+class RateLimitStoreUnavailable(KeelError):
+    """The shared rate-limit counters (Redis) cannot be reached and `limits.on_backend_error` is
+    `fail_closed`: calls are refused rather than let through unlimited."""
+
+    status = 503
+    type = "api_error"
+    code = "rate_limit_store_unavailable"

@@ -30,6 +30,7 @@ log = logging.getLogger("keel.pipeline")
 if TYPE_CHECKING:
     from keel.auth.keys import Credential, VirtualKey
     from keel.config import ModelConfig
+    from keel.limits.headers import RateLimitState
     from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
 
@@ -103,6 +104,9 @@ class Context:
     span_id: str | None = None
     tracer: StageTracer | None = None  # set by the observe stage, for `stage_span`
     cost: CallCost = field(default_factory=CallCost)
+    # The tightest rate limits the call was counted against (keel.limits): the gateway's
+    # x-ratelimit-* headers. None: no limit applies, and the answer carries none.
+    rate_limit: RateLimitState | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

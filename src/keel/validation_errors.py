@@ -93,10 +93,16 @@ def fields_at(
         if part in branches:
             current = branches[part]
             continue
-        if current is None or part not in current.model_fields:
+        written = _written_names(current) if current is not None else {}
+        if part not in written:
             return []
-        current = _model_in(current.model_fields[part].annotation)
-    return list(current.model_fields) if current is not None else []
+        current = _model_in(written[part].annotation)
+    return list(_written_names(current)) if current is not None else []
+
+
+def _written_names(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the key written in the file: its alias where it has one (`global`)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

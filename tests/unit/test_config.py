@@ -20,10 +20,13 @@ from keel.config import (
     ConfigError,
     KeelConfig,
     LatencyDistribution,
+    LimitsConfig,
     LocalDeployment,
     LocalEmbedderDeployment,
     ModelConfig,
+    ModelLimitsConfig,
     OpenAIDeployment,
+    RateLimitConfig,
     RetryConfig,
     ServerConfig,
     SimulatedDeployment,
@@ -148,7 +151,8 @@ def test_the_example_file_sets_every_option() -> None:
     collect(config)
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
-        AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution,
+        AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, LimitsConfig,
+        RateLimitConfig, ModelLimitsConfig,
     ]
     every = {f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields}
     assert every - set_keys == set()
@@ -565,6 +569,10 @@ def test_the_configuration_page_documents_every_key() -> None:
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
+        LimitsConfig, RateLimitConfig, ModelLimitsConfig,
     ]
-    missing = {name for cls in classes for name in cls.model_fields if f"| `{name}` |" not in page}
+    missing = {
+        name for cls in classes for name, field in cls.model_fields.items()
+        if f"| `{field.alias or name}` |" not in page  # as written in the file: `global`, not `global_`
+    }
     assert missing == set()

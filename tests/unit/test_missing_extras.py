@@ -37,3 +37,17 @@ def test_a_redis_url_without_the_redis_package_names_the_install_command(
     assert "state.redis_url is set but the redis package is not installed" in result.output
     assert "pip install 'keel[redis]'" in result.output
     assert "No module named" not in result.output
+
+
+def test_a_redis_rate_limit_backend_without_the_redis_package_names_the_install_command(
+    without_redis: None, tmp_path: Path
+) -> None:
+    config = tmp_path / "keel.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": REDIS_CONFIG["models"],
+        "limits": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "global": {"requests_per_minute": 5}},
+    }))
+    result = CliRunner().invoke(app, ["chat", "hello", "--model", "sim", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "limits.backend is redis but the redis package is not installed" in result.output
+    assert "pip install 'keel[redis]'" in result.output

@@ -121,6 +121,7 @@ def context(incoming: Incoming) -> Context:
                   key_id=key_id(authorization), credential=Credential.of(authorization))
     if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
         ctx.trace_headers = {name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))}
+    incoming.ctx = ctx  # the gateway reads what stages leave for the answer's headers (ctx.rate_limit)
     return ctx
 
 

@@ -20,7 +20,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import KeelError, RequestTooLarge
-from keel.pipeline import ChunkStream, Completion, StreamClosed, new_request_id
+from keel.pipeline import ChunkStream, Completion, Context, StreamClosed, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.server.responses import error_parts, spec_nulls_dropped
 
@@ -40,6 +40,7 @@ class Incoming:
     receive: Receive
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)
+    ctx: Context | None = None  # the call's context, once the endpoint made one
 
     @property
     def method(self) -> str:
@@ -124,8 +125,11 @@ class Gateway:
             reply = await endpoint(incoming)
         except Exception as exc:
             reply = self.on_error(incoming, exc)
+        # OpenAI's x-ratelimit-* headers, on every answer of a call some rate limit counted.
+        limited = incoming.ctx.rate_limit if incoming.ctx is not None else None
+        extra = limited.headers() if limited is not None else []
         if isinstance(reply, Answer):
-            headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header]
+            headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header, *extra]
             headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
             try:
                 await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -134,11 +138,11 @@ class Gateway:
                 if reply.settles is not None:
                     await reply.settles.settle()
         else:
-            await send_stream(reply, request_id, receive, send, id_header)
+            await send_stream(reply, request_id, receive, send, id_header, extra)
 
 
 async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, send: Send,
-                      id_header: tuple[bytes, bytes]) -> None:
+                      id_header: tuple[bytes, bytes], extra: list[tuple[bytes, bytes]] | None = None) -> None:
     """The stream as SSE until its end, or until the client goes away (then it is closed)."""
     task = asyncio.current_task()
     assert task is not None
@@ -152,7 +156,7 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
 
     watcher = asyncio.create_task(watch())
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header]})
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header, *(extra or ())]})
         async for data, ended in sse(stream, request_id):  # the last write ends the response too
             if ended:  # once the response is complete, receive() says "disconnect" too (uvicorn)
                 watcher.cancel()
