@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from keel.config import parse_config
+from keel.engine import Keel
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
 
@@ -181,3 +183,19 @@ class RecordingSink:
         found = [s for s in self.spans if s.name == name]
         assert len(found) == 1, [s.name for s in self.spans]
         return found[0]
+
+
+@pytest.fixture
+async def keel_for() -> AsyncIterator[Callable[..., Keel]]:
+    """A `Keel` for one model named "m" over the given deployments, closed after the test."""
+    made: list[Keel] = []
+
+    def make(*deployments: dict[str, Any], **model: Any) -> Keel:
+        config = parse_config({"models": [{"name": "m", "deployments": list(deployments), **model}]})
+        keel = Keel(config)
+        made.append(keel)
+        return keel
+
+    yield make
+    for keel in made:
+        await keel.close()

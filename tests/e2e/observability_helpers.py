@@ -8,12 +8,15 @@ import hashlib
 import os
 import secrets
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 from conftest import GatewayProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 from keel.observability.store import RecordStore
 
@@ -104,3 +107,25 @@ def assert_openai_error(body: Any, code: str) -> None:
 
 def traceparent(trace_id: str, span_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
+
+
+def calls_counted(gateway: GatewayProcess, outcome: str | None = None, key: str | None = None) -> int:
+    """Calls the gateway's /metrics counts (`keel_requests_total`, of one outcome or all). A call is
+    counted as its record is queued, after every other finaliser of it (cost, budget, rate-limit
+    corrections) has run: once the count is reached, the calls' bookkeeping is done."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(gateway.url + "/metrics", headers=headers, timeout=10).raise_for_status().text
+    return int(sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "keel_requests_total"
+                   and (outcome is None or sample.labels.get("outcome") == outcome)))
+
+
+def wait_until_counted(gateways: list[GatewayProcess], at_least: int, outcome: str | None = None,
+                       key: str | None = None, timeout: float = 10) -> int:
+    """The gateways' count once it has reached `at_least` (the counter trails the client by the
+    bookkeeping done after an answer has left); fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (seen := sum(calls_counted(gw, outcome, key) for gw in gateways)) < at_least:
+        assert time.monotonic() < deadline, f"{seen} of {at_least} calls counted after {timeout:g} s"
+        time.sleep(0.02)  # another process's counter: polled, with a bound
+    return seen

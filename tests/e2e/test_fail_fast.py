@@ -7,30 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import httpx
 import openai
 import pytest
 from conftest import GatewayProcess, free_port
-from prometheus_client.parser import text_string_to_metric_families
+from observability_helpers import wait_until_counted
 
 FAST_RETRY = {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 5}
-
-
-def requests_received(gateway: GatewayProcess) -> int:
-    """Calls the gateway has finished (its `keel_requests` counter, all outcomes)."""
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    return int(sum(sample.value for family in text_string_to_metric_families(text)
-                   if family.name == "keel_requests" for sample in family.samples
-                   if sample.name == "keel_requests_total"))
-
-
-def received_once_settled(gateway: GatewayProcess, at_least: int) -> int:
-    """The count once it has reached `at_least`: a call is counted just after its answer left,
-    so the counter may trail the client by a moment. Bounded, and not a sleep-and-hope."""
-    deadline = time.monotonic() + 10
-    while (seen := requests_received(gateway)) < at_least and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return seen
 
 
 def test_a_dead_upstream_fails_the_sdk_at_its_defaults_with_one_request_per_call(
@@ -52,7 +34,7 @@ def test_a_dead_upstream_fails_the_sdk_at_its_defaults_with_one_request_per_call
     assert failed.value.status_code == 502
     assert failed.value.response.headers["x-should-retry"] == "false"
     assert failed.value.code == "upstream_connection_error"
-    assert received_once_settled(gw, 1) == 1
+    assert wait_until_counted([gw], 1) == 1
 
     # Now the breaker is open: 503 circuit_open, with no Retry-After for the SDK to sleep on.
     for stream in (False, True):
@@ -61,7 +43,7 @@ def test_a_dead_upstream_fails_the_sdk_at_its_defaults_with_one_request_per_call
         assert paused.value.status_code == 503 and paused.value.code == "circuit_open"
         assert paused.value.response.headers["x-should-retry"] == "false"
         assert "retry-after" not in paused.value.response.headers
-    assert received_once_settled(gw, 3) == 3
+    assert wait_until_counted([gw], 3) == 3
 
     # A second guard, generous: one SDK retry sleeping on the old 60 s Retry-After would pass it.
     assert time.monotonic() - started < 30

@@ -23,9 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from conftest import REDIS_URL, GatewayProcess, free_port, require_service
-from observability_helpers import start_all, stop_and_flush
+from observability_helpers import start_all, stop_and_flush, wait_until_counted
 
 from keel.cost.tokens import prompt_tokens
 from keel.types import ChatRequest
@@ -118,7 +117,8 @@ async def test_two_replicas_let_exactly_100_of_300_calls_through_a_tokens_limit_
         # Once they are settled, each answered call counts what it used, not its estimate: room again.
         used = sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
         assert used < statuses[200] * CALL_TOKENS
-        await asyncio.sleep(0.5)  # the corrections run after the answers have left
+        # The corrections run after the answers have left: wait until every call's bookkeeping is done.
+        await asyncio.to_thread(wait_until_counted, gateways, CALLS, key=KEY)
         async with httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer {KEY}"}) as client:
             again = await client.post(f"{gateways[0].url}/v1/chat/completions",
                                       json={"model": "sim", "messages": MESSAGES, "max_tokens": MAX_TOKENS})
@@ -147,19 +147,20 @@ class OwnRedis:
         server = shutil.which("redis-server")
         if server is None:
             require_service("redis-server", "the redis-server binary is not installed")
+        # It logs to stdout; "Ready to accept connections" is the moment it listens (--loglevel notice).
         self.proc = subprocess.Popen(
-            [str(server), "--port", str(self.port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [str(server), "--port", str(self.port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1",
+             "--loglevel", "notice"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+        assert self.proc.stdout is not None
+        seen = []
+        for line in self.proc.stdout:  # ends when the server exits
+            seen.append(line)
+            if b"Ready to accept connections" in line:
+                self.proc.stdout.close()  # nothing more is read: the server writes little, and EPIPE is ignored
                 return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"redis-server did not start: {b''.join(seen).decode(errors='replace')}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -192,8 +193,14 @@ async def test_a_redis_outage_fails_open_or_closed_is_logged_once_and_counted(
                 for _ in range(n):
                     out.append(await client.post(f"{gw.url}/v1/chat/completions",
                                                  json={"model": "sim", "messages": MESSAGES}))
-                    await asyncio.sleep(0.05)
                 return out
+
+            async def counted_again(gw: GatewayProcess) -> httpx.Response:
+                """The first call that Redis counts again, once backend_retry_s has passed."""
+                deadline = time.monotonic() + 10
+                while "x-ratelimit-remaining-requests" not in (answer := (await calls(gw, 1))[0]).headers:
+                    assert time.monotonic() < deadline, "Redis was not used again within 10 s of its return"
+                return answer
 
             before = await calls(open_gw, 3) + await calls(closed_gw, 3)
             assert all(r.status_code == 200 and "x-ratelimit-remaining-requests" in r.headers for r in before)
@@ -209,8 +216,8 @@ async def test_a_redis_outage_fails_open_or_closed_is_logged_once_and_counted(
             metrics = {gw: (await client.get(f"{gw.url}/metrics")).text for gw in (open_gw, closed_gw)}
 
             own_redis.start()  # back, on the same port
-            await asyncio.sleep(0.3)  # past backend_retry_s
-            after = await calls(open_gw, 2) + await calls(closed_gw, 2)
+            after = [await counted_again(open_gw), await counted_again(closed_gw)]
+            after += await calls(open_gw, 1) + await calls(closed_gw, 1)
             assert all(r.status_code == 200 and "x-ratelimit-remaining-requests" in r.headers for r in after)
     finally:
         stop_and_flush(open_gw, closed_gw)

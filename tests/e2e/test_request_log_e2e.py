@@ -32,8 +32,8 @@ from observability_helpers import (
     read_records,
     stop_and_flush,
     store_section,
+    wait_until_counted,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from keel.observability.record import MAX_METADATA_CHARS, MAX_TAG_CHARS
 from keel.testing.fake_openai import FakeBehaviour, FakeOpenAIServer
@@ -266,19 +266,8 @@ def drive(gw: GatewayProcess) -> list[Sent]:
     stranger.close()
     # A closed stream is recorded when the gateway notices the disconnect, maybe after the calls
     # that followed: SIGTERM only once all of them are queued for the log (counted with the record).
-    deadline = time.monotonic() + 10
-    while (closed := client_closed_counted(gw)) < N:
-        assert time.monotonic() < deadline, f"{closed} of {N} closed streams recorded after 10 s"
-        time.sleep(0.02)
+    wait_until_counted([gw], N, outcome="client_closed", key=KEY)
     return sent
-
-
-def client_closed_counted(gw: GatewayProcess) -> float:
-    """Calls /metrics counts as closed by the client: each was counted as its record was queued."""
-    response = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
-    response.raise_for_status()
-    return sum(sample.value for family in text_string_to_metric_families(response.text) for sample in family.samples
-               if sample.name == "keel_requests_total" and sample.labels.get("outcome") == "client_closed")
 
 
 # ---------------------------------------------------------------------------- completeness

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import (
     CircuitOpen,
@@ -59,22 +58,6 @@ def fakes() -> Iterator[FakeFactory]:
 
 def deployment(fake: FakeOpenAIServer, name: str) -> dict[str, Any]:
     return {"provider": "openai", "name": name, "base_url": fake.url, "model": "gpt-4o-mini"}
-
-
-@pytest.fixture
-async def keel_for() -> AsyncIterator[Callable[..., Keel]]:
-    """A `Keel` for one model named "m" over the given deployments, closed after the test."""
-    made: list[Keel] = []
-
-    def make(*deployments: dict[str, Any], **model: Any) -> Keel:
-        config = parse_config({"models": [{"name": "m", "deployments": list(deployments), **model}]})
-        keel = Keel(config)
-        made.append(keel)
-        return keel
-
-    yield make
-    for keel in made:
-        await keel.close()
 
 
 async def call(keel: Keel, *, stream: bool = False, ctx: Context | None = None) -> Completion | ChunkStream:

@@ -5,14 +5,13 @@ through the whole pipeline in-process, as the reliability stage sees it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 from test_http_client import RawServer, ok
 
-from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import UpstreamConnectionError, UpstreamRedirected, UpstreamResponseTooLarge
 from keel.pipeline import Completion, Context
@@ -36,20 +35,6 @@ def redirect_to(location: str, status: int = 307) -> Callable[..., Any]:
         writer.write(b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, location.encode()))
         await writer.drain()
     return redirect
-
-
-@pytest.fixture
-async def keel_for() -> AsyncIterator[Callable[..., Keel]]:
-    made: list[Keel] = []
-
-    def make(*deployments: dict[str, Any], **model: Any) -> Keel:
-        keel = Keel(parse_config({"models": [{"name": "m", "deployments": list(deployments), **model}]}))
-        made.append(keel)
-        return keel
-
-    yield make
-    for keel in made:
-        await keel.close()
 
 
 def openai(url: str, name: str = "up", **settings: Any) -> dict[str, Any]:

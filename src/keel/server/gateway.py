@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -142,7 +142,7 @@ class Gateway:
 
 
 async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, send: Send,
-                      id_header: tuple[bytes, bytes], extra: list[tuple[bytes, bytes]] | None = None) -> None:
+                      id_header: tuple[bytes, bytes], extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """The stream as SSE until its end, or until the client goes away (then it is closed)."""
     task = asyncio.current_task()
     assert task is not None
@@ -156,7 +156,7 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
 
     watcher = asyncio.create_task(watch())
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header, *(extra or ())]})
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, id_header, *extra]})
         async for data, ended in sse(stream, request_id):  # the last write ends the response too
             if ended:  # once the response is complete, receive() says "disconnect" too (uvicorn)
                 watcher.cancel()
