@@ -17,6 +17,11 @@ in one process so a noisy machine hurts both alike. Reported:
 per minute and a per-model requests limit, set so high that nothing is refused (three counters
 charged per call, tokens corrected after it); run it beside a run without to read their cost.
 `--redis-url` names the Redis (default: $KEEL_TEST_REDIS_URL or redis://127.0.0.1:6379/0).
+
+`--protect` adds a second gateway, `keel+`, measured beside the plain one in the same rounds: virtual
+keys on (a key created with `keel keys create`), rate limits in Redis, and guardrails (input length,
+injection by normalisation and patterns, PII and secrets redacted; output PII and a deny pattern).
+`--protect-classifier` adds the injection classifier (the local embedder) to its guardrails.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+HEADERS: dict[str, dict[str, str]] = {}  # extra request headers by target (keel+: its virtual key)
 BODY = {"model": "chat", "messages": [{"role": "user", "content": "Say something about benchmarks, please."}]}
 
 
@@ -70,11 +76,12 @@ class Servers:
     upstream: subprocess.Popen[bytes]
     floor: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes]
-    urls: dict[str, str]  # direct, floor, keel (and untuned, when asked for)
+    urls: dict[str, str]  # direct, floor, keel (and untuned, keel+, when asked for)
     untuned: subprocess.Popen[bytes] | None = None
+    protected: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        for proc in (self.untuned, self.gateway, self.floor, self.upstream):
+        for proc in (self.protected, self.untuned, self.gateway, self.floor, self.upstream):
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
@@ -100,7 +107,36 @@ def rate_limits(backend: str, redis_url: str) -> dict[str, object]:
     return limits
 
 
-def start_servers(tmp: Path, untuned: bool = False, limits: dict[str, object] | None = None) -> Servers:
+def protections(redis_url: str, classifier: bool) -> dict[str, object]:
+    """keel.yaml's keys, limits and guardrails for `keel+`: everything on, nothing refusing."""
+    return {
+        "auth": {"virtual_keys": True},
+        "limits": rate_limits("redis", redis_url),
+        "guardrails": {
+            "input": {
+                "max_input_tokens": 8000,
+                "injection": {"action": "block", "layers": ["normalisation", "patterns"] + (
+                    ["classifier"] if classifier else [])},
+                "pii": {"action": "redact"},
+            },
+            "output": {"pii": {"action": "redact"}, "deny_patterns": ["(?i)internal use only"]},
+        },
+    }
+
+
+def create_key(cwd: Path, config: Path) -> str:
+    """A virtual key for `keel+`, made as a user makes one."""
+    made = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "keys", "create", "--tenant", "bench", "--config", str(config), "--json"],
+        cwd=cwd, capture_output=True, check=True, text=True,
+    )
+    return str(orjson.loads(made.stdout)["key"])
+
+
+def start_servers(
+    tmp: Path, untuned: bool = False, limits: dict[str, object] | None = None,
+    protected: dict[str, object] | None = None,
+) -> Servers:
     up_port, gw_port, floor_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "keel.testing.fake_openai", "--port", str(up_port), "--chunks", "20"],
@@ -131,6 +167,16 @@ def start_servers(tmp: Path, untuned: bool = False, limits: dict[str, object] | 
         servers.untuned = start_gateway(tmp / "untuned", path, port, [str(ROOT / "bench" / "untuned_serve.py")])
         wait_ready(f"http://127.0.0.1:{port}/readyz", servers.untuned)
         urls["untuned"] = f"http://127.0.0.1:{port}/v1"
+    if protected:
+        port, home = free_port(), tmp / "protected"
+        home.mkdir(exist_ok=True)
+        path = home / "bench.yaml"
+        path.write_text(yaml.safe_dump({**config, **protected,
+                                        "state": {"key_prefix": f"keel-bench-plus-{os.getpid()}"}}))
+        HEADERS[f"http://127.0.0.1:{port}/v1"] = {"authorization": "Bearer " + create_key(home, path)}
+        servers.protected = start_gateway(home, path, port, ["-m", "keel.cli"])
+        wait_ready(f"http://127.0.0.1:{port}/readyz", servers.protected)
+        urls["keel+"] = f"http://127.0.0.1:{port}/v1"
     return servers
 
 
@@ -139,8 +185,8 @@ async def one(session: aiohttp.ClientSession, base: str, stream: bool) -> tuple[
     body = {**BODY, "stream": stream}
     started = time.perf_counter()
     first = 0.0
-    async with session.post(base + "/chat/completions", data=orjson.dumps(body),
-                            headers={"content-type": "application/json"}) as response:
+    headers = {"content-type": "application/json", **HEADERS.get(base, {})}
+    async with session.post(base + "/chat/completions", data=orjson.dumps(body), headers=headers) as response:
         if response.status != 200:
             raise RuntimeError(f"{base}: {response.status} {await response.text()}")
         if not stream:
@@ -172,7 +218,7 @@ async def fixed_rate(
     session: aiohttp.ClientSession, servers: Servers, stream: bool, count: int, rate: float
 ) -> dict[str, list[float]]:
     """Rotate direct, floor and keel requests at `rate` per second (open loop)."""
-    targets = [(key, servers.urls[key]) for key in ("direct", "floor", "keel")]
+    targets = [(key, servers.urls[key]) for key in ("direct", "floor", "keel", "keel+") if key in servers.urls]
     results: dict[str, list[float]] = {f"{k}{t}": [] for k, _ in targets for t in ("", "_ttft")}
     tasks = []
 
@@ -202,7 +248,8 @@ def cpu_seconds(proc: psutil.Process) -> float:
 async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
     limits = rate_limits(args.limits, args.redis_url) if args.limits != "off" else None
-    servers = start_servers(tmp, untuned=args.untuned, limits=limits)
+    protected = protections(args.redis_url, args.protect_classifier) if args.protect else None
+    servers = start_servers(tmp, untuned=args.untuned, limits=limits, protected=protected)
     print(f"keel rate limits: {args.limits}" + (f" ({args.redis_url})" if args.limits == "redis" else ""))
     rss_start = psutil.Process(servers.gateway.pid).memory_info().rss / 2**20
     # Idle connections are dropped before the servers drop them (uvicorn: 5 s), so none is reused closed.
@@ -226,11 +273,14 @@ async def run(args: argparse.Namespace) -> None:
 
 
 async def throughput(session: aiohttp.ClientSession, servers: Servers, args: argparse.Namespace) -> None:
-    urls = {key: servers.urls[key] for key in ("direct", "floor", "keel")}
+    urls = {key: servers.urls[key] for key in ("direct", "floor", "keel", "keel+") if key in servers.urls}
     procs = {"floor": psutil.Process(servers.floor.pid), "keel": psutil.Process(servers.gateway.pid)}
+    if servers.protected is not None:
+        procs["keel+"] = psutil.Process(servers.protected.pid)
     print("\nthroughput (requests/s, median of interleaved rounds) and CPU per request (ms)")
+    plus = "keel+" in urls
     print(f"{'mode':<7} {'conc':>4} {'direct':>7} {'floor':>7} {'keel':>7} {'keel/floor':>10} "
-          f"{'floor CPU':>9} {'keel CPU':>9}")
+          f"{'floor CPU':>9} {'keel CPU':>9}" + (f" {'keel+':>7} {'keel+ CPU':>9}" if plus else ""))
     cpu_rows: dict[tuple[str, bool], list[float]] = {}
     for stream in (False, True):
         for concurrency in (1, 16, 64):
@@ -248,7 +298,8 @@ async def throughput(session: aiohttp.ClientSession, servers: Servers, args: arg
                 cpu_rows.setdefault((key, stream), []).append(c[key])
             mode = "stream" if stream else "plain"
             print(f"{mode:<7} {concurrency:>4} {r['direct']:>7.0f} {r['floor']:>7.0f} {r['keel']:>7.0f} "
-                  f"{r['keel'] / r['floor']:>10.2f} {c['floor']:>9.3f} {c['keel']:>9.3f}")
+                  f"{r['keel'] / r['floor']:>10.2f} {c['floor']:>9.3f} {c['keel']:>9.3f}"
+                  + (f" {r['keel+']:>7.0f} {c['keel+']:>9.3f}" if plus else ""))
     print()
     for key in procs:
         plain, stream_cpu = min(cpu_rows[(key, False)]), min(cpu_rows[(key, True)])
@@ -263,11 +314,14 @@ async def added_latency(session: aiohttp.ClientSession, servers: Servers, args: 
     for stream in (False, True):
         r = await fixed_rate(session, servers, stream, args.rate_requests * 3, args.rate)
         base50, base99, base_ttft = pct(r["direct"], 0.5), pct(r["direct"], 0.99), pct(r["direct_ttft"], 0.5)
-        for key in ("direct", "floor", "keel"):
+        for key in [k for k in ("direct", "floor", "keel", "keel+") if k in servers.urls]:
             p50, p99, ttft = pct(r[key], 0.5), pct(r[key], 0.99), pct(r[key + "_ttft"], 0.5)
             mode = "stream" if stream else "plain"
             print(f"{mode:<7} {key:<6} {p50:>6.2f}ms {p99:>6.2f}ms {p50 - base50:>+8.2f}ms "
                   f"{p99 - base99:>+8.2f}ms {ttft:>7.2f}ms {ttft - base_ttft:>+9.2f}ms")
+        if "keel+" in r:
+            plus50, plus99 = pct(r["keel+"], 0.5) - pct(r["keel"], 0.5), pct(r["keel+"], 0.99) - pct(r["keel"], 0.99)
+            print(f"{'':<7} keys, Redis limits and guardrails add p50 {plus50:+.2f} ms, p99 {plus99:+.2f} ms over keel")
 
 
 WRK_SCRIPT = """
@@ -409,6 +463,10 @@ def main() -> None:
                         help="also a gateway without keel.server.runtime's settings, in the tail table only")
     parser.add_argument("--limits", choices=["off", "memory", "redis"], default="off",
                         help="serve the gateway with rate limits on, in this backend")
+    parser.add_argument("--protect", action="store_true",
+                        help="also measure keel+: virtual keys, Redis rate limits and guardrails on")
+    parser.add_argument("--protect-classifier", action="store_true",
+                        help="keel+'s injection check includes the classifier (the local embedder)")
     parser.add_argument("--redis-url", default=os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = parser.parse_args()
     try:

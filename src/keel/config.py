@@ -256,6 +256,103 @@ class ModelLimitsConfig(_Strict):
     per_user: RateLimitConfig | None = Field(default=None, description="each user's calls to this model")
 
 
+GuardAction = Literal["block", "flag"]
+InjectionLayer = Literal["normalisation", "patterns", "classifier", "llm"]
+DEFAULT_INJECTION_LAYERS: tuple[InjectionLayer, ...] = ("normalisation", "patterns", "classifier")
+PiiAction = Literal["allow", "redact", "block"]
+
+
+class InjectionConfig(_Strict):
+    """Prompt-injection and jailbreak detection, layered (docs/guardrails.md)."""
+
+    action: GuardAction = Field(default="block", description="block: 400 guardrail_violation; flag: logged only")
+    layers: list[InjectionLayer] = Field(
+        default_factory=lambda: list(DEFAULT_INJECTION_LAYERS),
+        description="checks run, cheapest first; classifier: a head on the local embedder; llm: needs llm_model",
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="a layer's score (0-1) at or above which it says injection; default: shipped"
+    )
+    llm_model: str | None = Field(
+        default=None, description="a model of this keel.yaml asked whether the text is an injection (layer llm)"
+    )
+    untrusted: GuardAction | None = Field(
+        default="block",
+        description="tool results and content marked keel_untrusted (indirect injection); null: not checked",
+    )
+
+
+class PiiConfig(_Strict):
+    """PII and secrets, found by pattern (Presidio's recognizers and Keel's secret patterns)."""
+
+    action: PiiAction = Field(default="redact", description="allow, redact (reversible placeholders) or block")
+    entities: dict[str, PiiAction] = Field(
+        default_factory=dict, description="per entity type (EMAIL_ADDRESS, US_SSN, API_KEY, ...), over `action`"
+    )
+    score_threshold: float = Field(default=0.4, ge=0, le=1, description="weaker findings are ignored")
+    restore: bool = Field(
+        default=True, description="input: the answer has the caller's own values put back in place of placeholders"
+    )
+
+
+class InputGuardrailsConfig(_Strict):
+    max_input_tokens: int | None = Field(
+        default=None, gt=0, description="prompt tokens, counted with the model's tokenizer where Keel has it"
+    )
+    max_messages: int | None = Field(default=None, gt=0, description="messages in one request")
+    max_message_chars: int | None = Field(default=None, gt=0, description="characters of any one message")
+    injection: InjectionConfig | None = Field(default=None, description="prompt injection and jailbreaks")
+    pii: PiiConfig | None = Field(default=None, description="PII and secrets in what goes upstream")
+
+
+class OffTopicConfig(_Strict):
+    topics: list[str] = Field(min_length=1, description="what answers may be about, one description each")
+    threshold: float = Field(
+        default=0.25, ge=-1, le=1, description="an answer less similar than this to every topic is off-topic"
+    )
+    action: GuardAction = Field(default="block", description="block or flag")
+
+
+class HarmfulConfig(_Strict):
+    model: str = Field(description="a model of this keel.yaml that classifies the answer (answers 'safe'/'unsafe')")
+    action: GuardAction = Field(default="block", description="block or flag")
+
+
+class OutputGuardrailsConfig(_Strict):
+    pii: PiiConfig | None = Field(default=None, description="PII and secrets in answers")
+    deny_patterns: list[str] = Field(default_factory=list, description="regular expressions no answer may match")
+    deny_action: Literal["block", "redact", "flag"] = Field(
+        default="block", description="what a deny-pattern match does: block, redact ([REDACTED]) or flag"
+    )
+    off_topic: OffTopicConfig | None = Field(default=None, description="answers must be about these topics")
+    harmful: HarmfulConfig | None = Field(default=None, description="a classifier model route for harmful answers")
+    holdback_chars: int = Field(
+        default=128, ge=16, le=65_536,
+        description="streams: characters held back so a match across chunks is seen whole before release",
+    )
+    on_stream_violation: Literal["error", "replace"] = Field(
+        default="error", description="a blocked stream ends with an error event, or its content is replaced"
+    )
+
+    @field_validator("deny_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"deny_patterns[{i}] {pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
+
+
+class GuardrailsConfig(_Strict):
+    """Checks on what goes to a model and on what comes back (docs/guardrails.md). Set at the top
+    level, and per model: a model's `input` or `output` section replaces the top-level one."""
+
+    input: InputGuardrailsConfig | None = Field(default=None, description="checks before the call")
+    output: OutputGuardrailsConfig | None = Field(default=None, description="checks on the answer")
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
@@ -269,6 +366,9 @@ class ModelConfig(_Strict):
     )
     limits: ModelLimitsConfig | None = Field(
         default=None, description="rate limits of calls to this model, over the top-level `limits`"
+    )
+    guardrails: GuardrailsConfig | None = Field(
+        default=None, description="this model's guardrails: its input/output sections replace the top-level ones"
     )
 
 
@@ -435,6 +535,9 @@ class KeelConfig(_Strict):
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry spans")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="virtual keys and tenants")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="rate limits (requests, tokens)")
+    guardrails: GuardrailsConfig = Field(
+        default_factory=GuardrailsConfig, description="input and output checks (docs/guardrails.md)"
+    )
 
     @field_validator("models")
     @classmethod
@@ -455,6 +558,24 @@ class KeelConfig(_Strict):
             raise ValueError(
                 "limits.backend is redis but no Redis is named: set limits.redis_url (or state.redis_url)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _guardrail_models_exist(self) -> KeelConfig:
+        sections = [("guardrails", self.guardrails)] + [
+            (f"models[{i}].guardrails", m.guardrails) for i, m in enumerate(self.models) if m.guardrails
+        ]
+        names = [m.name for m in self.models]
+        for where, section in sections:
+            injection = section.input.injection if section.input else None
+            harmful = section.output.harmful if section.output else None
+            asked = [(f"{where}.input.injection.llm_model", injection.llm_model if injection else None),
+                     (f"{where}.output.harmful.model", harmful.model if harmful else None)]
+            if injection is not None and "llm" in injection.layers and not injection.llm_model:
+                raise ValueError(f"{where}.input.injection has the layer llm but no llm_model: name a model to ask")
+            for key, name in asked:
+                if name is not None and name not in names:
+                    raise ValueError(f"{key} is '{name}', which is not a model of this file; models: {', '.join(names)}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -27,6 +27,7 @@ from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
+from keel.guardrails.stages import GuardrailStages
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
 from keel.limits.stage import RateLimitStage
@@ -46,8 +47,9 @@ T = TypeVar("T")
 
 
 class Keel:
-    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, rate
-    limit, budget, cost, then any `stages` given here, then reliability, which calls the providers.
+    """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, input
+    guardrails, rate limit, budget, cost, output guardrails, then any `stages` given here, then
+    reliability, which calls the providers.
     An `Observe`, `RateLimitStage` or `BudgetStage` among `stages` replaces the default one."""
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
@@ -77,11 +79,15 @@ class Keel:
         self.metrics.registry.register(self.alerts)
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
+        self.guardrails = _guardrails(config, self._ask)
+        guard_in, guard_out = self.guardrails.input, self.guardrails.output
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
+            *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
-            budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter), *stages,
-            Reliability(),
+            budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter),
+            *([guard_out] if guard_out else []),  # output guardrails: inside cost, a blocked answer is billed
+            *stages, Reliability(),
         ])
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -105,6 +111,8 @@ class Keel:
             if self.auth is not None:  # the keys' table must exist before the first call
                 await asyncio.to_thread(self.writer.store.migrate)
             await self.alerts.start()
+            if self.guardrails.embedder is not None:  # the classifier and off-topic checks embed
+                await self.guardrails.embedder.start()
             for deployments in self.deployments.values():
                 for dep in deployments:
                     await dep.provider.start()
@@ -116,6 +124,8 @@ class Keel:
             for dep in deployments:
                 await dep.provider.close()
         await self.alerts.stop()
+        if self.guardrails.embedder is not None:
+            await self.guardrails.embedder.close()
         await self.budgets.close()
         if self.rate_limits is not None:
             await self.rate_limits.close()
@@ -172,6 +182,16 @@ class Keel:
         elif not caller_settles:
             await reply.settle()
         return reply
+
+    async def _ask(self, model: str, prompt: str) -> str:
+        """A guardrail's question to a model of this keel.yaml, through the pipeline (logged, priced,
+        within budgets) but not guarded again."""
+        request = ChatRequest.model_validate(
+            {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0}
+        )
+        reply = await self.handle(request, Context(feature="keel.guardrail", internal=True))
+        assert isinstance(reply, Completion)
+        return str(reply.body["choices"][0]["message"].get("content") or "")
 
     # ------------------------------------------------------------------ library API
 
@@ -239,6 +259,16 @@ def _auth(config: KeelConfig, keys: KeyStore) -> Auth | None:
         return None
     lookup = KeyLookup(keys, ttl_s=config.auth.cache_ttl_s, negative_size=config.auth.negative_cache_size)
     return Auth(lookup, os.environ.get(config.server.master_key_env) or None)
+
+
+def _guardrails(config: KeelConfig, ask: Any) -> GuardrailStages:
+    """The guardrail stages, when some model has guardrails; their modules (Presidio, the embedder)
+    are imported only then."""
+    if not config.guardrails.input and not config.guardrails.output and not any(m.guardrails for m in config.models):
+        return GuardrailStages(None, None, None)
+    from keel.guardrails.build import build_guardrails
+
+    return build_guardrails(config, ask)
 
 
 def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:

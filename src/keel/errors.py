@@ -314,3 +314,22 @@ class RateLimitStoreUnavailable(KeelError):
     status = 503
     type = "api_error"
     code = "rate_limit_store_unavailable"
+
+
+# ---------------------------------------------------------------------------- guardrails
+
+
+class GuardrailViolation(KeelError):
+    """A guardrail check with action `block` refused the call (input) or its answer (output). The
+    message names the check, never what it matched: echoing a secret or an attack back helps no one."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "guardrail_violation"
+    outcome: ClassVar[str] = "blocked"
+    retried_by_keel = True  # the same request would be refused again: the SDKs must not retry
+
+    def __init__(self, message: str, *, check: str, direction: str) -> None:
+        super().__init__(message)
+        self.check = check  # injection | pii | length | deny_pattern | off_topic | harmful
+        self.direction = direction  # input | output

@@ -30,6 +30,7 @@ log = logging.getLogger("keel.pipeline")
 if TYPE_CHECKING:
     from keel.auth.keys import Credential, VirtualKey
     from keel.config import ModelConfig
+    from keel.guardrails.verdicts import Verdict
     from keel.limits.headers import RateLimitState
     from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
@@ -107,6 +108,8 @@ class Context:
     # The tightest rate limits the call was counted against (keel.limits): the gateway's
     # x-ratelimit-* headers. None: no limit applies, and the answer carries none.
     rate_limit: RateLimitState | None = None
+    guardrails: list[Verdict] = field(default_factory=list)  # what guardrail checks found (keel.guardrails)
+    internal: bool = False  # a call Keel makes for itself (a guardrail's model check): not guarded again
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

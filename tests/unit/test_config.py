@@ -18,6 +18,10 @@ from keel.config import (
     AnthropicDeployment,
     BreakerConfig,
     ConfigError,
+    GuardrailsConfig,
+    HarmfulConfig,
+    InjectionConfig,
+    InputGuardrailsConfig,
     KeelConfig,
     LatencyDistribution,
     LimitsConfig,
@@ -25,7 +29,10 @@ from keel.config import (
     LocalEmbedderDeployment,
     ModelConfig,
     ModelLimitsConfig,
+    OffTopicConfig,
     OpenAIDeployment,
+    OutputGuardrailsConfig,
+    PiiConfig,
     RateLimitConfig,
     RetryConfig,
     ServerConfig,
@@ -152,7 +159,8 @@ def test_the_example_file_sets_every_option() -> None:
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, LimitsConfig,
-        RateLimitConfig, ModelLimitsConfig,
+        RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig, OutputGuardrailsConfig,
+        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig,
     ]
     every = {f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields}
     assert every - set_keys == set()
@@ -569,7 +577,8 @@ def test_the_configuration_page_documents_every_key() -> None:
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
-        LimitsConfig, RateLimitConfig, ModelLimitsConfig,
+        LimitsConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
+        OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig,
     ]
     missing = {
         name for cls in classes for name, field in cls.model_fields.items()

@@ -89,6 +89,10 @@ class Metrics:
         self.retries = Labelled(Counter(
             "keel_retries", "Upstream attempts after a call's first", ["model", "deployment"], registry=r
         ))
+        self.guardrails = Labelled(Counter(
+            "keel_guardrail_verdicts", "Guardrail checks that found something, by what they did",
+            ["model", "direction", "check", "action"], registry=r,
+        ))
         self._callbacks = _Callbacks()
         r.register(self._callbacks)
 
@@ -110,6 +114,9 @@ class Metrics:
             self.cost(model, feature).inc(record.cost_usd)
         for attempt in record.attempt_log[1:]:
             self.retries(model, str(attempt.get("deployment", ""))).inc()
+        for verdict in record.guardrails:
+            self.guardrails(model, str(verdict.get("direction")), str(verdict.get("check")),
+                            str(verdict.get("action"))).inc()
 
     # ------------------------------------------------------------------ read at scrape time
 

@@ -117,6 +117,7 @@ def build_record(
         stream=call.stream,
         attempts=len(attempts),
         fallbacks=sum(a.deployment != first for a in attempts),
+        guardrails=[verdict.as_record() for verdict in ctx.guardrails],
         attempt_log=[
             {"deployment": a.deployment, "started_at": ended_at - (now - a.started),
              "ms": ((a.ended or now) - a.started) * 1000, "error": a.error}

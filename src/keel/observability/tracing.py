@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
+import json
 import logging
 import os
 import threading
@@ -228,6 +229,11 @@ class Tracing:
             return
         self._attempt_spans(span, call, ended_at, record)
         span.attributes.update(_outcome_attributes(call, record, answer))
+        for verdict in record.guardrails:  # what each guardrail check found and did
+            span.add_event("keel.guardrail", {
+                f"keel.guardrail.{name}": value if isinstance(value, str | int | float | bool) else json.dumps(value)
+                for name, value in verdict.items()
+            }, timestamp=ended_at)
         if record.error_type is not None:
             span.set_status("error", record.error_type)
         self._emit(span, record)

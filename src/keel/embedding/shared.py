@@ -1,0 +1,39 @@
+"""The local embedder for Keel's own checks (injection classifier, off-topic answers, later the
+semantic cache): loaded once per `Keel`, at start-up when something needs it, and batched."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from keel.embedding.batcher import Batcher
+from keel.embedding.model import Vectors, load_embedder
+
+
+class Embedder(Protocol):
+    """What checks need of an embedder: a `Batcher`, or the `SharedEmbedder` that holds one."""
+
+    async def embed(self, texts: list[str]) -> Vectors: ...
+
+
+class SharedEmbedder:
+    def __init__(self) -> None:
+        self._batcher: Batcher | None = None
+        self._loading = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Load the model (in a thread); a missing model fails with what to install."""
+        async with self._loading:
+            if self._batcher is None:
+                self._batcher = Batcher(await asyncio.to_thread(load_embedder))
+
+    async def embed(self, texts: list[str]) -> Vectors:
+        if self._batcher is None:
+            await self.start()
+        assert self._batcher is not None
+        return await self._batcher.embed(texts)
+
+    async def close(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await batcher.close()
