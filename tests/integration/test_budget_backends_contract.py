@@ -22,9 +22,10 @@ import pytest
 from budget_calls import Clock, call_for, model_config, rule
 from conftest import REDIS_URL
 
+from keel.auth.keys import KeyBudget, VirtualKey
 from keel.budgets import Budgets, MemoryBudgetBackend, RedisBudgetBackend
 from keel.budgets.budgets import Alert
-from keel.budgets.counters import BudgetBackend
+from keel.budgets.counters import BudgetBackend, counter_key
 from keel.budgets.windows import period_at
 from keel.config import BudgetConfig
 from keel.cost import to_nanos
@@ -61,12 +62,24 @@ def budgets_on(store: OpenBackend, rules: list[BudgetConfig], **settings: Any) -
     return Budgets(rules, store(), **{"clock": Clock(), "rules_refresh_s": 0, **settings})
 
 
+def key_with_budgets(key_id: str, *budgets: tuple[float, str]) -> Context:
+    """The context of a call by a virtual key with budgets of its own: (limit_usd, window) each."""
+    own = tuple(KeyBudget(limit, window) for limit, window in budgets)
+    return Context(key=VirtualKey(id=key_id, tenant="team-a", digest="", budgets=own), key_id=key_id, tenant="team-a")
+
+
 # ---------------------------------------------------------------------------- reserve and settle
 
 
-async def test_500_concurrent_calls_never_pass_the_cap_and_the_counter_is_the_sum_settled(store: OpenBackend) -> None:
+@pytest.mark.parametrize("capped_by", ["a global rule", "the key's own budget"])
+async def test_500_concurrent_calls_never_pass_the_cap_and_the_counter_is_the_sum_settled(
+    store: OpenBackend, capped_by: str,
+) -> None:
     limit = to_nanos(1.0)
-    budgets = budgets_on(store, [rule(scope="global", limit_usd=1.0)])
+    if capped_by == "a global rule":
+        budgets, ctx = budgets_on(store, [rule(scope="global", limit_usd=1.0)]), Context()
+    else:
+        budgets, ctx = budgets_on(store, []), key_with_budgets("vk_busy", (1.0, "day"))
     rng = random.Random(7)
     settled: list[int] = []
     refused = 0
@@ -77,7 +90,7 @@ async def test_500_concurrent_calls_never_pass_the_cap_and_the_counter_is_the_su
         actual = rng.randrange(5_000_000, worst)  # ...and about 1/100 actually spent
         await asyncio.sleep(rng.random() * 0.05)  # calls arrive over 50 ms, in any order
         try:
-            reservation = await budgets.reserve(call_for(), worst)
+            reservation = await budgets.reserve(call_for(ctx), worst)
         except BudgetExceeded:
             refused += 1
             return
@@ -86,7 +99,7 @@ async def test_500_concurrent_calls_never_pass_the_cap_and_the_counter_is_the_su
         settled.append(actual)
 
     await asyncio.gather(*(one() for _ in range(500)))
-    [counter] = budgets.counters(Context(), budgets.config_rules, budgets.clock())
+    [counter] = budgets.counters(ctx, budgets.config_rules, budgets.clock())
     [(spent, reserved)] = await budgets.backend.snapshot([counter.key], budgets.clock())
     assert spent == sum(settled) <= limit
     assert reserved == 0
@@ -240,3 +253,42 @@ async def test_admin_status_reads_the_shared_counters(store: OpenBackend) -> Non
     assert status[0]["counters"][0]["spent_usd"] == 0.75
     per_feature = {c["value"]: c["spent_usd"] for c in status[1]["counters"]}
     assert per_feature == {"faq": 0.25, "chat:v2": 0.5}
+
+
+# ---------------------------------------------------------------------------- a virtual key's own budgets
+
+
+async def test_a_keys_own_budget_refuses_the_call_that_would_pass_it_and_no_other_keys(store: OpenBackend) -> None:
+    clock = Clock()
+    day = period_at("day", clock())
+    budgets = budgets_on(store, [rule(scope="global", limit_usd=100)], clock=clock)
+    capped, other = key_with_budgets("vk_capped", (1.0, "day")), key_with_budgets("vk_other", (1.0, "day"))
+    reservation = await budgets.reserve(call_for(capped), to_nanos(0.6))
+    await budgets.settle(reservation, to_nanos(0.6))
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.reserve(call_for(capped), to_nanos(0.5))
+    assert f"daily budget ({day.label}) of key 'vk_capped', 1 USD, has 0.4 USD left" in refused.value.message
+    assert (refused.value.scope, refused.value.window, refused.value.limit_usd) == ("key", "day", 1.0)
+    await budgets.reserve(call_for(capped), to_nanos(0.4))  # what is left still fits
+    await budgets.reserve(call_for(other), to_nanos(0.9))  # another key: a counter of its own
+    await budgets.reserve(call_for(Context()), to_nanos(5))  # no key (in-process, master key): only the global rule
+    keys = [counter_key(budgets.backend.prefix, "key", k, day) for k in ("vk_capped", "vk_other")]
+    assert await budgets.backend.snapshot(keys, clock()) == [(to_nanos(0.6), to_nanos(0.4)), (0, to_nanos(0.9))]
+    [(global_spent, global_reserved)] = await budgets.backend.snapshot([reservation.counters[0].key], clock())
+    assert (global_spent, global_reserved) == (to_nanos(0.6), to_nanos(6.3))  # counted there too
+
+
+async def test_a_configured_key_rule_and_the_keys_own_budget_both_count_and_the_tighter_binds(
+    store: OpenBackend,
+) -> None:
+    own_tighter = budgets_on(store, [rule(scope="key", match="vk_a", window="day", limit_usd=2)])
+    ctx = key_with_budgets("vk_a", (1.0, "day"), (3.0, "month"))
+    reservation = await own_tighter.reserve(call_for(ctx), to_nanos(0.75))
+    await own_tighter.settle(reservation, to_nanos(0.75))
+    with pytest.raises(BudgetExceeded, match=r"daily budget .* of key 'vk_a', 1 USD, has 0.25 USD left"):
+        await own_tighter.reserve(call_for(ctx), to_nanos(0.5))
+    rule_tighter = budgets_on(store, [rule(scope="key", window="day", limit_usd=0.5)])  # every key, same counter
+    with pytest.raises(BudgetExceeded, match=r"daily budget .* of key 'vk_a', 0.5 USD, has 0 USD left"):
+        await rule_tighter.reserve(call_for(ctx), to_nanos(0.1))
+    status = await own_tighter.status()
+    assert [c["spent_usd"] for c in status[0]["counters"]] == [0.75]  # the shared counter

@@ -4,7 +4,9 @@ before it runs, and its actual cost settled after.
 Rules come from keel.yaml (`budgets:`) and from the admin API; the latter live in the backend,
 so every replica sharing it applies them (each replica re-reads them every few seconds). A rule
 with no `match` gives every key, user or feature its own counter. Several rules counting the
-same thing in the same window share one counter; the lowest limit binds.
+same thing in the same window share one counter; the lowest limit binds. A call by a virtual key
+with budgets of its own is also charged to them, as rules of scope `key` for that key
+(`key_budgets`): on the same counter as any other rule for that key and window.
 
 Race-free by construction: `reserve` adds the worst case to `reserved` on every counter, or on
 none, in one atomic step of the backend, so concurrent calls (on any replica) can never together
@@ -18,6 +20,7 @@ keep them in step (NTP).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,15 +33,20 @@ from pydantic import ValidationError
 
 from keel.budgets.backends import MemoryBudgetBackend, RedisBudgetBackend
 from keel.budgets.counters import BudgetBackend, Counter, Refusal, Threshold, counter_key, value_of
+from keel.budgets.key_budgets import InvalidKeyBudget, KeyBudgetRules, KeySource
 from keel.budgets.windows import Period, period_at
 from keel.config import BudgetConfig, BudgetWindow, ConfigError
 from keel.cost.money import Nanos, to_nanos, to_usd
-from keel.errors import BudgetExceeded
+from keel.errors import BudgetExceeded, KeysUnavailable
 from keel.ids import random_hex
+from keel.observability.store import StoreError
 
 if TYPE_CHECKING:
+    from keel.auth.keys import VirtualKey
     from keel.config import KeelConfig
     from keel.pipeline import Call, Context
+
+log = logging.getLogger("keel.budgets")
 
 DAY_S = 86_400
 
@@ -112,6 +120,8 @@ class Budgets:
         self._refresh_lock = asyncio.Lock()
         self._periods: dict[str, Period] = {}
         self._built: dict[str, tuple[tuple[BudgetConfig, ...], Counter]] = {}
+        self._key_rules = KeyBudgetRules()
+        self.keys: KeySource | None = None  # whose own budgets `status` shows; None: none
 
     @classmethod
     def from_config(cls, config: KeelConfig, **options: Any) -> Budgets:
@@ -157,9 +167,11 @@ class Budgets:
         return [Alert(counter, counter.thresholds[c.threshold], c.spent, now) for counter, c in reached]
 
     def counters(self, ctx: Context, rules: Sequence[BudgetConfig], now: float) -> list[Counter]:
-        """The counters a call with this context is charged to, at Unix time `now`."""
+        """The counters a call with this context is charged to, at Unix time `now`: those of
+        `rules`, and those of its key's own budgets."""
         grouped: dict[str, tuple[str | None, Period, list[BudgetConfig]]] = {}
-        for rule in rules:
+        own = self._key_rules.of(ctx.key)
+        for rule in [*rules, *own] if own else rules:
             value = _scope_value(rule, ctx)
             if rule.scope != "global" and value is None:
                 continue
@@ -231,9 +243,10 @@ class Budgets:
         return entry
 
     async def status(self) -> list[dict[str, Any]]:
-        """Each rule with its counters in the current period: spent, reserved, remaining (USD)."""
+        """Each rule with its counters in the current period: spent, reserved, remaining (USD);
+        then each usable key's own budgets (`source: key`, `id`: the key's), when `keys` is set."""
         now = self.clock()
-        out: list[dict[str, Any]] = []
+        shown: list[tuple[dict[str, Any], BudgetConfig, list[str]]] = []
         for entry in await self.rules():
             rule = entry.rule
             period = period_at(rule.window, now)
@@ -242,18 +255,43 @@ class Budgets:
             else:
                 pattern = f"{self.backend.prefix}:{rule.scope}:*:{period.window}:{period.label}"
                 keys = sorted(await self.backend.scan(pattern))
-            limit = to_nanos(rule.limit_usd)
-            counters = []
-            for key, (spent, reserved) in zip(keys, await self.backend.snapshot(keys, now), strict=True):
-                counters.append({
-                    "key": key, "value": value_of(key, self.backend.prefix, rule.scope), "period": period.label,
-                    "resets_at": period.resets_at.isoformat() if period.resets_at else None,
-                    "spent_usd": to_usd(spent), "reserved_usd": to_usd(reserved),
-                    "remaining_usd": to_usd(max(0, limit - spent - reserved)),
-                })
-            out.append({"index": entry.index, "source": entry.source, "id": entry.id,
-                        "rule": rule.model_dump(), "counters": counters})
-        return out
+            shown.append(({"index": entry.index, "source": entry.source, "id": entry.id}, rule, keys))
+        for key in await self._keys_with_budgets(now):
+            try:
+                own = self._key_rules.of(key)
+            except InvalidKeyBudget as exc:  # its calls are refused; the view still shows the rest
+                log.warning("%s", exc.message)
+                continue
+            for rule in own:
+                counter = counter_key(self.backend.prefix, "key", key.id, period_at(rule.window, now))
+                shown.append(({"index": None, "source": "key", "id": key.id, "tenant": key.tenant}, rule, [counter]))
+        counts = iter(await self.backend.snapshot([k for _, _, keys in shown for k in keys], now))
+        return [
+            {**about, "rule": rule.model_dump(),
+             "counters": [self._shown_counter(rule, key, next(counts), now) for key in keys]}
+            for about, rule, keys in shown
+        ]
+
+    def _shown_counter(self, rule: BudgetConfig, key: str, count: tuple[Nanos, Nanos], now: float) -> dict[str, Any]:
+        period, (spent, reserved) = period_at(rule.window, now), count
+        return {
+            "key": key, "value": value_of(key, self.backend.prefix, rule.scope), "period": period.label,
+            "resets_at": period.resets_at.isoformat() if period.resets_at else None,
+            "spent_usd": to_usd(spent), "reserved_usd": to_usd(reserved),
+            "remaining_usd": to_usd(max(0, to_nanos(rule.limit_usd) - spent - reserved)),
+        }
+
+    async def _keys_with_budgets(self, now: float) -> list[VirtualKey]:
+        """The usable keys that have budgets of their own."""
+        if self.keys is None:
+            return []
+        try:
+            keys = await asyncio.to_thread(self.keys.list)
+        except StoreError as exc:
+            raise KeysUnavailable(
+                f"The budgets of keys cannot be listed: the key store failed ({exc}). Try again in a moment."
+            ) from None
+        return [key for key in keys if key.budgets and key.usable(now)]
 
     async def _rules(self, fresh: bool = False) -> list[BudgetConfig]:
         admin = self._admin
