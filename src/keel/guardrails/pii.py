@@ -107,12 +107,13 @@ _PHONE_STRONG: Final = re.compile(
 )
 # Looser digit groups: a phone number only next to a word that says so.
 _PHONE_WEAK: Final = re.compile(
-    r"(?<![\w+\-.])(?:\(\d{1,4}\)\s?)?\d{2,5}(?:" + _SEP + r"\d{2,5}){0,4}" + _EXT + r"(?![\w\-.]?\d)"
+    r"(?<![\w+\-.])(?:\(\d{1,4}\)\s?)?\d{2,12}(?:" + _SEP + r"\d{2,8}){0,4}" + _EXT + r"(?![\w\-.]?\d)"
 )
-_PHONE_CONTEXT: Final = re.compile(
-    r"(?i)phone|\btel\b|telephone|\bcall|mobile|\bcell|\bdesk\b|\bfax\b|office|contact|reach|whatsapp|"
+_CONTEXT_BEFORE: Final = re.compile(
+    r"(?i)phone|\btel\b|\bcall|mobile|\bcell|\bdesk\b|\bfax\b|contact|reach|whatsapp|"
     r"\bsms\b|\btext me|messages? (?:to|at|on)|answering|registered|\bdial"
 )
+_CONTEXT_AFTER: Final = re.compile(r"(?i)[\s\-]{0,3}(?:office|fax|mobile|phone|cell|home|work|desk)\b")
 _DIGIT_RUN_7: Final = re.compile(r"\d(?:\D{0,3}\d){6}")
 
 
@@ -121,22 +122,29 @@ def _digits(text: str) -> int:
 
 
 def find_phones(text: str) -> list[tuple[str, int, int, float]]:
-    found: list[tuple[str, int, int, float]] = []
-    taken: list[tuple[int, int]] = []
-    for match in _PHONE_STRONG.finditer(text):
-        if 7 <= _digits(match.group()) <= 18:
-            found.append((PHONE_NUMBER, match.start(), match.end(), 0.6))
-            taken.append(match.span())
+    """Phone numbers: unambiguous shapes anywhere (score 0.6), looser digit groups (7 to 15 digits) only
+    with a phone word up to 40 characters before or right after (0.4, Presidio's own phone score). On
+    overlap the longer wins ("21 284 698 2548" whole, not its NANP-shaped tail), scored 0.6 if it holds
+    an unambiguous shape."""
+    strong = [m.span() for m in _PHONE_STRONG.finditer(text) if 7 <= _digits(m.group()) <= 18]
+    candidates = [(start, end, 0.6) for start, end in strong]
     for match in _PHONE_WEAK.finditer(text):
         start, end = match.span()
-        if not 7 <= _digits(match.group()) <= 15 or any(s < end and start < e for s, e in taken):
-            continue
-        if _PHONE_CONTEXT.search(text, max(0, start - 40), start) or _PHONE_CONTEXT.search(text, end, end + 12):
-            found.append((PHONE_NUMBER, start, end, 0.4))
-    return found
+        if 7 <= _digits(match.group()) <= 15 and (
+            _CONTEXT_BEFORE.search(text, max(0, start - 40), start) or _CONTEXT_AFTER.match(text, end)
+        ):
+            holds_strong = any(start <= s and e <= end for s, e in strong)
+            candidates.append((start, end, 0.6 if holds_strong else 0.4))
+    if len(candidates) < 2:
+        return [(PHONE_NUMBER, start, end, score) for start, end, score in candidates]
+    kept: list[tuple[int, int, float]] = []
+    for start, end, score in sorted(candidates, key=lambda c: c[0] - c[1]):
+        if all(end <= s or e <= start for s, e, _ in kept):
+            kept.append((start, end, score))
+    return [(PHONE_NUMBER, start, end, score) for start, end, score in sorted(kept)]
 
 
-_CARD_RUN: Final = re.compile(r"(?<![\d\-])\d(?:[ \-]?\d){11,22}(?![\d\-]?\d)")
+_CARD_RUN: Final = re.compile(r"(?<![\w\-+])\d(?:[ \-]?\d){11,22}(?![\d\-]?\d)")
 _CARD_GROUP: Final = re.compile(r"\d+")
 
 
@@ -215,6 +223,20 @@ def _presidio_check(
     return Check(name, frozenset({entity}), maybe, find)
 
 
+class _Upper:
+    """A recognizer that reads the text in capitals (Presidio's IBAN check rejects `gb42nawi...`)."""
+
+    def __init__(self, recognizer: Any) -> None:
+        self.recognizer = recognizer
+
+    def __call__(self) -> _Upper:
+        return self
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: None) -> Any:
+        upper = text.upper()
+        return self.recognizer.analyze(upper if len(upper) == len(text) else text, entities, nlp_artifacts)
+
+
 def _search(regex: str, flags: int = 0) -> Callable[[str], object]:
     return re.compile(regex, flags).search
 
@@ -242,7 +264,7 @@ def _presidio_checks(entities: Collection[str]) -> list[Check]:
     windowed = {EMAIL_ADDRESS: email, URL: url}
     table: dict[str, tuple[Callable[[], Any], Callable[[str], object]]] = {
         EMAIL_ADDRESS: (EmailRecognizer, email.search),
-        IBAN_CODE: (pr.IbanRecognizer, _search(r"[A-Za-z]{2}\d{2}")),
+        IBAN_CODE: (_Upper(pr.IbanRecognizer()), _search(r"[A-Za-z]{2}\d{2}")),
         US_SSN: (pr.UsSsnRecognizer, _search(r"\d{3}[- .]?\d{2}[- .]?\d{4}")),
         IP_ADDRESS: (pr.IpRecognizer, _search(r"\d\.\d{1,3}\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]*:|::")),
         URL: (UrlRecognizer, url.search),
