@@ -4,6 +4,7 @@ everything released, in order, is the input."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 
@@ -89,7 +90,8 @@ def test_a_private_key_longer_than_the_window_is_held_until_its_end_line() -> No
         released += text
         assert entities == []
     assert released == "ok: " and hold.held == len(PEM) - len("-----END PRIVATE KEY-----")
-    text, entities = hold.feed("-----END PRIVATE KEY-----" + " and the rest of the answer, long enough to pass the window")
+    end = "-----END PRIVATE KEY-----"
+    text, entities = hold.feed(end + " and the rest of the answer, long enough to pass the window")
     assert text.startswith(PEM) and entities == [Entity("PRIVATE_KEY", 0, len(PEM), 1.0)]
 
 
@@ -140,7 +142,7 @@ def test_the_window_must_be_positive() -> None:
 
 def chunked(text: str, cuts: list[int]) -> list[str]:
     points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
 @settings(max_examples=300, deadline=None)

@@ -101,7 +101,8 @@ _EXT = r"(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?"
 # Shapes that are phone numbers without any context.
 _PHONE_STRONG: Final = re.compile(
     r"(?<![\w+\-.])(?:"
-    r"\+\d{1,3}" + _SEP + r"?(?:\(0\)" + _SEP + r"?)?(?:\(\d{1,4}\)" + _SEP + r"?)?\d{1,5}(?:" + _SEP + r"?\d{2,5}){1,4}"
+    r"\+\d{1,3}" + _SEP + r"?(?:\(0\)" + _SEP + r"?)?(?:\(\d{1,4}\)" + _SEP + r"?)?"
+    r"\d{1,5}(?:" + _SEP + r"?\d{2,5}){1,4}"
     r"|(?:001" + _SEP + r"?|1" + _SEP + r")?(?:\(\d{3}\)" + _SEP + r"?|\d{3}" + _SEP + r")\d{3}" + _SEP + r"\d{4}"
     r")" + _EXT + r"(?![\w\-.]?\d)"
 )
@@ -252,11 +253,11 @@ def _presidio_checks(entities: Collection[str]) -> list[Check]:
 
     extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)  # the bundled list, no network
 
-    class EmailRecognizer(pr.EmailRecognizer):  # type: ignore[misc]
+    class EmailRecognizer(pr.EmailRecognizer):
         def validate_result(self, pattern_text: str) -> bool:
             return extractor(pattern_text).fqdn != ""
 
-    class UrlRecognizer(pr.UrlRecognizer):  # type: ignore[misc]
+    class UrlRecognizer(pr.UrlRecognizer):
         def validate_result(self, pattern_text: str) -> bool | None:
             return None
 

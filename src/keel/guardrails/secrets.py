@@ -49,7 +49,8 @@ def _p(
 
 PATTERNS: Final[tuple[SecretPattern, ...]] = (
     _p("PEM private key", PRIVATE_KEY,
-       r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
+       r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+       r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
        ("-----BEGIN",), 1.0, flags=re.DOTALL),
     _p("OpenAI/Anthropic-style key (sk-...)", API_KEY, r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-]{20,}", ("sk-",)),
     _p("Stripe key", API_KEY, r"(?<![A-Za-z0-9])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}", ("_live_", "_test_")),
@@ -61,8 +62,8 @@ PATTERNS: Final[tuple[SecretPattern, ...]] = (
     _p("Google API key", API_KEY, r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{35}", ("AIza",)),
     _p("Slack token", API_KEY, r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9\-]{10,}", ("xox",)),
     _p("Hugging Face token", API_KEY, r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}", ("hf_",)),
-    _p("JSON web token", AUTH_TOKEN, r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
-       ("eyJ",)),
+    _p("JSON web token", AUTH_TOKEN,
+       r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*", ("eyJ",)),
     _p("bearer token", AUTH_TOKEN, r"(?i:bearer)\s+([A-Za-z0-9\-._~+/]{16,}=*)", ("bearer",), 0.9, group=1,
        lower=True),
     _p("credentials in a URL", CONNECTION_STRING,
