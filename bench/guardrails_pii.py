@@ -14,6 +14,10 @@ Per type:
 - false positives: found entities of that type overlapping no labelled span of that type, and the
   share of all that type's found entities they are (false discovery rate); the set labels no secrets,
   so a secret found in it is a false positive.
+Then what it finds in unlabelled news sentences (MRPC, ../shared/data/paraphrase, else the sample in
+tests/data), full of figures, dates and prices: text the patterns were not tuned on; each hit is
+printed with an example, to be read (the phone numbers and emails there are reporters' and police
+contact lines: real ones).
 Types that need an NER model (names, places, organisations...) are listed as not covered.
 
 Latency: the sentences are joined into ~1 KB documents (a prompt-sized text); each document is
@@ -27,6 +31,7 @@ A figure, not a test: the machine's load moves the latencies; compare within one
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from collections import Counter
@@ -43,6 +48,8 @@ from keel.guardrails.secrets import SECRET_TYPES
 ROOT = Path(__file__).resolve().parent.parent
 FULL = ROOT.parent / "shared" / "data" / "pii" / "presidio-synth-v2.json"
 SAMPLE = ROOT / "tests" / "data" / "pii-sample.jsonl"
+NEGATIVES = [ROOT.parent / "shared" / "data" / "paraphrase" / "mrpc-train.tsv",
+             ROOT / "tests" / "data" / "paraphrase-sample.tsv"]
 GOLD_NAMES = {"DOMAIN_NAME": "URL"}
 NER_LABELS = {"PERSON", "STREET_ADDRESS", "GPE", "ORGANIZATION", "DATE_TIME", "TITLE", "AGE", "NRP", "ZIP_CODE"}
 
@@ -57,6 +64,14 @@ def load(path: Path) -> list[tuple[str, list[Span]]]:
     rows = json.loads(path.read_text(encoding="utf-8"))
     return [(r["full_text"], [(GOLD_NAMES.get(s["entity_type"], s["entity_type"]), s["start_position"],
                                s["end_position"]) for s in r["spans"]]) for r in rows]
+
+
+def negatives(paths: list[Path]) -> tuple[Path, list[str]]:
+    """News sentences (MRPC): figures, dates and prices, unlabelled, text the patterns were not tuned on."""
+    path = next(p for p in paths if p.is_file())
+    with path.open(encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    return path, sorted({text for row in rows if len(row) >= 5 for text in (row[3], row[4])})
 
 
 def overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
@@ -164,6 +179,17 @@ def main() -> None:
             "NER: not covered" if type_ in NER_LABELS | NER_ENTITIES else "not covered")
         table.add_row(type_, kind, str(c["labelled"]), "-", f"{c['covered'] / c['labelled']:.1%}", "", "", "")
     console.print(table)
+
+    path, news = negatives(NEGATIVES)
+    hits: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for text in news:
+        for e in scanner.scan(text):
+            hits[e.type] += 1
+            examples.setdefault(e.type, text[e.start:e.end])
+    console.print(f"Found in {len(news)} unlabelled news sentences ({path.name}; read them: every "
+                  "phone and email found was a real contact line, each URL a site name): "
+                  + (", ".join(f"{t} {n} (e.g. {examples[t]!r})" for t, n in hits.most_common()) or "none"))
 
     timing = Table(title=f"Latency, ms per KB (~1 KB documents x {args.rounds} rounds)")
     for column in ("what", "p50", "p99"):
