@@ -42,7 +42,7 @@ from keel.guardrails.injection import InjectionDetector
 
 SET = Path(__file__).resolve().parent / "guardrails_data" / "injection.jsonl"
 LAYERS = ("normalisation", "patterns", "classifier")
-console = Console()
+console = Console(width=170)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -318,7 +318,7 @@ def embed_windows(texts: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray
         data = np.load(store)
         known = dict(zip(data["keys"].tolist(), data["vectors"]))
     keys = [hashlib.sha256(c.encode()).hexdigest()[:24] for c in chunks]
-    todo = sorted({k: c for k, c in zip(keys, chunks) if k not in known}.items())
+    todo = sorted({k: c for k, c in zip(keys, chunks) if k not in known}.items(), key=lambda kc: (len(kc[1]), kc[0]))  # similar lengths share a batch
     if todo:
         model = load_embedder()
         started = time.perf_counter()
@@ -327,7 +327,7 @@ def embed_windows(texts: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray
             vecs = model.encode([c for _, c in batch]).array
             for (k, _), v in zip(batch, vecs):
                 known[k] = v
-            if b % 3200 == 0:
+            if b % 2560 == 0:
                 print(f"  embedded {b + len(batch)}/{len(todo)} windows ({time.perf_counter() - started:.0f} s)", flush=True)
         np.savez(store, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
     return np.stack([known[k] for k in keys]).astype(np.float32), np.array(owner)
