@@ -8,9 +8,10 @@ pydantic models here describe them and give library users typed objects.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
 
 
 class _Open(BaseModel):
@@ -173,6 +174,29 @@ ResponseFormat = Annotated[
 ]
 
 
+# OpenAI's `metadata`: at most 16 pairs, keys of at most 64 characters, values of at most 512.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
+         Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
+    Field(max_length=METADATA_PAIRS),
+]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def no_control_characters(value: str | None) -> str | None:
+    """Refuse a name with a control character (NUL, CR, LF, ...): it would reach log lines,
+    headers and databases (PostgreSQL refuses NUL in text) and never names anything real."""
+    if value is not None and (found := _CONTROL.search(value)):
+        raise ValueError(
+            f"it must not contain control characters; character {found.start()} is "
+            f"{ascii(found.group())[1:-1]}. Send a plain name"
+        )
+    return value
+
+
 class StreamOptions(_Open):
     include_usage: bool | None = None
 
@@ -200,7 +224,9 @@ class ChatRequest(_Open):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
+
+    _plain_names = field_validator("model", "user")(no_control_characters)
 
     @field_validator("n")
     @classmethod
@@ -251,6 +277,8 @@ class EmbeddingRequest(_Open):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    _plain_names = field_validator("model", "user")(no_control_characters)
 
 
 # ---------------------------------------------------------------------------- responses

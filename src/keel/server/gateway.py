@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel.errors import KeelError, RequestTooLarge
+from keel.errors import InvalidJSON, KeelError, RequestTooLarge
 from keel.pipeline import ChunkStream, Completion, Context, StreamClosed, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.server.responses import error_parts, spec_nulls_dropped
@@ -72,7 +72,25 @@ class Incoming:
                 )
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if not body.isascii():  # ASCII is UTF-8; the check costs nanoseconds
+                    check_utf8(body)
+                return body
+
+
+def check_utf8(body: bytes) -> None:
+    """Refuse a body that is not UTF-8 with where and why (the JSON parser says "surrogates
+    not allowed" at character 0 for any bad byte)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = body[exc.start:exc.end]
+        surrogate = bad[:1] == b"\xed" and body[exc.start + 1:exc.start + 2] >= b"\xa0"
+        why = " (a UTF-16 surrogate, which UTF-8 cannot hold)" if surrogate else ""
+        raise InvalidJSON(
+            f"The request body is not valid UTF-8: byte {exc.start} is 0x{bad[0]:02x}{why}. "
+            "Send the JSON encoded as UTF-8; write other characters as they are or as \\uXXXX escapes."
+        ) from None
 
 
 @dataclass
