@@ -76,6 +76,12 @@ _OK = b'{"model": "sim", "messages": [{"role": "user", "content": "x"}]'
 ODD = [  # JSON that orjson cannot write, and so hypothesis cannot make
     _OK + b', "max_tokens": 1e999}', _OK + b', "seed": 99999999999999999999999}', _OK + b', "temperature": NaN}',
     b"[" * 10_000 + b"]" * 10_000, b'{"model": "sim", "model": "nope", "messages": []}',
+    # The issue's list: bad UTF-8, lone surrogates, NUL, nesting under orjson's parse limit but
+    # over its write limit, metadata over OpenAI's limits.
+    _OK + b', "user": "caf\xe9"}', _OK + b', "user": "\xed\xa0\x80"}', _OK + b', "user": "\\ud800"}',
+    _OK + b', "user": "a\\u0000"}', b'{"model": "s\\u0000im", "input": "x"}',
+    _OK + b', "extra": ' + b'{"a": ' * 600 + b"1" + b"}" * 600 + b"}",
+    _OK + b', "metadata": {' + b", ".join(b'"k%d": "v"' % i for i in range(17)) + b"}}",
 ]
 BODY = (CHAT.map(orjson.dumps) | EMBEDDINGS.map(orjson.dumps) | JSON.map(orjson.dumps)
         | st.binary(max_size=64) | CHAT.map(lambda body: orjson.dumps(body)[: len(orjson.dumps(body)) // 2])
@@ -141,3 +147,13 @@ def test_any_body_gets_an_openai_shaped_answer_and_one_record(harness: Harness, 
     new = harness.sink.records[before:]
     assert len(new) == 1, f"{len(new)} records for one call"
     assert new[0].status == status
+
+
+@pytest.mark.parametrize("body", ODD[5:], ids=["latin-1", "utf8-surrogate", "lone-surrogate-escape", "nul-in-user",
+                                                "nul-in-model", "nested-600", "metadata-17-pairs"])
+def test_each_hostile_body_of_the_issue_is_a_400_with_one_record(harness: Harness, body: bytes) -> None:
+    before = len(harness.sink.records)
+    status, answer = harness.post("/v1/embeddings" if b'"input"' in body else "/v1/chat/completions", body)
+    assert status == 400, answer[:300]
+    assert orjson.loads(answer)["error"]["code"] in ("invalid_json", "invalid_request")
+    assert [r.status for r in harness.sink.records[before:]] == [400]
