@@ -66,7 +66,8 @@ def classifier_scores(detector: InjectionDetector, texts: list[str]) -> np.ndarr
         ws, _ = detector.windows_of([text])
         chunks += ws
         owner += [i] * len(ws)
-    vectors = np.concatenate([model.encode(chunks[b:b + 64]).array for b in range(0, len(chunks), 64)]) if chunks else np.zeros((0, 384))
+    batches = [model.encode(chunks[b:b + 64]).array for b in range(0, len(chunks), 64)]
+    vectors = np.concatenate(batches) if chunks else np.zeros((0, 384))
     window_scores = detector.classify_vectors(vectors)
     out = np.zeros(len(texts), dtype=np.float32)
     np.maximum.at(out, np.array(owner, dtype=int), window_scores)
@@ -109,7 +110,8 @@ def main() -> None:
         embedder = Batcher(load_embedder())
     detector = InjectionDetector(embedder)
     th = detector.threshold
-    console.print(f"[bold]Held-out rows[/bold]: {len(held)} ({dict(Counter(r['kind'] for r in held))}); thresholds {th}")
+    kinds = dict(Counter(r["kind"] for r in held))
+    console.print(f"[bold]Held-out rows[/bold]: {len(held)} ({kinds}); thresholds {th}")
 
     # ---- scores
     screen_ms_per_kb = []
@@ -138,7 +140,7 @@ def main() -> None:
         n = sum(mask)
         if not n:
             return "-"
-        k = sum(f for f, m in zip(flags, mask) if m)
+        k = sum(f for f, m in zip(flags, mask, strict=True) if m)
         return f"{k / n:.1%} ({k}/{n})"
 
     kinds = {
@@ -153,7 +155,8 @@ def main() -> None:
     for name in [*LAYERS, "screen only", "combined"]:
         table.add_column(name, justify="right")
     for label, mask in kinds.items():
-        table.add_row(label, *[rate(fired[layer], mask) for layer in LAYERS], rate(screen_only, mask), rate(combined, mask))
+        table.add_row(label, *[rate(fired[layer], mask) for layer in LAYERS],
+                      rate(screen_only, mask), rate(combined, mask))
     console.print(table)
 
     # ---- per source
@@ -170,7 +173,8 @@ def main() -> None:
             only = sum(fired[layer][i] and not any(fired[o][i] for o in active if o != layer) for i in idx)
             cells.append(f"{k / len(idx):.0%} ({k}, only {only})")
         k = sum(combined[i] for i in idx)
-        table.add_row(source, "attack" if label else "benign", str(len(idx)), *cells, f"{k / len(idx):.1%}", str(len(idx) - k))
+        table.add_row(source, "attack" if label else "benign", str(len(idx)), *cells,
+                      f"{k / len(idx):.1%}", str(len(idx) - k))
     console.print(table)
 
     if reasons_on_benign:
@@ -216,12 +220,15 @@ def main() -> None:
     table = Table(title="Latency (this machine)")
     for col in ("check", "n", "p50 ms", "p99 ms", "max ms"):
         table.add_column(col, justify="right" if col != "check" else "left")
-    table.add_row("screen (normalisation + patterns), 1 KB texts", str(len(one_kb)), f"{pct(one_kb, .5):.3f}", f"{pct(one_kb, .99):.3f}", f"{max(one_kb):.3f}")
-    table.add_row("screen, per KB over held-out texts (<1 KB counts as 1 KB)", str(len(screen_ms_per_kb)), f"{pct(screen_ms_per_kb, .5):.3f}",
-                  f"{pct(screen_ms_per_kb, .99):.3f}", f"{max(screen_ms_per_kb):.3f}")
+    table.add_row("screen (normalisation + patterns), 1 KB texts", str(len(one_kb)),
+                  f"{pct(one_kb, .5):.3f}", f"{pct(one_kb, .99):.3f}", f"{max(one_kb):.3f}")
+    table.add_row("screen, per KB over held-out texts (<1 KB counts as 1 KB)", str(len(screen_ms_per_kb)),
+                  f"{pct(screen_ms_per_kb, .5):.3f}", f"{pct(screen_ms_per_kb, .99):.3f}",
+                  f"{max(screen_ms_per_kb):.3f}")
     if embedder is not None:
         times = asyncio.run(classify_latency(detector, slices[:min(100, len(slices))]))
-        table.add_row("classify (windows + embedder + head), 1 KB texts", str(len(times)), f"{pct(times, .5):.2f}", f"{pct(times, .99):.2f}", f"{max(times):.2f}")
+        table.add_row("classify (windows + embedder + head), 1 KB texts", str(len(times)),
+                      f"{pct(times, .5):.2f}", f"{pct(times, .99):.2f}", f"{max(times):.2f}")
     console.print(table)
     console.print(f"screen p50 per KB {statistics.median(screen_ms_per_kb):.3f} ms; target p99 <= 2 ms per KB")
 

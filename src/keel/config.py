@@ -575,7 +575,9 @@ class KeelConfig(_Strict):
                 raise ValueError(f"{where}.input.injection has the layer llm but no llm_model: name a model to ask")
             for key, name in asked:
                 if name is not None and name not in names:
-                    raise ValueError(f"{key} is '{name}', which is not a model of this file; models: {', '.join(names)}")
+                    raise ValueError(
+                        f"{key} is '{name}', which is not a model of this file; models: {', '.join(names)}"
+                    )
         return self
 
     def model(self, name: str) -> ModelConfig | None:

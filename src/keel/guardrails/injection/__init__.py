@@ -4,7 +4,7 @@
    channels; base64/hex/percent/ROT13 payloads decoded into extra views;
 2. patterns (`patterns.py`): named regular expressions over the normalised text and every decoded view;
 3. classifier (`classifier.py`): a logistic head on the local embedder's vectors, over overlapping
-   windows, max score (async, through `keel.embedding.Batcher`; off when no embedder is given).
+   windows, max score (async, through an `Embedder`: a `Batcher` or the shared one; off when no embedder is given).
 
     detector = InjectionDetector(Batcher(load_embedder()))
     scores = detector.screen(text)                         # sync, ~0.1-1 ms per KB
@@ -31,10 +31,11 @@ from keel.guardrails.injection.normalise import Normalised, noisy_or, normalise
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from keel.embedding import Batcher
+    from keel.embedding.shared import Embedder
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "HeadNotLoaded", "InjectionDetector", "LayerScore", "Normalised", "load_head", "normalise", "windows",
+    "DEFAULT_THRESHOLDS", "HeadNotLoaded", "InjectionDetector", "LayerScore", "Normalised",
+    "load_head", "normalise", "windows",
 ]
 
 # Per layer, the score at/above which the layer says "injection". Patterns: 0.5, so that one strong
@@ -56,7 +57,7 @@ class InjectionDetector:
     """The three local layers. `embedder=None` turns the classifier off (`screen` still works);
     `weights` is a head.json other than the shipped one (a missing or corrupt file raises HeadNotLoaded)."""
 
-    def __init__(self, embedder: Batcher | None = None, *, weights: Path | None = None) -> None:
+    def __init__(self, embedder: Embedder | None = None, *, weights: Path | None = None) -> None:
         self.embedder = embedder
         self.head: Head | None = load_head(weights) if (embedder is not None or weights is not None) else None
         self.threshold: dict[str, float] = dict(DEFAULT_THRESHOLDS)

@@ -50,7 +50,8 @@ class Head:
     def score(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """P(injection) for each row of `vectors` (n, dimensions)."""
         logits = np.asarray(vectors, dtype=np.float32) @ self.weights + np.float32(self.bias)
-        return (1.0 / (1.0 + np.exp(-np.clip(logits, -40.0, 40.0)))).astype(np.float32)
+        scores: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-np.clip(logits, -40.0, 40.0)))).astype(np.float32)
+        return scores
 
 
 def load_head(path: Path | None = None) -> Head:
@@ -62,11 +63,15 @@ def load_head(path: Path | None = None) -> Head:
     except FileNotFoundError:
         raise HeadNotLoaded(f"the injection classifier's weights file {path} does not exist; {fix}") from None
     except OSError as exc:
-        raise HeadNotLoaded(f"the injection classifier's weights file {path} could not be read ({exc.strerror}); {fix}") from None
+        raise HeadNotLoaded(
+            f"the injection classifier's weights file {path} could not be read ({exc.strerror}); {fix}"
+        ) from None
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise HeadNotLoaded(f"the injection classifier's weights file {path} is not valid JSON ({exc}); {fix}") from None
+        raise HeadNotLoaded(
+            f"the injection classifier's weights file {path} is not valid JSON ({exc}); {fix}"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise HeadNotLoaded(f"{path} is not a Keel injection head (expected format {FORMAT!r}); {fix}")
     try:
@@ -76,7 +81,9 @@ def load_head(path: Path | None = None) -> Head:
     except (KeyError, TypeError, ValueError) as exc:
         raise HeadNotLoaded(f"{path} is missing or has a malformed field ({exc}); {fix}") from None
     if weights.shape != (dimensions,) or not np.all(np.isfinite(weights)) or not math.isfinite(bias):
-        raise HeadNotLoaded(f"{path} holds {weights.shape} weights for {dimensions} dimensions, or non-finite values; {fix}")
+        raise HeadNotLoaded(
+            f"{path} holds {weights.shape} weights for {dimensions} dimensions, or non-finite values; {fix}"
+        )
     if not 0.0 < threshold < 1.0:
         raise HeadNotLoaded(f"{path} has threshold {threshold}, outside (0, 1); {fix}")
     meta = {k: v for k, v in data.items() if k not in ("weights", "bias", "threshold")}
