@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
@@ -65,6 +65,8 @@ class Keel:
         self.alerts = AlertSender(config.alerts)
         self.keys = KeyStore(self.writer.store)
         self.auth = _auth(config, self.keys)
+        if self.auth is not None:  # /admin/budgets shows each usable key's own budgets too
+            self.budgets.keys = self.keys
         # An Observe or BudgetStage of the caller's own (a fake sink, other budgets) takes the
         # default one's place.
         stages = list(stages or [])
@@ -79,7 +81,7 @@ class Keel:
         self.metrics.registry.register(self.alerts)
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
-        self.guardrails = _guardrails(config, self._ask)
+        self.guardrails = _guardrails(config, self._ask, self.deployments)
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
@@ -261,14 +263,33 @@ def _auth(config: KeelConfig, keys: KeyStore) -> Auth | None:
     return Auth(lookup, os.environ.get(config.server.master_key_env) or None)
 
 
-def _guardrails(config: KeelConfig, ask: Any) -> GuardrailStages:
+def _guardrails(config: KeelConfig, ask: Any, deployments: dict[str, list[Deployment]]) -> GuardrailStages:
     """The guardrail stages, when some model has guardrails; their modules (Presidio, the embedder)
     are imported only then."""
     if not config.guardrails.input and not config.guardrails.output and not any(m.guardrails for m in config.models):
         return GuardrailStages(None, None, None)
     from keel.guardrails.build import build_guardrails
 
-    return build_guardrails(config, ask)
+    return build_guardrails(config, ask, {
+        name: counter for name, deps in deployments.items() if (counter := _token_counter(deps)) is not None
+    })
+
+
+def _token_counter(deployments: list[Deployment]) -> Callable[[ChatRequest], int | None] | None:
+    """A model's prompt-token counter when every deployment of it has its own tokenizer (the embedded
+    model): the highest of their counts, so the limit holds whichever one answers."""
+    from keel.providers.local import LocalProvider
+
+    providers = [d.provider for d in deployments]
+    if not providers or not all(isinstance(p, LocalProvider) for p in providers):
+        return None
+    local = [p for p in providers if isinstance(p, LocalProvider)]
+
+    def count(request: ChatRequest) -> int | None:
+        counts = [p.count_prompt_tokens(request) for p in local]
+        return None if None in counts else max(c for c in counts if c is not None)
+
+    return count
 
 
 def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:

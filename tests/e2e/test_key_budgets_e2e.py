@@ -50,3 +50,10 @@ def test_a_key_is_refused_once_its_own_budget_is_spent_while_another_key_is_serv
         assert answer.choices[0].message.content
     with pytest.raises(openai.RateLimitError):  # and the capped key stays refused
         client(gw, capped).chat.completions.create(model="chat", messages=MESSAGES, max_tokens=5)
+
+    # The admin view lists the key's own budget beside the rules, with what it has spent.
+    shown = httpx.get(gw.url + "/admin/budgets", headers={"authorization": f"Bearer {MASTER}"}).json()["data"]
+    [own] = [entry for entry in shown if entry["source"] == "key"]
+    assert (own["id"], own["tenant"], own["rule"]["limit_usd"]) == (capped_id, "team-a", BUDGET_USD)
+    [counter] = own["counters"]
+    assert 0 < counter["spent_usd"] <= BUDGET_USD and counter["reserved_usd"] == 0

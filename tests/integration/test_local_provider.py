@@ -26,6 +26,7 @@ from openai import AsyncOpenAI, OpenAI
 from spec import CHAT_CHUNK, CHAT_COMPLETION, validate
 
 from keel.config import LocalDeployment, ModelConfig
+from keel.cost.tokens import prompt_tokens
 from keel.errors import ContextLengthExceeded, ModelNotLoaded, NotSupported, Overloaded
 from keel.pipeline import Call, ChunkStream, Completion
 from keel.providers.local import LocalProvider, model_file
@@ -365,3 +366,40 @@ async def async_sdk_round(url: str, expected: str) -> None:
             if chunk.choices
         ]
         assert "".join(pieces) == expected
+
+
+# ---------------------------------------------------------------------------- the input length guardrail
+
+
+async def test_the_input_length_limit_counts_with_the_models_own_tokenizer(needs_model: None, tmp_path: Path) -> None:
+    """A prompt the (high) estimate puts over the limit is counted exactly before it is refused."""
+    pytest.importorskip("presidio_analyzer", reason="the guardrails extra: pip install 'keel[guardrails]'")
+    from keel.config import parse_config
+    from keel.engine import Keel
+    from keel.errors import GuardrailViolation
+    from keel.pipeline import Context
+
+    limit = 450
+    keel = Keel(parse_config({
+        "models": [{"name": "local", "deployments": [{"provider": "local"}],
+                    "guardrails": {"input": {"max_input_tokens": limit}}}],
+        "store": {"url": f"sqlite:///{tmp_path}/keel.db", "spool_path": str(tmp_path / "spool.jsonl")},
+    }))
+    await keel.start()
+    provider = keel.deployments["local"][0].provider
+    assert isinstance(provider, LocalProvider)
+    try:
+        fits = chat_request([{"role": "user", "content": "hello " * 300}], max_tokens=1)
+        exact = provider.count_prompt_tokens(fits)
+        assert exact is not None and exact <= limit < prompt_tokens(fits)  # the estimate alone would refuse it
+        ctx = Context()
+        await keel.handle(fits, ctx)
+        (verdict,) = ctx.guardrails
+        assert verdict.reasons == [f"{exact} tokens by tokenizer"]
+
+        too_long = chat_request([{"role": "user", "content": "hello " * 600}], max_tokens=1)
+        with pytest.raises(GuardrailViolation) as refused:
+            await keel.handle(too_long)
+        assert f"the prompt has {provider.count_prompt_tokens(too_long)} tokens (counted)" in refused.value.message
+    finally:
+        await keel.close()

@@ -5,6 +5,7 @@ deny patterns, streams through the hold-back window)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -68,12 +69,13 @@ async def _chunks(pieces: list[str], usage: dict[str, Any]) -> AsyncIterator[dic
 async def guarded(tmp_path: Any) -> AsyncIterator[Callable[..., tuple[Keel, Upstream]]]:
     made: list[Keel] = []
 
-    def make(guardrails: dict[str, Any], upstream: Upstream | None = None) -> tuple[Keel, Upstream]:
+    def make(guardrails: dict[str, Any], upstream: Upstream | None = None, **more: Any) -> tuple[Keel, Upstream]:
         upstream = upstream or Upstream()
         config = parse_config({
             "models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
             "guardrails": guardrails,
             "store": {"url": f"sqlite:///{tmp_path}/keel.db", "spool_path": str(tmp_path / "spool.jsonl")},
+            **more,
         })
         keel = Keel(config, stages=[upstream])
         made.append(keel)
@@ -210,26 +212,39 @@ async def test_untrusted_marker_is_checked_and_never_sent_upstream(guarded: Any)
 
 
 class SlowCheck:
-    """A model layer that blocks once the upstream call is under way."""
+    """A model layer that blocks once the upstream call is under way, noting the budget then held."""
 
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+    def __init__(self, keel: Keel, upstream: Upstream) -> None:
+        self.keel, self.upstream = keel, upstream
+        self.held_during: float | None = None
 
     async def judge_slow(self, texts: Any, verdicts: Any) -> None:
         await self.upstream.started.wait()
+        self.held_during = await reserved_usd(self.keel)
         raise GuardrailViolation("Blocked by the injection guardrail: test.", check="injection", direction="input")
 
 
-async def test_a_model_check_runs_alongside_the_call_and_its_block_cancels_it(guarded: Any) -> None:
-    keel, upstream = guarded({"input": {"injection": {"action": "block", "layers": ["patterns", "classifier"]}}})
+async def reserved_usd(keel: Keel) -> float:
+    return sum(c["reserved_usd"] for rule in await keel.budgets.status() for c in rule["counters"])
+
+
+async def test_a_model_check_runs_alongside_the_call_and_its_block_cancels_it_and_frees_its_budget_hold(
+    guarded: Any,
+) -> None:
+    keel, upstream = guarded({"input": {"injection": {"action": "block", "layers": ["patterns", "classifier"]}}},
+                             budgets=[{"scope": "global", "window": "day", "limit_usd": 100}],
+                             pricing={"simulated": {"input": 1.0, "output": 2.0}})
     upstream.delay = 60
     assert keel.guardrails.input is not None
     policy = keel.guardrails.input.policies["m"]
     assert policy.injection is not None
-    policy.injection.judge_slow = SlowCheck(upstream).judge_slow  # type: ignore[method-assign]
+    check = SlowCheck(keel, upstream)
+    policy.injection.judge_slow = check.judge_slow  # type: ignore[method-assign]
     with pytest.raises(GuardrailViolation):
-        await answer(keel, chat("hello"))
+        await answer(keel, chat("hello", max_tokens=100))
     assert upstream.cancelled.is_set()  # the call was under way, and was cancelled
+    assert check.held_during is not None and check.held_during > 0  # its worst case was held...
+    assert await reserved_usd(keel) == 0  # ...and is released
 
 
 # ---------------------------------------------------------------------------- output
@@ -303,3 +318,24 @@ def test_a_guardrail_model_must_be_in_the_file() -> None:
     with pytest.raises(Exception, match="not a model of this file"):
         parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
                       "guardrails": {"output": {"harmful": {"model": "nope"}}}})
+
+
+async def test_a_secret_in_a_tool_calls_arguments_is_redacted(guarded: Any) -> None:
+    class ToolCaller(Upstream):
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            reply = await super().__call__(call, next)
+            assert isinstance(reply, Completion)
+            message = reply.body["choices"][0]["message"]
+            message["content"] = None
+            message["tool_calls"] = [{"id": "t1", "type": "function", "function": {
+                "name": "send", "arguments": '{"to": "' + EMAIL + '", "key": "' + OPENAI_KEY + '"}'}}]
+            return reply
+
+    keel, _ = guarded({"output": {"pii": {"action": "redact"}}}, ToolCaller())
+    ctx = Context()
+    reply = await keel.handle(chat("send it"), ctx)
+    assert isinstance(reply, Completion)
+    arguments = reply.body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert EMAIL not in arguments and OPENAI_KEY not in arguments
+    assert json.loads(arguments)["to"] == "<EMAIL_ADDRESS_1>"  # still JSON the caller can parse
+    assert [(v.direction, v.check, v.action) for v in ctx.guardrails] == [("output", "pii", "redact")]

@@ -4,18 +4,24 @@ is not checked and pays nothing for it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from keel.config import InputGuardrailsConfig, KeelConfig, OutputGuardrailsConfig, PiiConfig
 from keel.embedding.shared import SharedEmbedder
 from keel.guardrails.answer_checks import AnswerChecks, Ask
 from keel.guardrails.injection import InjectionDetector
 from keel.guardrails.injection_policy import InjectionPolicy
 from keel.guardrails.input_stage import InputGuardrails, InputPolicy
+from keel.guardrails.length import TokenCounter
 from keel.guardrails.output_stage import OutputGuardrails
 from keel.guardrails.pii_policy import PiiPolicy
 from keel.guardrails.stages import GuardrailStages
 
 
-def build_guardrails(config: KeelConfig, ask: Ask) -> GuardrailStages:
+def build_guardrails(
+    config: KeelConfig, ask: Ask, counters: Mapping[str, TokenCounter] | None = None
+) -> GuardrailStages:
+    """`counters`: by model name, the token counter of a model whose deployments have a tokenizer."""
     embedder: SharedEmbedder | None = None
     inputs: dict[str, InputPolicy] = {}
     outputs: dict[str, AnswerChecks] = {}
@@ -46,7 +52,8 @@ def build_guardrails(config: KeelConfig, ask: Ask) -> GuardrailStages:
                     detectors[classifier] = InjectionDetector(shared() if classifier else None)
                 injection = InjectionPolicy(section, detectors[classifier], ask)
             inputs[model.name] = InputPolicy(
-                input_config, pii(input_config.pii) if input_config.pii else None, injection
+                input_config, pii(input_config.pii) if input_config.pii else None, injection,
+                (counters or {}).get(model.name),
             )
         if output_config is not None:
             outputs[model.name] = AnswerChecks(

@@ -50,7 +50,7 @@ class InputGuardrails:
             return await next(call)
         verdicts = call.ctx.guardrails
         texts = pieces(request)
-        if (length := check_length(request, texts, policy.limits, policy.counter)) is not None:
+        if (length := await check_length(request, texts, policy.limits, policy.counter)) is not None:
             add(verdicts, length)
         redactor = Redactor()
         if policy.pii is not None:

@@ -1,9 +1,12 @@
 """Length limits on what goes to a model: messages per request, characters per message, and prompt
-tokens, counted with the deployment's own tokenizer where Keel has one (the embedded model), else
-estimated on the high side (`keel.cost.tokens`). The verdict says which way the tokens were counted."""
+tokens, estimated on the high side (`keel.cost.tokens`), and where the estimate is over the limit
+counted with the deployment's own tokenizer where Keel has one (the embedded model: a model whose
+deployments are all local), so no prompt is refused on an estimate Keel could have checked. The
+verdict says which way the tokens were counted."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from keel.config import InputGuardrailsConfig
@@ -16,7 +19,7 @@ from keel.types import ChatRequest
 TokenCounter = Callable[[ChatRequest], int | None]  # None: this deployment has no tokenizer Keel can use
 
 
-def check_length(
+async def check_length(
     request: ChatRequest, texts: list[Piece], limits: InputGuardrailsConfig, counter: TokenCounter | None
 ) -> Verdict | None:
     """Raise `GuardrailViolation` (check `length`) over a limit; a verdict with the count otherwise."""
@@ -35,11 +38,14 @@ def check_length(
                 )
     if limits.max_input_tokens is None:
         return None
-    counted = counter(request) if counter is not None else None
-    tokens, method = (counted, "tokenizer") if counted is not None else (prompt_tokens(request), "estimate")
+    tokens, method = prompt_tokens(request), "estimate"
+    if tokens > limits.max_input_tokens and counter is not None:
+        # The estimate errs high, so only a prompt it puts over the limit is counted exactly (off the loop).
+        if (counted := await asyncio.to_thread(counter, request)) is not None:
+            tokens, method = counted, "tokenizer"
     if tokens > limits.max_input_tokens:
         raise _too_long(
-            f"the prompt has {tokens} tokens ({'counted' if counted is not None else 'estimated'}); this model "
+            f"the prompt has {tokens} tokens ({'counted' if method == 'tokenizer' else 'estimated'}); this model "
             f"takes at most {limits.max_input_tokens}: shorten the messages or send fewer"
         )
     return Verdict("input", "length", "allow", reasons=[f"{tokens} tokens by {method}"])

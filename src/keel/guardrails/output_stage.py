@@ -50,6 +50,10 @@ class OutputGuardrails:
                     text = checks.patterns(content, redactor, call.ctx.guardrails)
                     await checks.whole(text, call.ctx.guardrails)
                     message["content"] = text
+                for tool_call in message.get("tool_calls") or ():  # a secret can leave as an argument too
+                    function = tool_call.get("function") or {}
+                    if isinstance(arguments := function.get("arguments"), str) and arguments:
+                        function["arguments"] = checks.patterns(arguments, redactor, call.ctx.guardrails)
         except GuardrailViolation:
             # The upstream was paid for an answer the caller will not see: it is billed with the call.
             if usage := reply.body.get("usage"):

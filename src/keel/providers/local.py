@@ -433,6 +433,18 @@ class LocalProvider(ChatOnly):
         await asyncio.to_thread(worker.join)
         model.close()
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int | None:
+        """The prompt's tokens by the model's own tokenizer and chat template (the input length
+        guardrail); None before the model is loaded or for content it would refuse anyway. The
+        vocabulary is read-only, so this may run beside the worker's decoding."""
+        model = self._model
+        if model is None:
+            return None
+        try:
+            return model.prompt_tokens(prompt_messages(request.messages, self.name))
+        except KeelError:
+            return None
+
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
         plan = plan_call(request, self.config, self.name)
         if self._jobs is None:
