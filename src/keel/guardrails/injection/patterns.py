@@ -103,9 +103,55 @@ PATTERNS: Final[tuple[Pattern, ...]] = (
 )
 
 
+# Words at least one of which every match of a pattern contains (lower case). A pattern none of whose
+# words is in the text cannot match, and its regex is not run: a substring test costs a fraction of a
+# case-insensitive regex scan. The text is lowered as the regex engine folds case: str.lower() plus
+# the three letters the engine also takes for ASCII ones (dotless i, dotted capital I, long s).
+# tests/unit/test_guardrails_injection.py checks on the whole labelled set that the words never change
+# a result.
+ANCHORS: Final[dict[str, tuple[str, ...]]] = {
+    "ignore previous instructions": (
+        "ignor", "disregard", "forget", "skip", "overrid", "bypass", "neglect", "abandon", "discard", "drop"),
+    "forget what you were told": ("ignore", "disregard", "forget"),
+    "new instructions": ("instruction", "task", "directive", "orders", "rules"),
+    "system prompt extraction": ("prompt", "instruction", "message", "rules", "directives", "configuration"),
+    "repeat the text above": ("above", "before", "preceding", "start", "beginning"),
+    "prompt leak by transformation": ("prompt", "instructions"),
+    "DAN persona": ("anything", "dan"),
+    "privileged mode": ("mode",),
+    "no restrictions": (
+        "any", "ethical", "moral", "content", "safety", "openai", "legal", "programming", "usual", "standard",
+        "normal", "default", "built-in", "confines"),
+    "uncensored persona": ("unfiltered", "uncensored", "unrestricted", "amoral", "unethical", "unaligned", "jailbroken"),
+    "pretend there are no rules": (
+        "rules", "restrictions", "limits", "limitations", "filters", "guidelines", "ethics", "morals", "censorship"),
+    "stay in character": ("character",),
+    "no longer bound": ("longer", "freed", "liberated", "released", "unshackled"),
+    "fake role markers": ("im_", "endoftext", "eot_id", "header_id", "inst", "sys", "admin"),
+    "transcript in data": ("assistant", "system", "ai"),
+    "refusal suppression": ("refuse", "decline", "say", "apologi", "add", "include", "mention", "remind"),
+    "forced affirmative start": ("start", "begin"),
+    "persona jailbreak": (
+        "evil", "anti", "opposite", "always", "stan", "dude", "developer", "jailbreak]", "[classic]"),
+    "instruction addressed to an AI": (
+        "note", "message", "instruction", "notice", "attention", "reading", "processing", "summari", "analy", "if"),
+    "hide from the user": ("user",),
+    "override safety": (
+        "filter", "guardrails", "safeguards", "restrictions", "guidelines", "programming", "protocols", "rules",
+        "training", "alignment", "safety"),
+    "exfiltration link": ("](",),
+    "jailbreak mention": ("jailbr",),
+}
+_TABLE: Final = tuple((p, ANCHORS[p.name]) for p in PATTERNS)  # a pattern without words fails at import
+
+
+_FOLD: Final = str.maketrans({"\u0131": "i", "\u0130": "i", "\u017f": "s"})
+
+
 def match(text: str) -> list[str]:
     """Names of the patterns that fire on `text`, in table order."""
-    return [p.name for p in PATTERNS if p.regex.search(text)]
+    low = text.lower() if text.isascii() else text.translate(_FOLD).lower()
+    return [p.name for p, words in _TABLE if any(w in low for w in words) and p.regex.search(text)]
 
 
 def weight(name: str) -> float:
