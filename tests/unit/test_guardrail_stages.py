@@ -339,3 +339,70 @@ async def test_a_secret_in_a_tool_calls_arguments_is_redacted(guarded: Any) -> N
     assert EMAIL not in arguments and OPENAI_KEY not in arguments
     assert json.loads(arguments)["to"] == "<EMAIL_ADDRESS_1>"  # still JSON the caller can parse
     assert [(v.direction, v.check, v.action) for v in ctx.guardrails] == [("output", "pii", "redact")]
+
+
+def _tool_call_chunks(arguments: list[str]) -> Callable[[], AsyncIterator[dict[str, Any]]]:
+    """A streamed answer that is one tool call, its arguments in the given pieces."""
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        yield {**head, "choices": [{"index": 0, "finish_reason": None, "delta": {"role": "assistant", "tool_calls": [
+            {"index": 0, "id": "t1", "type": "function", "function": {"name": "send", "arguments": ""}}]}}]}
+        for piece in arguments:
+            yield {**head, "choices": [{"index": 0, "finish_reason": None,
+                                        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]}
+        yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+
+    return chunks
+
+
+async def streamed_arguments(keel: Keel, request: ChatRequest) -> str:
+    reply = await keel.handle(request)
+    assert isinstance(reply, ChunkStream)
+    return "".join([
+        call["function"].get("arguments") or ""
+        async for chunk in reply for choice in chunk["choices"] for call in choice["delta"].get("tool_calls") or ()
+    ])
+
+
+async def test_a_secret_split_across_streamed_tool_call_arguments_is_redacted(guarded: Any) -> None:
+    class StreamedToolCall(Upstream):
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            await super().__call__(call, next)
+            whole = '{"to": "' + EMAIL + '", "key": "' + OPENAI_KEY + '"}'
+            return ChunkStream(_tool_call_chunks([whole[:15], whole[15:40], whole[40:70], whole[70:]])())
+
+    keel, _ = guarded({"output": {"pii": {"action": "redact"}}}, StreamedToolCall())
+    arguments = await streamed_arguments(keel, chat("send it", stream=True))
+    assert EMAIL not in arguments and OPENAI_KEY[:12] not in arguments and OPENAI_KEY[-12:] not in arguments
+    assert json.loads(arguments)["to"] == "<EMAIL_ADDRESS_1>"
+
+
+async def test_placeholders_in_streamed_tool_call_arguments_are_restored(guarded: Any) -> None:
+    class EchoingToolCall(Upstream):
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            await super().__call__(call, next)
+            sent = str(call.request.messages[-1].content)  # "to <EMAIL_ADDRESS_1>"
+            whole = '{"to": "' + sent.removeprefix("to ") + '"}'
+            return ChunkStream(_tool_call_chunks([whole[:12], whole[12:20], whole[20:]])())
+
+    keel, upstream = guarded({"input": {"pii": {"action": "redact"}}}, EchoingToolCall())
+    arguments = await streamed_arguments(keel, chat(f"to {EMAIL}", stream=True))
+    assert "<EMAIL_ADDRESS_1>" in str(upstream.seen[0])
+    assert json.loads(arguments) == {"to": EMAIL}
+
+
+async def test_a_stream_that_ends_without_a_finish_still_releases_what_was_held_checked(guarded: Any) -> None:
+    class Unfinished(Upstream):
+        async def __call__(self, call: Call, next: Next) -> Reply:
+            await super().__call__(call, next)
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+                for piece in ["write to ", EMAIL[:6], EMAIL[6:], " soon"]:
+                    yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+
+            return ChunkStream(chunks())
+
+    keel, _ = guarded({"output": {"pii": {"action": "redact"}, "holdback_chars": 64}}, Unfinished())
+    assert await answer(keel, chat("x", stream=True)) == "write to <EMAIL_ADDRESS_1> soon"
