@@ -106,7 +106,8 @@ PATTERNS: Final[tuple[Pattern, ...]] = (
 # Words at least one of which every match of a pattern contains (lower case). A pattern none of whose
 # words is in the text cannot match, and its regex is not run: a substring test costs a fraction of a
 # case-insensitive regex scan. The text is lowered as the regex engine folds case: str.lower() plus
-# the three letters the engine also takes for ASCII ones (dotless i, dotted capital I, long s).
+# the three letters the engine also takes for ASCII ones (dotless i, dotted capital I, long s); the
+# case-insensitive patterns then run, lowered, on the lowered text.
 # tests/unit/test_guardrails_injection.py checks on the whole labelled set that the words never change
 # a result.
 ANCHORS: Final[dict[str, tuple[str, ...]]] = {
@@ -142,16 +143,30 @@ ANCHORS: Final[dict[str, tuple[str, ...]]] = {
     "exfiltration link": ("](",),
     "jailbreak mention": ("jailbr",),
 }
-_TABLE: Final = tuple((p, ANCHORS[p.name]) for p in PATTERNS)  # a pattern without words fails at import
-
-
 _FOLD: Final = str.maketrans({"\u0131": "i", "\u0130": "i", "\u017f": "s"})
+
+
+def _lowered(pattern: Pattern) -> re.Pattern[str] | None:
+    """A case-insensitive pattern as a case-sensitive one for the lowered text, which the regex engine
+    runs about a third faster; None for a case-sensitive pattern (it reads the text as it is)."""
+    if not pattern.regex.flags & re.IGNORECASE:
+        return None
+    if re.search(r"\\[A-Z]", pattern.regex.pattern):  # \S or \W would change meaning when lowered
+        raise ValueError(f"pattern {pattern.name!r} has an upper-case escape; it cannot be lowered")
+    return re.compile(pattern.regex.pattern.lower(), pattern.regex.flags & ~re.IGNORECASE)
+
+
+# Each pattern, its words and its lowered form; a pattern without words fails at import.
+_TABLE: Final = tuple((p, ANCHORS[p.name], _lowered(p)) for p in PATTERNS)
 
 
 def match(text: str) -> list[str]:
     """Names of the patterns that fire on `text`, in table order."""
     low = text.lower() if text.isascii() else text.translate(_FOLD).lower()
-    return [p.name for p, words in _TABLE if any(w in low for w in words) and p.regex.search(text)]
+    return [
+        p.name for p, words, lowered in _TABLE
+        if any(w in low for w in words) and (lowered.search(low) if lowered is not None else p.regex.search(text))
+    ]
 
 
 def weight(name: str) -> float:
