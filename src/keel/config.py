@@ -353,6 +353,58 @@ class GuardrailsConfig(_Strict):
     output: OutputGuardrailsConfig | None = Field(default=None, description="checks on the answer")
 
 
+def _redis_url(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+    return url
+
+
+class ExactCacheConfig(_Strict):
+    """The exact cache: the same request (same tenant) gets the stored answer (docs/caching.md)."""
+
+    enabled: bool = Field(default=False, description="serve repeated identical requests from the cache")
+    ttl_s: float = Field(default=3600, gt=0, description="an entry is served this long after it was stored")
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="memory backend: entries past this size evict the least used"
+    )
+    nondeterministic: bool = Field(
+        default=False,
+        description="cache requests with temperature above 0 and no seed too (by default only temperature 0 "
+        "or a seed are cached)",
+    )
+
+
+class SemanticCacheConfig(_Strict):
+    """Not built yet: accepted so files written for it parse, refused when enabled."""
+
+    enabled: bool = Field(default=False, description="the semantic cache is not built yet: leave false")
+    threshold: float = Field(default=0.92, gt=0, le=1, description="similarity needed for a semantic hit")
+    ttl_s: float = Field(default=86400, gt=0, description="a semantic entry is served this long")
+
+    @field_validator("enabled")
+    @classmethod
+    def _not_built(cls, enabled: bool) -> bool:
+        if enabled:
+            raise ValueError(
+                "the semantic cache is not built yet: set cache.semantic.enabled to false and use the exact "
+                "cache (cache.exact.enabled: true)"
+            )
+        return enabled
+
+
+class CacheConfig(_Strict):
+    """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
+
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="exact cache store: memory (this process) or redis (shared by replicas)"
+    )
+    redis_url: str | None = Field(default=None, description="the Redis of the redis backend; default: state.redis_url")
+    exact: ExactCacheConfig = Field(default_factory=ExactCacheConfig, description="the exact cache")
+    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig, description="not built yet")
+
+    _redis_scheme = field_validator("redis_url")(_redis_url)
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
@@ -369,6 +421,9 @@ class ModelConfig(_Strict):
     )
     guardrails: GuardrailsConfig | None = Field(
         default=None, description="this model's guardrails: its input/output sections replace the top-level ones"
+    )
+    cache: CacheConfig | None = Field(
+        default=None, description="this model's caches, in place of the top-level `cache`"
     )
 
 
@@ -513,12 +568,7 @@ class LimitsConfig(_Strict):
         default=1, ge=0, le=60, description="Redis: after a failure, calls skip it (on_backend_error) this long"
     )
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
-        return url
+    _redis_scheme = field_validator("redis_url")(_redis_url)
 
 
 class KeelConfig(_Strict):
@@ -538,6 +588,7 @@ class KeelConfig(_Strict):
     guardrails: GuardrailsConfig = Field(
         default_factory=GuardrailsConfig, description="input and output checks (docs/guardrails.md)"
     )
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="answer caches (docs/caching.md)")
 
     @field_validator("models")
     @classmethod
@@ -559,6 +610,21 @@ class KeelConfig(_Strict):
                 "limits.backend is redis but no Redis is named: set limits.redis_url (or state.redis_url)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _caches_have_a_store(self) -> KeelConfig:
+        sections = [("cache", self.cache)] + [
+            (f"models[{i}].cache", m.cache) for i, m in enumerate(self.models) if m.cache
+        ]
+        for where, section in sections:
+            if section.backend == "redis" and not (section.redis_url or self.state.redis_url):
+                raise ValueError(f"{where}.backend is redis but no Redis is named: set {where}.redis_url "
+                                 "(or state.redis_url)")
+        return self
+
+    def cache_of(self, model: ModelConfig) -> CacheConfig:
+        """The cache section that applies to `model`: its own, or the top-level one."""
+        return model.cache or self.cache
 
     @model_validator(mode="after")
     def _guardrail_models_exist(self) -> KeelConfig:

@@ -22,6 +22,8 @@ from keel.auth.store import KeyStore
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
+from keel.cache.build import exact_cache
+from keel.cache.redis_store import RedisStore
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
@@ -48,7 +50,7 @@ T = TypeVar("T")
 
 class Keel:
     """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, input
-    guardrails, rate limit, budget, cost, output guardrails, then any `stages` given here, then
+    guardrails, rate limit, budget, exact cache, cost, output guardrails, then any `stages` given here, then
     reliability, which calls the providers.
     An `Observe`, `RateLimitStage` or `BudgetStage` among `stages` replaces the default one."""
 
@@ -82,12 +84,18 @@ class Keel:
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
         self.guardrails = _guardrails(config, self._ask, self.deployments)
+        self.cache = exact_cache(config)
+        for store in self.cache.stores() if self.cache else ():
+            if isinstance(store, RedisStore):
+                self.metrics.registry.register(store)
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
-            budget or BudgetStage(self.budgets, self.meter, self.alerts), CostStage(self.meter),
+            budget or BudgetStage(self.budgets, self.meter, self.alerts),
+            *([self.cache] if self.cache else []),  # exact cache: for models with `cache.exact.enabled`
+            CostStage(self.meter),
             *([guard_out] if guard_out else []),  # output guardrails: inside cost, a blocked answer is billed
             *stages, Reliability(),
         ])
@@ -129,6 +137,8 @@ class Keel:
         if self.guardrails.embedder is not None:
             await self.guardrails.embedder.close()
         await self.budgets.close()
+        for store in self.cache.stores() if self.cache else ():
+            await store.close()
         if self.rate_limits is not None:
             await self.rate_limits.close()
         await asyncio.to_thread(self.writer.close)

@@ -94,6 +94,8 @@ def build_record(
     ctx, request = call.ctx, call.request
     now, ended_at = time.monotonic(), time.time()
     status, outcome, error_type, message = outcome_of(ctx, error)
+    if outcome == "ok" and ctx.cache_status.startswith("hit"):
+        outcome = "cached"
     cost = ctx.cost
     usage = cost.usage or (answer or {}).get("usage") or {}
     first = call.deployments[0].name if call.deployments else None
@@ -117,6 +119,7 @@ def build_record(
         stream=call.stream,
         attempts=len(attempts),
         fallbacks=sum(a.deployment != first for a in attempts),
+        cache_status=ctx.cache_status,
         guardrails=[verdict.as_record() for verdict in ctx.guardrails],
         attempt_log=[
             {"deployment": a.deployment, "started_at": ended_at - (now - a.started),

@@ -118,7 +118,8 @@ def context(incoming: Incoming) -> Context:
     headers = incoming.headers
     authorization = headers.get("authorization")
     ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
-                  key_id=key_id(authorization), credential=Credential.of(authorization))
+                  key_id=key_id(authorization), credential=Credential.of(authorization),
+                  cache_control=headers.get("cache-control"))
     if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
         ctx.trace_headers = {name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))}
     incoming.ctx = ctx  # the gateway reads what stages leave for the answer's headers (ctx.rate_limit)

@@ -103,6 +103,9 @@ class Answer:
     settles: Completion | None = None  # the reply this answer delivers: settled once it has left
 
 
+CACHE_HEADERS = {status: (b"x-keel-cache", word) for status, word in
+                 (("hit_exact", b"hit"), ("miss", b"miss"), ("bypass", b"bypass"))}
+
 HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
 OnError = Callable[[Incoming, Exception], Answer]
 
@@ -146,6 +149,9 @@ class Gateway:
         # OpenAI's x-ratelimit-* headers, on every answer of a call some rate limit counted.
         limited = incoming.ctx.rate_limit if incoming.ctx is not None else None
         extra = limited.headers() if limited is not None else []
+        # x-keel-cache: hit | miss | bypass, on every answer of a call a cache saw (docs/caching.md).
+        if incoming.ctx is not None and (cached := CACHE_HEADERS.get(incoming.ctx.cache_status)) is not None:
+            extra = [*extra, cached]
         if isinstance(reply, Answer):
             headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header, *extra]
             headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]

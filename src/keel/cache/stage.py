@@ -1,0 +1,154 @@
+"""The exact cache stage: a repeated deterministic request is answered from the cache, without
+calling upstream or spending money; on the way out only whole, clean answers are stored.
+
+It sits after the budget stage and outside the cost and output guardrail stages: a hit is never
+charged (the budget hold settles at 0), and what it stores has passed the output guardrails. The input
+guardrails, outside it, put redacted values back after it: entries keep the placeholders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import orjson
+
+from keel.cache.coalesce import Coalescer
+from keel.cache.entry import CachedAnswer, CorruptEntry
+from keel.cache.key import cache_key
+from keel.cache.policy import CacheControl, deterministic, storable
+from keel.cache.replay import folded, replay
+from keel.ids import random_hex
+from keel.pipeline import Call, ChunkStream, Completion, Next, Reply, StreamClosed
+from keel.types import ChatRequest
+
+log = logging.getLogger("keel.cache")
+
+
+class CacheStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExactSetting:
+    """One model's exact cache, from its `cache` section."""
+
+    store: CacheStore
+    ttl_s: float
+    nondeterministic: bool = False
+
+
+class ExactCache:
+    def __init__(self, settings: Mapping[str, ExactSetting]) -> None:
+        self.settings = settings  # by model name; a model without one is not cached
+        self.flights = Coalescer()
+
+    def stores(self) -> list[CacheStore]:
+        """Each store once (models may share one)."""
+        return list({id(s.store): s.store for s in self.settings.values()}.values())
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        setting, request, ctx = self.settings.get(call.model.name), call.request, call.ctx
+        if setting is None or not isinstance(request, ChatRequest) or ctx.internal:
+            return await next(call)
+        control = CacheControl.parse(ctx.cache_control)
+        if not deterministic(request, setting.nondeterministic) or (control.no_cache and control.no_store):
+            ctx.cache_status = "bypass"
+            return await next(call)
+        key = cache_key(request, ctx.tenant)
+        if not control.no_cache and (cached := await self._cached(setting, key)) is not None:
+            return _hit(call, cached)
+        ctx.cache_status = "bypass" if control.no_cache else "miss"
+        if control.no_store:
+            return await next(call)
+        return await self._answer_and_store(call, next, setting, key)
+
+    async def _cached(self, setting: ExactSetting, key: str) -> CachedAnswer | None:
+        """A call of the same key under way, else the store, else (the lookup may have yielded) a call
+        under way again."""
+        return await self._joined(key) or await self._lookup(setting, key) or await self._joined(key)
+
+    async def _joined(self, key: str) -> CachedAnswer | None:
+        flight = self.flights.joined(key)
+        # Shielded: a waiter that is cancelled must not cancel the flight of the others.
+        return None if flight is None else await asyncio.shield(flight)  # the leader's error is raised too
+
+    async def _lookup(self, setting: ExactSetting, key: str) -> CachedAnswer | None:
+        raw = await setting.store.get(key)
+        if raw is None:
+            return None
+        try:
+            return CachedAnswer.loads(raw)
+        except CorruptEntry as exc:
+            log.warning("dropped a cache entry that does not parse (%s); the call is a miss", exc)
+            await setting.store.delete(key)
+            return None
+
+    async def _answer_and_store(self, call: Call, next: Next, setting: ExactSetting, key: str) -> Reply:
+        leads = self.flights.joined(key) is None  # a no-cache call beside a flight stores, but leads nothing
+        if leads:
+            self.flights.lead(key)
+        try:
+            reply = await next(call)
+        except Exception as exc:
+            if leads:
+                self.flights.land(key, exc)
+            raise
+        except BaseException:
+            if leads:
+                self.flights.land(key, None)
+            raise
+        passed_on = _passed_on(reply)
+
+        async def store(answered: Reply) -> None:
+            stored: CachedAnswer | BaseException | None = None
+            try:
+                if answered.error is None:
+                    completion = await passed_on()
+                    if storable(completion):
+                        stored = CachedAnswer(completion, call.ctx.cost.nanos)
+                        await setting.store.set(key, stored.dumps(), setting.ttl_s)
+                elif not isinstance(answered.error, StreamClosed):
+                    stored = answered.error  # a stream that failed fails its waiters alike
+            finally:
+                if leads:
+                    self.flights.land(key, stored)
+
+        reply.on_finish(store)
+        return reply
+
+
+def _hit(call: Call, cached: CachedAnswer) -> Reply:
+    call.ctx.cache_status = "hit_exact"
+    call.ctx.cache_saved_nanos = cached.cost_nanos
+    # A copy of its own: outer stages change the answer in place (restored PII) and waiters share one.
+    body = {**orjson.loads(orjson.dumps(cached.completion)), "id": "chatcmpl-" + random_hex(12)}
+    return ChunkStream(replay(body)) if call.stream else Completion(body)
+
+
+def _passed_on(reply: Reply) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """What this stage passed on, to read once the reply is settled: outer stages change the answer
+    after (the input guardrails put redacted values back), and that must not be stored."""
+    if isinstance(reply, Completion):
+        snapshot = orjson.dumps(reply.body)
+
+        async def whole() -> dict[str, Any]:
+            return cast(dict[str, Any], orjson.loads(snapshot))
+
+        return whole
+    chunks: list[dict[str, Any]] = []
+    reply.wrap(lambda source: _tap(source, chunks))
+    return lambda: folded(chunks)
+
+
+async def _tap(source: AsyncIterator[dict[str, Any]], seen: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks as they pass, kept (never held back) for the store at the stream's end."""
+    async for chunk in source:
+        seen.append(chunk)
+        yield chunk

@@ -1,0 +1,47 @@
+"""keel.yaml's `cache` section: the issue's keys as written, per model, and the refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from keel.config import CacheConfig, ConfigError, ExactCacheConfig, SemanticCacheConfig, load_config, parse_config
+
+SIM = [{"name": "m", "deployments": [{"provider": "simulated"}]},
+       {"name": "own", "deployments": [{"provider": "simulated"}], "cache": {"exact": {"enabled": False}}}]
+EXAMPLE = Path(__file__).parents[2] / "examples" / "keel.yaml"
+
+
+def test_the_issue_keys_work_as_written_and_a_model_section_replaces_the_top_level_one() -> None:
+    config = parse_config({"models": SIM, "cache": yaml.safe_load("""
+        backend: memory
+        redis_url: redis://127.0.0.1:6379/0
+        exact: {enabled: true, ttl_s: 3600, max_bytes: 268435456}
+    """)})
+    assert config.cache.exact == ExactCacheConfig(enabled=True, ttl_s=3600, max_bytes=268435456)
+    assert config.cache_of(config.models[0]).exact.enabled
+    assert not config.cache_of(config.models[1]).exact.enabled
+
+
+@pytest.mark.parametrize(("cache", "says"), [
+    ({"semantic": {"enabled": True}}, "the semantic cache is not built yet"),
+    ({"backend": "redis"}, "cache.backend is redis but no Redis is named"),
+    ({"backend": "postgres"}, "cache.backend"),
+    ({"redis_url": "http://x"}, "must start with redis://"),
+    ({"exact": {"ttl": 5}}, "cache.exact.ttl"),
+])
+def test_a_bad_cache_section_is_refused_with_what_to_change(cache: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        parse_config({"models": SIM, "cache": cache})
+
+
+def test_the_example_file_sets_every_cache_key() -> None:
+    config = load_config(EXAMPLE)
+    sections = [config.cache, *[m.cache for m in config.models if m.cache]]
+    for cls, seen in ((CacheConfig, sections), (ExactCacheConfig, [s.exact for s in sections]),
+                      (SemanticCacheConfig, [s.semantic for s in sections])):
+        assert set(cls.model_fields) == set().union(*(s.model_fields_set for s in seen)), cls.__name__
+    assert any(m.cache for m in config.models)
