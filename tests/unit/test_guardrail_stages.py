@@ -406,3 +406,46 @@ async def test_a_stream_that_ends_without_a_finish_still_releases_what_was_held_
 
     keel, _ = guarded({"output": {"pii": {"action": "redact"}, "holdback_chars": 64}}, Unfinished())
     assert await answer(keel, chat("x", stream=True)) == "write to <EMAIL_ADDRESS_1> soon"
+
+
+ISSUE_CONFIG = """
+guardrails:
+  input:
+    max_input_tokens: 8000
+    injection: {action: block}          # block | flag
+    pii: {action: redact}               # allow | redact | block, overridable per entity type
+  output:
+    pii: {action: redact}
+    deny_patterns: ["(?i)internal use only"]
+limits:
+  backend: memory                       # memory | redis
+  redis_url: redis://127.0.0.1:6379/0
+  on_backend_error: fail_open           # fail_open | fail_closed
+  global: {requests_per_minute: 6000, tokens_per_minute: 2000000}
+  per_key: {requests_per_minute: 600}
+"""
+
+
+async def test_the_issues_config_works_as_written(tmp_path: Any) -> None:
+    """The keys of the issue's example, verbatim, with a simulated model that echoes the user."""
+    import yaml
+
+    config = parse_config({
+        **yaml.safe_load(ISSUE_CONFIG),
+        "models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+        "store": {"url": f"sqlite:///{tmp_path}/keel.db", "spool_path": str(tmp_path / "spool.jsonl")},
+    })
+    keel = Keel(config)
+    try:
+        ctx = Context()
+        text = await answer(keel, chat(f"Write to {EMAIL}"), ctx)
+        assert text == f"echo: Write to {EMAIL}"  # redacted upstream, restored for the caller
+        assert ("input", "pii", "redact") in [(v.direction, v.check, v.action) for v in ctx.guardrails]
+        with pytest.raises(GuardrailViolation) as refused:
+            await answer(keel, chat(ATTACK))
+        assert refused.value.check == "injection"
+        with pytest.raises(GuardrailViolation) as withheld:
+            await answer(keel, chat("This is INTERNAL USE ONLY"))  # the echo says it back
+        assert withheld.value.check == "deny_pattern"
+    finally:
+        await keel.close()

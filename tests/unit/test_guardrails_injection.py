@@ -169,8 +169,9 @@ def test_windows_overlap_and_cover_the_end() -> None:
     assert len(cut[0].split()) == WINDOW_WORDS
     assert cut[-1].split()[-1] == "w999"
     assert set(cut[0].split()) & set(cut[1].split())
-    assert windows("short text") == ["short text"]
-    assert windows("   ") == []
+    eight = "one two three four five six seven eight"
+    assert windows(eight) == [eight]
+    assert windows("short text") == windows("   ") == []  # under MIN_WORDS: the head does not judge it
 
 
 def test_the_shipped_head_loads() -> None:
@@ -254,3 +255,27 @@ def test_windows_find_a_payload_after_long_filler(embedder) -> None:  # type: ig
     hidden, clean, first = asyncio.run(run())
     assert hidden > clean and hidden > first
     assert hidden >= load_head().threshold
+
+
+SHORT_TURNS = ["ok", "hi", "hello there", "thanks", "yes please", "continue", "try again", "done", "next",
+               "stop", "This is INTERNAL USE ONLY"]
+
+
+def test_short_chat_turns_are_not_judged_by_the_classifier(embedder) -> None:  # type: ignore[no-untyped-def]
+    """The head scores these over its threshold (each alone, as one window): the classifier must not
+    see them, or a chat app's "ok" is blocked. A long attack is still judged."""
+    from keel.embedding import Batcher
+
+    head = load_head()
+    assert (head.score(embedder.encode(SHORT_TURNS[:5]).array) >= head.threshold).any()  # the reason for the rule
+
+    async def run() -> list[LayerScore]:
+        detector = InjectionDetector(Batcher(embedder))
+        scores = [await detector.classify([turn]) for turn in SHORT_TURNS]
+        scores.append(await detector.classify([" ".join([ATTACK] * 3)]))
+        await detector.embedder.close()  # type: ignore[union-attr]
+        return scores
+
+    *short, attack = asyncio.run(run())
+    assert [s.score for s in short] == [0.0] * len(SHORT_TURNS)
+    assert attack.score >= load_head().threshold

@@ -4,7 +4,7 @@ highest window's. The head is trained by tools/train_injection_head.py and shipp
 (see HEAD.md: data sources, licences, the training command, the figures).
 
 Windows: the embedder reads 256 tokens at most, and attacks hide a payload after filler, so a text is cut
-into windows of WINDOW_WORDS words that overlap by half (a 2-word-long text is one window).
+into windows of WINDOW_WORDS words that overlap by half; a text under MIN_WORDS words has none.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ WINDOW_WORDS: Final = 96  # ~130 word pieces: well inside the embedder's 256 tok
 STRIDE_WORDS: Final = 48
 MAX_WINDOWS: Final = 64  # per text; a longer text gets MAX_WINDOWS windows spread evenly over it
 MAX_WORD_CHARS: Final = 64  # a "word" longer than this (a base64 blob, a URL) is cut into pieces
+# Shorter texts are not judged by the head (no windows): it scored "ok", "hi", "thanks" and "continue"
+# above its threshold, having learnt from S-Labs that a short command ("Bypass now") is an attack.
+# Normalisation and the patterns still read them.
+MIN_WORDS: Final = 8
 
 
 class HeadNotLoaded(ModelNotLoaded):
@@ -98,8 +102,10 @@ def windows(text: str) -> list[str]:
             words.extend(word[i:i + MAX_WORD_CHARS] for i in range(0, len(word), MAX_WORD_CHARS))
         else:
             words.append(word)
+    if len(words) < MIN_WORDS:
+        return []
     if len(words) <= WINDOW_WORDS:
-        return [" ".join(words)] if words else []
+        return [" ".join(words)]
     starts = list(range(0, len(words) - WINDOW_WORDS + STRIDE_WORDS, STRIDE_WORDS))
     last = len(words) - WINDOW_WORDS
     starts = sorted({min(s, last) for s in starts})
