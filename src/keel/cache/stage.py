@@ -113,12 +113,13 @@ class ExactCache:
                     completion = await passed_on()
                     if storable(completion):
                         stored = CachedAnswer(completion, call.ctx.cost.nanos)
-                        await setting.store.set(key, stored.dumps(), setting.ttl_s)
                 elif not isinstance(answered.error, StreamClosed):
                     stored = answered.error  # a stream that failed fails its waiters alike
             finally:
-                if leads:
+                if leads:  # waiters are answered at once, not after the store's write
                     self.flights.land(key, stored)
+            if isinstance(stored, CachedAnswer):
+                await setting.store.set(key, stored.dumps(), setting.ttl_s)
 
         reply.on_finish(store)
         return reply
