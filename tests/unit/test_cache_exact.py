@@ -387,3 +387,19 @@ async def test_the_same_prompt_from_two_tenants_is_never_a_cross_tenant_hit(cach
         ctx.tenant = tenant
         await ask(keel, chat(), ctx)
     assert upstream.calls == 2
+
+
+async def test_a_hit_spends_nothing_from_a_budget_and_leaves_no_hold(cached: Any) -> None:
+    keel, _ = cached(budgets=[{"scope": "global", "window": "total", "limit_usd": 1}])
+    _, miss = await ask(keel, chat())
+
+    async def counter() -> dict[str, Any]:
+        [rule] = await keel.budgets.status()
+        [count] = rule["counters"]
+        return dict(count)
+
+    spent = await counter()
+    assert spent["spent_usd"] == miss.cost.usd > 0 and spent["reserved_usd"] == 0
+    for _ in range(3):
+        await ask(keel, chat())
+    assert await counter() == spent

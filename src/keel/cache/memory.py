@@ -11,8 +11,6 @@ from collections.abc import Callable
 class MemoryStore:
     """Byte values by key, bounded by their total size. `clock` is injectable for tests."""
 
-    shared = False
-
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
         self.clock = clock

@@ -17,7 +17,7 @@ log = logging.getLogger("keel.cache")
 
 
 class RedisStore:
-    shared = True
+    """Entries as Redis strings with their TTL, under `<prefix>:cache:`."""
 
     def __init__(self, url: str, prefix: str, *, timeout_s: float = 1.0) -> None:
         try:
