@@ -17,7 +17,7 @@ from keel.cache.replay import folded, replay_chunks
 from keel.cache.stage import ExactCache
 from keel.config import parse_config
 from keel.engine import Keel
-from keel.errors import UpstreamConnectionError
+from keel.errors import GuardrailViolation, UpstreamConnectionError
 from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply
 from keel.types import ChatRequest
 
@@ -403,3 +403,12 @@ async def test_a_hit_spends_nothing_from_a_budget_and_leaves_no_hold(cached: Any
     for _ in range(3):
         await ask(keel, chat())
     assert await counter() == spent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_an_output_guardrail_blocked_is_never_cached(cached: Any, stream: bool) -> None:
+    keel, upstream = cached(guardrails={"output": {"deny_patterns": ["echo"], "deny_action": "block"}})
+    for _ in range(2):
+        with pytest.raises(GuardrailViolation):
+            await ask(keel, chat(stream=stream))
+    assert upstream.calls == 2
