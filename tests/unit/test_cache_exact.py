@@ -4,6 +4,7 @@ no-store, what is never cached, stream replay, coalescing, tenant scope)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from keel.cache.replay import folded, replay_chunks
 from keel.cache.stage import ExactCache
 from keel.config import parse_config
 from keel.engine import Keel
-from keel.errors import GuardrailViolation, UpstreamConnectionError
+from keel.errors import GuardrailViolation, KeelError, UpstreamConnectionError
 from keel.pipeline import Call, ChunkStream, Completion, Context, Next, Reply
 from keel.types import ChatRequest
 
@@ -412,3 +413,16 @@ async def test_an_answer_an_output_guardrail_blocked_is_never_cached(cached: Any
         with pytest.raises(GuardrailViolation):
             await ask(keel, chat(stream=stream))
     assert upstream.calls == 2
+
+
+async def test_a_waiter_waits_no_longer_than_its_own_deadline_for_a_leader_that_never_lands(cached: Any) -> None:
+    """A library caller leads with a stream it never reads: the flight never lands. A waiter whose
+    deadline has passed does not hang on it; its own call ends as timed out."""
+    keel, upstream = cached()
+    leader = await keel.handle(chat(stream=True))  # never read, never closed until the end of the test
+    assert isinstance(leader, ChunkStream) and upstream.calls == 1
+    waiter = Context(deadline=time.monotonic())  # its whole deadline already spent
+    with pytest.raises(KeelError) as ended:
+        await asyncio.wait_for(keel.handle(chat(), waiter), timeout=30)  # the bound only guards a regression
+    assert ended.value.code == "timeout"
+    await leader.aclose()

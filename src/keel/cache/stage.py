@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -62,22 +63,32 @@ class ExactCache:
             ctx.cache_status = "bypass"
             return await next(call)
         key = cache_key(request, ctx.tenant)
-        if not control.no_cache and (cached := await self._cached(setting, key)) is not None:
+        if not control.no_cache and (cached := await self._cached(setting, key, call)) is not None:
             return _hit(call, cached)
         ctx.cache_status = "bypass" if control.no_cache else "miss"
         if control.no_store:
             return await next(call)
         return await self._answer_and_store(call, next, setting, key)
 
-    async def _cached(self, setting: ExactSetting, key: str) -> CachedAnswer | None:
+    async def _cached(self, setting: ExactSetting, key: str, call: Call) -> CachedAnswer | None:
         """A call of the same key under way, else the store, else (the lookup may have yielded) a call
         under way again."""
-        return await self._joined(key) or await self._lookup(setting, key) or await self._joined(key)
+        return await self._joined(key, call) or await self._lookup(setting, key) or await self._joined(key, call)
 
-    async def _joined(self, key: str) -> CachedAnswer | None:
+    async def _joined(self, key: str, call: Call) -> CachedAnswer | None:
         flight = self.flights.joined(key)
-        # Shielded: a waiter that is cancelled must not cancel the flight of the others.
-        return None if flight is None else await asyncio.shield(flight)  # the leader's error is raised too
+        if flight is None:
+            return None
+        # A waiter waits no longer than its own deadline: a leader whose stream is never read to its end
+        # never lands. Past it, the call goes on alone, and the reliability stage ends it as timed out.
+        deadline = call.ctx.started + call.model.timeout_s
+        if call.ctx.deadline is not None:
+            deadline = min(deadline, call.ctx.deadline)
+        try:
+            # Shielded: a waiter that is cancelled must not cancel the flight of the others.
+            return await asyncio.wait_for(asyncio.shield(flight), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return None
 
     async def _lookup(self, setting: ExactSetting, key: str) -> CachedAnswer | None:
         raw = await setting.store.get(key)
