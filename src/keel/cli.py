@@ -1,4 +1,4 @@
-"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys` and `keel fake-upstream`."""
+"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys`, `keel cache` and `keel fake-upstream`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Keel: the production layer for LLM applications.", no_args_is_help=True)
 err = Console(stderr=True)
 app.add_typer(keys_app, name="keys")
+cache_app = typer.Typer(help="The answer cache: clear entries.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 ConfigOption = Annotated[
     Path | None,
@@ -275,6 +277,65 @@ def check(
     if failed:
         err.print(f"[red]{counted(len(failed), 'check')} failed[/red]", highlight=False)
         raise typer.Exit(1)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    config: ConfigOption = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's entries")] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's entries")] = None,
+    older_than: Annotated[str | None, typer.Option(help="only entries at least this old: 30m, 24h, 7d")] = None,
+    prefix: Annotated[str | None, typer.Option(help="only entries whose key starts with this: v2:<tenant>:")] = None,
+) -> None:
+    """Remove exact cache entries from the configured Redis store (every filter given must match;
+    none: all), and print how many. An in-memory cache lives in the gateway: use DELETE /admin/cache."""
+    from urllib.parse import urlencode
+
+    from keel.cache.build import exact_cache
+    from keel.cache.memory import MemoryStore
+    from keel.errors import KeelError, ModelNotFound
+    from keel.observability.report import parse_window
+
+    _, cfg = _load(config, calls_upstreams=False)
+    if model is not None and cfg.model(model) is None:
+        raise _fail(ModelNotFound(model, [m.name for m in cfg.models]).message, 2)
+    try:
+        older_than_s = parse_window(older_than) if older_than is not None else None
+    except ValueError as exc:
+        raise _fail(str(exc).replace("--since", "--older-than"), 2) from None
+    cache = exact_cache(cfg)
+    settings = {name: s for name, s in (cache.settings if cache else {}).items() if model in (None, name)}
+    in_memory = sorted(name for name, s in settings.items() if isinstance(s.store, MemoryStore))
+    shared = list({id(s.store): s.store for s in settings.values() if not isinstance(s.store, MemoryStore)}.values())
+
+    async def clear() -> int:
+        removed = 0
+        try:
+            for store in shared:
+                removed += await store.clear(model, tenant, older_than_s, prefix)
+        finally:
+            for store in shared:
+                await store.close()
+        return removed
+
+    if shared:
+        try:
+            removed = asyncio.run(clear())
+        except KeelError as exc:
+            raise _fail(exc.message, 1) from None
+        print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} from Redis.")
+    elif not in_memory:
+        print("No model here has the exact cache enabled (cache.exact.enabled): nothing to clear.")
+    if in_memory:
+        query = {k: v for k, v in {"model": model, "tenant": tenant, "key_prefix": prefix}.items() if v is not None}
+        if older_than_s is not None:
+            query["older_than_s"] = f"{older_than_s:g}"
+        url = f"http://{cfg.server.host}:{cfg.server.port}/admin/cache" + (f"?{urlencode(query)}" if query else "")
+        raise _fail(
+            f"the exact cache of {', '.join(in_memory)} is in the memory of the running gateway (cache.backend: "
+            f"memory), which this command cannot reach: nothing of it was cleared. Clear it through the gateway: "
+            f"curl -X DELETE '{url}' -H \"Authorization: Bearer ${cfg.server.master_key_env}\"", 2,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,5 @@
-"""What the exact cache stores for a key: the answer as a chat.completion object and what it cost."""
+"""What the exact cache stores for a key: the answer as a chat.completion object, what it cost, and
+when it was stored (wall-clock seconds: what invalidation by age reads in a shared store)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ class CorruptEntry(ValueError):
 class CachedAnswer:
     completion: dict[str, Any]  # a chat.completion object, as the call's client got it
     cost_nanos: Nanos  # what it cost when it was stored: what each hit saves
+    stored_at: float | None = None  # time.time() when stored; None: not known
 
     def dumps(self) -> bytes:
-        return orjson.dumps({"completion": self.completion, "cost_nanos": self.cost_nanos})
+        entry: dict[str, Any] = {"completion": self.completion, "cost_nanos": self.cost_nanos}
+        if self.stored_at is not None:
+            entry["stored_at"] = self.stored_at
+        return orjson.dumps(entry)
 
     @classmethod
     def loads(cls, data: bytes) -> CachedAnswer:
@@ -28,8 +33,11 @@ class CachedAnswer:
             raw = orjson.loads(data)
             completion, cost = raw["completion"], raw["cost_nanos"]
             message = completion["choices"][0]["message"]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            stored_at = raw.get("stored_at")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise CorruptEntry(f"a cache entry does not parse: {exc!r}") from None
         if not isinstance(cost, int) or not isinstance(message, dict) or not isinstance(completion.get("id"), str):
             raise CorruptEntry("a cache entry has the wrong shape")
-        return cls(completion, cost)
+        if stored_at is not None and (isinstance(stored_at, bool) or not isinstance(stored_at, int | float)):
+            raise CorruptEntry("a cache entry's stored_at is not a number")
+        return cls(completion, cost, None if stored_at is None else float(stored_at))

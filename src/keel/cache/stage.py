@@ -33,6 +33,10 @@ class CacheStore(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def delete(self, key: str) -> None: ...
+    async def clear(
+        self, model: str | None = None, tenant: str | None = None, older_than_s: float | None = None,
+        key_prefix: str | None = None,
+    ) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -53,6 +57,22 @@ class ExactCache:
     def stores(self) -> list[CacheStore]:
         """Each store once (models may share one)."""
         return list({id(s.store): s.store for s in self.settings.values()}.values())
+
+    async def clear(
+        self, *, model: str | None = None, tenant: str | None = None, older_than_s: float | None = None,
+        key_prefix: str | None = None,
+    ) -> int:
+        """Invalidate: remove the entries that match every filter given (none: all), from each store
+        they may be in; how many were removed. A model without the exact cache has none."""
+        if model is not None:
+            setting = self.settings.get(model)
+            stores = [setting.store] if setting is not None else []
+        else:
+            stores = self.stores()
+        removed = 0
+        for store in stores:
+            removed += await store.clear(model, tenant, older_than_s, key_prefix)
+        return removed
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         setting, request, ctx = self.settings.get(call.model.name), call.request, call.ctx
@@ -123,7 +143,7 @@ class ExactCache:
                 if answered.error is None:
                     completion = await passed_on()
                     if storable(completion):
-                        stored = CachedAnswer(completion, call.ctx.cost.nanos)
+                        stored = CachedAnswer(completion, call.ctx.cost.nanos, time.time())
                 elif not isinstance(answered.error, StreamClosed):
                     stored = answered.error  # a stream that failed fails its waiters alike
             finally:

@@ -1,6 +1,8 @@
-"""The admin API for budgets: list rules with their counters, add a rule, delete one.
+"""The admin API for budgets (list rules with their counters, add a rule, delete one) and for the
+exact cache (invalidate entries).
 
     app.include_router(admin_router(budgets, auth=require_master_key))
+    app.include_router(cache_router(keel.cache, model_names, auth=require_master_key))
 
 A tenant admin key (`request.state.tenant` set by `auth`) lists only its tenant's rules and
 counters, and changes none: rules are the operator's (the master key's).
@@ -12,7 +14,8 @@ are answered here, in that shape, so it works mounted anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import orjson
@@ -22,6 +25,7 @@ from pydantic import ValidationError
 
 from keel.auth.admin import caller_tenant, tenant_budgets
 from keel.budgets.budgets import Budgets
+from keel.cache.stage import ExactCache
 from keel.config import BudgetConfig
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeelError
 from keel.server.responses import error_response, json_response
@@ -87,3 +91,59 @@ def admin_router(
         return json_response({"deleted": True, "index": index, "rule": entry.rule.model_dump()})
 
     return router
+
+
+CLEAR_FILTERS = ("model", "tenant", "older_than_s", "key_prefix")
+
+
+def cache_router(
+    cache: ExactCache | None, models: Collection[str], auth: Callable[..., Any] | None = None,
+) -> APIRouter:
+    """`DELETE /admin/cache?model=&tenant=&older_than_s=&key_prefix=`: remove the exact cache's entries
+    that match every filter given (none: all). A tenant admin key clears its own tenant's only."""
+    router = APIRouter(prefix="/admin", dependencies=[Depends(auth)] if auth is not None else [])
+
+    @router.delete("/cache")
+    async def clear_cache(request: Request) -> Response:
+        try:
+            filters = _clear_filters(request, models)
+            deleted = await cache.clear(**filters) if cache is not None else 0
+        except KeelError as exc:
+            return error_response(exc)
+        return json_response({"deleted": deleted})
+
+    return router
+
+
+def _clear_filters(request: Request, models: Collection[str]) -> dict[str, Any]:
+    """The filters of a cache clear from the query, checked; a tenant admin's tenant always among them."""
+    query = request.query_params
+    for name in query:
+        if name not in CLEAR_FILTERS:
+            raise InvalidRequest(
+                f"Unknown parameter '{name}': a cache clear takes {', '.join(CLEAR_FILTERS)}.", param=name
+            )
+    for name in CLEAR_FILTERS:
+        if len(query.getlist(name)) > 1 or query.get(name) == "":
+            raise InvalidRequest(f"Give '{name}' once, with a value (or leave it out).", param=name)
+    model, tenant, age, key_prefix = (query.get(name) for name in CLEAR_FILTERS)
+    if model is not None and model not in models:
+        listed = ", ".join(sorted(models)) or "none"
+        raise InvalidRequest(f"The model '{model}' does not exist. Models served here: {listed}.", param="model")
+    older_than_s: float | None = None
+    if age is not None:
+        try:
+            older_than_s = float(age)
+        except ValueError:
+            older_than_s = math.nan
+        if not math.isfinite(older_than_s) or older_than_s < 0:
+            raise InvalidRequest(
+                f"older_than_s must be a number of seconds, 0 or more (86400 for a day), got '{age}'.",
+                param="older_than_s",
+            )
+    own = caller_tenant(request)
+    if own is not None:
+        if tenant is not None and tenant != own:
+            raise AdminForbidden(f"A tenant admin key clears the cache of its own tenant ('{own}') only.")
+        tenant = own
+    return {"model": model, "tenant": tenant, "older_than_s": older_than_s, "key_prefix": key_prefix}

@@ -33,7 +33,7 @@ from keel.engine import Keel
 from keel.errors import AdminForbidden, AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
 from keel.pipeline import ChunkStream, Completion, Context
 from keel.request_errors import parse_request
-from keel.server.admin import admin_router
+from keel.server.admin import admin_router, cache_router
 from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotEndpoint, Incoming, error_answer
 from keel.server.readiness import Readiness
 from keel.server.responses import error_response, json_response, spec_nulls_dropped
@@ -52,6 +52,7 @@ def create_app(keel: Keel) -> Gateway:
     api.include_router(routes)
     api.include_router(admin_router(keel.budgets, auth=admin_key, key_ids=tenant_key_ids))
     api.include_router(keys_router(keel.keys, keel.auth.lookup if keel.auth else None, auth=admin_key))
+    api.include_router(cache_router(keel.cache, [m.name for m in keel.config.models], auth=admin_key))
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
