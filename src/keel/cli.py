@@ -330,7 +330,9 @@ def cache_clear(
         query = {k: v for k, v in {"model": model, "tenant": tenant, "key_prefix": prefix}.items() if v is not None}
         if older_than_s is not None:
             query["older_than_s"] = f"{older_than_s:g}"
-        url = f"http://{cfg.server.host}:{cfg.server.port}/admin/cache" + (f"?{urlencode(query)}" if query else "")
+        host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host  # bound to all: local
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{cfg.server.port}/admin/cache" + (f"?{urlencode(query)}" if query else "")
         raise _fail(
             f"the exact cache of {', '.join(in_memory)} is in the memory of the running gateway (cache.backend: "
             f"memory), which this command cannot reach: nothing of it was cleared. Clear it through the gateway: "

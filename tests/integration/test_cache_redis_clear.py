@@ -92,6 +92,11 @@ async def test_a_clear_redis_cannot_answer_fails_instead_of_reporting_zero() -> 
     await down.close()
 
 
+def keel_cache_clear(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "keel.cli", "cache", "clear", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
 async def test_keel_cache_clear_removes_entries_from_redis_and_prints_how_many(
     store: RedisStore, redis_prefix: str, tmp_path: Path,
 ) -> None:
@@ -101,20 +106,33 @@ async def test_keel_cache_clear_removes_entries_from_redis_and_prints_how_many(
         "cache": {"backend": "redis", "redis_url": REDIS_URL, "exact": {"enabled": True}},
         "state": {"key_prefix": redis_prefix},
     }))
-
-    def keel_cache_clear(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "keel.cli", "cache", "clear", "--config", str(path), *args],
-                              capture_output=True, text=True, timeout=60)
-
-    done = keel_cache_clear("--model", "m", "--tenant", "acme")
+    done = keel_cache_clear(path, "--model", "m", "--tenant", "acme")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Removed 1 cache entry from Redis."
     assert await left(store) == set(ENTRIES) - {"m-acme"}
-    done = keel_cache_clear("--prefix", "v2:-:")
+    done = keel_cache_clear(path, "--prefix", "v2:-:")
     assert done.stdout.strip() == "Removed 1 cache entry from Redis."
-    unknown = keel_cache_clear("--model", "gpt-5")
+    unknown = keel_cache_clear(path, "--model", "gpt-5")
     assert unknown.returncode == 2 and "gpt-5" in unknown.stderr
     assert await left(store) == set(ENTRIES) - {"m-acme", "n-none"}
-    done = keel_cache_clear("--older-than", "1m")  # entries left were stored in 1970 (NOW), by the CLI's wall clock
+    done = keel_cache_clear(path, "--older-than", "1m")  # stored in 1970 (NOW) by the CLI's clock
     assert done.returncode == 0 and done.stdout.strip() == "Removed 4 cache entries from Redis."
+    assert await left(store) == set()
+
+
+async def test_keel_cache_clear_clears_redis_and_names_the_models_whose_cache_it_cannot_reach(
+    store: RedisStore, redis_prefix: str, tmp_path: Path,
+) -> None:
+    path = tmp_path / "keel.yaml"
+    in_memory = {"name": "mem", "deployments": [{"provider": "simulated"}],
+                 "cache": {"backend": "memory", "exact": {"enabled": True}}}
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": name, "deployments": [{"provider": "simulated"}]} for name in ("m", "n", "a", "a:b")]
+        + [in_memory],
+        "cache": {"backend": "redis", "redis_url": REDIS_URL, "exact": {"enabled": True}},
+        "state": {"key_prefix": redis_prefix},
+    }))
+    done = keel_cache_clear(path)
+    assert done.returncode == 2 and done.stdout.strip() == "Removed 6 cache entries from Redis."
+    assert "the exact cache of mem is in the memory of the running gateway" in " ".join(done.stderr.split())
     assert await left(store) == set()

@@ -270,7 +270,7 @@ def test_keel_cache_clear_on_an_in_memory_cache_says_to_use_the_admin_api(tmp_pa
     path = tmp_path / "keel.yaml"
     path.write_text(yaml.safe_dump({
         "models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}],
-        "cache": {"backend": "memory", "exact": {"enabled": True}}, "server": {"port": 8123},
+        "cache": {"backend": "memory", "exact": {"enabled": True}}, "server": {"host": "0.0.0.0", "port": 8123},
     }))
     done = subprocess.run([sys.executable, "-m", "keel.cli", "cache", "clear", "--config", str(path),
                            "--tenant", "team-a", "--older-than", "24h"], capture_output=True, text=True, timeout=60)
