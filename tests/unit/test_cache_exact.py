@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from keel.cache.coalesce import Coalescer
@@ -92,6 +94,21 @@ async def test_the_memory_store_evicts_the_least_recently_used_past_its_bytes() 
     assert store.size == 33
     await store.set("big", b"z" * 100, ttl_s=60)  # larger than the whole cache: not stored, nothing evicted
     assert await store.get("big") is None and len(store) == 3
+
+
+async def test_the_memory_store_holds_about_what_it_counts() -> None:
+    """orjson's bytes keep their whole output buffer (16 KB for 1.3 KB): stored as they are, entries
+    took 6x what `max_bytes` counts (bench/cache.py). The store keeps exact-size copies."""
+    store = MemoryStore(max_bytes=1 << 30)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):  # each value made as the stage makes it, and given up once stored
+            await store.set(f"k{i}", orjson.dumps({"i": i, "answer": "x" * 1300}), ttl_s=60)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * store.size  # the count, plus the dict and entry overheads; not 6x
 
 
 # ---------------------------------------------------------------------------- the stage
