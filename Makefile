@@ -53,6 +53,8 @@ bench: install-dev
 	$(PY) bench/overhead.py
 	$(PY) bench/http_client.py
 	$(PY) bench/local_model.py
+	$(PY) bench/cache.py
+	$(PY) bench/guardrails.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
