@@ -337,3 +337,81 @@ def test_keel_report_without_a_log_says_where_it_looked(tmp_path: Path) -> None:
     assert "no request log at" in result.output and "none.db" in result.output
     assert f"store.url in {path}" in result.output
     assert not (tmp_path / "none.db").exists()  # a report never creates an empty database
+
+
+# ---------------------------------------------------------------------------- the cache section
+
+# "chat": 1 miss ($0.002), 3 hits (each saved $0.002), 1 bypass; "chat-large": 1 miss, no hit;
+# "plain": no cache (cache_status none), left out of the section.
+CACHE_MIX: list[RequestRecord] = [
+    rec(300, "ok", 50.0, 0.002, cache_status="miss"),
+    *(rec(301 + i, "cached", 1.0, cache_status="hit_exact", cost_saved_usd=0.002) for i in range(3)),
+    rec(304, "ok", 50.0, 0.002, cache_status="bypass"),
+    rec(305, "ok", 50.0, 0.004, model="chat-large", cache_status="miss"),
+    rec(306, "ok", 50.0, 0.001, model="plain"),
+]
+CACHE_JSON = [
+    {"model": "chat", "calls": 5, "hits": 3, "misses": 1, "bypasses": 1, "hit_rate": 0.75, "saved_usd": 0.006},
+    {"model": "chat-large", "calls": 1, "hits": 0, "misses": 1, "bypasses": 0, "hit_rate": 0.0, "saved_usd": 0.0},
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cache_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordStore]:
+    url = f"sqlite:///{tmp_path}/log.db" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    opened = RecordStore(url)
+    opened.migrate()
+    opened.write(CACHE_MIX)
+    yield opened
+    if request.param == "postgres":
+        with opened.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM requests")
+    opened.close()
+
+
+def _approx_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+
+
+def test_the_cache_section_counts_hits_misses_bypasses_and_saved_per_model(cache_store: RecordStore) -> None:
+    report = build_report(cache_store, since=NOW - 3600, until=NOW + 1)
+    assert [row.as_json() for row in report.cache] == _approx_rows(CACHE_JSON)
+    assert report.as_json()["cache"] == _approx_rows(CACHE_JSON)
+    assert build_report(cache_store, since=NOW - 3600, until=NOW + 1, feature="other").cache == []
+
+
+def test_keel_report_shows_the_cache_hit_rate_and_saved_usd(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    log = RecordStore(url)
+    log.migrate()
+    log.write(CACHE_MIX)
+    log.close()
+    path = tmp_path / "keel.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}],
+                                    "store": {"url": url}}))
+    env = {k: v for k, v in os.environ.items() if k != "KEEL_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "report", "--config", str(path), "--since", "1h", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["cache"] == _approx_rows(CACHE_JSON)
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["report", "-c", str(path), "--since", "1h"])
+    assert table.exit_code == 0, table.output
+    assert "Cache" in table.stdout
+    assert "75.0% (3/4)" in table.stdout and "$0.006" in table.stdout
+    markdown = CliRunner().invoke(app, ["report", "-c", str(path), "--since", "1h", "--format", "markdown"])
+    assert markdown.exit_code == 0, markdown.output
+    assert "### Cache" in markdown.stdout
+    assert "| chat | 5 | 75.0% (3/4) | 1 | $0.006 |" in markdown.stdout
+    assert "| chat-large | 1 | 0.0% (0/1) | 0 | $0.00 |" in markdown.stdout
+
+
+def test_no_cache_section_when_no_call_used_the_cache(configured: Path) -> None:
+    body = json.loads(CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "1h",
+                                               "--format", "json"]).stdout)
+    assert body["cache"] == []
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["report", "-c", str(configured), "--since", "1h"])
+    assert table.exit_code == 0 and "By user" in table.stdout and "Cache" not in table.stdout
+    markdown = CliRunner().invoke(app, ["report", "-c", str(configured), "--since", "1h", "--format", "markdown"])
+    assert markdown.exit_code == 0 and "### By user" in markdown.stdout and "Cache" not in markdown.stdout

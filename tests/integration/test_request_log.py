@@ -22,19 +22,21 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import free_port, fresh_pg_database
-from sqlalchemy import inspect, text
+from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import make_url
 
 import keel.auth.store  # noqa: F401  (its table is part of the schema compared)
 from keel.config import StoreConfig
 from keel.observability.record import Outcome, RequestRecord, SpanRecord
 from keel.observability.store import (
+    MIGRATIONS,
     REQUEST_FIELDS,
     VERSION_TABLE,
     RecordStore,
     StoreError,
     StoreUnavailable,
     metadata,
+    request_row,
     requests,
 )
 from keel.observability.writer import REDACTED, RecordWriter, Spool
@@ -255,10 +257,58 @@ def test_migrations_create_the_schema_from_empty(url: str, stores: Callable[[str
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002_virtual_keys"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0003_cost_saved"
         indexed = {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
     assert {("started_at",), ("feature",), ("model",), ("user",), ("trace_id",)} <= indexed
     assert [c.name for c in requests.columns] == list(REQUEST_FIELDS)
+
+
+def _alembic(store: RecordStore, action: str, revision: str) -> None:
+    """`alembic upgrade|downgrade REVISION` on the store, as `RecordStore.migrate()` runs it."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, action)(config, revision)
+
+
+def test_a_log_at_0002_with_rows_upgrades_and_its_old_rows_read_with_no_cost_saved(
+    url: str, stores: Callable[[str], RecordStore]
+) -> None:
+    store = stores(url)
+    _alembic(store, "upgrade", "0002_virtual_keys")
+    old_rows = [record(1), record(2, "cached")]
+    with store.engine.begin() as conn:
+        before = Table("requests", MetaData(), autoload_with=conn)
+        assert "cost_saved_usd" not in before.c and "tenant" in before.c
+        conn.execute(before.insert(), [{k: v for k, v in request_row(r).items() if k != "cost_saved_usd"}
+                                       for r in old_rows])
+    store.migrate()
+    with store.engine.connect() as conn:
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0003_cost_saved"
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
+    read = {row["request_id"]: row for row in store.records(0)}
+    for old in old_rows:
+        row = read[old.request_id]
+        assert row["cost_saved_usd"] is None
+        assert (row["cost_usd"], row["prompt_tokens"], row["cache_status"], row["input"]) == (
+            pytest.approx(old.cost_usd), old.prompt_tokens, old.cache_status, old.input,
+        )
+    store.write([record(3, "cached", cost_saved_usd=0.0042)])
+    assert {row["request_id"]: row["cost_saved_usd"] for row in store.records(0)} == {
+        "req_ok_00001": None, "req_cached_00002": None, "req_cached_00003": pytest.approx(0.0042),
+    }
+    _alembic(store, "downgrade", "0002_virtual_keys")  # and back: the column goes, the rows stay
+    with store.engine.connect() as conn:
+        assert "cost_saved_usd" not in {c["name"] for c in inspect(conn).get_columns("requests")}
+        assert conn.execute(text("SELECT count(*) FROM requests")).scalar_one() == 3
+        assert ("tenant",) in {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
+    store.migrate()
+    assert [row["cost_saved_usd"] for row in store.records(0)] == [None, None, None]
 
 
 def test_migrations_ship_as_package_modules() -> None:

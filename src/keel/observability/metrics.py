@@ -93,6 +93,14 @@ class Metrics:
             "keel_guardrail_verdicts", "Guardrail checks that found something, by what they did",
             ["model", "direction", "check", "action"], registry=r,
         ))
+        self.cache_requests = Labelled(Counter(
+            "keel_cache_requests", "Calls to a model with the cache on, by cache status (hit_exact, miss, bypass)",
+            ["model", "status"], registry=r,
+        ))
+        self.cache_saved = Labelled(Counter(
+            "keel_cache_saved_usd", "What cache hits saved in USD (their answers' cost when stored)", ["model"],
+            registry=r,
+        ))
         self._callbacks = _Callbacks()
         r.register(self._callbacks)
 
@@ -112,6 +120,10 @@ class Metrics:
                 self.tokens(model, kind).inc(count)
         if record.cost_usd:
             self.cost(model, feature).inc(record.cost_usd)
+        if record.cache_status != "none":  # Keel's own values, not a client's: no bound needed
+            self.cache_requests(model, record.cache_status).inc()
+            if record.cost_saved_usd:
+                self.cache_saved(model).inc(record.cost_saved_usd)
         for attempt in record.attempt_log[1:]:
             self.retries(model, str(attempt.get("deployment", ""))).inc()
         for verdict in record.guardrails:

@@ -57,6 +57,8 @@ class RequestRecord:
     # record's row, one write per call instead of three; RecordStore.spans() unpacks them.
     spans: list[dict[str, Any]] = field(default_factory=list)
     tenant: str | None = None  # the virtual key's tenant
+    # A cache hit: what the answer cost when it was stored (USD). None when the call was not a hit.
+    cost_saved_usd: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,10 @@ What is counted (the outcome classes are the observe stage's; docs/observability
   up to about a million calls in the window (~8 MB, ~1 s);
 - error rate: the attempted calls whose outcome is `error` (Keel or the upstream failed), over
   the attempted calls: a client's bad request or a spent budget is not a failure of the service;
-- cost per request: the window's spend over its requests.
+- cost per request: the window's spend over its requests;
+- cache, per model: the calls that went through the cache (cache_status other than `none`), its hits
+  (any `hit_*`), misses and bypasses; hit rate = hits / (hits + misses), bypasses (`no-cache`,
+  non-deterministic requests) being no lookup; saved = the sum of the hits' `cost_saved_usd`.
 A row passes when its value is at or under its target; with no call to measure it passes
 vacuously and shows n/a.
 """
@@ -85,6 +88,32 @@ class Usage:
     cost_usd: float
 
 
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    """The cache's use by one model (None: calls without one) in the window."""
+
+    model: str | None
+    hits: int
+    misses: int
+    bypasses: int
+    saved_usd: float
+
+    @property
+    def calls(self) -> int:
+        """Calls to the model that went through the cache: hits, misses and bypasses."""
+        return self.hits + self.misses + self.bypasses
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Hits over lookups (hits and misses); None with no lookup."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"model": self.model, "calls": self.calls, "hits": self.hits, "misses": self.misses,
+                "bypasses": self.bypasses, "hit_rate": self.hit_rate, "saved_usd": self.saved_usd}
+
+
 @dataclass(slots=True)
 class SLOReport:
     since: float
@@ -102,6 +131,7 @@ class SLOReport:
     targets: SLOConfig
     breakdowns: dict[str, list[Usage]] = field(default_factory=dict)  # feature/model/user → rows by spend
     label: str | None = None  # how the window was asked for, e.g. "24h"
+    cache: list[CacheUsage] = field(default_factory=list)  # per model; empty when no call used the cache
 
     @property
     def checks(self) -> list[Check]:
@@ -145,6 +175,7 @@ class SLOReport:
                 ]
                 for dimension, rows in self.breakdowns.items()
             },
+            "cache": [row.as_json() for row in self.cache],
         }
 
 
@@ -188,6 +219,7 @@ def build_report(
             ).scalars()
         ]
         breakdowns = {dimension: _usage(conn, dimension, window) for dimension in DIMENSIONS}
+        cache = _cache(conn, window)
     total = sum(outcomes.values())
     errors = sum(outcomes.get(outcome, 0) for outcome in SERVER_ERRORS)
     attempted = total - sum(outcomes.get(outcome, 0) for outcome in NOT_ATTEMPTED)
@@ -207,6 +239,7 @@ def build_report(
         targets=slo or SLOConfig(),
         breakdowns=breakdowns,
         label=label,
+        cache=cache,
     )
 
 
@@ -229,6 +262,25 @@ def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) 
         for name, count, prompt, completion, cached, cost in conn.execute(query)
     ]
     rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.name or ""))
+    return rows
+
+
+def _cache(conn: Connection, window: list[ColumnElement[bool]]) -> list[CacheUsage]:
+    """Hits, misses, bypasses and the money saved, per model, from the window's cache_status."""
+    status = requests.c.cache_status
+    query = (
+        select(requests.c.model, status, func.count(), func.coalesce(func.sum(requests.c.cost_saved_usd), 0.0))
+        .where(*window, status != "none")
+        .group_by(requests.c.model, status)
+    )
+    counts: dict[str | None, list[float]] = {}
+    for model, cache_status, count, saved in conn.execute(query):
+        row = counts.setdefault(model, [0, 0, 0, 0.0])  # hits, misses, bypasses, saved
+        kind = 0 if str(cache_status).startswith("hit") else 1 if cache_status == "miss" else 2
+        row[kind] += int(count)
+        row[3] += float(saved)
+    rows = [CacheUsage(model, int(h), int(m), int(b), saved) for model, (h, m, b, saved) in counts.items()]
+    rows.sort(key=lambda row: (-row.saved_usd, -row.calls, row.model or ""))
     return rows
 
 
@@ -294,6 +346,14 @@ def render_table(report: SLOReport, top: int = 20) -> RenderableType:
         for row in _top(rows, top):
             table.add_row(*_usage_cells(row, dimension))
         parts.append(table)
+    if report.cache:
+        table = Table(title="Cache", title_justify="left")
+        table.add_column("model")
+        for header in CACHE_HEADERS:
+            table.add_column(header, justify="right")
+        for cache in report.cache:
+            table.add_row(*_cache_cells(cache))
+        parts.append(table)
     return Group(*parts)
 
 
@@ -311,6 +371,10 @@ def render_markdown(report: SLOReport, top: int = 20) -> str:
         for row in _top(rows, top):
             cells = [cell.replace("|", "\\|") for cell in _usage_cells(row, dimension)]
             lines.append("| " + " | ".join(cells) + " |")
+    if report.cache:
+        lines += ["", "### Cache", "", "| model | " + " | ".join(CACHE_HEADERS) + " |", "|---|---:|---:|---:|---:|"]
+        for cache in report.cache:
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in _cache_cells(cache)) + " |")
     return "\n".join(lines)
 
 
@@ -343,6 +407,16 @@ def _top(rows: list[Usage], top: int) -> list[Usage]:
 def _usage_cells(row: Usage, dimension: str) -> list[str]:
     name = row.name if row.name is not None else f"(no {dimension})"
     return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd)]
+
+
+CACHE_HEADERS = ("calls", "hit rate", "bypasses", "saved")
+
+
+def _cache_cells(row: CacheUsage) -> list[str]:
+    """model, calls through the cache, hit rate (with hits/lookups), bypasses, money saved."""
+    rate = "n/a" if row.hit_rate is None else f"{row.hit_rate * 100:.1f}% ({row.hits:,}/{row.hits + row.misses:,})"
+    return [row.model if row.model is not None else "(no model)", f"{row.calls:,}", rate, f"{row.bypasses:,}",
+            _usd(row.saved_usd)]
 
 
 def _verdict(passed: bool | None) -> Text:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, cast, get_args
 
+from keel.cost.money import to_usd
 from keel.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -94,7 +95,8 @@ def build_record(
     ctx, request = call.ctx, call.request
     now, ended_at = time.monotonic(), time.time()
     status, outcome, error_type, message = outcome_of(ctx, error)
-    if outcome == "ok" and ctx.cache_status.startswith("hit"):
+    hit = ctx.cache_status.startswith("hit")
+    if outcome == "ok" and hit:
         outcome = "cached"
     cost = ctx.cost
     usage = cost.usage or (answer or {}).get("usage") or {}
@@ -142,6 +144,7 @@ def build_record(
         outcome=outcome,
         error_type=error_type,
         error_message=message,
+        cost_saved_usd=to_usd(ctx.cache_saved_nanos) if hit else None,
     )
 
 

@@ -735,6 +735,8 @@ def _outcome_attributes(call: Call, record: RequestRecord, answer: Mapping[str, 
         "keel.outcome": record.outcome,
         "http.response.status_code": record.status,
     }
+    if record.cost_saved_usd is not None:  # a cache hit: what its answer cost when it was stored
+        attributes["keel.cost_saved_usd"] = record.cost_saved_usd
     provider = None
     for deployment in call.deployments:
         if deployment.name == record.deployment:
