@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import re
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from keel.cache.guards import (
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-# MRPC lives in the shared data folder next to the checkout (../shared/data/paraphrase/, not copied in).
-MRPC = Path(__file__).resolve().parents[3] / "shared" / "data" / "paraphrase"
+# A seeded sample of MRPC, in the repository (tests/data/README.md says how it was drawn).
+MRPC_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mrpc-guards-sample.tsv"
 
 PARAPHRASES = [
     ("How do I reset my password?", "How can I reset my password?"),
@@ -266,7 +265,6 @@ def _overlap(a: str, b: str) -> float:
     return len(x & y) / len(x | y)
 
 
-@pytest.mark.skipif(not MRPC.is_dir(), reason=f"MRPC not found at {MRPC}")
 def test_on_mrpc_the_guards_refuse_most_close_non_paraphrases_and_keep_some_paraphrases() -> None:
     """Measured on all 4,076 pairs (train + val): of the non-paraphrases sharing at least half their words
     (Jaccard >= 0.5, 398 pairs: the ones an embedder is likely to call near-duplicates) the guards refuse
@@ -275,14 +273,10 @@ def test_on_mrpc_the_guards_refuse_most_close_non_paraphrases_and_keep_some_para
     guards refuse by design; a cache for prompts wants that. A seeded sample of 1,600 pairs keeps the test
     short: on it 75% of 155 close non-paraphrases are refused and 23% of 1,077 paraphrases kept (other
     seeds: 76-78%, 21-23%); the bounds sit a few points under."""
-    rows: list[tuple[int, str, str]] = []
-    for name in ("mrpc-train.tsv", "mrpc-val.tsv"):
-        with (MRPC / name).open(encoding="utf-8-sig", newline="") as f:
-            for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                if r and r[0] in ("0", "1"):
-                    rows.append((int(r[0]), r[3], r[4]))
-    assert len(rows) > 4000
-    sample = random.Random(11).sample(rows, 1600)
+    with MRPC_SAMPLE.open(encoding="utf-8", newline="") as f:
+        sample = [(int(r[0]), r[1], r[2]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                  if r and r[0] in ("0", "1")]
+    assert len(sample) == 1600
     close_negatives = [(a, b) for label, a, b in sample if label == 0 and _overlap(a, b) >= 0.5]
     positives = [(a, b) for label, a, b in sample if label == 1]
     refused = sum(not guard(a, b).ok for a, b in close_negatives) / len(close_negatives)
