@@ -290,14 +290,17 @@ def _token_counter(deployments: list[Deployment]) -> Callable[[ChatRequest], int
     model): the highest of their counts, so the limit holds whichever one answers."""
     from keel.providers.local import LocalProvider
 
-    providers = [d.provider for d in deployments]
-    if not providers or not all(isinstance(p, LocalProvider) for p in providers):
+    local = [d.provider for d in deployments if isinstance(d.provider, LocalProvider)]
+    if not local or len(local) < len(deployments):
         return None
-    local = [p for p in providers if isinstance(p, LocalProvider)]
 
     def count(request: ChatRequest) -> int | None:
-        counts = [p.count_prompt_tokens(request) for p in local]
-        return None if None in counts else max(c for c in counts if c is not None)
+        highest = 0
+        for provider in local:
+            if (counted := provider.count_prompt_tokens(request)) is None:
+                return None
+            highest = max(highest, counted)
+        return highest
 
     return count
 

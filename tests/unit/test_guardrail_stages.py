@@ -33,15 +33,15 @@ class Upstream:
         self.seen: list[dict[str, Any]] = []
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
-        self.delay: float = 0
+        self.hang = False  # never answer: only a cancellation ends the call
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         assert isinstance(call.request, ChatRequest)
         self.seen.append(call.request.model_dump(exclude_none=True))
         self.started.set()
-        if self.delay:
+        if self.hang:
             try:
-                await asyncio.sleep(self.delay)  # a slow upstream; the test never waits for it
+                await asyncio.Event().wait()  # set by no one
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
@@ -234,7 +234,7 @@ async def test_a_model_check_runs_alongside_the_call_and_its_block_cancels_it_an
     keel, upstream = guarded({"input": {"injection": {"action": "block", "layers": ["patterns", "classifier"]}}},
                              budgets=[{"scope": "global", "window": "day", "limit_usd": 100}],
                              pricing={"simulated": {"input": 1.0, "output": 2.0}})
-    upstream.delay = 60
+    upstream.hang = True
     assert keel.guardrails.input is not None
     policy = keel.guardrails.input.policies["m"]
     assert policy.injection is not None

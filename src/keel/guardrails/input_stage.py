@@ -20,7 +20,7 @@ from keel.guardrails.injection_policy import InjectionPolicy
 from keel.guardrails.length import TokenCounter, check_length
 from keel.guardrails.pii_policy import PiiPolicy
 from keel.guardrails.redaction import Redactor
-from keel.guardrails.streaming import through_window
+from keel.guardrails.streaming import texts_of, through_window
 from keel.guardrails.texts import pieces
 from keel.guardrails.verdicts import add
 from keel.pipeline import Call, ChunkStream, Completion, Next, Reply
@@ -90,13 +90,8 @@ def _restore(reply: Reply, redactor: Redactor) -> None:
     """The caller's own values back in place of the placeholders that went upstream."""
     if isinstance(reply, Completion):
         for choice in reply.body.get("choices") or ():
-            message = choice.get("message") or {}
-            if isinstance(message.get("content"), str):
-                message["content"] = redactor.restore(message["content"])
-            for tool_call in message.get("tool_calls") or ():
-                function = tool_call.get("function") or {}
-                if isinstance(function.get("arguments"), str):
-                    function["arguments"] = redactor.restore(function["arguments"])
+            for _, holder, field in texts_of(choice.get("message") or {}):
+                holder[field] = redactor.restore(holder[field])
     elif isinstance(reply, ChunkStream):
         reply.wrap(through_window(
             lambda: HoldBack(PLACEHOLDER_WINDOW, redactor.find_placeholders),

@@ -18,7 +18,7 @@ from keel.errors import GuardrailViolation
 from keel.guardrails.answer_checks import AnswerChecks
 from keel.guardrails.holdback import HoldBack
 from keel.guardrails.redaction import Redactor
-from keel.guardrails.streaming import through_window
+from keel.guardrails.streaming import texts_of, through_window
 from keel.pipeline import BilledUsage, Call, ChunkStream, Completion, Next, Reply
 from keel.types import ChatRequest
 
@@ -44,16 +44,11 @@ class OutputGuardrails:
         redactor = Redactor()
         try:
             for choice in reply.body.get("choices") or ():
-                message = choice.get("message") or {}
-                content = message.get("content")
-                if isinstance(content, str) and content:
-                    text = checks.patterns(content, redactor, call.ctx.guardrails)
-                    await checks.whole(text, call.ctx.guardrails)
-                    message["content"] = text
-                for tool_call in message.get("tool_calls") or ():  # a secret can leave as an argument too
-                    function = tool_call.get("function") or {}
-                    if isinstance(arguments := function.get("arguments"), str) and arguments:
-                        function["arguments"] = checks.patterns(arguments, redactor, call.ctx.guardrails)
+                for key, holder, field in texts_of(choice.get("message") or {}):  # content, tool arguments
+                    if holder[field]:
+                        holder[field] = checks.patterns(holder[field], redactor, call.ctx.guardrails)
+                        if key == "content":
+                            await checks.whole(holder[field], call.ctx.guardrails)
         except GuardrailViolation:
             # The upstream was paid for an answer the caller will not see: it is billed with the call.
             if usage := reply.body.get("usage"):

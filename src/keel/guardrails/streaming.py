@@ -29,7 +29,7 @@ def through_window(
             for choice in chunk.get("choices") or ():
                 index = choice.get("index", 0)
                 delta = choice.get("delta") or {}
-                for key, holder, field in _texts(delta):
+                for key, holder, field in texts_of(delta):
                     if holder[field]:
                         window = windows.get((index, key))
                         if window is None:
@@ -54,12 +54,13 @@ def through_window(
     return transform
 
 
-def _texts(delta: dict[str, Any]) -> list[tuple[Hashable, dict[str, Any], str]]:
-    """The streamed texts of a delta, as (key, the dict holding it, its field)."""
+def texts_of(part: dict[str, Any]) -> list[tuple[Hashable, dict[str, Any], str]]:
+    """The texts of a message or a stream's delta (its content, each tool call's arguments), as (key,
+    the dict holding it, its field)."""
     found: list[tuple[Hashable, dict[str, Any], str]] = []
-    if isinstance(delta.get("content"), str):
-        found.append(("content", delta, "content"))
-    for call in delta.get("tool_calls") or ():
+    if isinstance(part.get("content"), str):
+        found.append(("content", part, "content"))
+    for call in part.get("tool_calls") or ():
         function = call.get("function") or {}
         if isinstance(function.get("arguments"), str):
             found.append((("tool", call.get("index", 0)), function, "arguments"))

@@ -89,7 +89,7 @@ def check_utf8(body: bytes) -> None:
         why = " (a UTF-16 surrogate, which UTF-8 cannot hold)" if surrogate else ""
         raise InvalidJSON(
             f"The request body is not valid UTF-8: byte {exc.start} is 0x{bad[0]:02x}{why}. "
-            "Send the JSON encoded as UTF-8; write other characters as they are or as \\uXXXX escapes."
+            "Send the JSON encoded as UTF-8; write other characters as they are or as \\u escapes such as \\u00e9."
         ) from None
 
 
