@@ -285,6 +285,17 @@ async def test_a_database_outage_is_a_miss_logged_once_counted_and_recovered_fro
     await exact.close()
 
 
+async def test_a_restart_between_calls_costs_no_miss(
+    vectors: PostgresVectorStore, restart_after: PgvectorServer,
+) -> None:
+    await vectors.add(scope(), vec(0.0), "q", b"a", 60)
+    assert len(await vectors.search(scope(), vec(0.0), 1, 0.0)) == 1  # a connection is kept
+    await asyncio.to_thread(restart_after.stop)
+    await asyncio.to_thread(restart_after.start)  # the kept connection was ended by the server
+    assert [n.answer for n in await vectors.search(scope(), vec(0.0), 1, 0.0)] == [b"a"]
+    assert vectors.errors == 0 and not vectors.health.down
+
+
 def metric(health: BackendHealth, name: str) -> float:
     [value] = [m.samples[0].value for m in health.collect() if m.name == name]
     return value

@@ -7,7 +7,8 @@ or fails, a lookup or search is a miss and a store is skipped; the outage is log
 once) and each failed operation is counted (`keel_cache_backend_errors_total`). Every operation, the
 connection included, is bounded by `timeout_s` (a client-side deadline, and the server's
 statement_timeout), so a database that is down or hung costs a call little. A connection that failed is
-dropped: the next use opens a fresh one, so the store comes back on its own when the database does.
+dropped: the next use opens a fresh one, so the store comes back on its own when the database does; a
+kept connection the server ended meanwhile (a restart) costs a retry, not a miss.
 A `clear` that cannot reach the database fails (`CacheStoreUnavailable`): an operator must not believe
 entries are gone.
 
@@ -181,12 +182,13 @@ class _Postgres:
         return conn
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A connection of this store's own; dropped when the block fails (the next use opens another)."""
+    async def _connection(self, *, fresh: bool = False) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection of this store's own (a new one when `fresh`); dropped when the block fails (the
+        next use opens another)."""
         from psycopg.pq import TransactionStatus
 
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._open()
+            conn = self._idle.pop() if self._idle and not fresh else await self._open()
             try:
                 yield conn
             except BaseException:
@@ -198,9 +200,22 @@ class _Postgres:
                 self._idle.append(conn)
 
     async def _run(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """`work` on a connection within the deadline; raises what failed (the caller decides)."""
-        async with asyncio.timeout(self.timeout_s), self._connection() as conn:
-            result = await work(conn)
+        """`work` on a connection within the deadline; raises what failed (the caller decides). A kept
+        connection the server has ended (a restart, a failover) is found out only on use: `work` is then
+        tried once more on a new one (every operation here can be repeated)."""
+        from psycopg import OperationalError
+
+        async with asyncio.timeout(self.timeout_s):
+            kept = bool(self._idle)
+            try:
+                async with self._connection() as conn:
+                    result = await work(conn)
+            except OperationalError:
+                if not kept:
+                    raise
+                await self.close()  # the others were ended alike
+                async with self._connection(fresh=True) as conn:
+                    result = await work(conn)
         self.health.answered()
         return result
 
