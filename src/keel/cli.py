@@ -340,5 +340,78 @@ def cache_clear(
         )
 
 
+@cache_app.command("calibrate")
+def cache_calibrate(
+    pairs: Annotated[
+        Path, typer.Option("--pairs", help='labelled JSONL lines: {"query", "cached", "duplicate": true|false}')
+    ],
+    target_precision: Annotated[
+        float, typer.Option(help="share of served hits that must be right, with the guards")
+    ] = 0.99,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="write the threshold as a keel.yaml snippet")] = None,
+) -> None:
+    """Choose the semantic cache's threshold on labelled pairs: the lowest cosine at which hits served
+    (cosine >= threshold and the guards pass) reach --target-precision; exit 1 when none does."""
+    import json
+
+    import yaml
+    from rich.table import Table
+
+    from keel.cache.calibrate import PairsFileError, calibrate, read_pairs
+    from keel.errors import ModelNotLoaded
+    from keel.wording import counted
+
+    if not 0 < target_precision <= 1:
+        raise _fail(f"--target-precision must be above 0 and at most 1, not {target_precision}", 2)
+    try:
+        labelled = read_pairs(pairs)
+        result = calibrate(labelled, target_precision, progress=not json_output)
+    except PairsFileError as exc:
+        raise _fail(str(exc), 2) from None
+    except ModelNotLoaded as exc:
+        raise _fail(exc.message, 2) from None
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    if json_output:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        table = Table(title=f"keel cache calibrate: {pairs} ({counted(result.pairs, 'pair')}, "
+                            f"{counted(result.duplicates, 'duplicate')})", title_justify="left")
+        for header in ("served when", "threshold", "precision", "recall", "true hits", "false hits"):
+            table.add_column(header, justify="left" if header == "served when" else "right")
+        rows = [("cosine and guards", result.guarded), ("cosine alone", result.unguarded)]
+        if result.threshold_alone is not None:
+            rows.append(("cosine alone, own target", result.threshold_alone))
+        for name, point in rows:
+            table.add_row(name, f"{point.threshold:.3f}", pct(point.precision), pct(point.recall),
+                          f"{point.served_true:,}", f"{point.served_false:,}")
+        Console(soft_wrap=False).print(table)
+        if result.refused:
+            refusals = ", ".join(
+                f"{name} {dup + non:,} ({counted(dup, 'duplicate')})" for name, (dup, non) in result.refused.items()
+            )
+            print(f"Refused by the guards above the threshold: {refusals}.")
+        if result.threshold is not None:
+            print(f"Threshold: {result.threshold:.3f} (precision with guards {pct(result.guarded.precision)}, "
+                  f"target {target_precision:g}; recall {pct(result.guarded.recall)}).")
+    if result.threshold is None:
+        best = result.best_guarded
+        raise _fail(
+            f"no threshold reaches precision {target_precision:g} with the guards; the best is "
+            f"{pct(best.precision)} at {best.threshold:.3f} (recall {best.recall:.1%}). Label more "
+            "pairs, or lower --target-precision", 1,
+        )
+    if out is not None:
+        try:
+            out.write_text(yaml.safe_dump({"cache": {"semantic": {"threshold": result.threshold}}}))
+        except OSError as exc:
+            raise _fail(f"cannot write {out}: {exc.strerror}; choose another --out", 2) from None
+        if not json_output:
+            print(f"Wrote {out}.")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
