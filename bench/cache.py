@@ -25,7 +25,7 @@ Filling the cache: entries are written straight into the store as the cache stag
 value `CachedAnswer(...).dumps()`, the store's `set` with the configured TTL). Sending 100k requests
 through the gateway would also work but takes minutes on two cores. For the memory backend the store
 lives in the gateway process, so the memory targets are started through this file
-(`bench/cache.py _serve SPEC serve ...`): it wraps `keel.engine.exact_cache`, fills the memory store the
+(`bench/cache.py _serve SPEC serve ...`): it wraps `keel.cache.build.exact_cache`, fills the memory store the
 stage gets, records the store's byte count and the RSS before and after, then runs `keel serve`
 unchanged. The gateway stays a process of its own (not a thread of the bench, where the client's own
 work would share its interpreter). Redis is filled from this process through `RedisStore`'s own key
@@ -119,11 +119,11 @@ def rss() -> int:
 
 def serve_filled(spec_path: str, argv: list[str]) -> None:
     """`keel serve` with its memory store filled before it starts serving (see the docstring)."""
-    import keel.engine
+    import keel.cache.build
     from keel.cache.memory import MemoryStore
 
     spec = orjson.loads(Path(spec_path).read_bytes())
-    build = keel.engine.exact_cache
+    build = keel.cache.build.exact_cache
 
     def filled(config: Any) -> Any:
         stage = build(config)
@@ -143,7 +143,7 @@ def serve_filled(spec_path: str, argv: list[str]) -> None:
         Path(spec["report"]).write_bytes(orjson.dumps(report))
         return stage
 
-    keel.engine.exact_cache = filled
+    keel.cache.build.exact_cache = filled  # build_caches looks it up when the engine is made
     from keel.cli import app
 
     sys.argv = ["keel", *argv]

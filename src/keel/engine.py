@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 from keel.auth.lookup import KeyLookup
 from keel.auth.stage import Auth
@@ -22,8 +22,7 @@ from keel.auth.store import KeyStore
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
-from keel.cache.build import exact_cache
-from keel.cache.redis_store import RedisStore
+from keel.cache.build import build_caches
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
@@ -45,13 +44,18 @@ from keel.reliability.stage import Reliability
 from keel.request_errors import parse_request
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
 
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from keel.embedding.shared import SharedEmbedder
+
 T = TypeVar("T")
 
 
 class Keel:
     """The configured pipeline. Stages, outermost first: observe (log, trace, metrics), auth, input
-    guardrails, rate limit, budget, exact cache, cost, output guardrails, then any `stages` given here, then
-    reliability, which calls the providers.
+    guardrails, rate limit, budget, exact cache, semantic cache, cost, output guardrails, then any `stages`
+    given here, then reliability, which calls the providers.
     An `Observe`, `RateLimitStage` or `BudgetStage` among `stages` replaces the default one."""
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
@@ -84,23 +88,30 @@ class Keel:
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
         self.guardrails = _guardrails(config, self._ask, self.deployments)
-        self.cache = exact_cache(config)
-        for store in self.cache.stores() if self.cache else ():
-            if isinstance(store, RedisStore):
-                self.metrics.registry.register(store)
+        self.embedder = self.guardrails.embedder  # one local embedder for every check and the semantic cache
+        self.cache = build_caches(config, self._shared_embedder)
+        for collector in [*self.cache.stores(), *([self.cache.semantic] if self.cache.semantic else [])]:
+            if hasattr(collector, "collect"):  # shared stores count their failures
+                self.metrics.registry.register(cast("Collector", collector))
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
             budget or BudgetStage(self.budgets, self.meter, self.alerts),
-            *([self.cache] if self.cache else []),  # exact cache: for models with `cache.exact.enabled`
+            *self.cache.stages(),  # exact, then semantic cache: for models with them enabled
             CostStage(self.meter),
             *([guard_out] if guard_out else []),  # output guardrails: inside cost, a blocked answer is billed
             *stages, Reliability(),
         ])
         self._started = False
         self._start_lock = asyncio.Lock()
+
+    def _shared_embedder(self) -> SharedEmbedder:
+        from keel.embedding.shared import SharedEmbedder  # NumPy and onnxruntime: the local extra
+
+        self.embedder = self.embedder or SharedEmbedder()
+        return self.embedder
 
     def trace(self, name: str, **attributes: Any) -> TraceScope:
         """A span around a chain of calls: `with keel.trace("answer"):` or `@keel.trace("answer")`."""
@@ -121,8 +132,9 @@ class Keel:
             if self.auth is not None:  # the keys' table must exist before the first call
                 await asyncio.to_thread(self.writer.store.migrate)
             await self.alerts.start()
-            if self.guardrails.embedder is not None:  # the classifier and off-topic checks embed
-                await self.guardrails.embedder.start()
+            if self.embedder is not None:  # the classifier, off-topic checks and semantic cache embed
+                await self.embedder.start()
+            await self.cache.start()
             for deployments in self.deployments.values():
                 for dep in deployments:
                     await dep.provider.start()
@@ -134,11 +146,10 @@ class Keel:
             for dep in deployments:
                 await dep.provider.close()
         await self.alerts.stop()
-        if self.guardrails.embedder is not None:
-            await self.guardrails.embedder.close()
+        if self.embedder is not None:
+            await self.embedder.close()
         await self.budgets.close()
-        for store in self.cache.stores() if self.cache else ():
-            await store.close()
+        await self.cache.close()
         if self.rate_limits is not None:
             await self.rate_limits.close()
         await asyncio.to_thread(self.writer.close)

@@ -109,9 +109,9 @@ class Context:
     # x-ratelimit-* headers. None: no limit applies, and the answer carries none.
     rate_limit: RateLimitState | None = None
     guardrails: list[Verdict] = field(default_factory=list)  # what guardrail checks found (keel.guardrails)
-    # The exact cache (keel.cache): the caller's Cache-Control header, what the cache did (none | miss |
-    # bypass | hit_exact: the request log's cache_status and the gateway's x-keel-cache) and, on a hit,
-    # what the answer cost when it was stored.
+    # The caches (keel.cache): the caller's Cache-Control header, what they did (none | miss | bypass |
+    # hit_exact | hit_semantic: the request log's cache_status and the gateway's x-keel-cache) and, on a
+    # hit, what the answer cost when it was stored.
     cache_control: str | None = None
     cache_status: str = "none"
     cache_saved_nanos: Nanos = 0

@@ -49,8 +49,8 @@ async def test_hits_misses_bypass_and_no_store_on_redis(keel: Keel) -> None:
 
 
 async def test_entries_expire_in_redis_and_a_broken_one_is_dropped(keel: Keel, redis_prefix: str) -> None:
-    assert keel.cache is not None
-    store = keel.cache.settings["m"].store
+    assert keel.cache.exact is not None
+    store = keel.cache.exact.settings["m"].store
     assert isinstance(store, RedisStore)
     key = cache_key(REQUEST, None)
     await status(keel)

@@ -341,18 +341,21 @@ def test_keel_report_without_a_log_says_where_it_looked(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the cache section
 
-# "chat": 1 miss ($0.002), 3 hits (each saved $0.002), 1 bypass; "chat-large": 1 miss, no hit;
+# "chat": 1 miss ($0.002), 3 hits (each saved $0.002; one of them semantic), 1 bypass; "chat-large": 1 miss, no hit;
 # "plain": no cache (cache_status none), left out of the section.
 CACHE_MIX: list[RequestRecord] = [
     rec(300, "ok", 50.0, 0.002, cache_status="miss"),
-    *(rec(301 + i, "cached", 1.0, cache_status="hit_exact", cost_saved_usd=0.002) for i in range(3)),
+    *(rec(301 + i, "cached", 1.0, cache_status="hit_exact", cost_saved_usd=0.002) for i in range(2)),
+    rec(303, "cached", 1.0, cache_status="hit_semantic", cost_saved_usd=0.002),
     rec(304, "ok", 50.0, 0.002, cache_status="bypass"),
     rec(305, "ok", 50.0, 0.004, model="chat-large", cache_status="miss"),
     rec(306, "ok", 50.0, 0.001, model="plain"),
 ]
 CACHE_JSON = [
-    {"model": "chat", "calls": 5, "hits": 3, "misses": 1, "bypasses": 1, "hit_rate": 0.75, "saved_usd": 0.006},
-    {"model": "chat-large", "calls": 1, "hits": 0, "misses": 1, "bypasses": 0, "hit_rate": 0.0, "saved_usd": 0.0},
+    {"model": "chat", "calls": 5, "hits": 3, "semantic_hits": 1, "misses": 1, "bypasses": 1, "hit_rate": 0.75,
+     "saved_usd": 0.006},
+    {"model": "chat-large", "calls": 1, "hits": 0, "semantic_hits": 0, "misses": 1, "bypasses": 0, "hit_rate": 0.0,
+     "saved_usd": 0.0},
 ]
 
 
@@ -403,8 +406,8 @@ def test_keel_report_shows_the_cache_hit_rate_and_saved_usd(tmp_path: Path) -> N
     markdown = CliRunner().invoke(app, ["report", "-c", str(path), "--since", "1h", "--format", "markdown"])
     assert markdown.exit_code == 0, markdown.output
     assert "### Cache" in markdown.stdout
-    assert "| chat | 5 | 75.0% (3/4) | 1 | $0.006 |" in markdown.stdout
-    assert "| chat-large | 1 | 0.0% (0/1) | 0 | $0.00 |" in markdown.stdout
+    assert "| chat | 5 | 75.0% (3/4) | 1 | 1 | $0.006 |" in markdown.stdout
+    assert "| chat-large | 1 | 0.0% (0/1) | 0 | 0 | $0.00 |" in markdown.stdout
 
 
 def test_no_cache_section_when_no_call_used_the_cache(configured: Path) -> None:

@@ -20,22 +20,39 @@ def test_the_issue_keys_work_as_written_and_a_model_section_replaces_the_top_lev
         backend: memory
         redis_url: redis://127.0.0.1:6379/0
         exact: {enabled: true, ttl_s: 3600, max_bytes: 268435456}
+        semantic: {enabled: true, threshold: 0.92, ttl_s: 86400}
     """)})
     assert config.cache.exact == ExactCacheConfig(enabled=True, ttl_s=3600, max_bytes=268435456)
+    assert config.cache.semantic == SemanticCacheConfig(enabled=True, threshold=0.92, ttl_s=86400)
+    assert config.cache.semantic_backend == "memory"
     assert config.cache_of(config.models[0]).exact.enabled
     assert not config.cache_of(config.models[1]).exact.enabled
 
 
 @pytest.mark.parametrize(("cache", "says"), [
-    ({"semantic": {"enabled": True}}, "the semantic cache is not built yet"),
     ({"backend": "redis"}, "cache.backend is redis but no Redis is named"),
-    ({"backend": "postgres"}, "cache.backend"),
+    ({"backend": "postgres"}, "cache uses the postgres backend but no PostgreSQL is named"),
+    ({"semantic": {"enabled": True, "backend": "postgres"}}, "set cache.postgres_url"),
+    ({"backend": "sqlite"}, "cache.backend"),
+    ({"postgres_url": "mysql://x"}, "must start with postgresql://"),
+    ({"semantic": {"threshold": 1.5}}, "cache.semantic.threshold"),
+    ({"semantic": {"review_sample_rate": -0.1}}, "cache.semantic.review_sample_rate"),
     ({"redis_url": "http://x"}, "must start with redis://"),
     ({"exact": {"ttl": 5}}, "cache.exact.ttl"),
 ])
 def test_a_bad_cache_section_is_refused_with_what_to_change(cache: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         parse_config({"models": SIM, "cache": cache})
+
+
+def test_the_postgres_backend_defaults_to_the_request_log_database_and_carries_the_semantic_cache() -> None:
+    config = parse_config({"models": SIM, "store": {"url": "postgresql://db/keel"},
+                           "cache": {"backend": "postgres", "semantic": {"enabled": True}}})
+    assert config.cache_postgres_url(config.cache) == "postgresql://db/keel"
+    assert config.cache.semantic_backend == "postgres"
+    own = parse_config({"models": SIM, "cache": {"backend": "redis", "redis_url": "redis://r", "postgres_url":
+                        "postgresql://v/db", "semantic": {"enabled": True, "backend": "postgres"}}}).cache
+    assert (own.backend, own.semantic_backend) == ("redis", "postgres")
 
 
 def test_the_example_file_sets_every_cache_key() -> None:

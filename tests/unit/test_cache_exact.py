@@ -203,7 +203,7 @@ async def test_no_cache_skips_the_lookup_but_stores_and_no_store_stores_nothing(
 
 async def test_a_model_without_the_exact_cache_is_not_seen_by_it(cached: Any) -> None:
     keel, upstream = cached(exact={"enabled": False})
-    assert keel.cache is None
+    assert keel.cache.exact is None and keel.cache.stages() == []
     for _ in range(2):
         _, ctx = await ask(keel, chat())
         assert ctx.cache_status == "none"
@@ -257,8 +257,8 @@ async def test_errors_and_streams_the_client_left_are_never_cached(cached: Any) 
 
 async def test_an_entry_that_no_longer_parses_is_dropped_not_served(cached: Any) -> None:
     keel, upstream = cached()
-    assert keel.cache is not None
-    store = keel.cache.settings["m"].store
+    assert keel.cache.exact is not None
+    store = keel.cache.exact.settings["m"].store
     key = cache_key(chat(), None)
     await store.set(key, b'{"completion": {"choices": []}, "cost_nanos": 1}', 60)
     text, ctx = await ask(keel, chat())
@@ -329,9 +329,9 @@ class CountedCoalescer(Coalescer):
 
 
 def coalesced(keel: Keel, waiters: int) -> CountedCoalescer:
-    assert isinstance(keel.cache, ExactCache)
-    keel.cache.flights = CountedCoalescer(waiters)
-    return keel.cache.flights
+    assert isinstance(keel.cache.exact, ExactCache)
+    keel.cache.exact.flights = CountedCoalescer(waiters)
+    return keel.cache.exact.flights
 
 
 async def test_100_concurrent_identical_calls_make_one_upstream_call(cached: Any) -> None:
@@ -390,8 +390,8 @@ async def test_callers_with_different_emails_in_one_prompt_shape_never_get_each_
     assert [text for text, _ in answers] == [f"echo: {text}" for text in asked]
     assert [ctx.cache_status for _, ctx in answers] == ["miss", "hit_exact", "hit_exact", "hit_exact"]
     assert upstream.calls == 1
-    assert keel.cache is not None
-    store = keel.cache.settings["m"].store
+    assert keel.cache.exact is not None
+    store = keel.cache.exact.settings["m"].store
     assert isinstance(store, MemoryStore) and len(store) == 1
     redacted = chat(messages=[{"role": "user", "content": "Write a greeting to <EMAIL_ADDRESS_1>"}])
     entry = await store.get(cache_key(redacted, None))  # stored in the placeholder form: no one's address

@@ -149,8 +149,8 @@ async def status(keel: Keel, tenant: str | None = None) -> str:
 
 
 async def test_an_entry_of_the_old_key_version_is_never_read(keel: Keel) -> None:
-    assert keel.cache is not None
-    store = keel.cache.settings["m"].store
+    assert keel.cache.exact is not None
+    store = keel.cache.exact.settings["m"].store
     fields = chat().model_dump(mode="json", exclude_none=True, exclude={"stream", "stream_options", "user", "metadata"})
     digest = hashlib.sha256(orjson.dumps({"tenant": None, "request": fields}, option=orjson.OPT_SORT_KEYS)).hexdigest()
     stale = {"id": "old", "choices": [{"message": {"role": "assistant", "content": "stale"}, "finish_reason": "stop"}]}
@@ -160,9 +160,9 @@ async def test_an_entry_of_the_old_key_version_is_never_read(keel: Keel) -> None
 
 
 async def test_the_stage_stores_when_an_entry_was_made_and_a_clear_makes_the_next_call_a_miss(keel: Keel) -> None:
-    assert keel.cache is not None
+    assert keel.cache.exact is not None
     assert [await status(keel, t) for t in ("acme", "globex")] == ["miss", "miss"]
-    raw = await keel.cache.settings["m"].store.get(cache_key(chat(), "acme"))
+    raw = await keel.cache.exact.settings["m"].store.get(cache_key(chat(), "acme"))
     assert raw is not None and CachedAnswer.loads(raw).stored_at is not None
     assert await keel.cache.clear(tenant="acme") == 1
     assert [await status(keel, t) for t in ("acme", "globex")] == ["miss", "hit_exact"]

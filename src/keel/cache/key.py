@@ -22,12 +22,12 @@ from keel.types import ChatRequest
 # Bump when what is hashed or the layout changes, so old entries are never read as new ones.
 KEY_VERSION = "v2"
 NO_TENANT = "-"
-_DELIVERY_ONLY = frozenset({"stream", "stream_options", "user", "metadata"})
+DELIVERY_ONLY = frozenset({"stream", "stream_options", "user", "metadata"})
 
 
 def cache_key(request: ChatRequest, tenant: str | None) -> str:
     """`v2:<tenant>:<model>:<sha256>` of the request's answer-determining fields and the caller's tenant."""
-    fields = request.model_dump(mode="json", exclude_none=True, exclude=set(_DELIVERY_ONLY))
+    fields = request.model_dump(mode="json", exclude_none=True, exclude=set(DELIVERY_ONLY))
     scoped = orjson.dumps({"tenant": tenant, "request": fields}, option=orjson.OPT_SORT_KEYS)
     return f"{KEY_VERSION}:{tenant_segment(tenant)}:{segment(request.model)}:{hashlib.sha256(scoped).hexdigest()}"
 
@@ -50,10 +50,11 @@ class KeyScope:
     model: str | None = None
     tenant: str | None = None
     key_prefix: str | None = None
+    version: str = KEY_VERSION  # the semantic cache's scopes read alike, under their own version
 
     def matches(self, key: str) -> bool:
         parts = key.split(":", 3)
-        if len(parts) != 4 or parts[0] != KEY_VERSION:
+        if len(parts) != 4 or parts[0] != self.version:
             return False
         if self.tenant is not None and parts[1] != segment(self.tenant):
             return False
@@ -68,7 +69,7 @@ class KeyScope:
             return glob_escape(self.key_prefix) + "*"
         tenant = segment(self.tenant) if self.tenant is not None else "*"
         model = segment(self.model) if self.model is not None else "*"
-        return f"{KEY_VERSION}:{tenant}:{model}:*"
+        return f"{self.version}:{tenant}:{model}:*"
 
 
 def glob_escape(text: str) -> str:

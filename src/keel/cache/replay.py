@@ -1,13 +1,51 @@
-"""A cached chat.completion replayed as the chunks a live stream would have sent: a role chunk,
-the content (or tool calls), the finish, then the usage chunk (hidden from clients that did not ask
-for it, as for a live stream)."""
+"""A cached answer served, and a live one kept for the cache.
+
+A cached chat.completion is replayed to a streamed request as the chunks a live stream would have sent:
+a role chunk, the content (or tool calls), the finish, then the usage chunk (hidden from clients that
+did not ask for it, as for a live stream)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
-from keel.pipeline import ChunkStream
+import orjson
+
+from keel.cache.entry import CachedAnswer
+from keel.ids import random_hex
+from keel.pipeline import Call, ChunkStream, Completion, Reply
+
+
+def served(call: Call, cached: CachedAnswer, status: str) -> Reply:
+    """`cached` as the call's answer (a stream for a streamed call), marked as a hit (`status`) that
+    saved what the answer cost when it was stored."""
+    call.ctx.cache_status = status
+    call.ctx.cache_saved_nanos = cached.cost_nanos
+    # A copy of its own: outer stages change the answer in place (restored PII) and waiters share one.
+    body = {**orjson.loads(orjson.dumps(cached.completion)), "id": "chatcmpl-" + random_hex(12)}
+    return ChunkStream(replay(body)) if call.stream else Completion(body)
+
+
+def passed_on(reply: Reply) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """What a cache stage passed on, to read once the reply is settled: outer stages change the answer
+    after (the input guardrails put redacted values back), and that must not be stored."""
+    if isinstance(reply, Completion):
+        snapshot = orjson.dumps(reply.body)
+
+        async def whole() -> dict[str, Any]:
+            return cast(dict[str, Any], orjson.loads(snapshot))
+
+        return whole
+    chunks: list[dict[str, Any]] = []
+    reply.wrap(lambda source: _tap(source, chunks))
+    return lambda: folded(chunks)
+
+
+async def _tap(source: AsyncIterator[dict[str, Any]], seen: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks as they pass, kept (never held back) for the store at the stream's end."""
+    async for chunk in source:
+        seen.append(chunk)
+        yield chunk
 
 
 def replay(completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

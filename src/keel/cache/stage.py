@@ -11,19 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
-
-import orjson
+from typing import Protocol
 
 from keel.cache.coalesce import Coalescer
 from keel.cache.entry import CachedAnswer, CorruptEntry
 from keel.cache.key import cache_key
 from keel.cache.policy import CacheControl, deterministic, storable
-from keel.cache.replay import folded, replay
-from keel.ids import random_hex
-from keel.pipeline import Call, ChunkStream, Completion, Next, Reply, StreamClosed
+from keel.cache.replay import passed_on, served
+from keel.pipeline import Call, Next, Reply, StreamClosed
 from keel.types import ChatRequest
 
 log = logging.getLogger("keel.cache")
@@ -84,7 +81,7 @@ class ExactCache:
             return await next(call)
         key = cache_key(request, ctx.tenant)
         if not control.no_cache and (cached := await self._cached(setting, key, call)) is not None:
-            return _hit(call, cached)
+            return served(call, cached, "hit_exact")
         ctx.cache_status = "bypass" if control.no_cache else "miss"
         if control.no_store:
             return await next(call)
@@ -135,15 +132,16 @@ class ExactCache:
             if leads:
                 self.flights.land(key, None)
             raise
-        passed_on = _passed_on(reply)
+        answer = passed_on(reply)
 
         async def store(answered: Reply) -> None:
             stored: CachedAnswer | BaseException | None = None
             try:
                 if answered.error is None:
-                    completion = await passed_on()
-                    if storable(completion):
-                        stored = CachedAnswer(completion, call.ctx.cost.nanos, time.time())
+                    completion = await answer()
+                    if storable(completion):  # what it cost, or (a semantic hit) what the stored one did
+                        cost = call.ctx.cost.nanos + call.ctx.cache_saved_nanos
+                        stored = CachedAnswer(completion, cost, time.time())
                 elif not isinstance(answered.error, StreamClosed):
                     stored = answered.error  # a stream that failed fails its waiters alike
             finally:
@@ -154,33 +152,3 @@ class ExactCache:
 
         reply.on_finish(store)
         return reply
-
-
-def _hit(call: Call, cached: CachedAnswer) -> Reply:
-    call.ctx.cache_status = "hit_exact"
-    call.ctx.cache_saved_nanos = cached.cost_nanos
-    # A copy of its own: outer stages change the answer in place (restored PII) and waiters share one.
-    body = {**orjson.loads(orjson.dumps(cached.completion)), "id": "chatcmpl-" + random_hex(12)}
-    return ChunkStream(replay(body)) if call.stream else Completion(body)
-
-
-def _passed_on(reply: Reply) -> Callable[[], Awaitable[dict[str, Any]]]:
-    """What this stage passed on, to read once the reply is settled: outer stages change the answer
-    after (the input guardrails put redacted values back), and that must not be stored."""
-    if isinstance(reply, Completion):
-        snapshot = orjson.dumps(reply.body)
-
-        async def whole() -> dict[str, Any]:
-            return cast(dict[str, Any], orjson.loads(snapshot))
-
-        return whole
-    chunks: list[dict[str, Any]] = []
-    reply.wrap(lambda source: _tap(source, chunks))
-    return lambda: folded(chunks)
-
-
-async def _tap(source: AsyncIterator[dict[str, Any]], seen: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    """The chunks as they pass, kept (never held back) for the store at the stream's end."""
-    async for chunk in source:
-        seen.append(chunk)
-        yield chunk

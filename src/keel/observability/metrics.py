@@ -94,7 +94,8 @@ class Metrics:
             ["model", "direction", "check", "action"], registry=r,
         ))
         self.cache_requests = Labelled(Counter(
-            "keel_cache_requests", "Calls to a model with the cache on, by cache status (hit_exact, miss, bypass)",
+            "keel_cache_requests",
+            "Calls to a model with the cache on, by cache status (hit_exact, hit_semantic, miss, bypass)",
             ["model", "status"], registry=r,
         ))
         self.cache_saved = Labelled(Counter(

@@ -13,8 +13,9 @@ What is counted (the outcome classes are the observe stage's; docs/observability
   the attempted calls: a client's bad request or a spent budget is not a failure of the service;
 - cost per request: the window's spend over its requests;
 - cache, per model: the calls that went through the cache (cache_status other than `none`), its hits
-  (any `hit_*`), misses and bypasses; hit rate = hits / (hits + misses), bypasses (`no-cache`,
-  non-deterministic requests) being no lookup; saved = the sum of the hits' `cost_saved_usd`.
+  (any `hit_*`; the semantic ones also counted apart), misses and bypasses; hit rate = hits / (hits +
+  misses), bypasses (`no-cache`, non-deterministic requests) being no lookup; saved = the sum of the
+  hits' `cost_saved_usd`.
 A row passes when its value is at or under its target; with no call to measure it passes
 vacuously and shows n/a.
 """
@@ -93,10 +94,11 @@ class CacheUsage:
     """The cache's use by one model (None: calls without one) in the window."""
 
     model: str | None
-    hits: int
+    hits: int  # exact and semantic
     misses: int
     bypasses: int
     saved_usd: float
+    semantic_hits: int = 0  # of `hits`, those the semantic cache served
 
     @property
     def calls(self) -> int:
@@ -110,8 +112,9 @@ class CacheUsage:
         return self.hits / lookups if lookups else None
 
     def as_json(self) -> dict[str, Any]:
-        return {"model": self.model, "calls": self.calls, "hits": self.hits, "misses": self.misses,
-                "bypasses": self.bypasses, "hit_rate": self.hit_rate, "saved_usd": self.saved_usd}
+        return {"model": self.model, "calls": self.calls, "hits": self.hits, "semantic_hits": self.semantic_hits,
+                "misses": self.misses, "bypasses": self.bypasses, "hit_rate": self.hit_rate,
+                "saved_usd": self.saved_usd}
 
 
 @dataclass(slots=True)
@@ -275,11 +278,13 @@ def _cache(conn: Connection, window: list[ColumnElement[bool]]) -> list[CacheUsa
     )
     counts: dict[str | None, list[float]] = {}
     for model, cache_status, count, saved in conn.execute(query):
-        row = counts.setdefault(model, [0, 0, 0, 0.0])  # hits, misses, bypasses, saved
+        row = counts.setdefault(model, [0, 0, 0, 0.0, 0])  # hits, misses, bypasses, saved, semantic hits
         kind = 0 if str(cache_status).startswith("hit") else 1 if cache_status == "miss" else 2
         row[kind] += int(count)
         row[3] += float(saved)
-    rows = [CacheUsage(model, int(h), int(m), int(b), saved) for model, (h, m, b, saved) in counts.items()]
+        row[4] += int(count) if cache_status == "hit_semantic" else 0
+    rows = [CacheUsage(model, int(h), int(m), int(b), saved, int(semantic))
+            for model, (h, m, b, saved, semantic) in counts.items()]
     rows.sort(key=lambda row: (-row.saved_usd, -row.calls, row.model or ""))
     return rows
 
@@ -409,14 +414,14 @@ def _usage_cells(row: Usage, dimension: str) -> list[str]:
     return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd)]
 
 
-CACHE_HEADERS = ("calls", "hit rate", "bypasses", "saved")
+CACHE_HEADERS = ("calls", "hit rate", "semantic hits", "bypasses", "saved")
 
 
 def _cache_cells(row: CacheUsage) -> list[str]:
-    """model, calls through the cache, hit rate (with hits/lookups), bypasses, money saved."""
+    """model, calls through the cache, hit rate (with hits/lookups), semantic hits, bypasses, money saved."""
     rate = "n/a" if row.hit_rate is None else f"{row.hit_rate * 100:.1f}% ({row.hits:,}/{row.hits + row.misses:,})"
-    return [row.model if row.model is not None else "(no model)", f"{row.calls:,}", rate, f"{row.bypasses:,}",
-            _usd(row.saved_usd)]
+    return [row.model if row.model is not None else "(no model)", f"{row.calls:,}", rate, f"{row.semantic_hits:,}",
+            f"{row.bypasses:,}", _usd(row.saved_usd)]
 
 
 def _verdict(passed: bool | None) -> Text:

@@ -1,5 +1,5 @@
 """The admin API for budgets (list rules with their counters, add a rule, delete one) and for the
-exact cache (invalidate entries).
+caches (invalidate entries of the exact and semantic caches).
 
     app.include_router(admin_router(budgets, auth=require_master_key))
     app.include_router(cache_router(keel.cache, model_names, auth=require_master_key))
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from keel.auth.admin import caller_tenant, tenant_budgets
 from keel.budgets.budgets import Budgets
-from keel.cache.stage import ExactCache
+from keel.cache.build import Caches
 from keel.config import BudgetConfig
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeelError
 from keel.server.responses import error_response, json_response
@@ -97,9 +97,9 @@ CLEAR_FILTERS = ("model", "tenant", "older_than_s", "key_prefix")
 
 
 def cache_router(
-    cache: ExactCache | None, models: Collection[str], auth: Callable[..., Any] | None = None,
+    cache: Caches, models: Collection[str], auth: Callable[..., Any] | None = None,
 ) -> APIRouter:
-    """`DELETE /admin/cache?model=&tenant=&older_than_s=&key_prefix=`: remove the exact cache's entries
+    """`DELETE /admin/cache?model=&tenant=&older_than_s=&key_prefix=`: remove the caches' entries
     that match every filter given (none: all). A tenant admin key clears its own tenant's only."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(auth)] if auth is not None else [])
 
@@ -107,7 +107,7 @@ def cache_router(
     async def clear_cache(request: Request) -> Response:
         try:
             filters = _clear_filters(request, models)
-            deleted = await cache.clear(**filters) if cache is not None else 0
+            deleted = await cache.clear(**filters)
         except KeelError as exc:
             return error_response(exc)
         return json_response({"deleted": deleted})

@@ -104,7 +104,8 @@ class Answer:
 
 
 CACHE_HEADERS = {status: (b"x-keel-cache", word) for status, word in
-                 (("hit_exact", b"hit"), ("miss", b"miss"), ("bypass", b"bypass"))}
+                 (("hit_exact", b"hit"), ("hit_semantic", b"semantic-hit"), ("miss", b"miss"),
+                  ("bypass", b"bypass"))}
 
 HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
 OnError = Callable[[Incoming, Exception], Answer]
@@ -149,7 +150,7 @@ class Gateway:
         # OpenAI's x-ratelimit-* headers, on every answer of a call some rate limit counted.
         limited = incoming.ctx.rate_limit if incoming.ctx is not None else None
         extra = limited.headers() if limited is not None else []
-        # x-keel-cache: hit | miss | bypass, on every answer of a call a cache saw (docs/caching.md).
+        # x-keel-cache: hit | semantic-hit | miss | bypass, on every answer of a call a cache saw (docs/caching.md).
         if incoming.ctx is not None and (cached := CACHE_HEADERS.get(incoming.ctx.cache_status)) is not None:
             extra = [*extra, cached]
         if isinstance(reply, Answer):

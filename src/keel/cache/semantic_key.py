@@ -1,0 +1,47 @@
+"""What the semantic cache compares: the last user turn's text, embedded, within a scope that holds
+everything else that determines the answer.
+
+Only the wording of the last user turn may differ between two requests that share an answer. The scope
+is a hash of the rest, as the exact cache's key hashes a whole request: tenant, model, every earlier
+message (the system prompt first), tools, response_format and the sampling parameters. So "What's the
+capital of France?" and "Tell me France's capital" may share an answer under the same system prompt, and
+never under another one, nor in another tenant, nor with another temperature or max_tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+from keel.cache.key import DELIVERY_ONLY, segment, tenant_segment
+from keel.cache.semantic_store import SCOPE_VERSION
+from keel.types import ChatRequest, TextPart, UserMessage
+
+
+def semantic_query(request: ChatRequest) -> str | None:
+    """The text the semantic cache embeds: the last message, when it is a user turn of text only
+    (an image or audio part has no text that could stand for it); else None, and the cache stays out."""
+    last = request.messages[-1]
+    if not isinstance(last, UserMessage):
+        return None
+    if isinstance(last.content, str):
+        text = last.content
+    elif all(isinstance(part, TextPart) for part in last.content):
+        text = "\n".join(part.text for part in last.content if isinstance(part, TextPart))
+    else:
+        return None
+    return text if text.strip() else None
+
+
+def semantic_scope(request: ChatRequest, tenant: str | None) -> str:
+    """`s1:<tenant>:<model>:<sha256>` of the request's answer-determining fields but the last user turn's
+    content, and the caller's tenant."""
+    fields: dict[str, Any] = request.model_dump(mode="json", exclude_none=True, exclude=set(DELIVERY_ONLY))
+    last = dict(fields["messages"][-1])
+    last.pop("content", None)  # the part that is compared by meaning; its name (a `name` field) stays
+    fields["messages"] = [*fields["messages"][:-1], last]
+    scoped = orjson.dumps({"tenant": tenant, "request": fields}, option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.sha256(scoped).hexdigest()
+    return f"{SCOPE_VERSION}:{tenant_segment(tenant)}:{segment(request.model)}:{digest}"
