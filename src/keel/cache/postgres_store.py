@@ -34,8 +34,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
+from keel.cache.health import BackendHealth, reason
 from keel.cache.key import KEY_VERSION, KeyScope, segment
 from keel.cache.redis_store import CacheStoreUnavailable, _stored_at
 from keel.cache.semantic_store import SCOPE_VERSION, Neighbour
@@ -53,6 +54,7 @@ POOL_SIZE = 4  # connections a store keeps at most
 EF_SEARCH = 100  # HNSW candidates per search (pgvector's default: 40)
 SWEEP_EVERY_S = 60.0  # expired rows are deleted on a store at most this often
 SWEEP_BATCH = 1000  # and this many at most each time
+CLEAR_TIMEOUT_S = 30.0  # a clear (an operator's, rare) may delete many rows: it gets longer than a lookup
 _TABLE_PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 T = TypeVar("T")
 
@@ -71,37 +73,6 @@ class VectorTableMismatch(KeelError):
     status = 503
     type = "api_error"
     code = "cache_unavailable"
-
-
-class BackendHealth:
-    """Whether a cache backend answers: failed operations counted, the outage logged once and its end
-    once, both read by /metrics at scrape time. One per database: the exact and the semantic stores of
-    one PostgreSQL share it (`health=`), so it is registered once."""
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.errors = 0
-        self.down = False
-
-    def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        if not self.down:
-            self.down = True
-            log.warning("the cache store (%s) cannot be reached (%s); calls are answered as cache misses "
-                        "until it answers again", self.backend, _reason(exc))
-
-    def answered(self) -> None:
-        if self.down:
-            self.down = False
-            log.info("the cache store (%s) answers again", self.backend)
-
-    def collect(self) -> Iterable[Metric]:
-        errors = CounterMetricFamily("keel_cache_backend_errors", f"Cache lookups and stores {self.backend} "
-                                     "failed (each lookup answered as a miss)")
-        errors.add_metric([], self.errors)
-        up = GaugeMetricFamily("keel_cache_backend_up", "1 when the cache store answers, 0 in an outage")
-        up.add_metric([], 0 if self.down else 1)
-        return [errors, up]
 
 
 class _Postgres:
@@ -199,13 +170,15 @@ class _Postgres:
             else:
                 self._idle.append(conn)
 
-    async def _run(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """`work` on a connection within the deadline; raises what failed (the caller decides). A kept
-        connection the server has ended (a restart, a failover) is found out only on use: `work` is then
-        tried once more on a new one (every operation here can be repeated)."""
+    async def _run(
+        self, work: Callable[[AsyncConnection[Any]], Awaitable[T]], timeout_s: float | None = None,
+    ) -> T:
+        """`work` on a connection within the deadline (`timeout_s`, else the store's); raises what failed
+        (the caller decides). A kept connection the server has ended (a restart, a failover) is found out
+        only on use: `work` is then tried once more on a new one (every operation here can be repeated)."""
         from psycopg import OperationalError
 
-        async with asyncio.timeout(self.timeout_s):
+        async with asyncio.timeout(timeout_s or self.timeout_s):
             kept = bool(self._idle)
             try:
                 async with self._connection() as conn:
@@ -262,15 +235,18 @@ class _Postgres:
         ).format(t=sql.Identifier(self.table), w=where)
 
         async def work(conn: AsyncConnection[Any]) -> int:
-            row = await (await conn.execute(query, [*params, now])).fetchone()
+            async with conn.transaction():
+                await conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                    sql.Literal(int(CLEAR_TIMEOUT_S * 1000))))
+                row = await (await conn.execute(query, [*params, now])).fetchone()
             return int(row[0]) if row else 0
 
         try:
-            return await self._run(work)
+            return await self._run(work, CLEAR_TIMEOUT_S)
         except Exception as exc:
             self.health.failed(exc)
             raise CacheStoreUnavailable(
-                f"The cache in PostgreSQL (table {self.table}) could not be cleared ({_reason(exc)}); nothing "
+                f"The cache in PostgreSQL (table {self.table}) could not be cleared ({reason(exc)}); nothing "
                 "was removed. Check that the database answers (keel check), then clear again."
             ) from None
 
@@ -363,13 +339,13 @@ class PostgresVectorStore(_Postgres):
         except (errors.FeatureNotSupported, errors.UndefinedFile) as exc:
             raise PgvectorMissing(
                 f"The semantic cache needs the pgvector extension, which this PostgreSQL does not have "
-                f"({_reason(exc)}). Install pgvector on that server (https://github.com/pgvector/pgvector), "
+                f"({reason(exc)}). Install pgvector on that server (https://github.com/pgvector/pgvector), "
                 "or set cache.semantic.backend: memory."
             ) from None
         except errors.InsufficientPrivilege as exc:
             raise PgvectorMissing(
                 f"The semantic cache needs the pgvector extension, and Keel's database user may not create it "
-                f"({_reason(exc)}). Ask a superuser to run CREATE EXTENSION vector in that database, or set "
+                f"({reason(exc)}). Ask a superuser to run CREATE EXTENSION vector in that database, or set "
                 "cache.semantic.backend: memory."
             ) from None
         names = {"t": sql.Identifier(self.table), "scope_query": sql.Identifier(self.table + "_scope_query"),
@@ -497,10 +473,3 @@ def _table(prefix: str, name: str) -> str:
         raise ValueError(f"a cache table prefix is lower-case letters, digits and _ (a letter or _ first), "
                          f"got {prefix!r}")
     return f"{prefix}_{name}"
-
-
-def _reason(exc: BaseException) -> str:
-    """An error in a word or a line: psycopg's first line, or the name of an error without a message
-    (a TimeoutError from the deadline)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
