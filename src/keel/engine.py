@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from keel.auth.lookup import KeyLookup
 from keel.auth.stage import Auth
@@ -23,6 +23,7 @@ from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
+from keel.cache.health import BackendsCollector
 from keel.config import KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
@@ -45,8 +46,6 @@ from keel.request_errors import parse_request
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
 
 if TYPE_CHECKING:
-    from prometheus_client.registry import Collector
-
     from keel.embedding.shared import SharedEmbedder
 
 T = TypeVar("T")
@@ -90,9 +89,10 @@ class Keel:
         self.guardrails = _guardrails(config, self._ask, self.deployments)
         self.embedder = self.guardrails.embedder  # one local embedder for every check and the semantic cache
         self.cache = build_caches(config, self._shared_embedder)
-        for collector in [*self.cache.stores(), *([self.cache.semantic] if self.cache.semantic else [])]:
-            if hasattr(collector, "collect"):  # shared stores count their failures
-                self.metrics.registry.register(cast("Collector", collector))
+        if healths := self.cache.healths():  # shared stores count their failures
+            self.metrics.registry.register(BackendsCollector(healths))
+        if self.cache.semantic is not None:  # the guards' refusals
+            self.metrics.registry.register(self.cache.semantic)
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on

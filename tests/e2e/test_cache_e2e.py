@@ -134,7 +134,8 @@ def test_with_redis_stopped_mid_run_calls_are_answered_as_misses_logged_once_and
     finally:
         redis.stop()
     # Each of the 4 calls failed a lookup and a store.
-    assert "keel_cache_backend_errors_total 8.0" in metrics and "keel_cache_backend_up 0.0" in metrics
+    assert 'keel_cache_backend_errors_total{backend="redis"} 8.0' in metrics
+    assert 'keel_cache_backend_up{backend="redis"} 0.0' in metrics
     log = gw.log()
     assert log.count("the cache store (Redis) cannot be reached") == 1, log
     assert "Traceback" not in log

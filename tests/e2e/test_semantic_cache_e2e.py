@@ -8,13 +8,18 @@ second replica is served what the first stored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from conftest import GatewayProcess
+from pgvector_server import PgvectorServer, pgvector_server  # noqa: F401
 from test_cache_e2e import MASTER, create_key, records, sdk
 
 pytest.importorskip("onnxruntime", reason="the semantic cache needs the local embedder: pip install 'keel[local]'")
@@ -75,3 +80,54 @@ def test_two_tenants_asking_alike_never_get_each_others_answer(
     seen = [ask(sdk(gw, key), question)[1] for key, question in
             ((acme, ASKED), (globex, PARAPHRASE), (acme, PARAPHRASE), (globex, ASKED))]
     assert seen == ["miss", "miss", "semantic-hit", "semantic-hit"]
+
+
+@pytest.fixture
+def pg_cache_url(pgvector_server: PgvectorServer) -> Iterator[str]:  # noqa: F811
+    """A database of this test's own on the pgvector server, which is running again afterwards."""
+    import psycopg
+
+    name = f"keel_e2e_{secrets.token_hex(4)}"
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield pgvector_server.uri(name)
+    pgvector_server.start()  # a test that stopped it and failed must not leave it down
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_replicas_share_both_caches_in_postgres_and_an_outage_is_a_miss(
+    tmp_path: Path, pg_cache_url: str, pgvector_server: PgvectorServer,  # noqa: F811
+) -> None:
+    config = serving(tmp_path, {"backend": "postgres", "postgres_url": pg_cache_url, "exact": {"enabled": True},
+                                "semantic": {"enabled": True, "threshold": 0.85}})
+    replicas = [GatewayProcess(config, tmp_path, {"KEEL_MASTER_KEY": MASTER}) for _ in range(2)]
+    try:
+        for replica in replicas:
+            replica.start()
+        one, two = (sdk(gw) for gw in replicas)
+        assert ask(one, ASKED) == (f"echo: {ASKED}", "miss")
+        assert ask(two, PARAPHRASE) == (f"echo: {ASKED}", "semantic-hit")  # stored by the other replica
+        assert ask(two, ASKED) == (f"echo: {ASKED}", "hit")  # the exact entry, in PostgreSQL too
+        pgvector_server.stop()
+        assert ask(one, "Which city is the capital of France?") == ("echo: Which city is the capital of France?",
+                                                                     "miss")
+        assert ask(two, ASKED) == (f"echo: {ASKED}", "miss")
+        metrics = httpx.get(replicas[1].url + "/metrics", headers={"authorization": f"Bearer {MASTER}"}).text
+        pgvector_server.start()
+        assert ask(one, "Tell me the capital city of France?") == (f"echo: {ASKED}", "semantic-hit")  # what it held
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert 'keel_cache_backend_up{backend="postgresql"} 0.0' in metrics
+    errors = float(metrics.split('keel_cache_backend_errors_total{backend="postgresql"} ')[1].split()[0])
+    assert errors >= 2  # the exact lookup and the semantic search of the call while it was down
+    log = replicas[1].log()
+    assert log.count("the cache store (PostgreSQL) cannot be reached") == 1 and "Traceback" not in log
+    # `keel cache clear` reaches PostgreSQL without a gateway: 3 exact entries (the question, and the two
+    # semantic hits' answers stored under their own exact keys) and 1 semantic entry.
+    path = tmp_path / "clear.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "keel.cli", "cache", "clear", "--config", str(path), "--model", "sim"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "Removed 4 cache entries from PostgreSQL."), done.stderr

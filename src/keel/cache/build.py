@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from keel.cache.health import BackendHealth
 from keel.cache.memory import MemoryStore
 from keel.cache.redis_store import RedisStore
 from keel.cache.semantic import ReviewHook, SemanticCache, SemanticSetting
@@ -34,6 +35,11 @@ class Caches:
     def stores(self) -> list[CacheStore | VectorStore]:
         return [*(self.exact.stores() if self.exact else ()), *(self.semantic.stores() if self.semantic else ())]
 
+    def healths(self) -> list[BackendHealth]:
+        """The shared stores' health, each once (the stores of one PostgreSQL share theirs)."""
+        healths = (getattr(store, "health", None) for store in self.stores())
+        return list({id(h): h for h in healths if isinstance(h, BackendHealth)}.values())
+
     async def start(self) -> None:
         """Create what shared stores need (PostgreSQL's tables and extension)."""
         for store in self.stores():
@@ -60,10 +66,11 @@ def build_caches(
 ) -> Caches:
     """The configured caches. `embedder` is asked for the shared embedder only when some model has
     the semantic cache on."""
-    return Caches(exact_cache(config), semantic_cache(config, embedder, review))
+    healths: dict[str, BackendHealth] = {}  # by PostgreSQL URL: its exact and semantic stores share one
+    return Caches(exact_cache(config, healths), semantic_cache(config, embedder, review, healths))
 
 
-def exact_cache(config: KeelConfig) -> ExactCache | None:
+def exact_cache(config: KeelConfig, healths: dict[str, BackendHealth] | None = None) -> ExactCache | None:
     """The stage, or None when no model has its exact cache enabled (calls then do no cache work)."""
     stores: dict[int, CacheStore] = {}
     settings: dict[str, ExactSetting] = {}
@@ -72,13 +79,14 @@ def exact_cache(config: KeelConfig) -> ExactCache | None:
         if not section.exact.enabled:
             continue
         if id(section) not in stores:
-            stores[id(section)] = _exact_store(section, config)
+            stores[id(section)] = _exact_store(section, config, {} if healths is None else healths)
         settings[model.name] = ExactSetting(stores[id(section)], section.exact.ttl_s, section.exact.nondeterministic)
     return ExactCache(settings) if settings else None
 
 
 def semantic_cache(
     config: KeelConfig, embedder: Callable[[], Embedder], review: ReviewHook | None = None,
+    healths: dict[str, BackendHealth] | None = None,
 ) -> SemanticCache | None:
     """The stage, or None when no model has its semantic cache enabled."""
     stores: dict[int, VectorStore] = {}
@@ -89,7 +97,7 @@ def semantic_cache(
         if not semantic.enabled:
             continue
         if id(section) not in stores:
-            stores[id(section)] = _vector_store(section, config)
+            stores[id(section)] = _vector_store(section, config, {} if healths is None else healths)
         settings[model.name] = SemanticSetting(
             stores[id(section)], semantic.threshold, semantic.ttl_s, guards=semantic.guards,
             candidates=semantic.candidates, nondeterministic=semantic.nondeterministic, tools=semantic.tools,
@@ -98,7 +106,7 @@ def semantic_cache(
     return SemanticCache(settings, embedder(), review=review) if settings else None
 
 
-def _exact_store(section: CacheConfig, config: KeelConfig) -> CacheStore:
+def _exact_store(section: CacheConfig, config: KeelConfig, healths: dict[str, BackendHealth]) -> CacheStore:
     if section.backend == "redis":
         url = section.redis_url or config.state.redis_url
         assert url is not None  # the config refuses a redis backend without a Redis
@@ -106,15 +114,17 @@ def _exact_store(section: CacheConfig, config: KeelConfig) -> CacheStore:
     if section.backend == "postgres":
         from keel.cache.postgres_store import PostgresStore
 
-        return PostgresStore(_postgres_url(section, config))
+        url = _postgres_url(section, config)
+        return PostgresStore(url, health=healths.setdefault(url, BackendHealth("PostgreSQL")))
     return MemoryStore(section.exact.max_bytes)
 
 
-def _vector_store(section: CacheConfig, config: KeelConfig) -> VectorStore:
+def _vector_store(section: CacheConfig, config: KeelConfig, healths: dict[str, BackendHealth]) -> VectorStore:
     if section.semantic_backend == "postgres":
         from keel.cache.postgres_store import PostgresVectorStore
 
-        return PostgresVectorStore(_postgres_url(section, config))
+        url = _postgres_url(section, config)
+        return PostgresVectorStore(url, health=healths.setdefault(url, BackendHealth("PostgreSQL")))
     from keel.cache.vectors import MemoryVectorStore
 
     return MemoryVectorStore(section.semantic.max_entries)

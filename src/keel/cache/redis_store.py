@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from keel.cache.entry import CachedAnswer, CorruptEntry
+from keel.cache.health import BackendHealth
 from keel.cache.key import KeyScope, glob_escape
 from keel.errors import KeelError
 
@@ -41,6 +42,7 @@ class RedisStore:
 
     def __init__(
         self, url: str, prefix: str, *, timeout_s: float = 1.0, clock: Callable[[], float] = time.time,
+        health: BackendHealth | None = None,
     ) -> None:
         try:
             from redis.asyncio import Redis
@@ -57,32 +59,31 @@ class RedisStore:
         )
         self.prefix = prefix + ":cache:"
         self.clock = clock  # wall-clock, as entries' stored_at
-        self.errors = 0
+        self.health = health or BackendHealth("Redis")
         self._errors: tuple[type[Exception], ...] = (RedisError, OSError)
-        self._down = False
 
     async def get(self, key: str) -> bytes | None:
         try:
             value: bytes | None = await self.redis.get(self.prefix + key)
         except self._errors as exc:
-            self._failed(exc)
+            self.health.failed(exc)
             return None
-        self._answered()
+        self.health.answered()
         return value
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         try:
             await self.redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
         except self._errors as exc:
-            self._failed(exc)
+            self.health.failed(exc)
             return
-        self._answered()
+        self.health.answered()
 
     async def delete(self, key: str) -> None:
         try:
             await self.redis.delete(self.prefix + key)
         except self._errors as exc:
-            self._failed(exc)
+            self.health.failed(exc)
 
     async def clear(
         self, model: str | None = None, tenant: str | None = None, older_than_s: float | None = None,
@@ -105,7 +106,7 @@ class RedisStore:
                 if cursor == 0:
                     return removed
         except self._errors as exc:
-            self._failed(exc)
+            self.health.failed(exc)
             raise CacheStoreUnavailable(
                 f"The cache in Redis could not be cleared ({exc}); {removed} entries were removed before it "
                 "failed. Check that Redis answers (keel check), then clear again."
@@ -120,26 +121,13 @@ class RedisStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    def _failed(self, exc: Exception) -> None:
-        self.errors += 1
-        if not self._down:
-            self._down = True
-            log.warning("the cache store (Redis) cannot be reached (%s); calls are answered as cache misses "
-                        "until it answers again", exc)
-
-    def _answered(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("the cache store (Redis) answers again")
+    @property
+    def errors(self) -> int:
+        return self.health.errors
 
     def collect(self) -> Iterable[Metric]:
-        """Read at scrape time (registered in Keel's metrics registry)."""
-        errors = CounterMetricFamily("keel_cache_backend_errors", "Cache lookups and stores Redis failed "
-                                     "(each lookup answered as a miss)")
-        errors.add_metric([], self.errors)
-        up = GaugeMetricFamily("keel_cache_backend_up", "1 when the cache store answers, 0 in an outage")
-        up.add_metric([], 0 if self._down else 1)
-        return [errors, up]
+        """Read at scrape time (a `Keel` registers its stores' healths together instead)."""
+        return self.health.collect()
 
 
 def _stored_at(value: bytes) -> float:
