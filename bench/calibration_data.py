@@ -1,4 +1,4 @@
-"""Labelled pairs for `keel cache calibrate`, from public data: MRPC plus Keel's hand-made near misses.
+"""Labelled pairs for `keel cache calibrate`: MRPC plus Keel's hand-made near misses and chat prompt pairs.
 
     .venv/bin/python bench/calibration_data.py train OUT.jsonl   # calibrate on this
     .venv/bin/python bench/calibration_data.py val OUT.jsonl     # measure on this (held out)
@@ -10,7 +10,13 @@ non-duplicates (pairs an embedder calls close that need different answers); they
 their file, so alternate lines put every kind in both halves. tests/data/paraphrase-sample.tsv is not
 used: its 40 pairs are the first paraphrases of MRPC's validation split, already in `val`.
 
-Each output line: {"query": ..., "cached": ..., "duplicate": true|false, "source": "mrpc-train" | ...}.
+Both splits also take half of tests/data/cache-query-pairs.jsonl: hand-written chat prompt pairs, about
+half duplicates (rewordings, typos) and half hard non-duplicates (another entity, number, date, attribute,
+language or tool, a negation, swapped arguments), each with a `kind`. Within each kind, in file order,
+the even-numbered pairs go to `train` and the odd-numbered to `val`, so every kind is in both halves.
+
+Each output line: {"query": ..., "cached": ..., "duplicate": true|false, "source": "mrpc-train" | ...};
+a query pair's source is "query:KIND", a near miss's "near-miss:KIND".
 MRPC is news sentences labelled by annotators, not chat prompts: see bench/semantic_calibration.py.
 """
 
@@ -26,7 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "paraphrase"
 NEAR_MISSES = ROOT / "tests" / "data" / "cache-near-misses.jsonl"
-SPLITS = {"train": ("mrpc-train.tsv", 0), "val": ("mrpc-val.tsv", 1)}  # file, near-miss line parity
+QUERY_PAIRS = ROOT / "tests" / "data" / "cache-query-pairs.jsonl"
+SPLITS = {"train": ("mrpc-train.tsv", 0), "val": ("mrpc-val.tsv", 1)}  # file, parity of the lines taken
 
 
 def mrpc_pairs(path: Path) -> Iterator[dict[str, Any]]:
@@ -50,9 +57,22 @@ def near_misses(parity: int) -> Iterator[dict[str, Any]]:
                "source": f"near-miss:{record['kind']}"}
 
 
+def query_pairs(parity: int, path: Path = QUERY_PAIRS) -> Iterator[dict[str, Any]]:
+    """Half the hand-written chat prompt pairs: within each kind, in file order, those at `parity` (0-based)."""
+    seen: dict[str, int] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        index = seen[record["kind"]] = seen.get(record["kind"], -1) + 1
+        if index % 2 == parity:
+            yield {"query": record["query"], "cached": record["cached"], "duplicate": record["duplicate"],
+                   "source": f"query:{record['kind']}"}
+
+
 def build(split: str, source: Path = SHARED) -> list[dict[str, Any]]:
     name, parity = SPLITS[split]
-    return [*mrpc_pairs(source / name), *near_misses(parity)]
+    return [*mrpc_pairs(source / name), *near_misses(parity), *query_pairs(parity)]
 
 
 def write(records: list[dict[str, Any]], out: Path) -> None:
