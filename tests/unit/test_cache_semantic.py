@@ -5,13 +5,15 @@ cached, Cache-Control, stream replay, corrupt entries, embedder failures, and th
 from __future__ import annotations
 
 import random
+import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pgvector_server import PgvectorServer, pgvector_server  # noqa: F401
 from test_cache_exact import Upstream, ask
 
 from keel.cache.semantic import SemanticCache, SemanticHit
@@ -35,14 +37,34 @@ def chat(text: str, *, system: dict[str, Any] = SYSTEM, **fields: Any) -> ChatRe
 
 
 @pytest.fixture
-async def semantic(tmp_path: Path) -> AsyncIterator[Callable[..., tuple[Keel, Upstream]]]:
+def fresh_pgvector_database(pgvector_server: PgvectorServer) -> Iterator[str]:  # noqa: F811
+    """A database of this test's own on the pgvector server (the stores' tables have fixed names)."""
+    import psycopg
+
+    name = f"keel_sem_{secrets.token_hex(4)}"
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield pgvector_server.uri(name)
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def semantic(
+    request: pytest.FixtureRequest, tmp_path: Path,
+) -> AsyncIterator[Callable[..., tuple[Keel, Upstream]]]:
+    """Keels with the semantic cache on one backend: memory, or PostgreSQL with pgvector (pgserver)."""
     made: list[Keel] = []
+    backend: dict[str, Any] = {"backend": "memory"}
+    if request.param == "postgres":
+        backend = {"backend": "postgres", "postgres_url": request.getfixturevalue("fresh_pgvector_database")}
 
     def make(exact: bool = False, **semantic: Any) -> tuple[Keel, Upstream]:
         upstream = Upstream()
         keel = Keel(parse_config({
             "models": [{"name": "m", "deployments": [{"provider": "simulated", "price": {"input": 1, "output": 2}}]}],
-            "cache": {"exact": {"enabled": exact}, "semantic": {"enabled": True, "threshold": 0.85, **semantic}},
+            "cache": {**backend, "exact": {"enabled": exact},
+                      "semantic": {"enabled": True, "threshold": 0.85, **semantic}},
             "store": {"url": f"sqlite:///{tmp_path}/keel.db", "spool_path": str(tmp_path / "spool.jsonl")},
         }), stages=[upstream])
         made.append(keel)
@@ -50,6 +72,7 @@ async def semantic(tmp_path: Path) -> AsyncIterator[Callable[..., tuple[Keel, Up
 
     yield make
     for keel in made:
+        await keel.cache.clear()  # two Keels of one test share the database's tables
         await keel.close()
 
 
@@ -89,6 +112,7 @@ async def test_the_guards_refuse_a_near_miss_above_the_threshold(
     answer, ctx = await ask(keel, chat(asked))
     assert answer == f"echo: {asked}" and ctx.cache_status == "miss" and upstream.calls == 2
     assert stage(keel).refusals[guard] == 1
+    await keel.cache.clear()  # on the postgres backend the next Keel shares its tables
     unguarded, _ = semantic(threshold=0.8, guards=False)
     await ask(unguarded, chat(stored))
     wrong, _ = await ask(unguarded, chat(asked))
