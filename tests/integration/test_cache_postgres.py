@@ -97,30 +97,44 @@ async def test_search_returns_the_nearest_of_the_scope_best_first_above_min_scor
     assert await vectors.search(s, vec(0.0), 0, 0.0) == []
 
 
-async def test_a_scope_never_sees_another_scope_even_a_small_one_beside_a_big_one(
+async def test_a_scope_gets_its_own_nearest_even_beside_a_big_scope_hnsw_walks_first(
     vectors: PostgresVectorStore, pgvector_url: str,  # noqa: F811
 ) -> None:
-    big, small, other_tenant = scope(rest="big"), scope(rest="small"), scope("acme", rest="small")
+    big, mid, small, other_tenant = (scope(rest="big"), scope(rest="mid"), scope(rest="small"),
+                                     scope("acme", rest="small"))
     rng = np.random.default_rng(7)
-    near = (vec(0.0) + 0.05 * rng.standard_normal((3000, DIM))).astype(np.float32)
-    async with await psycopg.AsyncConnection.connect(pgvector_url) as conn:  # many rows at once: COPY
-        from pgvector.psycopg import register_vector_async
-
-        await register_vector_async(conn)
-        async with conn.cursor().copy(
-            f"COPY {vectors.table} (scope, query, embedding, answer, stored_at, expires_at) FROM STDIN"
-        ) as copy:
-            for i, row in enumerate(near):
-                await copy.write_row((big, f"big {i}", row / np.linalg.norm(row), b"big", NOW, NOW + 60))
-        await conn.execute(f"ANALYZE {vectors.table}")
-    for i, angle in enumerate([1.0, 1.1, 1.2]):  # far from the big scope's rows, which HNSW walks first
+    near = unit(vec(0.0) + 0.05 * rng.standard_normal((3000, DIM)))  # cosine ~0.8 to the query
+    far = unit(rng.standard_normal((300, DIM)))  # ~0: none among HNSW's candidates; the planner walks HNSW
+    await copy_rows(pgvector_url, vectors.table, big, near)
+    await copy_rows(pgvector_url, vectors.table, mid, far)
+    for i, angle in enumerate([1.0, 1.1, 1.2]):
         await vectors.add(small, vec(angle, axis=2), f"small {i}", b"small", 60)
     await vectors.add(other_tenant, vec(0.0), "other", b"other", 60)
-    found = await vectors.search(small, vec(0.0), 3, 0.0)
-    assert [n.query for n in found] == ["small 0", "small 1", "small 2"]
+    found = await vectors.search(mid, vec(0.0), 5, -1.0)
+    assert [n.query for n in found] == [f"row {i}" for i in np.argsort(-far[:, 0])[:5]]  # exactly the 5 nearest
+    assert [n.query for n in await vectors.search(small, vec(0.0), 5, 0.0)] == ["small 0", "small 1", "small 2"]
     assert [n.query for n in await vectors.search(other_tenant, vec(0.0), 3, 0.0)] == ["other"]
-    assert {n.answer for n in await vectors.search(big, vec(0.0), 5, 0.0)} == {b"big"}
+    assert {n.answer for n in await vectors.search(big, vec(0.0), 5, 0.0)} == {big.encode()}
     assert await vectors.search(scope(rest="nothing"), vec(0.0), 3, 0.0) == []
+
+
+def unit(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+async def copy_rows(url: str, table: str, scope: str, rows: npt.NDArray[np.float32]) -> None:
+    """Many rows at once (COPY), queries `row <i>`, answered with the scope's name; then ANALYZE, so
+    the planner knows each scope's size."""
+    from pgvector.psycopg import register_vector_async
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await register_vector_async(conn)
+        async with conn.cursor().copy(
+            f"COPY {table} (scope, query, embedding, answer, stored_at, expires_at) FROM STDIN"
+        ) as copy:
+            for i, row in enumerate(rows):
+                await copy.write_row((scope, f"row {i}", row, scope.encode(), NOW, NOW + 60))
+        await conn.execute(f"ANALYZE {table}")
 
 
 async def test_an_entry_expires_and_expired_rows_are_swept_on_a_later_add(
