@@ -53,6 +53,11 @@ PARAPHRASES = [
 ]
 
 
+def _query_pairs() -> list[dict[str, object]]:
+    lines = (DATA / "cache-query-pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def _near_misses() -> list[dict[str, str]]:
     lines = (DATA / "cache-near-misses.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
@@ -81,6 +86,9 @@ def test_a_verdict_is_a_small_frozen_record() -> None:
         ("Does it work?", "Doesn't it work?"),
         ("I can swim", "I cannot swim"),
         ("Don't close the door, open the window", "Close the door, don't open the window"),
+        ("Why won't my laptop turn on?", "Why won't my laptop turn off?"),
+        ("Why won't my laptop turn on?", "Why won't my laptop charge?"),
+        ("It isn't the battery", "It is the battery"),
     ],
 )
 def test_negation_refuses_a_negation_the_other_lacks(a: str, b: str) -> None:
@@ -95,6 +103,10 @@ def test_negation_refuses_a_negation_the_other_lacks(a: str, b: str) -> None:
         ("I can\u2019t log in", "I cannot log in"),
         ("never mind", "never mind"),
         ("reset my password", "change my password"),
+        ("Why won't my laptop turn on?", "My laptop won't turn on, why?"),
+        ("Why doesn't my code compile?", "My code doesn't compile, why?"),
+        ("Why doesn't the printer print?", "The printer doesn't print. Why?"),
+        ("Doesn't it work?", "It doesn't work?"),
     ],
 )
 def test_negation_lets_the_same_negation_through(a: str, b: str) -> None:
@@ -161,6 +173,8 @@ def test_date_refuses_different_dates(a: str, b: str) -> None:
         ("May I ask a question?", "Can I ask a question?"),
         ("we march at dawn", "we walk at dawn"),
         ("what is a week", "how long is a week"),
+        ("What's the weather in Berlin tomorrow?", "Tomorrow's weather in Berlin?"),
+        ("Monday\u2019s meetings", "meetings on Monday"),
     ],
 )
 def test_date_ignores_lookalikes_and_normalises(a: str, b: str) -> None:
@@ -176,6 +190,9 @@ def test_date_ignores_lookalikes_and_normalises(a: str, b: str) -> None:
         ('rename the column "price"', 'rename the column "cost"'),
         ("grep for `foo_bar`", "grep for `foo_baz`"),
         ("What did Obama say?", "What did the president say?"),
+        ("Explain Newton's laws", "Explain Einstein's laws"),
+        ("What is Australia's capital?", "What is Austria's capital?"),
+        ("Compose a song for Alice", "Compose a song for Bob"),
     ],
 )
 def test_entity_refuses_different_names(a: str, b: str) -> None:
@@ -191,6 +208,20 @@ def test_entity_refuses_different_names(a: str, b: str) -> None:
         ("Convert this to JSON", "Please convert this to JSON"),
         ("I think I'm lost", "I believe I am lost"),
         ("Explain it simply.", "Describe it simply."),
+        ("What is the capital of Australia?", "Which city is Australia's capital?"),
+        ("What is the GDP of Germany?", "How big is Germany\u2019s GDP?"),
+        ("Write a haiku about the ocean.", "Compose a haiku about the sea."),
+        ("What is the integral of 1/x?", "Integrate 1/x."),
+        ("What is the derivative of x^2?", "Differentiate x^2."),
+        ("Make this sentence formal.", "Rewrite this sentence formally."),
+        ("Write an email declining the invite.", "Draft an email declining the invite."),
+        ("Book a table for two", "Reserve a table for two"),
+        ("Shorten this paragraph", "Please shorten this paragraph"),
+        ("Unsubscribe me from the newsletter", "Remove me from the newsletter"),
+        ("What helps a sore throat?", "Sorry, what helps a sore throat?"),
+        ("Solve 2x + 3 = 11", "Find x if 2x + 3 = 11"),
+        ("Proofread this letter", "Check this letter for typos"),
+        ("Brainstorm names for a cafe", "Suggest names for a cafe"),
     ],
 )
 def test_entity_ignores_case_and_sentence_starts(a: str, b: str) -> None:
@@ -206,6 +237,12 @@ def test_entity_ignores_case_and_sentence_starts(a: str, b: str) -> None:
         ("from Paris to Rome", "from Rome to Paris"),
         ("is gold heavier than lead", "is lead heavier than gold"),
         ("move money from savings to checking", "move money from checking to savings"),
+        ("is silver more expensive than gold", "is gold more expensive than silver"),
+        ("Is rent far less expensive than a mortgage?", "Is a mortgage far less expensive than rent?"),
+        ("Python is better than Java", "Java is better than Python"),
+        ("Divide 10 by 4", "Divide 4 by 10"),
+        ("Subtract 7 from 20", "Subtract 20 from 7"),
+        ("convert to list from string", "convert list to string"),
     ],
 )
 def test_order_refuses_swapped_arguments(a: str, b: str) -> None:
@@ -219,6 +256,14 @@ def test_order_refuses_swapped_arguments(a: str, b: str) -> None:
         ("convert list to string", "turn a list into a string"),
         ("how to sort a list", "how to order a list"),
         ("go from A to B and back from B to A", "go from B to A and back from A to B"),
+        (
+            "How do I get from the airport to downtown Chicago?",
+            "What's the way to get to downtown Chicago from the airport?",
+        ),
+        ("How do I switch from Android to iPhone?", "How do I move over to an iPhone from an Android phone?"),
+        ("Directions from Boston to New York", "Directions to New York from Boston"),
+        ("Divide 10 by 4", "Divide ten by four"),
+        ("Is silver more expensive than gold?", "Is silver pricier than gold?"),
     ],
 )
 def test_order_lets_the_same_direction_through(a: str, b: str) -> None:
@@ -243,6 +288,31 @@ def test_every_hand_made_near_miss_is_refused_by_the_guard_it_was_written_for() 
         backward = guard(pair["cached"], pair["query"])
         assert forward == GuardVerdict(False, pair["kind"]), pair
         assert backward == GuardVerdict(False, pair["kind"]), pair
+
+
+GUARDED_KINDS = ("entity", "number", "negation", "order", "date")
+
+
+def test_on_the_chat_query_pairs_the_guards_refuse_hard_non_duplicates_and_keep_duplicates() -> None:
+    """Measured on tests/data/cache-query-pairs.jsonl (hand-written chat prompts, query against cached):
+    of the 140 non-duplicates of the kinds the guards cover, 128 are refused (91%: order, number, date
+    and negation all 100%, entity 32 of 44; the misses are lowercase or common-noun names: "canada" vs
+    "australia", "grapes" vs "blueberries"); of the 236 duplicates 15 are refused (6%: synonyms of names,
+    typos in names, lexical negation, "twice" vs "two times"). Before the comparative, "to X from Y",
+    inverted-question, possessive and imperative fixes: 125 of 140 refused, 33 of 236 duplicates refused."""
+    pairs = _query_pairs()
+    duplicates = [p for p in pairs if p["duplicate"]]
+    hard = [p for p in pairs if not p["duplicate"] and p["kind"] in GUARDED_KINDS]
+    assert len(duplicates) >= 200
+    assert len(hard) >= 120
+    refused_hard = [p for p in hard if not guard(str(p["query"]), str(p["cached"])).ok]
+    refused_duplicates = [p for p in duplicates if not guard(str(p["query"]), str(p["cached"])).ok]
+    assert len(refused_hard) / len(hard) >= 0.90, f"hard non-duplicates refused: {len(refused_hard)}/{len(hard)}"
+    for kind in ("order", "number", "date", "negation"):
+        of_kind = [p for p in hard if p["kind"] == kind]
+        refused = [p for p in refused_hard if p["kind"] == kind]
+        assert len(refused) / len(of_kind) >= 0.95, f"{kind}: {len(refused)}/{len(of_kind)} refused"
+    assert len(refused_duplicates) / len(duplicates) <= 0.07, [(p["query"], p["cached"]) for p in refused_duplicates]
 
 
 def test_the_guards_are_fast_on_short_prompts() -> None:
@@ -274,8 +344,11 @@ def test_on_mrpc_the_guards_refuse_most_close_non_paraphrases_and_keep_some_para
     short: on it 75% of 155 close non-paraphrases are refused and 23% of 1,077 paraphrases kept (other
     seeds: 76-78%, 21-23%); the bounds sit a few points under."""
     with MRPC_SAMPLE.open(encoding="utf-8", newline="") as f:
-        sample = [(int(r[0]), r[1], r[2]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                  if r and r[0] in ("0", "1")]
+        sample = [
+            (int(r[0]), r[1], r[2])
+            for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if r and r[0] in ("0", "1")
+        ]
     assert len(sample) == 1600
     close_negatives = [(a, b) for label, a, b in sample if label == 0 and _overlap(a, b) >= 0.5]
     positives = [(a, b) for label, a, b in sample if label == 1]

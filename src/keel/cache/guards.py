@@ -14,9 +14,14 @@ negation
     ending in "n't" ("don't", "won't", "can't"; curly apostrophes too). Refuses when the two texts have a
     different number of cues, or when the sets of negated heads differ: the head is the first word after
     a cue that is not a filler (auxiliary, article, pronoun, "really", "ever" ...), so "don't cancel" and
-    "do not cancel" both give {cancel}. Limits: no parsing of scope, so a paraphrase that negates a
-    different word ("does not work" vs "doesn't function") or lexical negation ("forget" vs "don't
-    remember", "fail" vs "not succeed") is refused or missed; double negation is not cancelled out.
+    "do not cancel" both give {cancel}. A negated auxiliary that is not a copula ("won't", "doesn't",
+    "can't"; not "isn't") followed by a determiner is read as an inverted question and the determiner and
+    one noun (and a model number) are skipped, so "why won't my laptop turn on" and "my laptop won't turn
+    on" both give {turn on}; a particle (on, off, up, down, in, out) right after the head belongs to it.
+    Limits: no parsing of scope, so a paraphrase that negates a different word ("does not work" vs
+    "doesn't function") or lexical negation ("forget" vs "don't remember", "can't" vs "unable",
+    "without" vs "-free") is refused or missed; a longer inverted subject ("won't my old laptop turn on")
+    gives the wrong head, which refuses; double negation is not cancelled out.
 
 number
     Multisets of numbers: digits ("1,000" = "1000", "2.50" = "2.5", "1st" = 1, "4.4%" = 4.4), digits
@@ -31,29 +36,38 @@ date
     Weekday names ("Mondays" = "Monday"), month names (full, and unambiguous abbreviations; "May" and
     "March" only capitalised and not at a sentence start), years 1900-2099, relative words (today,
     tonight, tomorrow, yesterday; "now" is not one) and "next/last/this" + week/month/year/weekend/a
-    weekday, ISO dates (2024-05-01) and d/m/y or m/d/y dates (as written). Differing sets refuse.
+    weekday, ISO dates (2024-05-01) and d/m/y or m/d/y dates (as written); a possessive is dropped
+    ("tomorrow's weather" = "weather tomorrow"). Differing sets refuse.
     Limits: "the day after tomorrow" is just "tomorrow"; "in two weeks" is left to the number guard;
     "5/1/2024" and "2024-01-05" are not recognised as the same day.
 
 entity
-    Proper nouns and quoted strings, compared lowercased: runs of capitalised words not at a sentence
-    start ("New York"), sentence-initial capitalised words unless they are common words (question words,
-    pronouns, imperatives such as "Convert", "Explain") or look like verb/adverb forms (-ing, -ed, -ly),
+    Proper nouns and quoted strings, compared lowercased and without a possessive "'s" ("Australia's" =
+    "Australia"; "It's", "What's", "Let's" are contractions and stay): runs of capitalised words not at
+    a sentence start ("New York"), sentence-initial capitalised words unless they are common words
+    (question words, pronouns, greetings and apologies, some 150 imperatives of chat requests such as
+    "Convert", "Compose", "Integrate", "Rewrite", "Reserve") or look like verb/adverb forms (-ing, -ed, -ly),
     and text of up to six words inside double quotes, backticks or single quotes (a longer quotation is
     prose: only its proper nouns count). An entity in one text that is missing from
     the other refuses, unless every word of it appears in the other text anyway (so "paris" typed in
     lowercase matches "Paris"). Limits: lowercase proper nouns are not found ("flights to paris" vs
     "flights to rome" passes this guard); synonyms of names ("NYC" vs "New York", "the US" vs "America")
-    are refused; all-lowercase identifiers outside quotes are ordinary words.
+    are refused; all-lowercase identifiers outside quotes are ordinary words; an imperative missing from
+    the list, or a name that is also a listed verb ("Mark", "Order") at a sentence start, is misread.
 
 order
-    Directed pairs (a, b) of content words on either side of to, into, onto, from, than: every word of
-    the run of up to three content words just before the link, with every word of the run just after it
-    (function words before a run are skipped; one after it ends the run). Refuses when one text has
-    (a, b), the other has (b, a) and not (a, b): "convert list to string" vs "convert a string to a
-    list", "from Paris to Rome" vs "from Rome to Paris", "is gold heavier than lead" vs "is lead heavier
-    than gold". Limits: other swaps ("A beats B" vs "B beats A", "sort by name then date" vs "by date
-    then name") are not found.
+    Directed pairs (a, b) of content words on either side of to, into, onto, from, than, by: every word
+    of the run of up to three content words just before the link, with every word of the run just after
+    it (function words before a run are skipped; one after it, a punctuation mark or another link ends
+    the run). A "from" pair is turned round (source first), so "to X from Y" is the same direction as
+    "from Y to X". Before "than", comparative fillers (more, less, much, far, a lot, is, are ...) are
+    skipped, so "is silver more expensive than gold" and "silver is better than gold" give (silver,
+    gold). Refuses when one text has (a, b), the other has (b, a) and not (a, b): "convert list to string"
+    vs "convert a string to a list", "from Paris to Rome" vs "to Paris from Rome", "is gold heavier than
+    lead" vs "is lead heavier than gold", "divide 10 by 4" vs "divide 4 by 10". Limits: other swaps ("A
+    beats B" vs "B beats A", "sort by name then date" vs "by date then name", "X is worse than Y" vs "Y
+    is better than X") are not found; a passive ("written by X") and an active sentence that share
+    words across different links can look swapped, which refuses.
 """
 
 from __future__ import annotations
@@ -81,8 +95,32 @@ def _normalise(text: str) -> str:
     return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
 
 
+# "'s" that is "is"/"has"/"us" after these words is kept: "it's" is not a possessive of "it".
+_CONTRACTED_S = frozenset(
+    {
+        "it", "that", "what", "there", "here", "he", "she", "who", "where", "how", "let", "why", "when",
+        "this", "everything", "nothing", "something", "someone", "everyone", "everybody", "somebody",
+    }
+)  # fmt: skip
+
+
+def _unpossess(word: str) -> str:
+    """Drop a possessive "'s": "australia's" is "australia"; "it's", "what's" and "let's" stay."""
+    if word.endswith("'s") and word[:-2].lower() not in _CONTRACTED_S:
+        return word[:-2]
+    return word
+
+
 def _words(text: str) -> list[str]:
-    return [m.group().lower() for m in _TOKEN.finditer(text.replace("\u2019", "'"))]
+    return [_unpossess(m.group().lower()) for m in _TOKEN.finditer(text.replace("\u2019", "'"))]
+
+
+_TOKEN_OR_STOP = re.compile(_TOKEN.pattern + r"|[,;:.!?()]")
+
+
+def _words_and_stops(text: str) -> list[str]:
+    """`_words`, with the punctuation marks that end a clause kept as tokens of their own."""
+    return [_unpossess(m.group().lower()) for m in _TOKEN_OR_STOP.finditer(text.replace("\u2019", "'"))]
 
 
 # -- negation ---------------------------------------------------------------------------------------
@@ -105,25 +143,49 @@ def _is_neg(word: str) -> bool:
     return word in _NEG_CUES or word.endswith("n't")
 
 
+# A negated auxiliary (not a copula) followed by a determiner is inverted, as in a question: "why won't
+# my laptop turn on" has the subject "my laptop" between the cue and the verb, "turn".
+_INVERTING = frozenset(
+    {
+        "don't", "doesn't", "didn't", "won't", "wouldn't", "can't", "couldn't", "shouldn't", "hasn't",
+        "haven't", "hadn't", "mustn't", "mightn't", "shan't",
+    }
+)  # fmt: skip
+_DETERMINERS = frozenset(
+    {"my", "your", "our", "their", "his", "her", "its", "the", "this", "that", "these", "those", "a", "an"}
+)
+_PARTICLES = frozenset({"on", "off", "up", "down", "in", "out"})
+_STOPS = frozenset(",;:.!?()")
+
+
 def _negations(words: list[str]) -> tuple[int, frozenset[str]]:
     count = 0
     heads: set[str] = set()
+    n = len(words)
     for i, w in enumerate(words):
         if not _is_neg(w):
             continue
         count += 1
-        for nxt in words[i + 1 :]:
+        j = i + 1
+        if w in _INVERTING and j + 1 < n and words[j] in _DETERMINERS and words[j + 1].isalnum():
+            j += 2  # skip the determiner and the subject noun ...
+            while j < n and words[j][0].isdigit():
+                j += 1  # ... and a model number ("my iphone 15")
+        while j < n:
+            nxt = words[j]
             if _is_neg(nxt):
                 break
-            if nxt not in _FILLER:
-                heads.add(nxt)
+            if nxt not in _FILLER and nxt not in _STOPS:
+                particle = words[j + 1] if j + 1 < n and words[j + 1] in _PARTICLES else ""
+                heads.add(f"{nxt} {particle}" if particle else nxt)
                 break
+            j += 1
     return count, frozenset(heads)
 
 
 def negation_guard(a: str, b: str) -> str | None:
     """Refuse when one text negates something the other does not."""
-    return None if _negations(_words(a)) == _negations(_words(b)) else "negation"
+    return None if _negations(_words_and_stops(a)) == _negations(_words_and_stops(b)) else "negation"
 
 
 # -- numbers ----------------------------------------------------------------------------------------
@@ -230,7 +292,7 @@ def _dates(text: str) -> frozenset[str]:
     prev = ""
     for m in _CAP_WORD.finditer(stripped):
         raw = m.group()
-        w = raw.lower()
+        w = _unpossess(raw.lower())
         if w.endswith("days") and w[:-1] in _WEEKDAYS:
             w = w[:-1]
         if w in _WEEKDAYS:
@@ -271,6 +333,23 @@ _COMMON_INITIAL = frozenset(
         "meanwhile", "instead", "under", "over", "since", "while", "although", "though", "because",
         "earlier", "later", "last", "next", "first", "today", "yesterday", "tomorrow", "according",
         "both", "such", "several", "few", "why's", "suggest", "recommend", "name", "say", "try", "need",
+        # imperatives and openers of chat requests
+        "compose", "draft", "rewrite", "rephrase", "paraphrase", "reword", "outline", "brainstorm",
+        "compute", "solve", "integrate", "differentiate", "simplify", "factor", "factorise", "factorize",
+        "expand", "evaluate", "estimate", "prove", "derive", "build", "design", "plan", "draw", "sketch",
+        "reserve", "order", "buy", "schedule", "shorten", "lengthen", "condense", "extend", "improve",
+        "debug", "refactor", "optimise", "optimize", "sort", "reverse", "count", "proofread", "edit",
+        "format", "correct", "review", "analyse", "analyze", "classify", "identify", "extract", "parse",
+        "implement", "code", "run", "install", "configure", "setup", "enable", "disable", "turn", "open",
+        "close", "start", "stop", "restart", "unsubscribe", "subscribe", "sign", "log", "login", "register",
+        "track", "locate", "search", "look", "lookup", "read", "teach", "answer", "guess", "predict",
+        "imagine", "pretend", "act", "continue", "repeat", "rank", "rate", "score", "choose", "pick",
+        "select", "determine", "clarify", "elaborate", "illustrate", "demonstrate", "remind", "note", "keep",
+        "cook", "recipe", "sorry", "pardon", "excuse", "greetings", "thx", "cheers", "dear", "yo", "quick",
+        "quickly", "briefly", "kindly", "share", "provide", "produce", "prepare", "put", "move", "transfer",
+        "copy", "paste", "save", "export", "import", "merge", "split", "join", "combine", "filter", "group",
+        "map", "test", "verify", "validate", "fill", "complete", "finish", "respond", "reply", "email",
+        "text", "call", "ask", "remember", "forget", "ignore", "assume", "consider", "given",
     }
 )  # fmt: skip
 _VERBISH = re.compile(r"(?:ing|ed|ly)$")
@@ -289,7 +368,7 @@ def _entities(text: str) -> set[str]:
     last_end = -1
     for m in _CAP_WORD.finditer(text):
         raw = m.group()
-        low = raw.lower()
+        low = _unpossess(raw.lower())
         is_entity = (
             raw[0].isupper()
             and low not in _NOT_ENTITY
@@ -327,23 +406,27 @@ def entity_guard(a: str, b: str) -> str | None:
 
 # -- argument order ---------------------------------------------------------------------------------
 
-_LINKS = frozenset({"to", "into", "onto", "from", "than"})
+_LINKS = frozenset({"to", "into", "onto", "from", "than", "by"})
+# Between a comparative and the subject before it ("silver is far more expensive than"): skipped, not an end.
+_THAN_SKIP = frozenset({"more", "less", "much", "far", "way", "lot", "bit", "little", "is", "are", "was", "were", "be"})
 _FUNCTION = frozenset(
     {
         "a", "an", "the", "my", "your", "our", "their", "his", "her", "its", "this", "that", "these",
         "those", "some", "any", "i", "you", "we", "it", "me", "us", "them", "how", "what", "is", "are",
         "do", "does", "can", "could", "should", "would", "want", "need", "way", "best", "go", "get",
-        "back", "all", "of", "and", "or", "in", "on", "at", "with", "for", "by", "one", "more", "less",
+        "back", "all", "of", "and", "or", "in", "on", "at", "with", "for", "one", "more", "less",
     }
 )  # fmt: skip
 
 
-def _phrase(words: list[str]) -> list[str]:
-    """The first run of up to three content words in `words` (leading function words skipped)."""
+def _phrase(words: list[str], skip: frozenset[str] = frozenset()) -> list[str]:
+    """The first run of up to three content words in `words` (leading function words and `skip` skipped)."""
     out: list[str] = []
     for w in words:
-        if w in _LINKS or len(out) == 3:
+        if w in _LINKS or w in _STOPS or len(out) == 3:
             break
+        if w in skip:
+            continue
         if w in _FUNCTION:
             if out:
                 break
@@ -357,15 +440,17 @@ def _pairs(words: list[str]) -> set[tuple[str, str]]:
     for i, w in enumerate(words):
         if w not in _LINKS:
             continue
-        left = _phrase(words[:i][::-1])
+        left = _phrase(words[:i][::-1], _THAN_SKIP if w == "than" else frozenset())
         right = _phrase(words[i + 1 :])
+        if w == "from":  # "to X from Y" goes the same way as "from Y to X": the source comes first
+            left, right = right, left
         pairs.update((x, y) for x in left for y in right if x != y)
     return pairs
 
 
 def order_guard(a: str, b: str) -> str | None:
     """Refuse when the two texts put the same two words on opposite sides of to/into/from/than."""
-    pa, pb = _pairs(_words(a)), _pairs(_words(b))
+    pa, pb = _pairs(_words_and_stops(a)), _pairs(_words_and_stops(b))
     for x, y in pa:
         if (y, x) in pb and (x, y) not in pb:
             return "order"
