@@ -205,6 +205,11 @@ class SimulatedDeployment(_Deployment):
         default_factory=dict, description="share of calls per fault kind"
     )
     retry_after_s: float = Field(default=1, ge=0, description="Retry-After sent with simulated 429s")
+    invalid_json_rate: float = Field(
+        default=0.0, ge=0, le=1,
+        description="share of JSON answers (response_format json_object/json_schema, tool calls) sent broken: "
+        "cut short or wrong-typed, to exercise validation and repair",
+    )
     seed: int | None = Field(default=None, description="seed for latency and faults: same seed, same run")
     template: str = Field(
         default="echo: {last_user_message}",
@@ -442,6 +447,20 @@ class CacheConfig(_Strict):
         return self.semantic.backend or ("postgres" if self.backend == "postgres" else "memory")
 
 
+class ValidationConfig(_Strict):
+    """Checks of JSON answers and tool calls against the caller's schema, with re-asks (docs/structured-outputs.md)."""
+
+    enabled: bool = Field(default=True, description="false: JSON answers and tool calls pass unchecked")
+    max_repairs: int = Field(
+        default=2, ge=0, le=10, description="re-asks of one deployment with the validation errors before the next"
+    )
+    repair_streams: Literal["end", "buffer"] = Field(
+        default="end",
+        description="streams: end (checked at the end; a failure ends the stream with an error event) or buffer "
+        "(held, checked and repaired, then sent)",
+    )
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
@@ -461,6 +480,9 @@ class ModelConfig(_Strict):
     )
     cache: CacheConfig | None = Field(
         default=None, description="this model's caches, in place of the top-level `cache`"
+    )
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="checks of JSON answers and tool calls, with re-asks"
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+from keel import parallel
 from keel.auth.lookup import KeyLookup
 from keel.auth.stage import Auth
 from keel.auth.store import KeyStore
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from keel.embedding.shared import SharedEmbedder
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 
 class Keel:
@@ -241,6 +243,27 @@ class Keel:
         assert isinstance(reply, Completion)
         return EmbeddingResponse.model_validate(reply.body)
 
+    async def gather(
+        self, calls: Iterable[parallel.CallSpec[T]], *, concurrency: int = 8, fail_fast: bool = False,
+        progress: bool | str = False, name: str = "keel.gather",
+    ) -> list[T | Exception]:
+        """Run `calls` (`lambda: keel.chat(...)`, or coroutines) at most `concurrency` at a time, under one
+        trace span `name`: results in input order, each error in its place, not raised (docs/parallel.md)."""
+        with self.trace(name, **{"keel.parallel.concurrency": concurrency}) as span:
+            results = await parallel.gather(calls, concurrency=concurrency, fail_fast=fail_fast, progress=progress)
+            parallel.describe(span, results)
+        return results
+
+    async def map(
+        self, fn: Callable[[Item], Awaitable[T]], items: Iterable[Item], *, concurrency: int = 8,
+        fail_fast: bool = False, progress: bool | str = False, name: str = "keel.map",
+    ) -> list[T | Exception]:
+        """`await fn(item)` for each item, at most `concurrency` at a time, under one trace span: as `gather`."""
+        with self.trace(name, **{"keel.parallel.concurrency": concurrency}) as span:
+            results = await parallel.map(fn, items, concurrency=concurrency, fail_fast=fail_fast, progress=progress)
+            parallel.describe(span, results)
+        return results
+
     @overload
     def chat_sync(self, *, stream: Literal[True], **params: Any) -> Iterator[ChatCompletionChunk]: ...
 
@@ -259,6 +282,22 @@ class Keel:
     def embeddings_sync(self, **params: Any) -> EmbeddingResponse:
         """`embeddings` for code without an event loop."""
         return _runner().run(self.embeddings(**params))
+
+    def gather_sync(
+        self, calls: Iterable[parallel.CallSpec[T]], *, concurrency: int = 8, fail_fast: bool = False,
+        progress: bool | str = False, name: str = "keel.gather",
+    ) -> list[T | Exception]:
+        """`gather` for code without an event loop: the calls run on the library's background loop."""
+        return _runner().run(self.gather(calls, concurrency=concurrency, fail_fast=fail_fast, progress=progress,
+                                         name=name))
+
+    def map_sync(
+        self, fn: Callable[[Item], Awaitable[T]], items: Iterable[Item], *, concurrency: int = 8,
+        fail_fast: bool = False, progress: bool | str = False, name: str = "keel.map",
+    ) -> list[T | Exception]:
+        """`map` for code without an event loop (`fn` is still async: `lambda q: keel.chat(...)`)."""
+        return _runner().run(self.map(fn, items, concurrency=concurrency, fail_fast=fail_fast, progress=progress,
+                                      name=name))
 
     def close_sync(self) -> None:
         _runner().run(self.close())

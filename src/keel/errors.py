@@ -333,3 +333,18 @@ class GuardrailViolation(KeelError):
         super().__init__(message)
         self.check = check  # injection | pii | length | deny_pattern | off_topic | harmful
         self.direction = direction  # input | output
+
+
+# ---------------------------------------------------------------------------- structured outputs
+
+
+class InvalidOutput(KeelError):
+    """The model's JSON answer or tool call did not match the caller's schema, after the re-asks and
+    the other deployments (keel.validation). 422: OpenAI's SDKs raise `UnprocessableEntityError` and
+    do not retry it; the type is `invalid_request_error` because what the caller can change is in the
+    request (a simpler schema, a larger max_tokens, another model). The message names the failing path."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_output"
+    retried_by_keel = True  # Keel already re-asked: the SDKs must not retry on top

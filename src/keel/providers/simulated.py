@@ -8,7 +8,9 @@ fallbacks can be exercised without a network or a model.
 Faults are reproducible: each provider owns one seeded RNG and every call draws exactly one
 number from it, before anything is awaited, so the same seed and the same sequence of calls
 give the same sequence of outcomes even when calls overlap. Latency draws come from a second
-RNG derived from the same seed, so changing the latency never changes which calls fail.
+RNG derived from the same seed, so changing the latency never changes which calls fail; so do
+the draws that break JSON answers on purpose (`invalid_json_rate`, a third RNG, drawn only for
+calls that ask for JSON or offer tools).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -61,6 +63,7 @@ class SimulatedProvider:
         self.template = checked_template(config.template, name)
         self.rng = random.Random(config.seed)
         self._latency_rng = random.Random(None if config.seed is None else f"latency/{config.seed}")
+        self._broken_rng = random.Random(None if config.seed is None else f"broken/{config.seed}")
         self._faults = fault_table(config)
 
     async def start(self) -> None:
@@ -73,12 +76,13 @@ class SimulatedProvider:
 
     async def chat(self, request: ChatRequest, call: Call) -> Completion | ChunkStream:
         fault = self.draw_fault()
+        broken = self.draw_broken(request)
         await self._sleep_ms(self._latency_ms())
         stream = bool(request.stream)
         # A stream's malformed event and cut connection happen inside the body, after the headers.
         if fault is not None and not (stream and fault in ("malformed", "cut")):
             await self._fail(fault)
-        answer = self._answer(request)
+        answer = self._answer(request, broken)
         if stream:
             return ChunkStream(self._chunks(request, answer, fault))
         return Completion(self._completion(answer))
@@ -115,6 +119,15 @@ class SimulatedProvider:
                 return fault
         return None
 
+    def draw_broken(self, request: ChatRequest) -> Broken | None:
+        """How this call's JSON answer is broken on purpose, if it is: one draw, for JSON calls only."""
+        if self.config.invalid_json_rate <= 0 or not (request.tools or _json_format(request)):
+            return None
+        draw = self._broken_rng.random()
+        if draw >= self.config.invalid_json_rate:
+            return None
+        return "truncated" if draw < self.config.invalid_json_rate / 2 else "wrong_type"
+
     def _latency_ms(self) -> float:
         return draw_latency_ms(self.config.latency_ms, self._latency_rng)
 
@@ -145,13 +158,17 @@ class SimulatedProvider:
 
     # ------------------------------------------------------------------ answers
 
-    def _answer(self, request: ChatRequest) -> Answer:
+    def _answer(self, request: ChatRequest, broken: Broken | None = None) -> Answer:
         tool = tool_to_call(request, self.name)
         if tool is not None:
             arguments = minimal_instance(tool.parameters or {"type": "object"})
             text = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)
         else:
             text = self._text(request)
+        if broken is not None and (tool is not None or _json_format(request)):
+            # json_object takes any object: only a value that is not one is wrong there
+            whole = tool is None and getattr(request.response_format, "type", None) == "json_object"
+            text = broken_json(text, broken, whole=whole)
         pieces = word_pieces(text)
         limit = request.output_limit
         truncated = limit is not None and len(pieces) > limit
@@ -240,6 +257,33 @@ class Answer:
         if self.tool_name is None:
             return {"content": piece}
         return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+
+Broken = Literal["truncated", "wrong_type"]
+
+
+def _json_format(request: ChatRequest) -> bool:
+    return request.response_format is not None and request.response_format.type != "text"
+
+
+def broken_json(text: str, how: Broken, *, whole: bool = False) -> str:
+    """A JSON answer broken on purpose: cut in half (no longer JSON), or with a value of the wrong
+    type (the first property's; the whole value when it has none, or when `whole`)."""
+    if how == "truncated":
+        return text[: max(1, len(text) // 2)]
+    value = json.loads(text)
+    if whole:
+        value = [value]
+    elif isinstance(value, dict) and value:
+        first = next(iter(value))
+        value[first] = _wrong_typed(value[first])
+    else:
+        value = _wrong_typed(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _wrong_typed(value: Any) -> Any:
+    return 12345 if isinstance(value, str) else "not-a-" + type(value).__name__
 
 
 def _completion_id() -> str:
