@@ -45,6 +45,7 @@ from keel.reliability.breaker import CircuitBreaker
 from keel.reliability.stage import Reliability
 from keel.request_errors import parse_request
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
+from keel.validation.stage import Validation
 
 if TYPE_CHECKING:
     from keel.embedding.shared import SharedEmbedder
@@ -104,6 +105,7 @@ class Keel:
             *self.cache.stages(),  # exact, then semantic cache: for models with them enabled
             CostStage(self.meter),
             *([guard_out] if guard_out else []),  # output guardrails: inside cost, a blocked answer is billed
+            Validation(),  # JSON answers and tool calls checked, re-asked; inside cost: discarded ones are billed
             *stages, Reliability(),
         ])
         self._started = False
