@@ -22,7 +22,8 @@ checked (`semantic-hit` / `miss`), so a row can never silently measure something
 
 Filling: the memory targets are started through this file (`bench/semantic_cache.py _serve SPEC serve
 ...`), which wraps `keel.cache.build.semantic_cache` to fill the store the stage gets before the gateway
-serves; the postgres ones are filled from here through the store's own table (COPY).
+serves; the postgres ones are filled from here: the real questions through the store's `add`, the filler
+with COPY and the HNSW index built after (bench/pgvector_store.py's loader).
 
 Measured in interleaved rounds (each round visits every target in a rotated order); the figure is the
 median over rounds of each round's p50 / p99, in milliseconds, client-side. Also: the embedder alone in
@@ -66,10 +67,14 @@ ACTIONS = ["reset", "change", "cancel", "update", "find", "download", "turn off"
 FRAMES = ["How do I {a} {s}?", "Where can I {a} {s}?", "Can I {a} {s} from the app?", "Why can't I {a} {s}?",
           "What happens when I {a} {s}?", "Who can {a} {s} in my workspace?", "Is it possible to {a} {s} today?",
           "How long does it take to {a} {s}?", "What do I need to {a} {s}?", "Steps to {a} {s} please"]
-WORDS = ("alpha river copper lantern meadow quartz violet harbor falcon ember summit willow canyon orbit velvet "
-         "thunder marble prism glacier saddle cobalt juniper beacon tundra sapphire mosaic ripple cedar nebula "
-         "pepper lagoon granite harvest echo fable zephyr kettle raven amber compass delta fjord ivory jasmine "
-         "kiwi lotus magnet nectar oasis pixel quill rocket sierra tango umbra vortex whisker yonder zenith").split()
+def vocabulary() -> list[str]:
+    """Whole English words of the embedder's own vocabulary: misses are salads of them, far from any
+    question and from each other (a 64-word list made salads that hit each other)."""
+    import json
+    from importlib.resources import files
+
+    vocab = json.loads((files("keel.embedding") / "tokenizer.json").read_text())["model"]["vocab"]
+    return sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 5)
 
 
 def questions(count: int) -> list[str]:
@@ -123,8 +128,8 @@ def serve_filled(spec_path: str, argv: list[str]) -> None:
     spec = orjson.loads(Path(spec_path).read_bytes())
     build = keel.cache.build.semantic_cache
 
-    def filled(config: Any, embedder: Any, review: Any = None) -> Any:
-        stage = build(config, embedder, review)
+    def filled(*args: Any) -> Any:
+        stage = build(*args)
         assert stage is not None
         [store] = stage.stores()
         before = rss()
@@ -191,7 +196,7 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
         async def embed(texts: list[str]) -> Any:
             return model.encode(texts).array
 
-        filled = await store_fill(store, n, template, embed)
+        filled = await store_fill(store, url, n, template, embed)
         await store.close()
         name = f"postgres {label(n)}"
         path = bench.config(name, {"backend": "postgres", "postgres_url": url, "semantic": {"enabled": True}})
@@ -200,29 +205,24 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
     return targets
 
 
-async def store_fill(store: Any, count: int, template: dict[str, Any], embed: Any) -> dict[str, Any]:
-    """`fill`, with the store's bulk path when it has one (COPY)."""
-    bulk = getattr(store, "bulk_add", None)
-    if bulk is None:
-        return await fill(store, count, template, embed)
+async def store_fill(store: Any, url: str, count: int, template: dict[str, Any], embed: Any) -> dict[str, Any]:
+    """`fill` for PostgreSQL: the real questions through the store's own `add`, the random filler with
+    COPY into the unindexed table, then the HNSW index built once (bench/pgvector_store.py's way)."""
+    from pgvector_store import load, reindex, unindex
 
-    class Collect:
-        def __init__(self) -> None:
-            self.rows: list[tuple[Any, ...]] = []
-
-        async def add(self, *row: Any) -> None:
-            self.rows.append(row)
-
-    collected = Collect()
-    report = await fill(collected, count, template, embed)
+    report = await fill(store, REAL, template, embed)
     started = time.perf_counter()
-    await bulk(collected.rows)
-    return {**report, "fill_s": report["fill_s"] + time.perf_counter() - started}
+    if count > REAL:
+        await unindex(url, store.table)
+        await load(url, store.table, report["scope"], random_vectors(count - REAL, seed=count), REAL)
+        await reindex(url, store.table)
+    return {**report, "entries": count, "fill_s": report["fill_s"] + time.perf_counter() - started}
 
 
 async def measure(session: aiohttp.ClientSession, targets: list[Target], args: argparse.Namespace) -> tuple[Rows, Rows]:
     asked, rng = questions(REAL), random.Random(1)
-    fresh = iter(" ".join(random.Random(i).sample(WORDS, 6)) + "?" for i in range(10**9))
+    words = vocabulary()
+    fresh = iter(" ".join(random.Random(i).sample(words, 8)) + "?" for i in range(10**9))
     hits, misses = Rows(), Rows()
 
     async def hit_run(target: Target, count: int) -> list[float]:
