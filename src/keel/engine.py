@@ -44,6 +44,7 @@ from keel.providers.base import Deployment, deployment_name, make_provider
 from keel.reliability.breaker import CircuitBreaker
 from keel.reliability.stage import Reliability
 from keel.request_errors import parse_request
+from keel.routing.build import build_routing
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
 from keel.validation.stage import Validation
 
@@ -97,13 +98,20 @@ class Keel:
         if self.cache.semantic is not None:  # the guards' refusals
             self.metrics.registry.register(self.cache.semantic)
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
+        # Virtual models (keel.routing): the router after auth and rate limits (which count the virtual
+        # model) and before budgets, so the hold prices the tier chosen; the cascade inside cost, so an
+        # escalation's discarded answer is billed, and outside validation, so its invalid_output is seen.
+        self.routing = build_routing(config, self.deployments, ask=self._ask_router, budgets=self.budgets,
+                                     embedder=self._shared_embedder)
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
+            *([self.routing.router] if self.routing else []),  # virtual model -> tier: when some model routes
             budget or BudgetStage(self.budgets, self.meter, self.alerts),
             *self.cache.stages(),  # exact, then semantic cache: for models with them enabled
             CostStage(self.meter),
+            *([self.routing.cascade] if self.routing else []),  # a cascade's tiers, cheapest first
             *([guard_out] if guard_out else []),  # output guardrails: inside cost, a blocked answer is billed
             Validation(),  # JSON answers and tool calls checked, re-asked; inside cost: discarded ones are billed
             *stages, Reliability(),
@@ -210,13 +218,17 @@ class Keel:
             await reply.settle()
         return reply
 
-    async def _ask(self, model: str, prompt: str) -> str:
+    async def _ask_router(self, model: str, prompt: str) -> str:
+        """A cascade's judge question (keel.routing), as a guardrail's: logged and priced on its own."""
+        return await self._ask(model, prompt, feature="keel.router")
+
+    async def _ask(self, model: str, prompt: str, feature: str = "keel.guardrail") -> str:
         """A guardrail's question to a model of this keel.yaml, through the pipeline (logged, priced,
         within budgets) but not guarded again."""
         request = ChatRequest.model_validate(
             {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0}
         )
-        reply = await self.handle(request, Context(feature="keel.guardrail", internal=True))
+        reply = await self.handle(request, Context(feature=feature, internal=True))
         assert isinstance(reply, Completion)
         return str(reply.body["choices"][0]["message"].get("content") or "")
 

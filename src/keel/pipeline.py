@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from keel.limits.headers import RateLimitState
     from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
+    from keel.routing.route import Route
 
 
 def new_request_id() -> str:
@@ -116,6 +117,8 @@ class Context:
     cache_status: str = "none"
     cache_saved_nanos: Nanos = 0
     internal: bool = False  # a call Keel makes for itself (a guardrail's model check): not guarded again
+    # A virtual model's route (keel.routing): the tier that answers and why; x-keel-route, the log, the span.
+    route: Route | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

@@ -130,7 +130,7 @@ def build_record(
         ],
         input=_input(call) if log_content else None,
         output=_output(answer) if log_content else None,
-        metadata=bounded_metadata(metadata),
+        metadata=_with_route(bounded_metadata(metadata), ctx),
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
@@ -197,6 +197,17 @@ def _keel_outcome(error: KeelError) -> Outcome:
     if isinstance(error, InvalidRequest | AuthenticationFailed | ModelNotFound | UpstreamBadRequest):
         return "invalid"  # the caller's mistake, also when the upstream said so (context_length_exceeded)
     return "error"
+
+
+ROUTE_KEY = "keel.route"
+
+
+def _with_route(metadata: dict[str, Any] | None, ctx: Context) -> dict[str, Any] | None:
+    """A virtual model's route (keel.routing) kept in the record's metadata under `keel.route`, over any
+    value a client sent under that key: {model, reason, escalations, tried}."""
+    if ctx.route is None:
+        return metadata
+    return {**(metadata or {}), ROUTE_KEY: ctx.route.as_record()}
 
 
 def bounded_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -750,6 +750,10 @@ def _outcome_attributes(call: Call, record: RequestRecord, answer: Mapping[str, 
         attributes["keel.deployment"] = record.deployment
     if record.feature is not None:
         attributes["keel.feature"] = record.feature
+    if call.ctx.route is not None:  # a virtual model's tier (keel.routing)
+        attributes["keel.route"] = call.ctx.route.model
+        attributes["keel.route_reason"] = call.ctx.route.reason
+        attributes["keel.route_escalations"] = call.ctx.route.escalations
     if record.error_type is not None:
         attributes["error.type"] = record.error_type
     if answer is not None:

@@ -153,6 +153,9 @@ class Gateway:
         # x-keel-cache: hit | semantic-hit | miss | bypass, on every answer of a call a cache saw (docs/caching.md).
         if incoming.ctx is not None and (cached := CACHE_HEADERS.get(incoming.ctx.cache_status)) is not None:
             extra = [*extra, cached]
+        # x-keel-route: <tier model>; reason=<why>, on every answer of a call to a virtual model (docs/routing.md).
+        if incoming.ctx is not None and incoming.ctx.route is not None:
+            extra = [*extra, (b"x-keel-route", incoming.ctx.route.header().encode("latin-1", "replace"))]
         if isinstance(reply, Answer):
             headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header, *extra]
             headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
