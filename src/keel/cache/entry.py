@@ -41,3 +41,13 @@ class CachedAnswer:
         if stored_at is not None and (isinstance(stored_at, bool) or not isinstance(stored_at, int | float)):
             raise CorruptEntry("a cache entry's stored_at is not a number")
         return cls(completion, cost, None if stored_at is None else float(stored_at))
+
+
+def stored_at_of(value: bytes) -> float:
+    """When a stored entry was made (what invalidation by age reads in a shared store); -inf (older than
+    any age) when that is unknown or the entry does not parse."""
+    try:
+        stored_at = CachedAnswer.loads(value).stored_at
+    except CorruptEntry:
+        return float("-inf")
+    return float("-inf") if stored_at is None else stored_at

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client.core import Metric
 
+from keel.cache.entry import stored_at_of
 from keel.cache.health import BackendHealth, reason
 from keel.cache.key import KEY_VERSION, KeyScope, segment
-from keel.cache.redis_store import CacheStoreUnavailable, _stored_at
+from keel.cache.redis_store import CacheStoreUnavailable
 from keel.cache.semantic_store import SCOPE_VERSION, Neighbour
 from keel.errors import KeelError
 
@@ -406,7 +407,7 @@ class PostgresStore(_Postgres):
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         from psycopg import sql
 
-        now, stored_at = self.clock(), _stored_at(value)
+        now, stored_at = self.clock(), stored_at_of(value)
         upsert = sql.SQL(
             "INSERT INTO {t} (key, value, stored_at, expires_at) VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO UPDATE "
             "SET value = excluded.value, stored_at = excluded.stored_at, expires_at = excluded.expires_at"

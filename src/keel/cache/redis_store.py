@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from keel.cache.entry import CachedAnswer, CorruptEntry
+from keel.cache.entry import stored_at_of
 from keel.cache.health import BackendHealth
 from keel.cache.key import KeyScope, glob_escape
 from keel.errors import KeelError
@@ -116,7 +116,7 @@ class RedisStore:
         cutoff = self.clock() - older_than_s
         values: list[bytes | None] = await self.redis.mget(keys)
         return [key for key, value in zip(keys, values, strict=True)
-                if value is not None and _stored_at(value) <= cutoff]
+                if value is not None and stored_at_of(value) <= cutoff]
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -128,12 +128,3 @@ class RedisStore:
     def collect(self) -> Iterable[Metric]:
         """Read at scrape time (a `Keel` registers its stores' healths together instead)."""
         return self.health.collect()
-
-
-def _stored_at(value: bytes) -> float:
-    """When an entry was stored; -inf (older than any age) when that is unknown or it does not parse."""
-    try:
-        stored_at = CachedAnswer.loads(value).stored_at
-    except CorruptEntry:
-        return float("-inf")
-    return float("-inf") if stored_at is None else stored_at
