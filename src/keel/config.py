@@ -462,7 +462,6 @@ class ValidationConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
 RouteStrategy = Literal["rules", "complexity", "cascade", "balance"]
 EscalateOn = Literal["invalid_output", "low_confidence", "judge"]
 
@@ -565,6 +564,7 @@ class RouterConfig(_Strict):
         return self
 
 
+class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="what clients ask for in 'model'")
     timeout_s: float = Field(default=60, gt=0, description="whole-call deadline, retries included")
     attempt_timeout_s: float | None = Field(default=None, gt=0, description="one attempt's deadline")
@@ -572,10 +572,10 @@ class RouterConfig(_Strict):
     chunk_gap_timeout_s: float | None = Field(default=None, gt=0, description="streams: longest silence")
     retry: RetryConfig = Field(default_factory=RetryConfig, description="retries with backoff")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker per deployment")
-    deployments: list[Deployment] = Field(
     router: RouterConfig | None = Field(
         default=None, description="a virtual model: routes each call to one of its tiers (docs/routing.md)"
     )
+    deployments: list[Deployment] = Field(
         default=None, validate_default=True,
         description="tried in order: later ones are fallbacks; none for a virtual model (router)",
     )
@@ -592,7 +592,6 @@ class RouterConfig(_Strict):
         default_factory=ValidationConfig, description="checks of JSON answers and tool calls, with re-asks"
     )
 
-
     @field_validator("deployments", mode="before")
     @classmethod
     def _deployments_or_router(cls, value: Any, info: ValidationInfo) -> Any:
@@ -608,6 +607,7 @@ class RouterConfig(_Strict):
         if isinstance(value, list) and not value:
             raise PydanticCustomError("too_short", "List should have at least 1 item")
         return value
+
 
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="address to bind (`keel serve --host` wins)")
@@ -839,7 +839,6 @@ class KeelConfig(_Strict):
                     )
         return self
 
-    def model(self, name: str) -> ModelConfig | None:
     @model_validator(mode="after")
     def _router_tiers_exist(self) -> KeelConfig:
         """A virtual model's tiers (and judge) are plain models of this file; their deployments are told
@@ -870,6 +869,7 @@ class KeelConfig(_Strict):
                                          f"named '{name}'; give them distinct 'name's so each is priced as its own")
         return self
 
+    def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
 
