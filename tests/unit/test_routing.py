@@ -3,6 +3,7 @@ stages in-process with simulated tiers (no network)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -301,3 +302,28 @@ async def test_embeddings_to_a_virtual_model_are_refused_with_its_tiers() -> Non
     async with keel:
         with pytest.raises(KeelError, match=r"virtual model for chat completions.*fast, smart"):
             await keel.embeddings(model="auto", input=["x"])
+
+
+async def test_the_validation_stage_giving_up_on_the_cheap_tier_escalates_and_both_are_billed() -> None:
+    broken = {"name": "fast", "validation": {"max_repairs": 1}, "deployments": [
+        {"provider": "simulated", "name": "fast-sim", "invalid_json_rate": 1.0, "seed": 1,
+         "template": '{{"answer": "fast"}}', "price": {"input": 1, "output": 1}}]}
+    sound = {"name": "smart", "deployments": [{"provider": "simulated", "name": "smart-sim",
+                                               "template": '{{"answer": "smart"}}',
+                                               "price": {"input": 30, "output": 30}}]}
+    config = parse_config({"models": [{"name": "auto", "router": {"strategy": "cascade", "tiers": ["fast", "smart"],
+                                                                  "escalate_on": ["invalid_output"]}},
+                                      broken, sound]}, warn_unset_keys=False)
+    sink = RecordingSink()
+    keel = Keel(config, stages=[Observe(sink, Tracing(TracingConfig(to_store=False)), Metrics())])
+    async with keel:
+        reply = await keel.chat(model="auto", messages=[{"role": "user", "content": "json please"}],
+                                response_format={"type": "json_object"})
+        await keel.chat(model="smart", messages=[{"role": "user", "content": "json please"}],
+                        response_format={"type": "json_object"})
+    content = reply.choices[0].message.content or ""
+    assert isinstance(json.loads(content), dict) and "smart" in content and "fast" not in content
+    record, smart_only = sink.records
+    assert [a["deployment"] for a in record.attempt_log] == ["fast-sim", "fast-sim", "smart-sim"]
+    assert record.metadata is not None and record.metadata["keel.route"]["reason"] == "cascade,fast:invalid_output"
+    assert record.outcome == "ok" and record.cost_nanousd > smart_only.cost_nanousd > 0  # the broken answers too
