@@ -389,8 +389,9 @@ class SemanticCacheConfig(_Strict):
 
     enabled: bool = Field(default=False, description="serve requests that mean the same as an earlier one")
     threshold: float = Field(
-        default=0.92, gt=0, le=1,
-        description="cosine similarity a stored query needs; pick it with `keel cache calibrate`",
+        default=0.988, gt=0, le=1,
+        description="cosine similarity a stored query needs; the default is the lowest that kept precision at "
+        "0.99 on labelled pairs (docs/caching.md#calibration); pick yours with `keel cache calibrate`",
     )
     ttl_s: float = Field(default=86400, gt=0, description="a semantic entry is served this long")
     backend: Literal["memory", "postgres"] | None = Field(

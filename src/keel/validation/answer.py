@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from jsonschema.protocols import Validator  # type: ignore[import-untyped]
+from jsonschema.protocols import Validator
 from referencing.exceptions import Unresolvable
 
 from keel.errors import InvalidRequest

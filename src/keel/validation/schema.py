@@ -17,10 +17,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
-from jsonschema.exceptions import SchemaError  # type: ignore[import-untyped]
-from jsonschema.protocols import Validator  # type: ignore[import-untyped]
-from jsonschema.validators import validator_for  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 from referencing.exceptions import Unresolvable
 
 from keel.errors import InvalidRequest
@@ -86,7 +86,7 @@ def compile_schema(schema: Any, param: str) -> Validator:
             f"({_declared_draft(schema)!r}); leave it out for Draft 2020-12.", param=param,
         ) from None
     try:
-        cls.check_schema(schema)
+        cls.check_schema(schema)  # type: ignore[arg-type]  # a bool schema is valid; the stubs say dict only
     except SchemaError as error:  # already the best match of the metaschema's errors
         raise InvalidRequest(f"Invalid schema in '{param}': {json_path(error.absolute_path)}: {error.message}.",
                              param=param) from None
@@ -106,7 +106,8 @@ def _check_references(validator: Validator, schema: Mapping[str, Any], param: st
     """Every local `$ref` resolves, and none loops back to itself without stepping into the value."""
     if _has_nested_ids(schema):
         return  # relative references depend on the nearest `$id`: checked as they are used instead
-    resolver = validator._resolver  # jsonschema's registry of this schema alone: nothing is fetched
+    # jsonschema's resolver over this schema alone (nothing is fetched); not in its public API or stubs
+    resolver = validator._resolver  # type: ignore[attr-defined]
     targets: dict[int, Any] = {}
     for node in _nodes(schema):
         ref = node.get("$ref")
