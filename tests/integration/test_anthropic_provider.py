@@ -313,21 +313,105 @@ async def test_tools_and_tool_choice_are_mapped(
     assert sent["tool_choice"] == expected
 
 
-async def test_response_format_becomes_a_system_instruction(
+async def test_json_schema_is_a_forced_answer_tool_and_comes_back_as_content(
     provider: AnthropicProvider, fake: FakeAnthropicServer
 ) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
-    await complete(provider, messages=[{"role": "system", "content": "Be exact."}, *HI], response_format={
+    body = await complete(provider, messages=[{"role": "system", "content": "Be exact."}, *HI], response_format={
         "type": "json_schema", "json_schema": {"name": "result", "schema": schema},
     })
-    system = fake.bodies[-1]["system"]
-    assert system.startswith("Be exact.\n\n")
-    assert '{"type":"object","properties":{"answer":{"type":"integer"}},"required":["answer"]}' in system
-    assert "'result'" in system
-    await complete(provider, messages=HI, response_format={"type": "json_object"})
-    assert "JSON object" in fake.bodies[-1]["system"]
+    sent = fake.bodies[-1]
+    assert sent["system"] == "Be exact."  # no instruction: the tool constrains the answer
+    assert [(t["name"], t["input_schema"]) for t in sent["tools"]] == [("result", schema)]
+    assert sent["tool_choice"] == {"type": "tool", "name": "result", "disable_parallel_tool_use": True}
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == '{"answer":0}'
+    body = await complete(provider, messages=HI, response_format={"type": "json_object"})
+    assert fake.bodies[-1]["tools"][0]["name"] == "json_answer"
+    assert fake.bodies[-1]["tools"][0]["input_schema"] == {"type": "object"}
+    assert body["choices"][0]["message"]["content"] == "{}"
     await complete(provider, messages=HI, response_format={"type": "text"})
-    assert "system" not in fake.bodies[-1]
+    assert "tools" not in fake.bodies[-1] and "system" not in fake.bodies[-1]
+
+
+async def test_a_schema_that_is_not_an_object_is_wrapped_and_unwrapped(
+    provider: AnthropicProvider, fake: FakeAnthropicServer
+) -> None:
+    schema = {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1, "$defs": {"n": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "numbers list", "schema": schema}}
+    body = await complete(provider, messages=HI, response_format=fmt)
+    [tool] = fake.bodies[-1]["tools"]
+    assert tool["name"] == "numbers_list"
+    assert tool["input_schema"]["$defs"] == {"n": {"type": "integer"}}
+    assert tool["input_schema"]["properties"]["value"] == {"type": "array", "items": {"$ref": "#/$defs/n"},
+                                                           "minItems": 1}
+    assert body["choices"][0]["message"]["content"] == "[0]"
+    _, reply = await stream(provider, messages=HI, response_format=fmt)
+    assert reply.completion()["choices"][0]["message"]["content"] == "[0]"
+    assert reply.finish_reason == "stop"
+
+
+async def test_streamed_json_answer_arrives_as_content_deltas(
+    provider: AnthropicProvider, fake: FakeAnthropicServer
+) -> None:
+    schema = {"type": "object", "required": ["city", "days"],
+              "properties": {"city": {"type": "string", "minLength": 3}, "days": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    plain = await complete(provider, messages=HI, response_format=fmt)
+    chunks, reply = await stream(provider, messages=HI, response_format=fmt)
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert len([t for t in contents if t]) > 1  # streamed in pieces, not held
+    assert not any(c["choices"] and "tool_calls" in c["choices"][0]["delta"] for c in chunks)
+    assert reply.finish_reason == "stop"
+    assert without_ids(reply.completion()) == without_ids(plain)
+    assert plain["choices"][0]["message"]["content"] == '{"city":"aaa","days":0}'
+
+
+@pytest.mark.parametrize(("tool_choice", "expected_choice", "answer_tool_sent"), [
+    ("auto", {"type": "any"}, True),
+    ("none", {"type": "tool", "name": "result", "disable_parallel_tool_use": True}, True),
+    ("required", {"type": "any"}, False),
+    ({"type": "function", "function": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather"}, False),
+])
+async def test_json_answer_beside_caller_tools_follows_tool_choice(
+    provider: AnthropicProvider, fake: FakeAnthropicServer, tool_choice: Any, expected_choice: Any,
+    answer_tool_sent: bool,
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "result", "schema": {"type": "object"}}}
+    await complete(provider, messages=HI, tools=[WEATHER_TOOL], tool_choice=tool_choice, response_format=fmt)
+    sent = fake.bodies[-1]
+    assert [t["name"] for t in sent["tools"]] == ["get_weather", *(["result"] if answer_tool_sent else [])]
+    assert sent["tool_choice"] == expected_choice
+
+
+async def test_answer_tool_name_never_clashes_with_a_caller_tool(
+    provider: AnthropicProvider, fake: FakeAnthropicServer
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "get_weather", "schema": {"type": "object"}}}
+    fake.configure(tool_uses=[{"name": "get_weather", "input": {"city": "Oslo"}}], text="")
+    body = await complete(provider, messages=HI, tools=[WEATHER_TOOL], response_format=fmt)
+    assert [t["name"] for t in fake.bodies[-1]["tools"]] == ["get_weather", "get_weather_answer"]
+    [call] = body["choices"][0]["message"]["tool_calls"]  # the caller's tool stays a tool call
+    assert call["function"]["name"] == "get_weather" and body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_json_answers_are_repaired_through_the_pipeline(
+    fake: FakeAnthropicServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    monkeypatch.setenv(KEY_ENV, KEY)
+    fake.configure(invalid_json_first=1)
+    async with Keel(parse_config(keel_config(fake))) as keel:
+        reply = await keel.chat(model="claude", messages=HI, response_format=fmt)
+    assert isinstance(reply, ChatCompletion)
+    assert reply.choices[0].message.content == '{"name":""}'
+    assert fake.fake.stats.requests == 2
+    repair = fake.bodies[-1]["messages"]
+    assert repair[1] == {"role": "assistant", "content": '{"name":12345}'}  # the broken answer, as text
+    assert "$.name" in repair[2]["content"]
 
 
 # ---------------------------------------------------------------------------- answers

@@ -5,13 +5,20 @@ Requests are translated to `POST /v1/messages` (system prompt at the top level, 
 user/assistant alternation, tool calls and results as content blocks, a required
 `max_tokens`); answers and stream events are translated back into chat.completion objects
 and chunks, so nothing past this module knows the upstream was not OpenAI-shaped.
+
+JSON answers (`response_format` json_schema or json_object) travel the Anthropic way: as a forced
+tool whose `input_schema` is the caller's schema (`AnswerTool`), so the answer is constrained like a
+tool call's arguments; its `tool_use` input comes back as the message's `content` (a JSON string, not
+a tool call), plain and streamed (`input_json_delta` events become content deltas).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -85,10 +92,11 @@ class AnthropicProvider(ChatOnly):
         await self.upstream.close()
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
-        response = await self._post(orjson.dumps(messages_body(request, self.config)))
+        answer = answer_tool(request)
+        response = await self._post(orjson.dumps(messages_body(request, self.config, answer)))
         if not request.stream:
-            return Completion(completion_from(await self._json(response), self.name))
-        return ChunkStream(self._chunks(response))
+            return Completion(completion_from(await self._json(response), self.name, answer))
+        return ChunkStream(self._chunks(response, answer))
 
     async def _post(self, body: bytes) -> Response:
         return await self.upstream.post("/v1/messages", body)
@@ -101,8 +109,8 @@ class AnthropicProvider(ChatOnly):
             )
         return body
 
-    async def _chunks(self, response: Response) -> AsyncIterator[dict[str, Any]]:
-        translate = StreamTranslator(self.name)
+    async def _chunks(self, response: Response, answer: AnswerTool | None) -> AsyncIterator[dict[str, Any]]:
+        translate = StreamTranslator(self.name, answer)
         try:
             async for event in read_events(response.parts(mid_stream_error(self.name))):
                 for chunk in translate(self._event(event.data)):
@@ -132,8 +140,10 @@ class AnthropicProvider(ChatOnly):
 # ---------------------------------------------------------------------------- request: OpenAI → Anthropic
 
 
-def messages_body(request: ChatRequest, config: AnthropicDeployment) -> dict[str, Any]:
-    """The `POST /v1/messages` body for an OpenAI chat request."""
+def messages_body(
+    request: ChatRequest, config: AnthropicDeployment, answer: AnswerTool | None = None
+) -> dict[str, Any]:
+    """The `POST /v1/messages` body for an OpenAI chat request (`answer`: its JSON answer tool, if any)."""
     body: dict[str, Any] = {
         "model": config.model,
         "max_tokens": request.output_limit or config.default_max_tokens,  # Anthropic requires it
@@ -149,8 +159,12 @@ def messages_body(request: ChatRequest, config: AnthropicDeployment) -> dict[str
         body["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else request.stop
     if request.user:
         body["metadata"] = {"user_id": request.user}
-    if request.tools:
-        body["tools"] = [_tool(tool) for tool in request.tools]
+    tools = [_tool(tool) for tool in request.tools or ()]
+    if answer is not None:
+        body["tools"] = [*tools, answer.spec]
+        body["tool_choice"] = answer.choice(request, has_tools=bool(tools))
+    elif tools:
+        body["tools"] = tools
         body["tool_choice"] = _tool_choice(request.tool_choice, request.parallel_tool_calls)
     if request.stream:
         body["stream"] = True
@@ -162,24 +176,85 @@ def _system(request: ChatRequest) -> str:
     parts = [
         content_text(m.content) for m in request.messages if isinstance(m, SystemMessage | DeveloperMessage)
     ]
-    if instruction := _format_instruction(request):
-        parts.append(instruction)
     return "\n\n".join(p for p in parts if p)
 
 
-def _format_instruction(request: ChatRequest) -> str | None:
-    # The Messages API has no JSON mode or schema-constrained decoding to map these onto, so
-    # the best translation is an instruction; Keel's validation stage checks what comes back.
+# ---------------------------------------------------------------------------- JSON answers as a forced tool
+
+ANSWER_TOOL = "json_answer"  # the answer tool's name for json_object, or when the schema's name cannot be used
+WRAPPED = "value"  # the one property a schema that is not an object schema is wrapped in
+_TOOL_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+_ANSWER_DESCRIPTION = (
+    "Give your final answer by calling this tool: its input is the answer itself, "
+    "as JSON matching the input schema exactly."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerTool:
+    """The tool a JSON answer is forced through: the Messages API has no JSON mode, but a tool's
+    `input_schema` constrains the model's output, and `tool_choice` can make it call that tool.
+
+    Anthropic takes only object schemas as `input_schema`: another schema (an array, a string, a
+    `oneOf` without `type`) is `wrapped` as the one required property `value` of an object, and
+    unwrapped on the way back.
+    """
+
+    name: str
+    schema: Any  # the schema the answer matches, as the caller gave it
+    wrapped: bool
+
+    @property
+    def spec(self) -> Block:
+        return {"name": self.name, "description": _ANSWER_DESCRIPTION, "input_schema": self._input_schema()}
+
+    def _input_schema(self) -> Any:
+        if not self.wrapped:
+            return self.schema
+        inner = dict(self.schema) if isinstance(self.schema, Mapping) else self.schema
+        outer: Block = {"type": "object", "properties": {WRAPPED: inner}, "required": [WRAPPED],
+                        "additionalProperties": False}
+        if isinstance(inner, dict):
+            # `#/$defs/...` references are from the root: the definitions move up with it.
+            for key in ("$defs", "definitions"):
+                if key in inner:
+                    outer[key] = inner.pop(key)
+        return outer
+
+    def choice(self, request: ChatRequest, *, has_tools: bool) -> Block:
+        """Without caller tools, or with tool_choice 'none': the answer tool, forced. With caller tools
+        under 'auto': any tool, theirs or the answer (a tool call either way, never free text)."""
+        if has_tools and request.tool_choice in (None, "auto"):
+            mapped: Block = {"type": "any"}
+            if request.parallel_tool_calls is False:
+                mapped["disable_parallel_tool_use"] = True
+            return mapped
+        return {"type": "tool", "name": self.name, "disable_parallel_tool_use": True}
+
+    def content(self, tool_input: Any) -> str:
+        """The answer as the message's content: the tool's input as a JSON string."""
+        value = tool_input.get(WRAPPED) if self.wrapped and isinstance(tool_input, dict) else tool_input
+        return orjson.dumps(value).decode()
+
+
+def answer_tool(request: ChatRequest) -> AnswerTool | None:
+    """The answer tool for a JSON request; None when there is no JSON answer to force, or when the
+    caller's tool_choice requires a call of one of their own tools (that call is the answer)."""
     fmt = request.response_format
-    if isinstance(fmt, ResponseFormatJSONSchema):
-        schema = orjson.dumps(fmt.json_schema.schema_ or {}).decode()
-        return (
-            f"Respond with a single JSON value and nothing else (no prose, no code fences). "
-            f"It must validate against this JSON schema, named '{fmt.json_schema.name}': {schema}"
-        )
-    if isinstance(fmt, ResponseFormatJSONObject):
-        return "Respond with a single JSON object and nothing else (no prose, no code fences)."
-    return None
+    if not isinstance(fmt, ResponseFormatJSONSchema | ResponseFormatJSONObject):
+        return None
+    if request.tools and (request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)):
+        return None
+    schema: Any = {"type": "object"}
+    name = ANSWER_TOOL
+    if isinstance(fmt, ResponseFormatJSONSchema) and fmt.json_schema.schema_ is not None:
+        schema = fmt.json_schema.schema_
+        name = _TOOL_NAME.sub("_", fmt.json_schema.name)[:64] or ANSWER_TOOL
+    taken = {tool.function.name for tool in request.tools or ()}
+    while name in taken:
+        name = (name + "_answer")[-64:]
+    wrapped = not (isinstance(schema, Mapping) and schema.get("type") == "object")
+    return AnswerTool(name=name, schema=schema, wrapped=wrapped)
 
 
 def _turns(request: ChatRequest) -> list[dict[str, Any]]:
@@ -326,27 +401,31 @@ def _tool_choice(choice: ToolChoice | None, parallel: bool | None) -> Block:
 # ---------------------------------------------------------------------------- answer: Anthropic → OpenAI
 
 
-def completion_from(message: dict[str, Any], deployment: str) -> dict[str, Any]:
-    """The chat.completion object for an Anthropic message."""
+def completion_from(message: dict[str, Any], deployment: str, answer: AnswerTool | None = None) -> dict[str, Any]:
+    """The chat.completion object for an Anthropic message; a call of the `answer` tool is the content
+    (text is dropped then: with the tool forced, the answer is the tool's input alone)."""
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     for block in message["content"]:
         if not isinstance(block, dict):
             continue
-        if block.get("type") == "text":
+        if block.get("type") == "text" and answer is None:
             texts.append(str(block.get("text") or ""))
+        elif block.get("type") == "tool_use" and answer is not None and block.get("name") == answer.name:
+            texts = [answer.content(block.get("input"))]
         elif block.get("type") == "tool_use":
             tool_calls.append(_tool_call(block))
     text = "".join(texts)
     reply: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
     if tool_calls:
         reply["tool_calls"] = tool_calls
+    finish = finish_reason(message.get("stop_reason"))
     return completion_body(
         id="chatcmpl-" + str(message.get("id") or ""),
         model=str(message.get("model") or ""),
         created=int(time.time()),
         message=reply,
-        finish_reason=finish_reason(message.get("stop_reason")),
+        finish_reason="stop" if finish == "tool_calls" and not tool_calls else finish,
         usage=usage_from(message.get("usage") or {}),
     )
 
@@ -377,10 +456,17 @@ def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
 
 class StreamTranslator:
     """Anthropic stream events in, OpenAI chunks out; remembers what later events need
-    (the message id and model, prompt usage from message_start, which block is which tool)."""
+    (the message id and model, prompt usage from message_start, which block is which tool).
 
-    def __init__(self, deployment: str) -> None:
+    With an `answer` tool, its input's fragments are content deltas as they come (held to the
+    block's end only when the schema was wrapped, to take the wrapper off) and text is dropped,
+    as in `completion_from`."""
+
+    def __init__(self, deployment: str, answer: AnswerTool | None = None) -> None:
         self.deployment = deployment
+        self.answer = answer
+        self.answer_block: int | None = None  # the Anthropic block index of the answer tool's call
+        self.held: list[str] = []  # a wrapped answer's fragments, until its block ends
         self.id = ""
         self.model = ""
         self.created = int(time.time())
@@ -391,13 +477,14 @@ class StreamTranslator:
             "message_start": self._message_start,
             "content_block_start": self._block_start,
             "content_block_delta": self._block_delta,
+            "content_block_stop": self._block_stop,
             "message_delta": self._message_delta,
             "message_stop": self._message_stop,
             "error": self._error,
         }
 
     def __call__(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        # ping, content_block_stop and event types newer than this code carry nothing to pass on.
+        # ping and event types newer than this code carry nothing to pass on.
         handler = self._handlers.get(str(event.get("type")))
         return handler(event) if handler else []
 
@@ -413,10 +500,13 @@ class StreamTranslator:
 
     def _block_start(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         block = event.get("content_block") or {}
-        if block.get("type") == "text" and block.get("text"):
+        if block.get("type") == "text" and block.get("text") and self.answer is None:
             return [self._chunk({"content": block["text"]})]
         if block.get("type") != "tool_use":
             return []  # thinking blocks have no OpenAI counterpart
+        if self.answer is not None and block.get("name") == self.answer.name:
+            self.answer_block = int(event.get("index", 0))
+            return []
         index = self.tools[int(event.get("index", 0))] = len(self.tools)
         call = {"index": index, "id": block.get("id"), "type": "function",
                 "function": {"name": block.get("name"), "arguments": ""}}
@@ -424,17 +514,42 @@ class StreamTranslator:
 
     def _block_delta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         delta = event.get("delta") or {}
-        if delta.get("type") == "text_delta" and delta.get("text"):
+        if delta.get("type") == "text_delta" and delta.get("text") and self.answer is None:
             return [self._chunk({"content": delta["text"]})]
+        if self.answer_block is not None and int(event.get("index", 0)) == self.answer_block:
+            return self._answer_delta(str(delta.get("partial_json") or ""))
         index = self.tools.get(int(event.get("index", 0)))
         if delta.get("type") == "input_json_delta" and delta.get("partial_json") and index is not None:
             return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})]
         return []
 
+    def _answer_delta(self, fragment: str) -> list[dict[str, Any]]:
+        assert self.answer is not None
+        if not fragment:
+            return []
+        if self.answer.wrapped:
+            self.held.append(fragment)
+            return []
+        return [self._chunk({"content": fragment})]
+
+    def _block_stop(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.answer is None or not self.answer.wrapped or int(event.get("index", 0)) != self.answer_block:
+            return []
+        text = "".join(self.held)
+        self.held = []
+        try:
+            text = self.answer.content(orjson.loads(text))
+        except orjson.JSONDecodeError:
+            pass  # cut short (max_tokens): passed on as it is, and finish_reason 'length' says why
+        return [self._chunk({"content": text})] if text else []
+
     def _message_delta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         self._add_usage(event.get("usage"))
         stop_reason = (event.get("delta") or {}).get("stop_reason")
-        return [self._chunk({}, finish_reason(stop_reason) or "stop")]
+        finish = finish_reason(stop_reason) or "stop"
+        if finish == "tool_calls" and not self.tools:
+            finish = "stop"  # the only tool called was the answer tool: the answer is the content
+        return [self._chunk({}, finish)]
 
     def _message_stop(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         self.stopped = True

@@ -9,6 +9,9 @@ message_stop) with `echo: <last user text>` or configured text and tool calls. I
 orphaned tool results, empty text blocks, a missing max_tokens, too long a prompt) in
 Anthropic's error shape, and fails on purpose: any status with its error type and
 retry-after, an `error` event mid-stream, a stream without message_stop, a cut connection.
+A `tool_choice` of type `tool` (how Keel sends JSON answers) is answered with a call of that tool
+whose input is a small instance of its `input_schema`; `invalid_json_first` makes the next N of
+those inputs schema-invalid (a value of the wrong type), to exercise the validation stage's repair.
 Tests change its behaviour at run time with `POST /_fake/config` and read the request
 bodies it received with `GET /_fake/stats`.
 """
@@ -26,6 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from keel.providers.simulated import broken_json, minimal_instance
 from keel.testing.fake_server import Controls, ThreadedServer
 
 ERROR_TYPES = {
@@ -54,6 +58,7 @@ class FakeAnthropicBehaviour:
     stream_error_type: str = "overloaded_error"
     cut_after: int | None = None  # streams: drop the connection after this many deltas
     omit_message_stop: bool = False  # streams: end cleanly but without message_stop
+    invalid_json_first: int = 0  # the next this-many forced tool inputs are schema-invalid (counts down)
 
 
 @dataclass
@@ -142,11 +147,13 @@ class FakeAnthropic(Controls[FakeAnthropicBehaviour, FakeAnthropicStats]):
 
     def _message(self, body: dict[str, Any]) -> dict[str, Any]:
         b = self.behaviour
-        text, stop_reason, stop_sequence = _stopped(b.text if b.text is not None else _echo(body), body)
+        tool_uses = b.tool_uses or self._forced(body)
+        default = "" if tool_uses and not b.tool_uses else _echo(body)  # a forced tool: no text around it
+        text, stop_reason, stop_sequence = _stopped(b.text if b.text is not None else default, body)
         content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-        if stop_reason == "end_turn" and b.tool_uses:  # a cut-short answer never reaches its tool calls
+        if stop_reason == "end_turn" and tool_uses:  # a cut-short answer never reaches its tool calls
             content += [{"type": "tool_use", "id": "toolu_" + _id(), "name": tool["name"],
-                         "input": tool.get("input", {})} for tool in b.tool_uses]
+                         "input": tool.get("input", {})} for tool in tool_uses]
             stop_reason = "tool_use"
         output_tokens = max(1, len(text.split()) + 8 * (len(content) - bool(text)))
         return {
@@ -159,6 +166,22 @@ class FakeAnthropic(Controls[FakeAnthropicBehaviour, FakeAnthropicStats]):
                 "output_tokens": output_tokens,
             },
         }
+
+    def _forced(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The call a `tool_choice` of type `tool` forces, its input made from the tool's input_schema
+        (broken on purpose while `invalid_json_first` lasts)."""
+        choice = body.get("tool_choice") or {}
+        if not isinstance(choice, dict) or choice.get("type") != "tool":
+            return []
+        tool = next((t for t in body.get("tools") or () if isinstance(t, dict) and t.get("name") == choice.get("name")),
+                    None)
+        if tool is None:
+            return []
+        value = minimal_instance(tool.get("input_schema") or {"type": "object"})
+        if self.behaviour.invalid_json_first > 0:
+            self.behaviour.invalid_json_first -= 1
+            value = orjson.loads(broken_json(orjson.dumps(value).decode(), "wrong_type"))
+        return [{"name": tool["name"], "input": value}]
 
     # ------------------------------------------------------------------ streaming
 

@@ -6,7 +6,13 @@ It answers `/v1/chat/completions` (plain and SSE), `/v1/embeddings` and `/v1/mod
 OpenAI does, with an `echo: <last user message>` answer, and can fail on purpose: an HTTP
 status at a given rate (seeded) or for the next N requests, 429 with Retry-After, hanging,
 resetting the connection, a malformed body, or a stream cut mid-way or stalled. It can also
-replay a recorded SSE transcript byte for byte. Tests change its behaviour at run time with
+replay a recorded SSE transcript byte for byte.
+
+JSON requests get JSON: `response_format` json_schema a small instance of the schema, json_object
+`{"echo": ...}`, and `tool_choice` required (the first tool) or a named function a tool call with
+arguments matching its parameters. `invalid_json_first` answers the next N of those with JSON broken
+on purpose (`invalid_json_how`: truncated, or wrong_type for a value of the wrong type), to exercise
+the validation stage's repair. Tests change its behaviour at run time with
 `POST /_fake/config` and read what it saw with `GET /_fake/stats`.
 """
 
@@ -26,6 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from keel.providers.simulated import Broken, broken_json, minimal_instance
 from keel.testing.fake_server import Controls, ThreadedServer
 
 
@@ -46,6 +53,8 @@ class FakeBehaviour:
     replay: str | None = None  # path of an SSE transcript sent as-is to stream requests
     model: str = "gpt-4o-mini-2024-07-18"
     seed: int = 0
+    invalid_json_first: int = 0  # the next this-many JSON answers (and forced tool calls) are broken (counts down)
+    invalid_json_how: str = "truncated"  # truncated | wrong_type
 
 
 @dataclass
@@ -110,10 +119,15 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
         self._count(body)
         if (failed := await self._fault(request)) is not None:
             return failed
+        tool, text = self._reply(body)
         if body.get("stream"):
-            return await self._stream(request, body)
-        text = _answer(body)
+            return await self._stream(request, body, tool, text)
         prompt_tokens, completion_tokens = _count_tokens(body), len(text.split())
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if tool is not None:
+            message["content"] = None
+            message["tool_calls"] = [{"id": "call_" + _id(), "type": "function",
+                                      "function": {"name": tool, "arguments": text}}]
         completion = {
             "id": "chatcmpl-" + _id(),
             "object": "chat.completion",
@@ -121,8 +135,8 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
             "model": self.behaviour.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": "stop",
+                "message": message,
+                "finish_reason": "stop" if tool is None else "tool_calls",
                 "logprobs": None,
             }],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -131,7 +145,27 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
         }
         return web.Response(body=orjson.dumps(completion), content_type="application/json")
 
-    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    def _reply(self, body: dict[str, Any]) -> tuple[str | None, str]:
+        """The tool called (None for a text answer) and the text (content, or the call's arguments)."""
+        tool, schema = _forced_tool(body)
+        fmt = body.get("response_format") or {}
+        if tool is not None:
+            text = orjson.dumps(minimal_instance(schema) if isinstance(schema, dict) else {}).decode()
+        elif fmt.get("type") == "json_schema":
+            text = orjson.dumps(minimal_instance((fmt.get("json_schema") or {}).get("schema") or {})).decode()
+        elif fmt.get("type") == "json_object":
+            text = orjson.dumps({"echo": _answer(body)}).decode()
+        else:
+            return None, _answer(body)
+        b = self.behaviour
+        if b.invalid_json_first > 0:
+            b.invalid_json_first -= 1
+            how: Broken = "wrong_type" if b.invalid_json_how == "wrong_type" else "truncated"
+            text = broken_json(text, how, whole=tool is None and fmt.get("type") == "json_object")
+        return tool, text
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], tool: str | None,
+                      text: str) -> web.StreamResponse:
         b = self.behaviour
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
@@ -139,7 +173,7 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
             await response.write(await asyncio.to_thread(Path(b.replay).read_bytes))
             await response.write_eof()
             return response
-        pieces = _split(_answer(body), b.chunks)
+        pieces = _split(text, b.chunks)
         cid, created = "chatcmpl-" + _id(), int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
@@ -151,8 +185,17 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
                 obj["usage"] = usage
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
+        def piece_delta(piece: str) -> dict[str, Any]:
+            if tool is None:
+                return {"content": piece}
+            return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+        first: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
+        if tool is not None:
+            first = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [{
+                "index": 0, "id": "call_" + _id(), "type": "function", "function": {"name": tool, "arguments": ""}}]}
         try:
-            await response.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+            await response.write(chunk(first))
             for n, piece in enumerate(pieces):
                 if b.cut_after is not None and n >= b.cut_after:
                     assert request.transport is not None
@@ -162,8 +205,8 @@ class FakeOpenAI(Controls[FakeBehaviour, FakeStats]):
                     await asyncio.sleep(3600)
                 if b.chunk_delay_ms:
                     await asyncio.sleep(b.chunk_delay_ms / 1000)
-                await response.write(chunk({"content": piece}))
-            await response.write(chunk({}, "stop"))
+                await response.write(chunk(piece_delta(piece)))
+            await response.write(chunk({}, "stop" if tool is None else "tool_calls"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 prompt_tokens = _count_tokens(body)
                 await response.write(chunk({}, usage={
@@ -213,6 +256,22 @@ def _answer(body: dict[str, Any]) -> str:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             return f"echo: {content}"
     return "echo: "
+
+
+def _forced_tool(body: dict[str, Any]) -> tuple[str | None, Any]:
+    """The function tool_choice forces (a named one, or the first for 'required') and its parameters."""
+    functions = [t.get("function") or {} for t in body.get("tools") or () if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = next((f for f in functions if f.get("name") == name), None)
+    elif choice == "required" and functions:
+        chosen = functions[0]
+    else:
+        return None, None
+    if chosen is None:
+        return None, None
+    return str(chosen.get("name")), chosen.get("parameters") or {"type": "object"}
 
 
 def _split(text: str, parts: int) -> list[str]:
@@ -266,6 +325,8 @@ FLAG_HELP: dict[str, str] = {
     "replay": "an SSE transcript file sent byte for byte to stream requests; unset: none",
     "model": "the model name in answers and in /v1/models",
     "seed": "seed of the failure draws: the same seed fails the same calls",
+    "invalid_json_first": "answer the next this-many JSON requests (and forced tool calls) with broken JSON",
+    "invalid_json_how": "how --invalid-json-first breaks JSON: truncated (not JSON) or wrong_type (schema-invalid)",
 }
 
 
