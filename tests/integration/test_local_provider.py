@@ -211,8 +211,7 @@ async def test_what_the_model_cannot_do_is_refused_before_queueing(local: Factor
     provider = await local()
     tool = {"type": "function", "function": {"name": "get_weather"}}
     refused: list[dict[str, Any]] = [
-        {"tools": [tool], "tool_choice": "required"},
-        {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        {"functions": [tool["function"]], "function_call": {"name": "get_weather"}},
         {"logprobs": True},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
     ]
@@ -221,6 +220,39 @@ async def test_what_the_model_cannot_do_is_refused_before_queueing(local: Factor
             await plain(provider, **params)
         assert caught.value.status == 400
     assert provider.depth == 0
+
+
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                      "required": ["city"], "additionalProperties": False}
+FORCED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}},
+                {"type": "function", "function": {"name": "now"}}]
+
+
+async def test_a_required_tool_call_is_a_grammar_constrained_tool_call(local: Factory) -> None:
+    provider = await local()
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    body = await plain(provider, messages=weather, tools=FORCED_TOOLS, tool_choice="required", max_tokens=60,
+                       temperature=0, seed=1)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] in ("get_weather", "now")
+    arguments = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "get_weather":
+        jsonschema.validate(arguments, WEATHER_PARAMETERS)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = await stream(provider, messages=weather, tools=FORCED_TOOLS, tool_choice=named, max_tokens=60,
+                         temperature=0, seed=1)
+    chunks = [chunk async for chunk in reply]
+    for chunk in chunks:
+        validate(CHAT_CHUNK, chunk)
+    deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks
+              if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+    assert deltas[0]["index"] == 0 and deltas[0]["id"].startswith("call_")
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+    jsonschema.validate(json.loads("".join(d["function"]["arguments"] for d in deltas)), WEATHER_PARAMETERS)
+    assert reply.finish_reason == "tool_calls"
 
 
 # ---------------------------------------------------------------------------- the queue

@@ -14,6 +14,11 @@ token, freeing the model for the next call. A plain call that is abandoned while
 dropped from the queue; one already generating runs to its end (at most its max_tokens),
 because llama.cpp gives no way to interrupt a plain completion.
 
+Tool calls are a schema-constrained choice: when tool_choice requires a call ('required' or a named
+function), the answer is generated under a grammar of `{"name": <an offered tool>, "arguments": <that
+tool's parameters>}` and turned into an OpenAI tool call (held to its end when streamed, then sent
+as tool_calls deltas). With tool_choice 'auto' the model (which knows no tools) answers in text.
+
 Each call starts from an empty KV cache: reusing a cached prompt prefix changes llama.cpp's
 arithmetic slightly, and with it the answer, so the same seed would not give the same text.
 """
@@ -26,13 +31,16 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
+
+import orjson
 
 from keel.config import LocalDeployment
 from keel.errors import (
     ContextLengthExceeded,
+    InvalidRequest,
     KeelError,
     ModelNotLoaded,
     NotSupported,
@@ -54,6 +62,7 @@ from keel.types import (
     ResponseFormatJSONSchema,
     SystemMessage,
     TextPart,
+    Tool,
     ToolMessage,
     UserMessage,
 )
@@ -204,10 +213,13 @@ class Plan:
     stream: bool
     id: str
     model: str
+    tools: list[str] = field(default_factory=list)  # the tools one of which the answer calls (a forced call)
 
 
-def plan_call(request: ChatRequest, config: LocalDeployment, deployment: str) -> Plan:
+def plan_call(request: ChatRequest, config: LocalDeployment, deployment: str, *, grammar: bool = True) -> Plan:
+    """The call for llama.cpp; `grammar` False leaves JSON and tool calls unconstrained (bench only)."""
     refuse_unsupported(request, deployment)
+    forced = forced_tools(request, deployment)
     limit = request.output_limit
     max_tokens = limit or config.default_max_tokens
     params: dict[str, Any] = {
@@ -219,28 +231,31 @@ def plan_call(request: ChatRequest, config: LocalDeployment, deployment: str) ->
         "seed": request.seed,
         "presence_penalty": request.presence_penalty or 0.0,
         "frequency_penalty": request.frequency_penalty or 0.0,
-        "response_format": _response_format(request),
+        "response_format": (_tool_format(forced) if forced else _response_format(request)) if grammar else None,
     }
+    messages = prompt_messages(request.messages, deployment)
+    if forced:
+        messages.insert(0, {"role": "system", "content": _tool_instruction(forced)})
     return Plan(
-        messages=prompt_messages(request.messages, deployment),
+        messages=messages,
         params=params,
         max_tokens=max_tokens,
         limit_given=limit is not None,
         stream=bool(request.stream),
         id="chatcmpl-local-" + random_hex(12),
         model=model_name(config),
+        tools=[tool.function.name for tool in forced],
     )
 
 
 def refuse_unsupported(request: ChatRequest, deployment: str) -> None:
     """What the embedded model cannot do, refused with the reason (a 400)."""
-    choice = request.tool_choice
     legacy = (request.model_extra or {}).get("function_call")
-    if choice == "required" or isinstance(choice, NamedToolChoice) or isinstance(legacy, dict):
+    if isinstance(legacy, dict):
         raise NotSupported(
-            f"deployment '{deployment}' is an embedded model without tool calling and cannot be made "
-            "to call a tool; send tool_choice 'auto' or 'none', or route this call to a model with tools",
-            param="tool_choice",
+            f"deployment '{deployment}' (the embedded model) does not take the legacy function_call; "
+            "send tools and tool_choice instead",
+            param="function_call",
         )
     if request.logprobs:
         raise NotSupported(f"deployment '{deployment}' (the embedded model) does not return logprobs", param="logprobs")
@@ -259,6 +274,59 @@ def _response_format(request: ChatRequest) -> dict[str, Any] | None:
     if isinstance(fmt, ResponseFormatJSONObject | ResponseFormatJSONSchema):
         return {"type": "json_object"}
     return None
+
+
+def forced_tools(request: ChatRequest, deployment: str) -> list[Tool]:
+    """The tools the answer must call one of: all of them for tool_choice 'required', the named one
+    for a named function; none otherwise (the answer is text)."""
+    choice = request.tool_choice
+    tools = list(request.tools or ())
+    if choice == "required":
+        if not tools:
+            raise InvalidRequest("tool_choice is 'required' but no tools were given; add tools or drop "
+                                 "tool_choice", param="tool_choice")
+        return tools
+    if isinstance(choice, NamedToolChoice):
+        named = [tool for tool in tools if tool.function.name == choice.function.name]
+        if not named:
+            raise InvalidRequest(f"tool_choice names the function '{choice.function.name}', which is not in "
+                                 "tools; name one of the tools given", param="tool_choice")
+        return named
+    return []
+
+
+def _tool_format(tools: list[Tool]) -> dict[str, Any]:
+    """A grammar of one call of one of `tools`: its name, and arguments matching its parameters."""
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name},
+                       "arguments": tool.function.parameters or {"type": "object"}},
+        "required": ["name", "arguments"],
+    } for tool in tools]
+    return {"type": "json_object", "schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+
+
+def _tool_instruction(tools: list[Tool]) -> str:
+    listed = "\n".join(
+        f"- {tool.function.name}: {tool.function.description or 'no description'}; arguments: "
+        f"{orjson.dumps(tool.function.parameters or {'type': 'object'}).decode()}" for tool in tools
+    )
+    return ('Call one of these tools. Answer with JSON only: {"name": <the tool>, "arguments": {...}}.\n'
+            + listed)
+
+
+def tool_call_of(text: str, names: list[str]) -> dict[str, Any] | None:
+    """The OpenAI tool call that a forced answer's JSON describes, or None when it describes none
+    (the answer then stays text, and the validation stage finds it calls no tool)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("arguments", {})
+    return {"id": "call_" + random_hex(12), "type": "function",
+            "function": {"name": value["name"], "arguments": orjson.dumps(arguments).decode()}}
 
 
 def prompt_messages(messages: list[Message], deployment: str) -> list[dict[str, str]]:
@@ -383,12 +451,14 @@ async def answer(job: Job) -> dict[str, Any]:
 class LocalProvider(ChatOnly):
     """The `local` deployment: the embedded GGUF model behind one worker thread.
 
-    The default model (SmolLM2-135M-Instruct) has no tool use: tool definitions in a request
-    are ignored, tool calls and results in the history are rendered as text, and a request
-    that requires a tool call (tool_choice 'required' or a named function) is refused with
-    `NotSupported`. JSON modes are enforced with a llama.cpp grammar; an answer cut by the
-    token limit keeps finish_reason 'length' so later stages see it is incomplete.
+    The default model (SmolLM2-135M-Instruct) has no tool use of its own: with tool_choice 'auto'
+    tool definitions are ignored, and tool calls and results in the history are rendered as text;
+    a request that requires a tool call (tool_choice 'required' or a named function) is answered
+    under a grammar of such a call. JSON modes are enforced with a llama.cpp grammar; an answer cut
+    by the token limit keeps finish_reason 'length' so later stages see it is incomplete.
     """
+
+    _grammar = True  # False only in bench/structured.py, to measure what the grammar buys
 
     def __init__(self, config: LocalDeployment, name: str) -> None:
         self.config = config
@@ -446,7 +516,7 @@ class LocalProvider(ChatOnly):
             return None
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
-        plan = plan_call(request, self.config, self.name)
+        plan = plan_call(request, self.config, self.name, grammar=self._grammar)
         if self._jobs is None:
             await self.start()
         job = self._admit(plan)
@@ -533,10 +603,14 @@ def complete(model: ChatModel, plan: Plan) -> dict[str, Any]:
     result = cast(dict[str, Any], model.llm.create_chat_completion(messages=plan.messages, **plan.params))
     choice = result["choices"][0]
     usage = result["usage"]
+    text = choice["message"].get("content") or ""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = choice["finish_reason"]
+    if plan.tools and (tool_call := tool_call_of(text, plan.tools)) is not None:
+        message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
+        finish = "tool_calls" if finish == "stop" else finish
     return completion_body(
-        id=plan.id, model=plan.model, created=int(time.time()),
-        message={"role": "assistant", "content": choice["message"].get("content") or ""},
-        finish_reason=choice["finish_reason"],
+        id=plan.id, model=plan.model, created=int(time.time()), message=message, finish_reason=finish,
         usage=usage_body(usage["prompt_tokens"], usage["completion_tokens"]),
     )
 
@@ -546,6 +620,7 @@ def stream_answer(model: ChatModel, job: Job, prompt: int) -> None:
     plan = job.plan
     created = int(time.time())
     generated, finish = 0, "length"
+    held: list[str] = []  # a forced tool call's JSON, sent as a call once whole
     chunks = model.llm.create_chat_completion(messages=plan.messages, stream=True, **plan.params)
     try:
         for chunk in chunks:
@@ -558,14 +633,35 @@ def stream_answer(model: ChatModel, job: Job, prompt: int) -> None:
             elif text := delta.get("content"):
                 generated += model.piece_tokens(text)
                 delta = {"content": text}
+                if plan.tools:
+                    held.append(text)
+                    continue
             else:
                 continue
             job.send(chunk_body(id=plan.id, model=plan.model, created=created, delta=delta))
     finally:
         chunks.close()
+    if plan.tools:
+        for delta in _held_deltas("".join(held), plan.tools):
+            job.send(chunk_body(id=plan.id, model=plan.model, created=created, delta=delta))
+            finish = "tool_calls" if "tool_calls" in delta and finish == "stop" else finish
     if finish == "length":  # llama.cpp stopped at the limit, cut to what the window had left
         generated = min(plan.max_tokens, model.n_ctx - prompt)
     job.send(chunk_body(id=plan.id, model=plan.model, created=created, delta={}, finish_reason=finish))
     # Always sent: cost needs it; ChunkStream.hide_usage keeps it from clients that did not ask.
     job.send(chunk_body(id=plan.id, model=plan.model, created=created, delta={}, usage=usage_body(prompt, generated)))
     job.send(_END)
+
+
+def _held_deltas(text: str, names: list[str]) -> list[dict[str, Any]]:
+    """A forced answer's deltas: OpenAI's tool call deltas (the call with its id and name, then its
+    arguments), or the text as content when it describes no call."""
+    call = tool_call_of(text, names)
+    if call is None:
+        return [{"content": text}] if text else []
+    function = call["function"]
+    return [
+        {"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                         "function": {"name": function["name"], "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": function["arguments"]}}]},
+    ]
