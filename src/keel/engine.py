@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+from pydantic import BaseModel
+
 from keel import parallel
 from keel.auth.lookup import KeyLookup
 from keel.auth.stage import Auth
@@ -46,6 +48,8 @@ from keel.reliability.stage import Reliability
 from keel.request_errors import parse_request
 from keel.routing.build import build_routing
 from keel.types import ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse
+from keel.validation.response_model import M as Model
+from keel.validation.response_model import answer_as, chat_request, check_response_model
 from keel.validation.stage import Validation
 
 if TYPE_CHECKING:
@@ -235,15 +239,28 @@ class Keel:
     # ------------------------------------------------------------------ library API
 
     @overload
+    async def chat(
+        self, *, response_model: type[Model], stream: Literal[False] | None = None, **params: Any
+    ) -> Model: ...
+
+    @overload
     async def chat(self, *, stream: Literal[True], **params: Any) -> AsyncIterator[ChatCompletionChunk]: ...
 
     @overload
     async def chat(self, *, stream: Literal[False] | None = None, **params: Any) -> ChatCompletion: ...
 
     async def chat(
-        self, *, stream: bool | None = None, **params: Any
-    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
-        """Create a chat completion; with `stream=True`, an async iterator of chunks."""
+        self, *, stream: bool | None = None, response_model: type[BaseModel] | None = None, **params: Any
+    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk] | BaseModel:
+        """Create a chat completion; with `stream=True`, an async iterator of chunks; with
+        `response_model=Person` (a pydantic model class), a validated `Person` (docs/structured-outputs.md)."""
+        if response_model is not None:
+            async def ask(request: ChatRequest) -> dict[str, Any]:
+                reply = await self.handle(request)
+                assert isinstance(reply, Completion)  # chat_request refuses stream=True
+                return reply.body
+
+            return await answer_as(response_model, chat_request(response_model, params, stream=stream), ask)
         if stream is not None:
             params["stream"] = stream
         reply = await self.handle(parse_request(ChatRequest, params, strict=False))
@@ -279,18 +296,28 @@ class Keel:
         return results
 
     @overload
+    def chat_sync(
+        self, *, response_model: type[Model], stream: Literal[False] | None = None, **params: Any
+    ) -> Model: ...
+
+    @overload
     def chat_sync(self, *, stream: Literal[True], **params: Any) -> Iterator[ChatCompletionChunk]: ...
 
     @overload
     def chat_sync(self, *, stream: Literal[False] | None = None, **params: Any) -> ChatCompletion: ...
 
     def chat_sync(
-        self, *, stream: bool | None = None, **params: Any
-    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        self, *, stream: bool | None = None, response_model: type[BaseModel] | None = None, **params: Any
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk] | BaseModel:
         """`chat` for code without an event loop; a stream becomes a plain iterator."""
         runner = _runner()
+        if response_model is not None:
+            check_response_model(response_model, params, stream=stream)  # refused here, not on the loop
+            instance: BaseModel = runner.run(self.chat(response_model=response_model, **params))
+            return instance
         if not stream:
-            return runner.run(self.chat(stream=stream, **params))
+            completion: ChatCompletion = runner.run(self.chat(stream=stream, **params))  # typed: params are Any
+            return completion
         return _sync_chunks(runner, self.chat(stream=True, **params))
 
     def embeddings_sync(self, **params: Any) -> EmbeddingResponse:
