@@ -137,7 +137,7 @@ class Budgets:
         `amount` may be a function of the call (`CostMeter.worst_case`): it then runs only when
         some counter applies."""
         now = self.clock()
-        counters = self.counters(call.ctx, await self._rules(), now)
+        counters = self.counters(call.ctx, await self.rules_in_force(), now)
         if callable(amount):
             amount = amount(call) if counters else 0
         reservation = Reservation(random_hex(8), amount, counters, held=bool(counters) and amount > 0)
@@ -214,7 +214,7 @@ class Budgets:
 
     async def rules(self) -> list[RuleEntry]:
         """keel.yaml's rules, then the admin API's, freshly read from the backend."""
-        await self._rules(fresh=True)
+        await self.rules_in_force(fresh=True)
         entries = [RuleEntry(i, "config", rule) for i, rule in enumerate(self.config_rules)]
         offset = len(entries)
         return entries + [
@@ -239,7 +239,7 @@ class Budgets:
                 "(rules added with POST /admin/budgets can be changed while it runs)"
             )
         await self.backend.remove_rule(entry.id)
-        await self._rules(fresh=True)
+        await self.rules_in_force(fresh=True)
         return entry
 
     async def status(self) -> list[dict[str, Any]]:
@@ -293,7 +293,8 @@ class Budgets:
             ) from None
         return [key for key in keys if key.budgets and key.usable(now)]
 
-    async def _rules(self, fresh: bool = False) -> list[BudgetConfig]:
+    async def rules_in_force(self, fresh: bool = False) -> list[BudgetConfig]:
+        """The rules that apply now: keel.yaml's, then the admin API's (re-read every `rules_refresh_s`)."""
         admin = self._admin
         if fresh or time.monotonic() - admin.loaded_at > self.rules_refresh_s:
             async with self._refresh_lock:

@@ -20,7 +20,7 @@ class BudgetDowngrade:
         """The first budget of the call past one of its alert thresholds below the cap (`key:k1 81%`), or None."""
         now = self.budgets.clock()
         # The budgets' current rules (keel.yaml's and the admin API's, re-read every few seconds).
-        counters = self.budgets.counters(call.ctx, await self.budgets._rules(), now)
+        counters = self.budgets.counters(call.ctx, await self.budgets.rules_in_force(), now)
         if not counters:
             return None
         counts = await self.budgets.backend.snapshot([c.key for c in counters], now)
