@@ -25,7 +25,7 @@ MAX_NESTING = 254
 def parse_request(cls: type[M], data: Any, *, strict: bool) -> M:
     """`data` as a `cls`, or an InvalidRequest naming the parameter at fault."""
     if not isinstance(data, dict):
-        raise InvalidRequest(f"The request body must be a JSON object ({{...}}), got {_json_kind(data)}.")
+        raise InvalidRequest(f"The request body must be a JSON object ({{...}}), got {json_kind(data)}.")
     check_nesting(data)
     try:
         return cls.model_validate(data, strict=strict)
@@ -136,7 +136,7 @@ def _place(error: Any, data: Any) -> tuple[str, list[str | int]]:
     return path_text(path, top="(body)"), path
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

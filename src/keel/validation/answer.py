@@ -17,7 +17,7 @@ from jsonschema.protocols import Validator
 from referencing.exceptions import Unresolvable
 
 from keel.errors import InvalidRequest
-from keel.request_errors import _json_kind  # the one wording of a JSON value's kind
+from keel.request_errors import json_kind
 from keel.types import ChatRequest, NamedToolChoice, ResponseFormatJSONObject, ResponseFormatJSONSchema
 from keel.validation.schema import NO_PARAMETERS, SchemaCache, json_path
 
@@ -116,7 +116,7 @@ def _value_problems(text: Any, validator: Validator | None, *, top_object: bool)
     except orjson.JSONDecodeError as exc:
         return [f"$: not valid JSON ({exc.msg} at character {exc.pos})"]
     if top_object and not isinstance(value, dict):
-        return [f"$: a JSON object was expected, got {_json_kind(value)}"]
+        return [f"$: a JSON object was expected, got {json_kind(value)}"]
     if validator is None:
         return []
     try:
