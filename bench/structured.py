@@ -13,8 +13,10 @@ upstream attempts per call beyond the first (repairs), latency p50/p99/mean per 
 (the discarded answers included), with their ratios against validation off at the same rate. The
 in-process library is used, so the figures are the pipeline's, with no HTTP in between.
 
-Not measured here yet: the embedded model with a JSON-schema grammar (the local provider's part of the
-issue), which would show the rate of broken answers without and with the grammar.
+Then the embedded model (SmolLM2 on llama.cpp, `--local-calls` per schema on three small schemas,
+validation on, `max_repairs: 2`, temperature 0.7 with a seed per call) with its JSON-schema grammar
+and without it (the provider's private `_grammar` flag, for this bench only: no user setting turns
+the grammar off). Skipped when the embedded model is not installed; `--local-calls 0` skips it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from keel.config import parse_config
 from keel.engine import Keel
-from keel.errors import InvalidOutput
+from keel.errors import InvalidOutput, ModelNotLoaded
 from keel.pipeline import Completion, Context
 from keel.types import ChatRequest
 from keel.validation.answer import expectations, problems
@@ -87,6 +89,54 @@ async def run(label: str, body: dict[str, Any], *, rate: float, enabled: bool, c
     return row
 
 
+LOCAL_SCHEMAS: dict[str, dict[str, Any]] = {
+    "colour": {"type": "object", "required": ["colour"], "additionalProperties": False,
+               "properties": {"colour": {"type": "string", "maxLength": 12}}},
+    "count": {"type": "object", "required": ["item", "count"], "additionalProperties": False,
+              "properties": {"item": {"type": "string", "maxLength": 12},
+                             "count": {"type": "integer", "minimum": 0, "maximum": 9}}},
+    "flags": {"type": "object", "required": ["ok", "tags"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"},
+                             "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2}}},
+}
+
+
+async def run_local(label: str, *, grammar: bool, calls: int, store: Path) -> Row:
+    """The embedded model on each small schema, validation on, with or without its grammar."""
+    from keel.providers.local import LocalProvider
+
+    config = parse_config({
+        "models": [{"name": "m", "validation": {"max_repairs": 2}, "deployments": [{"provider": "local"}]}],
+        "store": {"url": f"sqlite:///{store / (label.replace(' ', '_') + '.db')}", "log_content": False},
+    })
+    row = Row(label)
+    LocalProvider._grammar = grammar
+    try:
+        async with Keel(config) as keel:
+            for name, schema in LOCAL_SCHEMAS.items():
+                request = ChatRequest.model_validate({
+                    "model": "m", "max_tokens": 60, "temperature": 0.7,
+                    "messages": [{"role": "user",
+                                  "content": f"Answer as JSON with the keys {sorted(schema['properties'])}."}],
+                    "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}})
+                expect = expectations(request, SchemaCache())
+                for seed in range(calls):
+                    ctx = Context()
+                    started = time.perf_counter()
+                    try:
+                        reply = await keel.handle(request.model_copy(update={"seed": seed}), ctx)
+                    except InvalidOutput:
+                        row.refused += 1
+                    else:
+                        assert isinstance(reply, Completion)
+                        row.valid += not problems(expect, reply.body)
+                    row.latencies.append(time.perf_counter() - started)
+                    row.repairs += max(0, len(ctx.attempts) - 1)
+    finally:
+        LocalProvider._grammar = True
+    return row
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -109,6 +159,7 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--rate", type=float, default=0.3, help="invalid_json_rate of the simulated deployment")
     parser.add_argument("--latency-ms", type=float, default=20, help="the simulated upstream's latency")
+    parser.add_argument("--local-calls", type=int, default=3, help="embedded model calls per schema and row")
     args = parser.parse_args()
     print(f"{args.calls} calls per row, simulated upstream latency {args.latency_ms:g} ms, max_repairs 2; "
           "x columns: against validation off at the same rate")
@@ -121,6 +172,18 @@ async def main() -> None:
                                      store=Path(tmp)) for state in ("off", "on")]
                 rows += [(off, off), (on, off)]
         table(rows)
+        if args.local_calls > 0:
+            try:
+                with_grammar = await run_local("embedded, grammar on", grammar=True, calls=args.local_calls,
+                                               store=Path(tmp))
+                without = await run_local("embedded, grammar off", grammar=False, calls=args.local_calls,
+                                          store=Path(tmp))
+            except ModelNotLoaded as exc:
+                print(f"embedded model rows skipped: {exc.message}")
+            else:
+                print(f"\nembedded model, {args.local_calls} calls x {len(LOCAL_SCHEMAS)} schemas, validation on, "
+                      "max_repairs 2; x columns: against grammar off")
+                table([(without, without), (with_grammar, without)])
 
 
 if __name__ == "__main__":
