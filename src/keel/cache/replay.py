@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import orjson
 
+from keel.cache.coalesce import LiveStream
 from keel.cache.entry import CachedAnswer
 from keel.ids import random_hex
 from keel.pipeline import Call, ChunkStream, Completion, Reply
@@ -24,6 +25,20 @@ def served(call: Call, cached: CachedAnswer, status: str) -> Reply:
     # A copy of its own: outer stages change the answer in place (restored PII) and waiters share one.
     body = {**orjson.loads(orjson.dumps(cached.completion)), "id": "chatcmpl-" + random_hex(12)}
     return ChunkStream(replay(body)) if call.stream else Completion(body)
+
+
+def joined_live(call: Call, live: LiveStream, until: float) -> ChunkStream:
+    """The live stream of an identical call under way, as this streamed call's answer: the chunks so far
+    at once, then the rest as they arrive, with an id of its own (as a replay's). A hit, that saved
+    what the leader's answer cost: known at the end, recorded before the stream ends (the request log
+    has it). `until`: the call's deadline (time.monotonic()) for each wait on a next chunk."""
+    ctx = call.ctx
+    ctx.cache_status = "hit_exact"
+
+    def saved() -> None:
+        ctx.cache_saved_nanos = live.saved
+
+    return ChunkStream(live.read("chatcmpl-" + random_hex(12), until, saved))
 
 
 def passed_on(reply: Reply) -> Callable[[], Awaitable[dict[str, Any]]]:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from keel.cache.coalesce import Coalescer
+from keel.cache.coalesce import Coalescer, Flight, LiveStream
 from keel.cache.entry import CachedAnswer, CorruptEntry
 from keel.cache.key import cache_key
 from keel.cache.policy import CacheControl, deterministic, storable
-from keel.cache.replay import passed_on, served
-from keel.pipeline import Call, Next, Reply, StreamClosed
+from keel.cache.replay import joined_live, passed_on, served
+from keel.cost.money import Nanos
+from keel.pipeline import Call, ChunkStream, Next, Reply, StreamClosed
 from keel.types import ChatRequest
 
 log = logging.getLogger("keel.cache")
+T = TypeVar("T")
 
 
 class CacheStore(Protocol):
@@ -81,18 +83,20 @@ class ExactCache:
             return await next(call)
         key = cache_key(request, ctx.tenant)
         if not control.no_cache and (cached := await self._cached(setting, key, call)) is not None:
-            return served(call, cached, "hit_exact")
+            return cached if isinstance(cached, ChunkStream) else served(call, cached, "hit_exact")
         ctx.cache_status = "bypass" if control.no_cache else "miss"
         if control.no_store:
             return await next(call)
         return await self._answer_and_store(call, next, setting, key)
 
-    async def _cached(self, setting: ExactSetting, key: str, call: Call) -> CachedAnswer | None:
+    async def _cached(self, setting: ExactSetting, key: str, call: Call) -> CachedAnswer | ChunkStream | None:
         """A call of the same key under way, else the store, else (the lookup may have yielded) a call
         under way again."""
         return await self._joined(key, call) or await self._lookup(setting, key) or await self._joined(key, call)
 
-    async def _joined(self, key: str, call: Call) -> CachedAnswer | None:
+    async def _joined(self, key: str, call: Call) -> CachedAnswer | ChunkStream | None:
+        """The answer of the call of `key` under way: its live stream, for a streamed call that joins a
+        streamed leader; else its stored answer, once stored."""
         flight = self.flights.joined(key)
         if flight is None:
             return None
@@ -102,8 +106,18 @@ class ExactCache:
         if call.ctx.deadline is not None:
             deadline = min(deadline, call.ctx.deadline)
         try:
-            # Shielded: a waiter that is cancelled must not cancel the flight of the others.
-            return await asyncio.wait_for(asyncio.shield(flight), max(0.0, deadline - time.monotonic()))
+            live = await _until(flight.live, deadline)  # known once the leader's reply is
+            if live is None or live.closed:
+                return await _until(flight.answer, deadline)
+            if call.stream:
+                return joined_live(call, live, deadline)
+            if deadline <= time.monotonic():
+                return None  # a call with no time left has the stream read for no one
+            live.want_whole()  # the leader's client may read slowly, or leave: the stream is read for this call
+            try:
+                return await _until(flight.answer, deadline)
+            finally:
+                live.unwant_whole()
         except TimeoutError:
             return None
 
@@ -120,8 +134,7 @@ class ExactCache:
 
     async def _answer_and_store(self, call: Call, next: Next, setting: ExactSetting, key: str) -> Reply:
         leads = self.flights.joined(key) is None  # a no-cache call beside a flight stores, but leads nothing
-        if leads:
-            self.flights.lead(key)
+        flight = self.flights.lead(key) if leads else None
         try:
             reply = await next(call)
         except Exception as exc:
@@ -132,16 +145,38 @@ class ExactCache:
             if leads:
                 self.flights.land(key, None)
             raise
-        answer = passed_on(reply)
+        if flight is not None and isinstance(reply, ChunkStream):
+            return self._lead_stream(call, reply, flight, setting, key)
+        reply.on_finish(self._storer(call, setting, key, leads, passed_on(reply)))
+        return reply
+
+    def _lead_stream(self, call: Call, reply: ChunkStream, flight: Flight, setting: ExactSetting, key: str) -> Reply:
+        """The leader's stream, read from upstream by the flight (`LiveStream`): the leader's client is one
+        reader, the streamed calls that join are others. The leader's own reply is settled after the
+        flight's stream: its bookkeeping (log, budget) sees the cost of the whole answer."""
+
+        async def whole() -> dict[str, Any]:
+            return reply.completion()  # readers get copies: what outer stages change is not in it
+
+        reply.on_finish(self._storer(call, setting, key, True, whole))
+        live = LiveStream(reply, lambda: _cost(call))
+        self.flights.stream(flight, live)
+        leader = ChunkStream(live.read())
+        leader.on_finish(lambda _: live.leader_settled())  # first: outer stages' finalisers run after it
+        return leader
+
+    def _storer(
+        self, call: Call, setting: ExactSetting, key: str, leads: bool, answer: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> Callable[[Reply], Awaitable[None]]:
+        """The finaliser that stores a whole, clean answer and lands the flight the call leads."""
 
         async def store(answered: Reply) -> None:
             stored: CachedAnswer | BaseException | None = None
             try:
                 if answered.error is None:
                     completion = await answer()
-                    if storable(completion):  # what it cost, or (a semantic hit) what the stored one did
-                        cost = call.ctx.cost.nanos + call.ctx.cache_saved_nanos
-                        stored = CachedAnswer(completion, cost, time.time())
+                    if storable(completion):
+                        stored = CachedAnswer(completion, _cost(call), time.time())
                 elif not isinstance(answered.error, StreamClosed):
                     stored = answered.error  # a stream that failed fails its waiters alike
             finally:
@@ -150,5 +185,19 @@ class ExactCache:
             if isinstance(stored, CachedAnswer):
                 await setting.store.set(key, stored.dumps(), setting.ttl_s)
 
-        reply.on_finish(store)
-        return reply
+        return store
+
+    async def close(self) -> None:
+        """Stop the streams of calls under way that are read for others (the Keel is closing)."""
+        await self.flights.close()
+
+
+def _cost(call: Call) -> Nanos:
+    """What the call's answer cost, or (a semantic hit) what the stored one did: what each hit saves."""
+    return call.ctx.cost.nanos + call.ctx.cache_saved_nanos
+
+
+async def _until(waited: asyncio.Future[T], deadline: float) -> T:
+    """`waited`'s result, waited for until `deadline` (time.monotonic()); TimeoutError past it.
+    Shielded: a waiter that is cancelled must not cancel the flight of the others."""
+    return await asyncio.wait_for(asyncio.shield(waited), max(0.0, deadline - time.monotonic()))
