@@ -221,7 +221,14 @@ class ChunkStream(Delivery):
         self.error: BaseException | None = None
 
     def wrap(self, transform: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]]) -> None:
-        self._source = transform(self._source)
+        """Pass every chunk still to come through `transform`, the prefetched one included: a stage that
+        wraps after an inner one prefetched (reliability does) must see the whole stream (OpenAI puts a
+        tool call's id and name in the first chunk)."""
+        source, buffered = self._source, self._buffered
+        if buffered:
+            self._buffered = []
+            source = _prepended(buffered, source)
+        self._source = transform(source)
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -371,3 +378,18 @@ class Pipeline:
 
 def _bind(stage: Stage, next: Next) -> Next:
     return lambda call: stage(call, next)  # no coroutine of its own: one frame per stage, not two
+
+
+async def _prepended(
+    first: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    """`first`, then `rest`; closing it closes `rest` (the upstream), as closing the stream must."""
+    try:
+        for chunk in first:
+            yield chunk
+        async for chunk in rest:
+            yield chunk
+    finally:
+        closer = getattr(rest, "aclose", None)
+        if closer is not None:
+            await closer()
