@@ -57,6 +57,8 @@ class Caches:
         return sum([await stage.clear(**filters) for stage in (self.exact, self.semantic) if stage is not None])
 
     async def close(self) -> None:
+        if self.exact is not None:  # streams read for waiters that nobody reads or closes any more
+            await self.exact.close()
         for store in self.stores():
             await store.close()
 
