@@ -54,7 +54,14 @@ bench: install-dev
 	$(PY) bench/http_client.py
 	$(PY) bench/local_model.py
 	$(PY) bench/cache.py
+	$(PY) bench/cache_streams.py
+	$(PY) bench/semantic_cache.py
+	$(PY) bench/vector_index.py
+	$(PY) bench/pgvector_store.py
+	$(PY) bench/semantic_calibration.py
 	$(PY) bench/guardrails.py
+	$(PY) bench/structured.py
+	$(PY) bench/routing.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
