@@ -14,6 +14,7 @@ import pytest
 from conftest import RecordingSink
 from test_cache_exact import Upstream, chat, coalesced
 
+from keel.cache.coalesce import LiveStream
 from keel.cache.key import cache_key
 from keel.cache.memory import MemoryStore
 from keel.cache.replay import replay_chunks
@@ -276,3 +277,109 @@ async def test_closing_the_cache_stops_a_stream_under_way(fed: Any) -> None:
     for stream in (leader, joined):
         with pytest.raises(StreamClosed):
             await stream.__anext__()
+
+
+# ---------------------------------------------------------------------------- a leader alone: the fast path
+
+
+async def test_a_leader_alone_reads_upstream_itself_with_no_task_and_no_copy(fed: Any) -> None:
+    keel, upstream, feed, _ = fed()
+    sent = upstream_chunks()
+    before = asyncio.all_tasks()
+    leader = await stream_of(keel, Context())
+    feed.emit(*sent[:3])
+    got = await take(leader, 3)
+    # The chunks the source yielded, themselves (no copy made for the leader), and no task reads for it.
+    assert all(a is b for a, b in zip(got, sent[:3], strict=True))
+    assert asyncio.all_tasks() == before
+    feed.emit(*sent[3:], Feed.END)
+    got += [c async for c in leader]
+    assert all(a is b for a, b in zip(got, sent[:-1], strict=True)) and asyncio.all_tasks() == before
+    # Still stored whole (from what passed, before outer stages could change it) and the flight is gone.
+    hit = await keel.handle(chat(), Context())
+    assert isinstance(hit, Completion) and hit.body["choices"][0]["message"]["content"] == "".join(PIECES)
+    assert upstream.calls == 1 and isinstance(keel.cache.exact, ExactCache) and not keel.cache.exact.flights._live
+
+
+async def test_a_call_joining_while_the_leader_reads_gets_every_chunk_read_once(fed: Any) -> None:
+    keel, upstream, feed, _ = fed()
+    sent = upstream_chunks()
+    leader = await stream_of(keel, Context())
+    feed.emit(sent[0])
+    first = await take(leader, 1)
+    pending = asyncio.create_task(leader.__anext__())  # the leader's own read of the upstream, under way
+    await feed.asked.wait()
+    # The joiner waits for the leader's read under way before it reads anything (it may be cut).
+    joining = asyncio.create_task(stream_of(keel, Context()))
+    await feed.asked.wait()
+    assert not joining.done()
+    feed.emit(sent[1])
+    assert text([await pending]) == "The "
+    joined = await joining
+    assert text(await take(joined, 2)) == "The "  # the role chunk and the one the leader's read brought
+    assert feed.emitted == 2  # the read under way finished before anyone else read upstream
+    feed.emit(*sent[2:], Feed.END)
+    rest = {name: [c async for c in s] for name, s in (("leader", leader), ("joined", joined))}
+    assert {text(c) for c in rest.values()} == {"".join(PIECES[1:])} and text(first) == ""
+    assert feed.emitted == len(sent) and upstream.calls == 1
+
+
+async def test_closing_the_cache_stops_a_leader_reading_alone(fed: Any) -> None:
+    keel, _, feed, _ = fed()
+    before = asyncio.all_tasks()
+    leader = await stream_of(keel, Context())
+    feed.emit(upstream_chunks()[0])
+    await take(leader, 1)
+    pending = asyncio.create_task(leader.__anext__())  # the leader waits on upstream
+    await feed.asked.wait()
+    assert isinstance(keel.cache.exact, ExactCache)
+    await keel.cache.exact.close()
+    with pytest.raises(StreamClosed):
+        await pending
+    assert feed.closed.is_set() and not keel.cache.exact.flights._live
+    assert asyncio.all_tasks() == before
+
+
+async def test_a_leader_alone_whose_read_is_cancelled_closes_the_upstream_and_stores_nothing(fed: Any) -> None:
+    keel, upstream, feed, _ = fed()
+    leader = await stream_of(keel, Context())
+    pending = asyncio.create_task(leader.__anext__())  # a gateway client that leaves cancels the read under way
+    await feed.asked.wait()
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await feed.closed.wait()
+    assert isinstance(leader.error, asyncio.CancelledError)
+    assert isinstance(keel.cache.exact, ExactCache) and not keel.cache.exact.flights._live
+    assert await stored(keel).get(cache_key(chat(), None)) is None
+    await keel.handle(chat(), Context())
+    assert upstream.calls == 2
+
+
+async def test_a_call_joining_during_a_leaders_read_that_is_cut_calls_upstream_itself(
+    fed: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keel, upstream, feed, _ = fed()
+    joins = asyncio.Event()
+    join = LiveStream.join
+
+    async def joining_seen(live: LiveStream) -> bool:
+        joins.set()  # the joiner waits in `join` from here, in the same step
+        return await join(live)
+
+    monkeypatch.setattr(LiveStream, "join", joining_seen)
+    leader = await stream_of(keel, Context())
+    feed.emit(upstream_chunks()[0])
+    await take(leader, 1)
+    pending = asyncio.create_task(leader.__anext__())  # the leader's own read of the upstream, under way
+    await feed.asked.wait()
+    joined_ctx = Context()
+    joining = asyncio.create_task(stream_of(keel, joined_ctx))
+    await joins.wait()  # it reached the flight, and waits for the read under way
+    assert not joining.done()
+    pending.cancel()  # the leader's client leaves mid-read: the upstream stream is cut
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    # The joiner saw none of the cut stream: it called upstream itself and read a whole answer.
+    assert text([c async for c in await joining]) == "echo: What is 2+2?"
+    assert feed.closed.is_set() and upstream.calls == 2 and joined_ctx.cache_status == "miss"

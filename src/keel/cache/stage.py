@@ -110,7 +110,11 @@ class ExactCache:
             if live is None or live.closed:
                 return await _until(flight.answer, deadline)
             if call.stream:
-                return joined_live(call, live, deadline)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    joined = await live.join()  # after the leader's own read under way, if any
+                if joined:
+                    return joined_live(call, live, deadline)
+                return await _until(flight.answer, deadline)  # cut: None, the call goes on alone
             if deadline <= time.monotonic():
                 return None  # a call with no time left has the stream read for no one
             live.want_whole()  # the leader's client may read slowly, or leave: the stream is read for this call
@@ -151,17 +155,19 @@ class ExactCache:
         return reply
 
     def _lead_stream(self, call: Call, reply: ChunkStream, flight: Flight, setting: ExactSetting, key: str) -> Reply:
-        """The leader's stream, read from upstream by the flight (`LiveStream`): the leader's client is one
-        reader, the streamed calls that join are others. The leader's own reply is settled after the
-        flight's stream: its bookkeeping (log, budget) sees the cost of the whole answer."""
+        """The leader's stream, shared by the flight (`LiveStream`): the leader's client is one reader (it
+        reads upstream itself while no one else does), the streamed calls that join are others. The
+        leader's own reply is settled after the flight's stream: its bookkeeping (log, budget) sees the
+        cost of the whole answer."""
 
         async def whole() -> dict[str, Any]:
-            return reply.completion()  # readers get copies: what outer stages change is not in it
+            # What the source gathered as the chunks passed, before outer stages changed them in place.
+            return reply.completion()
 
         reply.on_finish(self._storer(call, setting, key, True, whole))
-        live = LiveStream(reply, lambda: _cost(call))
+        live = LiveStream(reply, lambda: _cost(call), lambda: self.flights.ended(live))
         self.flights.stream(flight, live)
-        leader = ChunkStream(live.read())
+        leader = ChunkStream(live.read(leads=True))
         leader.on_finish(lambda _: live.leader_settled())  # first: outer stages' finalisers run after it
         return leader
 
