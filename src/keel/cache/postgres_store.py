@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -76,7 +77,7 @@ class VectorTableMismatch(KeelError):
     code = "cache_unavailable"
 
 
-class _Postgres:
+class _Postgres(ABC):
     """What both stores share: a few connections opened on demand, the schema made once, the deadline
     and error handling of every operation, and the sweep of expired rows."""
 
@@ -127,10 +128,11 @@ class _Postgres:
         """Read at scrape time; register `health` instead when both stores of one database are used."""
         return self.health.collect()
 
+    @abstractmethod
     async def _schema(self, conn: AsyncConnection[Any]) -> None:
-        raise NotImplementedError
+        """Create this store's table and indexes when missing."""
 
-    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:  # noqa: B027  (a hook: most stores need none)
         """Ready a new connection once the schema exists (types to register)."""
 
     async def _open(self) -> AsyncConnection[Any]:
