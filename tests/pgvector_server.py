@@ -6,7 +6,9 @@ Use it as a plugin from a test module (tests/ is on sys.path, as for `conftest`)
     from pgvector_server import pgvector_url  # noqa: F401
 
 `pgvector_url` (session) is a postgresql:// URL of a database of its own, dropped at the end;
-`pgvector_server` (session, imported alike) also stops and starts the server, for outage tests. Tests
+`pgvector_database` (per test, imported alike) a database of the test's own, for tests whose stores
+have fixed table names; `pgvector_server` (session) also stops and starts the server, for outage tests
+(a test that stopped it gets it started again by `pgvector_database`). Tests
 sharing the session keep apart by table prefix. When pgserver cannot start, tests skip locally and fail
 in CI (KEEL_REQUIRE_SERVICES=1).
 
@@ -83,3 +85,18 @@ def pgvector_url(pgvector_server: PgvectorServer) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     except psycopg.OperationalError:
         pass  # a test left the server stopped: it is deleted with its data directory anyway
+
+
+@pytest.fixture
+def pgvector_database(pgvector_server: PgvectorServer) -> Iterator[str]:
+    """A database of this test's own on the pgvector server, dropped afterwards; the server is running
+    again afterwards even when the test stopped it and failed."""
+    import psycopg
+
+    name = f"keel_pgt_{secrets.token_hex(4)}"
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield pgvector_server.uri(name)
+    pgvector_server.start()
+    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -8,10 +8,9 @@ second replica is served what the first stored.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 import yaml
 from conftest import GatewayProcess
-from pgvector_server import PgvectorServer, pgvector_server  # noqa: F401
+from pgvector_server import PgvectorServer, pgvector_database, pgvector_server  # noqa: F401
 from test_cache_e2e import MASTER, create_key, records, sdk
 
 pytest.importorskip("onnxruntime", reason="the semantic cache needs the local embedder: pip install 'keel[local]'")
@@ -82,24 +81,10 @@ def test_two_tenants_asking_alike_never_get_each_others_answer(
     assert seen == ["miss", "miss", "semantic-hit", "semantic-hit"]
 
 
-@pytest.fixture
-def pg_cache_url(pgvector_server: PgvectorServer) -> Iterator[str]:  # noqa: F811
-    """A database of this test's own on the pgvector server, which is running again afterwards."""
-    import psycopg
-
-    name = f"keel_e2e_{secrets.token_hex(4)}"
-    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield pgvector_server.uri(name)
-    pgvector_server.start()  # a test that stopped it and failed must not leave it down
-    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_replicas_share_both_caches_in_postgres_and_an_outage_is_a_miss(
-    tmp_path: Path, pg_cache_url: str, pgvector_server: PgvectorServer,  # noqa: F811
+    tmp_path: Path, pgvector_database: str, pgvector_server: PgvectorServer,  # noqa: F811
 ) -> None:
-    config = serving(tmp_path, {"backend": "postgres", "postgres_url": pg_cache_url, "exact": {"enabled": True},
+    config = serving(tmp_path, {"backend": "postgres", "postgres_url": pgvector_database, "exact": {"enabled": True},
                                 "semantic": {"enabled": True, "threshold": 0.85}})
     replicas = [GatewayProcess(config, tmp_path, {"KEEL_MASTER_KEY": MASTER}) for _ in range(2)]
     try:

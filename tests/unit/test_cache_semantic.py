@@ -5,15 +5,14 @@ cached, Cache-Control, stream replay, corrupt entries, embedder failures, and th
 from __future__ import annotations
 
 import random
-import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pgvector_server import PgvectorServer, pgvector_server  # noqa: F401
+from pgvector_server import pgvector_database, pgvector_server  # noqa: F401
 from test_cache_exact import Upstream, ask
 
 from keel.cache.semantic import SemanticCache, SemanticHit
@@ -36,19 +35,6 @@ def chat(text: str, *, system: dict[str, Any] = SYSTEM, **fields: Any) -> ChatRe
                                        "messages": [system, {"role": "user", "content": text}]})
 
 
-@pytest.fixture
-def fresh_pgvector_database(pgvector_server: PgvectorServer) -> Iterator[str]:  # noqa: F811
-    """A database of this test's own on the pgvector server (the stores' tables have fixed names)."""
-    import psycopg
-
-    name = f"keel_sem_{secrets.token_hex(4)}"
-    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield pgvector_server.uri(name)
-    with psycopg.connect(pgvector_server.uri("postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["memory", "postgres"])
 async def semantic(
     request: pytest.FixtureRequest, tmp_path: Path,
@@ -57,7 +43,7 @@ async def semantic(
     made: list[Keel] = []
     backend: dict[str, Any] = {"backend": "memory"}
     if request.param == "postgres":
-        backend = {"backend": "postgres", "postgres_url": request.getfixturevalue("fresh_pgvector_database")}
+        backend = {"backend": "postgres", "postgres_url": request.getfixturevalue("pgvector_database")}
 
     def make(exact: bool = False, **semantic: Any) -> tuple[Keel, Upstream]:
         upstream = Upstream()
