@@ -481,6 +481,10 @@ class RouteRuleConfig(_Strict):
         default=None, description="true: the call asks for JSON (json_object or json_schema); false: it does not"
     )
     tenants: list[str] | None = Field(default=None, description="the caller's virtual key belongs to one of these")
+    key_tiers: list[str] | None = Field(
+        default=None, description="the caller's virtual key has one of these tiers (a call without a key, or with "
+        "a key without a tier, matches no key_tiers rule)"
+    )
 
 
 class RouteExampleConfig(_Strict):

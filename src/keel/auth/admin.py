@@ -17,9 +17,9 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from keel.auth.keys import KeyBudget, KeyLimits, VirtualKey
+from keel.auth.keys import TIER_CHARS, KeyBudget, KeyLimits, VirtualKey, check_tier
 from keel.auth.lookup import KeyLookup
 from keel.auth.store import KeyStore
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeysUnavailable
@@ -47,12 +47,15 @@ class NewKey(BaseModel):
     tenant: str | None = Field(default=None, min_length=1, max_length=128)  # a tenant admin's own by default
     owner: str | None = Field(default=None, max_length=256)
     label: str | None = Field(default=None, max_length=256)
+    tier: str | None = Field(default=None, min_length=1, max_length=TIER_CHARS)  # routing rules' `key_tiers`
     models: list[str] | None = Field(default=None, min_length=1)  # none: every model
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     budgets: list[KeyBudgetSpec] = Field(default_factory=list)
     admin: bool = False
     expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    _plain_tier = field_validator("tier")(check_tier)
 
 
 def caller_tenant(request: Request) -> str | None:
@@ -110,6 +113,7 @@ def create(keys: KeyStore, spec: NewKey, tenant: str) -> tuple[VirtualKey, str]:
         tenant, owner=spec.owner, label=spec.label, models=spec.models,
         limits=KeyLimits(spec.requests_per_minute, spec.tokens_per_minute),
         budgets=[KeyBudget(b.limit_usd, b.window) for b in spec.budgets], admin=spec.admin, expires_at=expires_at,
+        tier=spec.tier,
     )
 
 

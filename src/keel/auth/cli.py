@@ -48,6 +48,7 @@ def create(
     config: ConfigOption = None,
     owner: Annotated[str | None, typer.Option(help="the user or service holding it")] = None,
     label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
+    tier: Annotated[str | None, typer.Option(help="a label routing rules match (key_tiers): free, pro, ...")] = None,
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="a model it may use (repeat); default: all")
     ] = None,
@@ -68,7 +69,7 @@ def create(
 
     try:
         spec = NewKey(
-            tenant=tenant, owner=owner, label=label, models=model or None, requests_per_minute=rpm,
+            tenant=tenant, owner=owner, label=label, tier=tier, models=model or None, requests_per_minute=rpm,
             tokens_per_minute=tpm, admin=admin,
             budgets=[KeyBudgetSpec.model_validate({"limit_usd": budget_usd, "window": budget_window})]
             if budget_usd is not None else [],
@@ -95,7 +96,7 @@ def list_keys(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The keys (never their secrets): id, tenant, owner, models, expiry, revocation."""
+    """The keys (never their secrets): id, tenant, owner, tier, models, expiry, revocation."""
     import time
 
     with _keys(config) as keys:
@@ -104,12 +105,13 @@ def list_keys(
         sys.stdout.write(orjson.dumps([key.public() for key in found]).decode() + "\n")
         return
     table = Table(title=f"{len(found)} key(s)", title_justify="left")
-    for header in ("id", "tenant", "owner", "label", "models", "admin", "state", "hint"):
+    for header in ("id", "tenant", "owner", "label", "tier", "models", "admin", "state", "hint"):
         table.add_column(header, overflow="fold")
     now = time.time()
     for key in found:
         state = "revoked" if key.revoked_at else "expired" if not key.usable(now) else "active"
-        table.add_row(key.id, key.tenant, key.owner or "", key.label or "", ", ".join(key.models or ("all",)),
+        table.add_row(key.id, key.tenant, key.owner or "", key.label or "", key.tier or "",
+                      ", ".join(key.models or ("all",)),
                       "yes" if key.admin else "", state, key.public()["hint"])
     Console(soft_wrap=False).print(table)
 

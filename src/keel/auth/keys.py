@@ -14,8 +14,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel.types import no_control_characters
+
 KEY_PREFIX = "sk-keel-"
 _WELL_FORMED = re.compile(r"sk-keel-[A-Za-z0-9_-]{43}")
+TIER_CHARS = 64  # a tier is a short label (`free`, `pro`), matched by routing rules' `key_tiers`
 
 
 def new_secret() -> str:
@@ -24,6 +27,19 @@ def new_secret() -> str:
 
 def new_key_id() -> str:
     return "vk_" + secrets.token_hex(8)
+
+
+def check_tier(tier: str | None) -> str | None:
+    """A key's tier as given, or ValueError saying what is wrong: a plain label of 1 to 64 characters
+    (it reaches routing decisions, logs and the admin API)."""
+    if tier is None:
+        return None
+    if not tier.strip() or len(tier) > TIER_CHARS:
+        raise ValueError(f"a key's tier is a label of 1 to {TIER_CHARS} characters, such as 'free' or 'pro'")
+    try:
+        return no_control_characters(tier)
+    except ValueError as exc:
+        raise ValueError(f"a key's tier: {exc}") from None
 
 
 def digest(secret: str) -> str:
@@ -90,6 +106,7 @@ class VirtualKey:
     expires_at: float | None = None
     revoked_at: float | None = None
     hint: str = ""  # the secret's last four characters, to tell keys apart in a list
+    tier: str | None = None  # a label (`free`, `pro`) routing rules can match (`key_tiers`); None: no tier
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -101,8 +118,8 @@ class VirtualKey:
         """The key as the admin API and `keel keys list` show it: never the digest."""
         return {
             "id": self.id, "object": "virtual_key", "tenant": self.tenant, "owner": self.owner, "label": self.label,
-            "models": list(self.models) if self.models is not None else None, "limits": self.limits.as_dict(),
-            "budgets": [b.as_dict() for b in self.budgets],
+            "tier": self.tier, "models": list(self.models) if self.models is not None else None,
+            "limits": self.limits.as_dict(), "budgets": [b.as_dict() for b in self.budgets],
             "admin": self.admin, "created_at": self.created_at, "expires_at": self.expires_at,
             "revoked_at": self.revoked_at, "hint": f"{KEY_PREFIX}...{self.hint}",
         }

@@ -1,4 +1,4 @@
-"""Virtual keys in the request-log database (table `virtual_keys`, revision 0002), so every
+"""Virtual keys in the request-log database (table `virtual_keys`, revision 0002; `tier` 0004), so every
 replica sharing that database sees the same keys. Blocking (SQLAlchemy Core): the call path
 reaches it through `lookup.KeyLookup`, off the event loop and rarely."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Column, Float, Index, String, Table, insert, select, update
 
-from keel.auth.keys import KeyBudget, KeyLimits, VirtualKey, digest, new_key_id, new_secret
+from keel.auth.keys import KeyBudget, KeyLimits, VirtualKey, check_tier, digest, new_key_id, new_secret
 from keel.observability.store import RecordStore, metadata
 
 # On the request log's metadata: one schema, which the migrations are checked against.
@@ -30,6 +30,7 @@ virtual_keys = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float),
     Column("revoked_at", Float),
+    Column("tier", String),  # revision 0004; null: the key has no tier
     Index("ix_virtual_keys_tenant", "tenant"),
 )
 
@@ -45,15 +46,17 @@ class KeyStore:
         self, tenant: str, *, owner: str | None = None, label: str | None = None,
         models: Sequence[str] | None = None, limits: KeyLimits | None = None,
         budgets: Sequence[KeyBudget] = (), admin: bool = False, expires_at: float | None = None,
+        tier: str | None = None,
     ) -> tuple[VirtualKey, str]:
         """A new key and its secret: the only time the secret exists outside the client."""
         if not tenant.strip():
             raise ValueError("a key needs a tenant: the team or customer it belongs to")
+        check_tier(tier)
         secret = new_secret()
         key = VirtualKey(
             id=new_key_id(), tenant=tenant, digest=digest(secret), owner=owner, label=label,
             models=tuple(models) if models else None, limits=limits or KeyLimits(), budgets=tuple(budgets),
-            admin=admin, created_at=self.clock(), expires_at=expires_at, hint=secret[-4:],
+            admin=admin, created_at=self.clock(), expires_at=expires_at, hint=secret[-4:], tier=tier,
         )
         with self.store.transaction("store a key in") as conn:
             conn.execute(insert(virtual_keys).values(_row(key)))
@@ -92,6 +95,7 @@ def _row(key: VirtualKey) -> dict[str, Any]:
         "label": key.label, "models": list(key.models) if key.models is not None else None,
         "limits": key.limits.as_dict(), "budgets": [b.as_dict() for b in key.budgets],
         "admin": key.admin, "created_at": key.created_at, "expires_at": key.expires_at, "revoked_at": key.revoked_at,
+        "tier": key.tier,
     }
 
 
@@ -102,4 +106,5 @@ def _key(row: dict[str, Any]) -> VirtualKey:
         models=tuple(models) if models is not None else None, limits=KeyLimits(**(row["limits"] or {})),
         budgets=tuple(KeyBudget(**b) for b in row["budgets"] or ()), admin=bool(row["admin"]),
         created_at=row["created_at"], expires_at=row["expires_at"], revoked_at=row["revoked_at"], hint=row["hint"],
+        tier=row["tier"],
     )

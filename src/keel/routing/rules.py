@@ -1,8 +1,10 @@
 """The rules strategy: the first rule whose conditions all hold names the tier.
 
 Conditions read what is known before any model runs: the feature tag (`metadata.feature`), the
-estimated prompt size, whether the call offers tools or asks for JSON, and the caller's tenant
-(its virtual key's). No rule matches: the default tier (the cheapest unless configured).
+estimated prompt size, whether the call offers tools or asks for JSON, and the caller's tenant and
+tier (its virtual key's: `VirtualKey.tenant`, `VirtualKey.tier`). A call without a key, or with a key
+without a tier, matches no `key_tiers` rule. No rule matches: the default tier (the cheapest unless
+configured).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class CallTraits:
     tools: bool
     response_format: bool
     tenant: str | None
+    key_tier: str | None  # None: no key, or a key without a tier
 
     @classmethod
     def of(cls, call: Call) -> CallTraits:
@@ -41,6 +44,7 @@ class CallTraits:
             tools=chat is not None and bool(chat.tools),
             response_format=fmt is not None and fmt.type != "text",
             tenant=call.ctx.tenant,
+            key_tier=call.ctx.key.tier if call.ctx.key is not None else None,
         )
 
 
@@ -55,6 +59,8 @@ def matches(rule: RouteRuleConfig, traits: CallTraits) -> bool:
     if rule.tools is not None and traits.tools != rule.tools:
         return False
     if rule.response_format is not None and traits.response_format != rule.response_format:
+        return False
+    if rule.key_tiers is not None and (traits.key_tier is None or traits.key_tier not in rule.key_tiers):
         return False
     return rule.tenants is None or traits.tenant in rule.tenants
 
