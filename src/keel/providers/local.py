@@ -586,14 +586,14 @@ class LocalProvider(ChatOnly):
     def _check_fits(self, prompt: int, plan: Plan, n_ctx: int) -> None:
         if prompt >= n_ctx:
             raise ContextLengthExceeded(
-                f"the messages are {prompt} tokens, more than deployment '{self.name}' can take: its context "
-                f"window is {n_ctx} tokens (n_ctx), answer included; shorten the messages",
+                f"The messages are {prompt} tokens, more than deployment '{self.name}' can take: its context "
+                f"window is {n_ctx} tokens (n_ctx), answer included. Shorten the messages.",
                 param="messages", deployment=self.name,
             )
         if plan.limit_given and prompt + plan.max_tokens > n_ctx:
             raise ContextLengthExceeded(
-                f"the messages ({prompt} tokens) plus max_tokens ({plan.max_tokens}) exceed the context window "
-                f"of deployment '{self.name}' ({n_ctx} tokens); lower max_tokens or shorten the messages",
+                f"The messages ({prompt} tokens) plus max_tokens ({plan.max_tokens}) exceed the context window "
+                f"of deployment '{self.name}' ({n_ctx} tokens). Lower max_tokens or shorten the messages.",
                 param="max_tokens", deployment=self.name,
             )
 
