@@ -279,7 +279,8 @@ async def run(args: argparse.Namespace) -> None:
     console.print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores")
     started = time.perf_counter()
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+        # Idle connections dropped before the servers' keep-alive ends: a stale one is never reused.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=3)) as session:
             targets = await start(bench, args, session)
             for target in targets[1:]:
                 console.print(f"{target.name}: {target.fill['entries']:,} entries in {target.fill['fill_s']:.1f} s"
