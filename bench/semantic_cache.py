@@ -164,12 +164,22 @@ async def start(bench: Bench, args: argparse.Namespace, session: aiohttp.ClientS
         name = f"memory {label(n)}"
         report, spec = bench.tmp / f"{name.replace(' ', '-')}.json", bench.tmp / f"{name.replace(' ', '-')}-spec.json"
         spec.write_bytes(orjson.dumps({"entries": n, "template": template, "report": str(report)}))
-        path = bench.config(name, {"semantic": {"enabled": True, "max_entries": n + 100_000}})
+        path = with_embedder(bench.config(name, {"semantic": {"enabled": True, "max_entries": n + 100_000}}), args)
         url, proc = bench.gateway(name, path, [str(THIS), "_serve", str(spec)])
         targets.append(Target(name, url, "semantic-hit", n, proc, orjson.loads(report.read_bytes())))
     if not args.no_postgres:
         targets += await postgres_targets(bench, args, template)
     return targets
+
+
+def with_embedder(path: Path, args: argparse.Namespace) -> Path:
+    """The config at `path` with keel.yaml's `embedder` from --embedder-threads and --spin."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    config["embedder"] = {"threads": args.embedder_threads, "spin": args.spin}
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dict[str, Any]) -> list[Target]:
@@ -199,7 +209,8 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
         filled = await store_fill(store, url, n, template, embed)
         await store.close()
         name = f"postgres {label(n)}"
-        path = bench.config(name, {"backend": "postgres", "postgres_url": url, "semantic": {"enabled": True}})
+        path = with_embedder(bench.config(name, {"backend": "postgres", "postgres_url": url,
+                                                 "semantic": {"enabled": True}}), args)
         gateway_url, proc = bench.gateway(name, path, ["-m", "keel.cli"])
         targets.append(Target(name, gateway_url, "semantic-hit", n, proc, filled))
     return targets
@@ -313,6 +324,8 @@ def main() -> None:
     parser.add_argument("--miss-requests", type=int, default=100, help="miss requests per target per round")
     parser.add_argument("--entries", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000])
     parser.add_argument("--no-postgres", action="store_true", help="skip the postgres (pgserver) targets")
+    parser.add_argument("--embedder-threads", type=int, default=None, help="keel.yaml's embedder.threads")
+    parser.add_argument("--spin", action="store_true", help="keel.yaml's embedder.spin: true")
     uvloop.run(run(parser.parse_args()))
 
 

@@ -418,6 +418,19 @@ class SemanticCacheConfig(_Strict):
     )
 
 
+class EmbedderConfig(_Strict):
+    """The local embedder of Keel's own checks and of the semantic cache (docs/embedder.md)."""
+
+    threads: int | None = Field(
+        default=None, ge=1, le=16, description="onnxruntime intra-op threads; default: the CPU count less one, 1 to 4",
+    )
+    spin: bool = Field(
+        default=False,
+        description="threads spin while waiting instead of sleeping: one query is faster with 2+ threads, but "
+        "spinning threads take CPU from the event loop (docs/embedder.md#latency-or-throughput)",
+    )
+
+
 class CacheConfig(_Strict):
     """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
 
@@ -776,6 +789,9 @@ class KeelConfig(_Strict):
         default_factory=GuardrailsConfig, description="input and output checks (docs/guardrails.md)"
     )
     cache: CacheConfig = Field(default_factory=CacheConfig, description="answer caches (docs/caching.md)")
+    embedder: EmbedderConfig = Field(
+        default_factory=EmbedderConfig, description="the local embedder of the checks and the semantic cache",
+    )
 
     @field_validator("models")
     @classmethod

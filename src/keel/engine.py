@@ -126,7 +126,7 @@ class Keel:
     def _shared_embedder(self) -> SharedEmbedder:
         from keel.embedding.shared import SharedEmbedder  # NumPy and onnxruntime: the local extra
 
-        self.embedder = self.embedder or SharedEmbedder()
+        self.embedder = self.embedder or SharedEmbedder(self.config.embedder.threads, self.config.embedder.spin)
         return self.embedder
 
     def trace(self, name: str, **attributes: Any) -> TraceScope:

@@ -195,3 +195,23 @@ def test_a_wrong_model_path_stops_keel_serve_before_it_starts(tmp_path: Path) ->
     assert result.returncode == 2
     assert "provider: local-embedder" in result.stderr and "nope.onnx does not exist" in result.stderr
 
+
+
+async def test_keel_yaml_embedder_threads_and_spin_reach_onnxruntime() -> None:
+    """`embedder: {threads, spin}` is what the shared embedder's session runs with; by default threads
+    sleep while waiting (spinning ones take the event loop's core)."""
+    from keel.config import parse_config
+
+    config = parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                           "cache": {"semantic": {"enabled": True}}, "embedder": {"threads": 2, "spin": True}})
+    keel = Keel(config)
+    try:
+        await keel.start()
+        assert keel.embedder is not None and keel.embedder._batcher is not None
+        options = keel.embedder._batcher.model.session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    finally:
+        await keel.close()
+    default = load_embedder().session.get_session_options()
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -111,9 +111,10 @@ class SentenceEmbedder:
 
 def load_embedder(
     model_path: str | None = None, tokenizer_path: str | None = None, *,
-    max_tokens: int = TRAINED_TOKENS, threads: int | None = None,
+    max_tokens: int = TRAINED_TOKENS, threads: int | None = None, spin: bool = False,
 ) -> SentenceEmbedder:
-    """Load the model and tokenizer (blocking: call it in a thread)."""
+    """Load the model and tokenizer (blocking: call it in a thread). `spin`: onnxruntime's threads spin
+    while waiting for work instead of sleeping (faster with two threads, at the event loop's expense)."""
     model, vocab = model_file(model_path), tokenizer_file(tokenizer_path)
     try:
         import onnxruntime as ort
@@ -123,8 +124,9 @@ def load_embedder(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
-    # Waiting threads sleep instead of spinning: spinning ones starve the event loop on a small machine.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # By default waiting threads sleep instead of spinning: spinning ones starve the event loop on a small
+    # machine (docs/embedder.md, "Latency or throughput").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own, untyped, exception classes

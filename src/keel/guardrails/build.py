@@ -35,7 +35,7 @@ def build_guardrails(
 
     def shared() -> SharedEmbedder:
         nonlocal embedder
-        embedder = embedder or SharedEmbedder()
+        embedder = embedder or SharedEmbedder(config.embedder.threads, config.embedder.spin)
         return embedder
 
     for model in config.models:
