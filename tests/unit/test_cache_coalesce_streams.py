@@ -17,8 +17,8 @@ from test_cache_exact import Upstream, chat, coalesced
 from keel.cache.coalesce import LiveStream
 from keel.cache.key import cache_key
 from keel.cache.memory import MemoryStore
-from keel.cache.replay import replay_chunks
 from keel.cache.stage import ExactCache
+from keel.chunks import replay_chunks
 from keel.config import TracingConfig, parse_config
 from keel.engine import Keel
 from keel.errors import UpstreamConnectionError

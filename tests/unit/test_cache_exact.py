@@ -16,8 +16,8 @@ from keel.cache.coalesce import Coalescer
 from keel.cache.entry import CachedAnswer
 from keel.cache.key import cache_key
 from keel.cache.memory import MemoryStore
-from keel.cache.replay import folded, replay_chunks
 from keel.cache.stage import ExactCache
+from keel.chunks import folded, replay_chunks
 from keel.config import parse_config
 from keel.engine import Keel
 from keel.errors import GuardrailViolation, KeelError, UpstreamConnectionError

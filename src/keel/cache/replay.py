@@ -1,8 +1,5 @@
-"""A cached answer served, and a live one kept for the cache.
-
-A cached chat.completion is replayed to a streamed request as the chunks a live stream would have sent:
-a role chunk, the content (or tool calls), the finish, then the usage chunk (hidden from clients that
-did not ask for it, as for a live stream)."""
+"""A cached answer served (replayed as a stream to a streamed request: `keel.chunks`), joined live, and
+a live one kept for the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ import orjson
 
 from keel.cache.coalesce import LiveStream
 from keel.cache.entry import CachedAnswer
+from keel.chunks import folded, replay
 from keel.ids import random_hex
 from keel.pipeline import Call, ChunkStream, Completion, Reply
 
@@ -61,44 +59,3 @@ async def _tap(source: AsyncIterator[dict[str, Any]], seen: list[dict[str, Any]]
     async for chunk in source:
         seen.append(chunk)
         yield chunk
-
-
-def replay(completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    return _iterate(replay_chunks(completion))
-
-
-async def folded(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat.completion that `chunks` add up to (the opposite of `replay_chunks`)."""
-    stream = ChunkStream(_iterate(chunks))
-    async for _ in stream:
-        pass
-    return stream.completion()
-
-
-async def _iterate(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    for chunk in chunks:
-        yield chunk
-
-
-def replay_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
-    choice = completion["choices"][0]
-    message = choice["message"]
-    head: dict[str, Any] = {"id": completion["id"], "object": "chat.completion.chunk",
-                            "created": completion.get("created"), "model": completion.get("model")}
-    if completion.get("system_fingerprint") is not None:
-        head["system_fingerprint"] = completion["system_fingerprint"]
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    if message.get("content"):
-        chunks.append(chunk({"content": message["content"]}))
-    if message.get("refusal"):
-        chunks.append(chunk({"refusal": message["refusal"]}))
-    for index, call in enumerate(message.get("tool_calls") or ()):
-        chunks.append(chunk({"tool_calls": [{"index": index, **call}]}))
-    chunks.append(chunk({}, choice.get("finish_reason")))
-    if completion.get("usage"):
-        chunks.append({**head, "choices": [], "usage": completion["usage"]})
-    return chunks

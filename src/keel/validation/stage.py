@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from keel.cache.replay import folded, replay
+from keel.chunks import folded, replay
 from keel.config import ValidationConfig
 from keel.cost.tokens import completion_tokens, prompt_tokens
 from keel.errors import InvalidOutput, KeelError
