@@ -94,8 +94,9 @@ class Keel:
         self.metrics.registry.register(self.alerts)
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
-        self.guardrails = _guardrails(config, self._ask, self.deployments)
-        self.embedder = self.guardrails.embedder  # one local embedder for every check and the semantic cache
+        # One local embedder for every check and the semantic cache, made when one of them needs it.
+        self.embedder: SharedEmbedder | None = None
+        self.guardrails = _guardrails(config, self._ask, self.deployments, self._shared_embedder)
         self.cache = build_caches(config, self._shared_embedder)
         if healths := self.cache.healths():  # shared stores count their failures
             self.metrics.registry.register(BackendsCollector(healths))
@@ -364,14 +365,16 @@ def _auth(config: KeelConfig, keys: KeyStore) -> Auth | None:
     return Auth(lookup, os.environ.get(config.server.master_key_env) or None)
 
 
-def _guardrails(config: KeelConfig, ask: Any, deployments: dict[str, list[Deployment]]) -> GuardrailStages:
+def _guardrails(
+    config: KeelConfig, ask: Any, deployments: dict[str, list[Deployment]], embedder: Callable[[], SharedEmbedder],
+) -> GuardrailStages:
     """The guardrail stages, when some model has guardrails; their modules (Presidio, the embedder)
     are imported only then."""
     if not config.guardrails.input and not config.guardrails.output and not any(m.guardrails for m in config.models):
-        return GuardrailStages(None, None, None)
+        return GuardrailStages(None, None)
     from keel.guardrails.build import build_guardrails
 
-    return build_guardrails(config, ask, {
+    return build_guardrails(config, ask, embedder, {
         name: counter for name, deps in deployments.items() if (counter := _token_counter(deps)) is not None
     })
 

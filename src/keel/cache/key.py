@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -27,9 +28,18 @@ DELIVERY_ONLY = frozenset({"stream", "stream_options", "user", "metadata"})
 
 def cache_key(request: ChatRequest, tenant: str | None) -> str:
     """`v2:<tenant>:<model>:<sha256>` of the request's answer-determining fields and the caller's tenant."""
-    fields = request.model_dump(mode="json", exclude_none=True, exclude=set(DELIVERY_ONLY))
+    return scoped_key(KEY_VERSION, answer_fields(request), request.model, tenant)
+
+
+def answer_fields(request: ChatRequest) -> dict[str, Any]:
+    """The request's fields that determine its answer, as JSON values (the delivery-only ones left out)."""
+    return request.model_dump(mode="json", exclude_none=True, exclude=set(DELIVERY_ONLY))
+
+
+def scoped_key(version: str, fields: dict[str, Any], model: str, tenant: str | None) -> str:
+    """`<version>:<tenant>:<model>:<sha256>` of `fields` and the tenant, serialised with sorted keys."""
     scoped = orjson.dumps({"tenant": tenant, "request": fields}, option=orjson.OPT_SORT_KEYS)
-    return f"{KEY_VERSION}:{tenant_segment(tenant)}:{segment(request.model)}:{hashlib.sha256(scoped).hexdigest()}"
+    return f"{version}:{tenant_segment(tenant)}:{segment(model)}:{hashlib.sha256(scoped).hexdigest()}"
 
 
 def segment(name: str) -> str:

@@ -20,8 +20,9 @@ def served(call: Call, cached: CachedAnswer, status: str) -> Reply:
     saved what the answer cost when it was stored."""
     call.ctx.cache_status = status
     call.ctx.cache_saved_nanos = cached.cost_nanos
-    # A copy of its own: outer stages change the answer in place (restored PII) and waiters share one.
-    body = {**orjson.loads(orjson.dumps(cached.completion)), "id": "chatcmpl-" + random_hex(12)}
+    # `cached` is this call's own (read from a store, or copied for a waiter: `stage._own`): outer stages
+    # may change it in place (restored PII).
+    body = {**cached.completion, "id": "chatcmpl-" + random_hex(12)}
     return ChunkStream(replay(body)) if call.stream else Completion(body)
 
 

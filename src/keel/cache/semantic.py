@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from keel.cache.entry import CachedAnswer, CorruptEntry
@@ -30,6 +31,7 @@ from keel.cache.policy import CacheControl, deterministic, storable
 from keel.cache.replay import passed_on, served
 from keel.cache.semantic_key import semantic_query, semantic_scope
 from keel.cache.semantic_store import Neighbour, VectorStore
+from keel.cache.stores import clear_stores, stores_of
 from keel.embedding.model import TRAINED_TOKENS
 from keel.pipeline import Call, Next, Reply
 from keel.types import ChatRequest
@@ -94,25 +96,24 @@ class SemanticCache:
 
     def stores(self) -> list[VectorStore]:
         """Each store once (models may share one)."""
-        return list({id(s.store): s.store for s in self.settings.values()}.values())
+        return stores_of(self.settings)
 
     async def clear(
         self, *, model: str | None = None, tenant: str | None = None, older_than_s: float | None = None,
         key_prefix: str | None = None,
     ) -> int:
         """Invalidate, as `ExactCache.clear` does: the entries matching every filter given."""
-        stores = [s.store for name, s in self.settings.items() if name == model] if model else self.stores()
-        return sum([await store.clear(model, tenant, older_than_s, key_prefix) for store in stores])
+        return await clear_stores(self.settings, model, tenant, older_than_s, key_prefix)
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         setting, request, ctx = self.settings.get(call.model.name), call.request, call.ctx
         if setting is None or not isinstance(request, ChatRequest) or ctx.internal:
             return await next(call)
         control = CacheControl.parse(ctx.cache_control)
-        query = semantic_query(request)
-        passes = query is None or not eligible(request, setting) or (control.no_cache and control.no_store)
-        vector = None if passes or query is None else await self._embedded(query)
-        if vector is None or query is None:  # as the exact stage left it, or bypass
+        query, vector = semantic_query(request), None
+        if query is not None and eligible(request, setting) and not (control.no_cache and control.no_store):
+            vector = await self._embedded(query)
+        if query is None or vector is None:  # as the exact stage left it, or bypass
             ctx.cache_status = "bypass" if ctx.cache_status == "none" else ctx.cache_status
             return await next(call)
         scope = semantic_scope(request, ctx.tenant)
@@ -167,8 +168,10 @@ class SemanticCache:
         """Hand a share of the hits to the review hook (humans label them: the live false-hit rate)."""
         if self.review is None or setting.review_rate <= 0 or self._rng.random() >= setting.review_rate:
             return
+        # A copy: the served answer shares its parts with `cached`, and outer stages change it in place.
+        completion = orjson.loads(orjson.dumps(cached.completion))
         hit = SemanticHit(call.ctx.request_id, call.ctx.tenant, call.model.name, query, neighbour.query,
-                          neighbour.score, cached.completion)
+                          neighbour.score, completion)
         try:
             self.review(hit)
         except Exception:  # a reviewer's bug must not fail the call it reviews

@@ -10,12 +10,7 @@ never under another one, nor in another tenant, nor with another temperature or 
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
-import orjson
-
-from keel.cache.key import DELIVERY_ONLY, segment, tenant_segment
+from keel.cache.key import answer_fields, scoped_key
 from keel.cache.semantic_store import SCOPE_VERSION
 from keel.types import ChatRequest, TextPart, UserMessage
 
@@ -38,10 +33,8 @@ def semantic_query(request: ChatRequest) -> str | None:
 def semantic_scope(request: ChatRequest, tenant: str | None) -> str:
     """`s1:<tenant>:<model>:<sha256>` of the request's answer-determining fields but the last user turn's
     content, and the caller's tenant."""
-    fields: dict[str, Any] = request.model_dump(mode="json", exclude_none=True, exclude=set(DELIVERY_ONLY))
+    fields = answer_fields(request)
     last = dict(fields["messages"][-1])
     last.pop("content", None)  # the part that is compared by meaning; its name (a `name` field) stays
     fields["messages"] = [*fields["messages"][:-1], last]
-    scoped = orjson.dumps({"tenant": tenant, "request": fields}, option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.sha256(scoped).hexdigest()
-    return f"{SCOPE_VERSION}:{tenant_segment(tenant)}:{segment(request.model)}:{digest}"
+    return scoped_key(SCOPE_VERSION, fields, request.model, tenant)

@@ -12,14 +12,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from keel.cache.coalesce import Coalescer, Flight, LiveStream
 from keel.cache.entry import CachedAnswer, CorruptEntry
 from keel.cache.key import cache_key
 from keel.cache.policy import CacheControl, deterministic, storable
 from keel.cache.replay import joined_live, passed_on, served
+from keel.cache.stores import clear_stores, stores_of
 from keel.cost.money import Nanos
 from keel.pipeline import Call, ChunkStream, Next, Reply, StreamClosed
 from keel.types import ChatRequest
@@ -55,7 +58,7 @@ class ExactCache:
 
     def stores(self) -> list[CacheStore]:
         """Each store once (models may share one)."""
-        return list({id(s.store): s.store for s in self.settings.values()}.values())
+        return stores_of(self.settings)
 
     async def clear(
         self, *, model: str | None = None, tenant: str | None = None, older_than_s: float | None = None,
@@ -63,15 +66,7 @@ class ExactCache:
     ) -> int:
         """Invalidate: remove the entries that match every filter given (none: all), from each store
         they may be in; how many were removed. A model without the exact cache has none."""
-        if model is not None:
-            setting = self.settings.get(model)
-            stores = [setting.store] if setting is not None else []
-        else:
-            stores = self.stores()
-        removed = 0
-        for store in stores:
-            removed += await store.clear(model, tenant, older_than_s, key_prefix)
-        return removed
+        return await clear_stores(self.settings, model, tenant, older_than_s, key_prefix)
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         setting, request, ctx = self.settings.get(call.model.name), call.request, call.ctx
@@ -108,18 +103,18 @@ class ExactCache:
         try:
             live = await _until(flight.live, deadline)  # known once the leader's reply is
             if live is None or live.closed:
-                return await _until(flight.answer, deadline)
+                return _own(await _until(flight.answer, deadline))
             if call.stream:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     joined = await live.join()  # after the leader's own read under way, if any
                 if joined:
                     return joined_live(call, live, deadline)
-                return await _until(flight.answer, deadline)  # cut: None, the call goes on alone
+                return _own(await _until(flight.answer, deadline))  # cut: None, the call goes on alone
             if deadline <= time.monotonic():
                 return None  # a call with no time left has the stream read for no one
             live.want_whole()  # the leader's client may read slowly, or leave: the stream is read for this call
             try:
-                return await _until(flight.answer, deadline)
+                return _own(await _until(flight.answer, deadline))
             finally:
                 live.unwant_whole()
         except TimeoutError:
@@ -201,6 +196,12 @@ class ExactCache:
 def _cost(call: Call) -> Nanos:
     """What the call's answer cost, or (a semantic hit) what the stored one did: what each hit saves."""
     return call.ctx.cost.nanos + call.ctx.cache_saved_nanos
+
+
+def _own(answer: CachedAnswer | None) -> CachedAnswer | None:
+    """A flight's answer is one object for every waiter: each gets a copy of its own, as outer stages
+    change an answer in place (restored PII). An answer read from a store is the call's own already."""
+    return None if answer is None else replace(answer, completion=orjson.loads(orjson.dumps(answer.completion)))
 
 
 async def _until(waited: asyncio.Future[T], deadline: float) -> T:

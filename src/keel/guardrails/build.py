@@ -4,10 +4,10 @@ is not checked and pays nothing for it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from keel.config import InputGuardrailsConfig, KeelConfig, OutputGuardrailsConfig, PiiConfig
-from keel.embedding.shared import SharedEmbedder
 from keel.guardrails.answer_checks import AnswerChecks, Ask
 from keel.guardrails.injection import InjectionDetector
 from keel.guardrails.injection_policy import InjectionPolicy
@@ -17,12 +17,16 @@ from keel.guardrails.output_stage import OutputGuardrails
 from keel.guardrails.pii_policy import PiiPolicy
 from keel.guardrails.stages import GuardrailStages
 
+if TYPE_CHECKING:
+    from keel.embedding.shared import SharedEmbedder
+
 
 def build_guardrails(
-    config: KeelConfig, ask: Ask, counters: Mapping[str, TokenCounter] | None = None
+    config: KeelConfig, ask: Ask, shared: Callable[[], SharedEmbedder],
+    counters: Mapping[str, TokenCounter] | None = None,
 ) -> GuardrailStages:
-    """`counters`: by model name, the token counter of a model whose deployments have a tokenizer."""
-    embedder: SharedEmbedder | None = None
+    """`shared`: the `Keel`'s one local embedder, asked for only when a check needs it. `counters`: by
+    model name, the token counter of a model whose deployments have a tokenizer."""
     inputs: dict[str, InputPolicy] = {}
     outputs: dict[str, AnswerChecks] = {}
     pii_policies: dict[int, PiiPolicy] = {}  # one scanner per distinct pii section
@@ -32,11 +36,6 @@ def build_guardrails(
         if id(section) not in pii_policies:
             pii_policies[id(section)] = PiiPolicy(section, "input")
         return pii_policies[id(section)]
-
-    def shared() -> SharedEmbedder:
-        nonlocal embedder
-        embedder = embedder or SharedEmbedder(config.embedder.threads, config.embedder.spin)
-        return embedder
 
     for model in config.models:
         own = model.guardrails
@@ -60,5 +59,5 @@ def build_guardrails(
                 output_config, shared() if output_config.off_topic else None, ask
             )
     return GuardrailStages(
-        InputGuardrails(inputs) if inputs else None, OutputGuardrails(outputs) if outputs else None, embedder
+        InputGuardrails(inputs) if inputs else None, OutputGuardrails(outputs) if outputs else None
     )

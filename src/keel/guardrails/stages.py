@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from keel.embedding.shared import SharedEmbedder
     from keel.guardrails.input_stage import InputGuardrails
     from keel.guardrails.output_stage import OutputGuardrails
 
@@ -15,4 +14,3 @@ if TYPE_CHECKING:
 class GuardrailStages:
     input: InputGuardrails | None
     output: OutputGuardrails | None
-    embedder: SharedEmbedder | None  # loaded at start-up when a check needs it

@@ -33,16 +33,18 @@ class LoadBalance:
     def load(self, name: str) -> DeploymentLoad:
         return self.loads.setdefault(name, DeploymentLoad())
 
-    def expected_wait(self, deployment: Deployment) -> float:
+    def expected_wait(self, deployment: Deployment, unmeasured: float) -> float:
+        """In-flight calls and one more, at the deployment's latency (`unmeasured` when it has none yet),
+        over its weight."""
         load = self.load(deployment.name)
-        known = [x.latency_s for x in self.loads.values() if x.latency_s is not None]
-        # Unmeasured: as fast as the fastest known, so a new deployment gets tried.
-        latency = load.latency_s if load.latency_s is not None else min(known, default=1.0)
+        latency = load.latency_s if load.latency_s is not None else unmeasured
         return (load.in_flight + 1) * max(latency, 1e-6) / self.weights.get(deployment.name, 1.0)
 
     def order(self, deployments: Sequence[Deployment]) -> list[Deployment]:
         """Closed breakers first, by expected wait (ties keep the configured order); open ones last."""
-        return sorted(deployments, key=lambda d: (d.breaker.retry_in() > 0, self.expected_wait(d)))
+        # Unmeasured: as fast as the fastest known, so a new deployment gets tried.
+        fastest = min((x.latency_s for x in self.loads.values() if x.latency_s is not None), default=1.0)
+        return sorted(deployments, key=lambda d: (d.breaker.retry_in() > 0, self.expected_wait(d, fastest)))
 
     def started(self, name: str) -> None:
         self.load(name).in_flight += 1

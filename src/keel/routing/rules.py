@@ -31,7 +31,8 @@ class CallTraits:
     key_tier: str | None  # None: no key, or a key without a tier
 
     @classmethod
-    def of(cls, call: Call) -> CallTraits:
+    def of(cls, call: Call, count_tokens: bool = True) -> CallTraits:
+        """The call's traits; its input tokens only when `count_tokens` (else 0: no rule reads them)."""
         request = call.request
         chat = request if isinstance(request, ChatRequest) else None
         feature = call.ctx.feature
@@ -40,7 +41,7 @@ class CallTraits:
         fmt = chat.response_format if chat is not None else None
         return cls(
             feature=feature,
-            input_tokens=prompt_tokens(request),
+            input_tokens=prompt_tokens(request) if count_tokens else 0,
             tools=chat is not None and bool(chat.tools),
             response_format=fmt is not None and fmt.type != "text",
             tenant=call.ctx.tenant,
@@ -71,9 +72,11 @@ class RuleRoute:
     def __init__(self, rules: Sequence[RouteRuleConfig], tier_names: Sequence[str], default: str | None = None) -> None:
         self.rules = [(i, rule, list(tier_names).index(rule.tier)) for i, rule in enumerate(rules)]
         self.default = list(tier_names).index(default) if default is not None else 0
+        # Counting a prompt's tokens serialises its tools and schema: only when some rule reads them.
+        self.counts_tokens = any(r.min_input_tokens is not None or r.max_input_tokens is not None for r in rules)
 
     async def decide(self, call: Call, tiers: Sequence[Tier]) -> Choice:
-        traits = CallTraits.of(call)
+        traits = CallTraits.of(call, self.counts_tokens)
         for i, rule, tier in self.rules:
             if matches(rule, traits):
                 return Choice(tier, f"rule[{i}]")
