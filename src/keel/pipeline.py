@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
 from keel.cost.money import Nanos, to_usd
 from keel.errors import KeelError
@@ -35,6 +35,22 @@ if TYPE_CHECKING:
     from keel.observability.tracing import StageTracer
     from keel.providers.base import Deployment
     from keel.routing.route import Route
+
+
+# The API a client spoke to the gateway (docs/dialects.md): each is translated at the edge to the one
+# internal call. None in-process (the library).
+Dialect = Literal["chat.completions", "embeddings", "responses", "messages", "completions"]
+
+
+@dataclass(slots=True)
+class NativeRequest:
+    """A client's own request body in a dialect some deployments speak natively (Anthropic's Messages
+    API): such a deployment is sent this body, not a translation of the call's request, as long as the
+    stages left the request as the edge translated it (`fingerprint`: what `fingerprint_of` gave then)."""
+
+    dialect: Dialect
+    body: dict[str, Any]
+    fingerprint: bytes
 
 
 def new_request_id() -> str:
@@ -119,6 +135,8 @@ class Context:
     internal: bool = False  # a call Keel makes for itself (a guardrail's model check): not guarded again
     # A virtual model's route (keel.routing): the tier that answers and why; x-keel-route, the log, the span.
     route: Route | None = None
+    dialect: Dialect | None = None  # the API the client spoke; the request log records it
+    native: NativeRequest | None = None  # the client's body, for a deployment that speaks its dialect
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

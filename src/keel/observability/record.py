@@ -59,6 +59,9 @@ class RequestRecord:
     tenant: str | None = None  # the virtual key's tenant
     # A cache hit: what the answer cost when it was stored (USD). None when the call was not a hit.
     cost_saved_usd: float | None = None
+    # The API the client spoke (chat.completions, embeddings, responses, messages, completions);
+    # None for a call made in-process through the library (revision 0005).
+    dialect: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -145,6 +145,7 @@ def build_record(
         error_type=error_type,
         error_message=message,
         cost_saved_usd=to_usd(ctx.cache_saved_nanos) if hit else None,
+        dialect=ctx.dialect,
     )
 
 
@@ -163,7 +164,7 @@ def record_rejected(
         endpoint=endpoint, trace_id=ctx.trace_id, span_id=ctx.span_id, key_id=ctx.key_id, tenant=ctx.tenant,
         user=bounded(ctx.user), feature=bounded(ctx.feature), model=bounded(model), stream=stream,
         latency_ms=(now - ctx.started) * 1000, status=status, outcome=outcome, error_type=error_type,
-        error_message=message,
+        error_message=message, dialect=ctx.dialect,
     )
     sink.submit(record)
     metrics.observe(record)

@@ -108,6 +108,7 @@ requests = Table(
     Column("spans", JSONColumn),  # the call's own spans; other spans (chains) are rows of `spans`
     Column("tenant", String),  # the virtual key's tenant (revision 0002)
     Column("cost_saved_usd", Float),  # a cache hit's cost when stored; null when not a hit (revision 0003)
+    Column("dialect", String),  # the API the client spoke; null in-process (revision 0005)
     Index("ix_requests_started_at", "started_at"),
     Index("ix_requests_feature", "feature"),
     Index("ix_requests_model", "model"),

@@ -10,38 +10,31 @@ types; replies go out with one orjson serialisation. Every answer, errors includ
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.auth.admin import keys_router
 from keel.auth.keys import Credential
 from keel.engine import Keel
-from keel.errors import AdminForbidden, AuthenticationFailed, InvalidJSON, InvalidRequest, KeelError, ModelNotFound
-from keel.pipeline import ChunkStream, Completion, Context
-from keel.request_errors import parse_request
+from keel.errors import AdminForbidden, AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound
+from keel.pipeline import ChunkStream
 from keel.server.admin import admin_router, cache_router
-from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotEndpoint, Incoming, error_answer
-from keel.server.readiness import Readiness
+from keel.server.calls import Served, answer_of, authorised, context, key_id, parse, served_by
+from keel.server.dialect_routes import dialect_routes, stored_responses_router
+from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotRoute, Incoming
 from keel.server.responses import error_response, json_response, spec_nulls_dropped
 from keel.types import ChatRequest, EmbeddingRequest
 
 log = logging.getLogger("keel.gateway")
 
-__all__ = ["REQUEST_ID", "Served", "create_app", "spec_nulls_dropped"]
+__all__ = ["REQUEST_ID", "Served", "create_app", "key_id", "spec_nulls_dropped"]
 
 
 def create_app(keel: Keel) -> Gateway:
@@ -56,50 +49,21 @@ def create_app(keel: Keel) -> Gateway:
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
-    hot: dict[str, HotEndpoint] = {
-        "/v1/chat/completions": partial(chat_completions, served), "/v1/embeddings": partial(embeddings, served),
+    api.include_router(stored_responses_router)
+    hot: dict[str, HotRoute] = {
+        "/v1/chat/completions": HotRoute(partial(chat_completions, served)),
+        "/v1/embeddings": HotRoute(partial(embeddings, served)),
+        # The other APIs clients speak, translated at the edge to the one internal call (docs/dialects.md).
+        **dialect_routes(served),
     }
     return Gateway(api, hot, on_error=hot_error, not_allowed=not_allowed)
-
-
-@dataclass(slots=True)
-class Served:
-    """What every route shares, at `app.state.keel` (FastAPI routes) or bound to the hot ones."""
-
-    keel: Keel
-    master_key: str | None  # None: requests need no key
-    master_key_env: str
-    readiness: Readiness
-    # OpenAI's `created` is when a model was made; ours were made when this gateway loaded its
-    # config: the same on every call, and it moves when the gateway restarts with a new one.
-    created: int
-
-    @classmethod
-    def of(cls, keel: Keel) -> Served:
-        env = keel.config.server.master_key_env
-        master_key = os.environ.get(env) or None
-        if master_key is None:
-            log.warning(
-                "%s is not set: the gateway accepts requests without a key. Set it to require "
-                "'Authorization: Bearer <key>'.", env,
-            )
-        return cls(keel, master_key, env, Readiness(keel), int(time.time()))
-
-    def authorise(self, authorization: str | None) -> None:
-        if self.master_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.master_key.encode()):
-            raise AuthenticationFailed(
-                "Invalid or missing API key. Send 'Authorization: Bearer <key>' with the gateway's key."
-            )
 
 
 # -------------------------------------------------------------------- the hot routes
 
 
 async def chat_completions(served: Served, incoming: Incoming) -> Answer | ChunkStream:
-    ctx = context(incoming)
+    ctx = context(incoming, "chat.completions")
     body: ChatRequest = await parse(served, incoming, ChatRequest, ctx)
     reply = await served.keel.handle(body, ctx, caller_settles=True)
     if isinstance(reply, ChunkStream):
@@ -108,61 +72,19 @@ async def chat_completions(served: Served, incoming: Incoming) -> Answer | Chunk
 
 
 async def embeddings(served: Served, incoming: Incoming) -> Answer | ChunkStream:
-    ctx = context(incoming)
+    ctx = context(incoming, "embeddings")
     body: EmbeddingRequest = await parse(served, incoming, EmbeddingRequest, ctx)
     reply = await served.keel.handle(body, ctx, caller_settles=True)
     assert not isinstance(reply, ChunkStream)
     return await answer_of(reply, reply.body)
 
 
-def context(incoming: Incoming) -> Context:
-    headers = incoming.headers
-    authorization = headers.get("authorization")
-    ctx = Context(request_id=incoming.request_id, feature=headers.get("x-keel-feature"),
-                  key_id=key_id(authorization), credential=Credential.of(authorization),
-                  cache_control=headers.get("cache-control"))
-    if "traceparent" in headers:  # only these two: the rest (the key) stays out of the context
-        ctx.trace_headers = {name: value for name in ("traceparent", "tracestate") if (value := headers.get(name))}
-    incoming.ctx = ctx  # the gateway reads what stages leave for the answer's headers (ctx.rate_limit)
-    return ctx
-
-
-async def parse(served: Served, incoming: Incoming, cls: type[BaseModel], ctx: Context) -> Any:
-    """The validated body; a refusal here is logged to the request log like any call."""
-    try:
-        if served.keel.auth is None:  # with virtual keys on, the auth stage checks the key
-            served.authorise(incoming.headers.get("authorization"))
-        raw = await incoming.body(served.keel.config.server.max_body_bytes)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(
-                f"The request body is not valid JSON ({exc}). Send a JSON object with "
-                "'Content-Type: application/json'."
-            ) from None
-        # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
-        return parse_request(cls, data, strict=True)
-    except KeelError as exc:
-        served.keel.observe.rejected(ctx, exc, "chat" if cls is ChatRequest else "embeddings")
-        raise
-
-
-async def answer_of(reply: Completion, body: dict[str, Any]) -> Answer:
-    """The answer to send, carrying the reply the gateway settles once it has left (or now, if it
-    cannot be made)."""
-    try:
-        return Answer(orjson.dumps(body), settles=reply)
-    except BaseException:
-        await reply.settle()
-        raise
-
-
-def hot_error(incoming: Incoming, exc: Exception) -> Answer:
+def hot_error(incoming: Incoming, exc: Exception) -> KeelError:
     if not isinstance(exc, KeelError):
         log.exception("request %s failed unexpectedly", incoming.request_id)
         exc = unexpected_error(incoming.request_id)
     log_error(incoming.request_id, incoming.method, incoming.path, exc.status, exc)
-    return error_answer(exc)
+    return exc
 
 
 def not_allowed(incoming: Incoming) -> KeelError:
@@ -170,22 +92,6 @@ def not_allowed(incoming: Incoming) -> KeelError:
 
 
 # -------------------------------------------------------------------- the rest, on FastAPI
-
-
-def served_by(request: Request) -> Served:
-    served: Served = request.app.state.keel
-    return served
-
-
-async def authorised(request: Request) -> Served:
-    """The dependency of the routes that need the gateway's key (when it has one), or, with
-    virtual keys on, any valid key."""
-    served = served_by(request)
-    if served.keel.auth is None:
-        served.authorise(request.headers.get("authorization"))
-    else:
-        await served.keel.auth.identify(Credential.of(request.headers.get("authorization")))
-    return served
 
 
 async def admin_key(request: Request) -> None:
@@ -291,14 +197,6 @@ def unexpected_error(request_id: str) -> KeelError:
     )
 
 
-def key_id(authorization: str | None) -> str | None:
-    """A stable, non-secret id for the key a client sent: budgets per key and the log use it."""
-    if not authorization:
-        return None
-    token = authorization.partition(" ")[2].strip() or authorization.strip()
-    return "key_" + hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
 class RouteNotFound(InvalidRequest):
     status = 404
     code = "not_found"
@@ -317,7 +215,8 @@ class MethodNotAllowed(InvalidRequest):
 
 
 ROUTES = (
-    "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{model}, "
+    "POST /v1/chat/completions, POST /v1/embeddings, POST /v1/responses, GET and DELETE /v1/responses/{id}, "
+    "POST /v1/messages, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, "
     "GET /healthz, GET /readyz and GET /metrics"
 )
 

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keel.errors import InvalidJSON, KeelError, RequestTooLarge
 from keel.pipeline import ChunkStream, Completion, Context, StreamClosed, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
-from keel.server.responses import error_parts, spec_nulls_dropped
+from keel.server.responses import ErrorBody, error_parts, spec_nulls_dropped
 
 log = logging.getLogger("keel.gateway")
 
@@ -107,14 +107,39 @@ CACHE_HEADERS = {status: (b"x-keel-cache", word) for status, word in
                  (("hit_exact", b"hit"), ("hit_semantic", b"semantic-hit"), ("miss", b"miss"),
                   ("bypass", b"bypass"))}
 
-HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream]]
-OnError = Callable[[Incoming, Exception], Answer]
+@dataclass(frozen=True, slots=True)
+class EventStream:
+    """A stream in a dialect's own events (the Responses API's, Anthropic's): `events` turns the
+    chunks into SSE bytes, its closing events included; `error` turns a failure after the first
+    event into the dialect's error event. A bare `ChunkStream` is sent as chat.completion chunks."""
+
+    stream: ChunkStream
+    events: Callable[[ChunkStream], AsyncIterator[bytes]]
+    error: Callable[[KeelError], bytes]
+
+    async def settle(self) -> None:
+        await self.stream.settle()
+
+
+async def chat_events(stream: ChunkStream) -> AsyncIterator[bytes]:
+    """A stream as OpenAI's chat.completion.chunk events, then `[DONE]`."""
+    async for chunk in stream:
+        yield encode_chunk(spec_nulls_dropped(chunk))
+    yield DONE
+
+
+def chat_stream(stream: ChunkStream) -> EventStream:
+    return EventStream(stream, chat_events, lambda exc: encode_error(exc.body()))
+
+
+HotEndpoint = Callable[[Incoming], Awaitable[Answer | ChunkStream | EventStream]]
+OnError = Callable[[Incoming, Exception], KeelError]  # logs the failure; the error to answer with
 
 
 class Gateway:
     """Serve POSTs to the hot paths in plain ASGI; hand the rest to `api` (FastAPI)."""
 
-    def __init__(self, api: ASGIApp, hot: dict[str, HotEndpoint], on_error: OnError,
+    def __init__(self, api: ASGIApp, hot: dict[str, HotRoute], on_error: OnError,
                  not_allowed: Callable[[Incoming], KeelError]) -> None:
         self.api = api
         self.hot = hot
@@ -129,8 +154,8 @@ class Gateway:
         scope["keel.request_id"] = request_id
         id_header = (REQUEST_ID.encode(), request_id.encode())
         path: str = scope["path"]
-        endpoint = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
-        if endpoint is None:
+        route = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
+        if route is None:
 
             async def send_with_id(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -144,9 +169,9 @@ class Gateway:
         try:
             if scope["method"] != "POST":
                 raise self.not_allowed(incoming)
-            reply = await endpoint(incoming)
+            reply = await route.endpoint(incoming)
         except Exception as exc:
-            reply = self.on_error(incoming, exc)
+            reply = error_answer(self.on_error(incoming, exc), body=route.error_body)
         # OpenAI's x-ratelimit-* headers, on every answer of a call some rate limit counted.
         limited = incoming.ctx.rate_limit if incoming.ctx is not None else None
         extra = limited.headers() if limited is not None else []
@@ -156,6 +181,8 @@ class Gateway:
         # x-keel-route: <tier model>; reason=<why>, on every answer of a call to a virtual model (docs/routing.md).
         if incoming.ctx is not None and incoming.ctx.route is not None:
             extra = [*extra, (b"x-keel-route", incoming.ctx.route.header().encode("latin-1", "replace"))]
+        if isinstance(reply, ChunkStream):
+            reply = chat_stream(reply)
         if isinstance(reply, Answer):
             headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header, *extra]
             headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
@@ -169,7 +196,7 @@ class Gateway:
             await send_stream(reply, request_id, receive, send, id_header, extra)
 
 
-async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, send: Send,
+async def send_stream(stream: EventStream, request_id: str, receive: Receive, send: Send,
                       id_header: tuple[bytes, bytes], extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """The stream as SSE until its end, or until the client goes away (then it is closed)."""
     task = asyncio.current_task()
@@ -198,7 +225,7 @@ async def send_stream(stream: ChunkStream, request_id: str, receive: Receive, se
         await stream.settle()  # a no-op once sse() settled it; else (it never started) it is settled here
 
 
-async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes, bool]]:
+async def sse(stream: EventStream, request_id: str) -> AsyncIterator[tuple[bytes, bool]]:
     """The stream as SSE, as (bytes, is it the end); a failure after the first chunk becomes an
     error event, never a silent end.
 
@@ -229,21 +256,28 @@ async def sse(stream: ChunkStream, request_id: str) -> AsyncIterator[tuple[bytes
             await stream.settle()
 
 
-async def _pump(stream: ChunkStream, queue: asyncio.Queue[bytes | None], request_id: str) -> None:
+async def _pump(stream: EventStream, queue: asyncio.Queue[bytes | None], request_id: str) -> None:
     try:
-        async for chunk in stream:
-            await queue.put(encode_chunk(spec_nulls_dropped(chunk)))
-        await queue.put(DONE)
+        async for data in stream.events(stream.stream):
+            await queue.put(data)
     except KeelError as exc:
         log.warning("request %s: stream ended by %s: %s", request_id, exc.code, exc.message)
-        await queue.put(encode_error(exc.body()))
+        await queue.put(stream.error(exc))
     except Exception:
         log.exception("request %s: stream failed unexpectedly", request_id)
         error = KeelError(f"The stream failed unexpectedly; the log has the details under request id {request_id}.")
-        await queue.put(encode_error(error.body()))
+        await queue.put(stream.error(error))
     await queue.put(None)
 
 
-def error_answer(exc: KeelError, status: int | None = None) -> Answer:
-    status, headers, body = error_parts(exc, status)
-    return Answer(body, status, headers)
+def error_answer(exc: KeelError, status: int | None = None, body: ErrorBody | None = None) -> Answer:
+    status, headers, data = error_parts(exc, status, body)
+    return Answer(data, status, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class HotRoute:
+    """A hot path's endpoint and the shape of its error bodies (OpenAI's unless the dialect has its own)."""
+
+    endpoint: HotEndpoint
+    error_body: ErrorBody | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -14,17 +15,24 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def error_parts(exc: KeelError, status: int | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers (Retry-After, Allow, ...) and the `{"error": {...}}` body of an error."""
+# The body of an error in a dialect's own shape (Anthropic's `{"type": "error", ...}`); OpenAI's by default.
+ErrorBody = Callable[[KeelError], dict[str, Any]]
+
+
+def error_parts(
+    exc: KeelError, status: int | None = None, body: ErrorBody | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (Retry-After, Allow, ...) and the body of an error: OpenAI's `{"error": {...}}`
+    unless `body` gives the dialect's own."""
     headers = exc.headers()
     if exc.retried_by_keel:
-        headers["x-should-retry"] = "false"  # the official SDKs read exactly "true" / "false"
-    return status or exc.status, headers, orjson.dumps(exc.body())
+        headers["x-should-retry"] = "false"  # the official SDKs (OpenAI's and Anthropic's) read "true" / "false"
+    return status or exc.status, headers, orjson.dumps(body(exc) if body is not None else exc.body())
 
 
-def error_response(exc: KeelError, status: int | None = None) -> Response:
-    code, headers, body = error_parts(exc, status)
-    return Response(body, status_code=code, headers=headers, media_type="application/json")
+def error_response(exc: KeelError, status: int | None = None, body: ErrorBody | None = None) -> Response:
+    code, headers, data = error_parts(exc, status, body)
+    return Response(data, status_code=code, headers=headers, media_type="application/json")
 
 
 def spec_nulls_dropped(body: dict[str, Any], completion: bool = False) -> dict[str, Any]:
