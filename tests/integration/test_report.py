@@ -141,6 +141,20 @@ def test_breakdowns_sum_tokens_and_spend_by_feature_model_and_user(store: Record
     assert sum(row.requests for row in users) == 110
 
 
+def test_the_dialect_breakdown_counts_each_api_and_names_library_calls(tmp_path: Path) -> None:
+    opened = RecordStore(f"sqlite:///{tmp_path}/log.db")
+    opened.migrate()
+    spoken = ["chat.completions"] * 3 + ["responses"] * 2 + ["messages", None]
+    opened.write([rec(i, "ok", 10.0, 0.001 * (i + 1), dialect=dialect) for i, dialect in enumerate(spoken)])
+    report = build_report(opened, since=NOW - 3600, until=NOW + 1)
+    by_dialect = {row.name: (row.requests, round(row.cost_usd, 6)) for row in report.breakdowns["dialect"]}
+    assert by_dialect == {"chat.completions": (3, 0.006), "responses": (2, 0.009), "messages": (1, 0.006),
+                          None: (1, 0.007)}
+    markdown = render_markdown(report)
+    assert "(library)" in markdown and "responses" in markdown
+    opened.close()
+
+
 def test_feature_filter_and_window_choose_the_records(store: RecordStore) -> None:
     chat = build_report(store, since=NOW - 3600, until=NOW + 1, feature="chat")
     assert chat.requests == 52 and chat.errors == 2

@@ -1,5 +1,5 @@
 """`keel report`: latency, errors and cost of a window of the request log against the SLO
-targets (`slo:` in keel.yaml), then tokens and spend by feature, model and user.
+targets (`slo:` in keel.yaml), then tokens and spend by feature, model, user and dialect.
 
 What is counted (the outcome classes are the observe stage's; docs/observability.md has the table):
 - requests: every record in the window, whatever its outcome;
@@ -47,7 +47,7 @@ REFUSALS = ("blocked", "rate_limited", "budget_exceeded")  # Keel doing its job:
 CLIENT_ERRORS = ("invalid",)  # the caller's mistake: a 4xx it caused
 NOT_ATTEMPTED = REFUSALS + CLIENT_ERRORS
 SERVER_ERRORS = ("error",)  # what the SLO's error rate counts: Keel or the upstream failed
-DIMENSIONS = ("feature", "model", "user")
+DIMENSIONS = ("feature", "model", "user", "dialect")  # dialect: the API the client spoke (docs/dialects.md)
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -410,7 +410,10 @@ def _top(rows: list[Usage], top: int) -> list[Usage]:
 
 
 def _usage_cells(row: Usage, dimension: str) -> list[str]:
-    name = row.name if row.name is not None else f"(no {dimension})"
+    if row.name is not None:
+        name = row.name
+    else:  # a call with no dialect was made in-process, through the library
+        name = "(library)" if dimension == "dialect" else f"(no {dimension})"
     return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd)]
 
 
