@@ -431,6 +431,25 @@ class EmbedderConfig(_Strict):
     )
 
 
+class PromptsConfig(_Strict):
+    """Prompt templates and their versions (docs/prompts.md)."""
+
+    dir: str | None = Field(
+        default=None, description="a directory of prompt files (YAML), relative to the working directory",
+    )
+    splits: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="prompt name → {version: share}: a call naming the prompt without a version gets one of "
+        "these versions, sticky per user (A/B); without a split, the latest version",
+    )
+
+    @model_validator(mode="after")
+    def _splits_need_prompts(self) -> PromptsConfig:
+        if self.splits and self.dir is None:
+            raise ValueError("prompts.splits needs prompts.dir: the directory of the prompts it splits")
+        return self
+
+
 class CacheConfig(_Strict):
     """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
 
@@ -792,6 +811,7 @@ class KeelConfig(_Strict):
     embedder: EmbedderConfig = Field(
         default_factory=EmbedderConfig, description="the local embedder of the checks and the semantic cache",
     )
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompt templates (docs/prompts.md)")
 
     @field_validator("models")
     @classmethod

@@ -27,7 +27,7 @@ from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
 from keel.cache.health import BackendsCollector
-from keel.config import KeelConfig, ModelConfig, load_config
+from keel.config import ConfigError, KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
@@ -42,6 +42,7 @@ from keel.observability.store import RecordStore
 from keel.observability.tracing import TraceScope, Tracing
 from keel.observability.writer import RecordWriter
 from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Reply, Stage
+from keel.prompts import PromptFileInvalid, PromptRef, PromptRegistry, apply_prompt
 from keel.providers.base import Deployment, deployment_name, make_provider
 from keel.reliability.breaker import CircuitBreaker
 from keel.reliability.stage import Reliability
@@ -78,6 +79,7 @@ class Keel:
         self.alerts = AlertSender(config.alerts)
         self.keys = KeyStore(self.writer.store)
         self.auth = _auth(config, self.keys)
+        self.prompts = _prompts(config)
         if self.auth is not None:  # /admin/budgets shows each usable key's own budgets too
             self.budgets.keys = self.keys
         # An Observe or BudgetStage of the caller's own (a fake sink, other budgets) takes the
@@ -223,6 +225,12 @@ class Keel:
             await reply.settle()
         return reply
 
+    def render_prompt(self, params: dict[str, Any], header: str | None = None) -> PromptRef | None:
+        """Render the prompt template a chat request names (`prompt` / `metadata.prompt` / the x-keel-prompt
+        header) into `params`, in place; which prompt and version it was, or None (docs/prompts.md)."""
+        user = params.get("user")
+        return apply_prompt(params, self.prompts, header=header, caller=user if isinstance(user, str) else None)
+
     async def _ask_router(self, model: str, prompt: str) -> str:
         """A cascade's judge question (keel.routing), as a guardrail's: logged and priced on its own."""
         return await self._ask(model, prompt, feature="keel.router")
@@ -254,17 +262,19 @@ class Keel:
         self, *, stream: bool | None = None, response_model: type[BaseModel] | None = None, **params: Any
     ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk] | BaseModel:
         """Create a chat completion; with `stream=True`, an async iterator of chunks; with
-        `response_model=Person` (a pydantic model class), a validated `Person` (docs/structured-outputs.md)."""
+        `response_model=Person` (a pydantic model class), a validated `Person` (docs/structured-outputs.md).
+        `prompt="summarise", variables={...}` renders a prompt template first (docs/prompts.md)."""
+        prompt = self.render_prompt(params)
         if response_model is not None:
             async def ask(request: ChatRequest) -> dict[str, Any]:
-                reply = await self.handle(request)
+                reply = await self.handle(request, Context(prompt=prompt))
                 assert isinstance(reply, Completion)  # chat_request refuses stream=True
                 return reply.body
 
             return await answer_as(response_model, chat_request(response_model, params, stream=stream), ask)
         if stream is not None:
             params["stream"] = stream
-        reply = await self.handle(parse_request(ChatRequest, params, strict=False))
+        reply = await self.handle(parse_request(ChatRequest, params, strict=False), Context(prompt=prompt))
         if isinstance(reply, Completion):
             return ChatCompletion.model_validate(reply.body)
         return _typed_chunks(reply)
@@ -346,6 +356,15 @@ class Keel:
 
 
 S = TypeVar("S")
+
+
+def _prompts(config: KeelConfig) -> PromptRegistry | None:
+    if config.prompts.dir is None:
+        return None
+    try:
+        return PromptRegistry.load(config.prompts.dir, config.prompts.splits)
+    except PromptFileInvalid as exc:
+        raise ConfigError(f"prompts: {exc}") from None
 
 
 def _take(stages: list[Stage], kind: type[S]) -> S | None:

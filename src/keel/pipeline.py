@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from keel.guardrails.verdicts import Verdict
     from keel.limits.headers import RateLimitState
     from keel.observability.tracing import StageTracer
+    from keel.prompts import PromptRef
     from keel.providers.base import Deployment
     from keel.routing.route import Route
 
@@ -137,6 +138,7 @@ class Context:
     route: Route | None = None
     dialect: Dialect | None = None  # the API the client spoke; the request log records it
     native: NativeRequest | None = None  # the client's body, for a deployment that speaks its dialect
+    prompt: PromptRef | None = None  # the prompt template and version the request was rendered from (keel.prompts)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

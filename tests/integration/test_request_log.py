@@ -258,7 +258,7 @@ def test_migrations_create_the_schema_from_empty(url: str, stores: Callable[[str
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0005_dialects"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0006_prompts"
         indexed = {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
     assert {("started_at",), ("feature",), ("model",), ("user",), ("trace_id",)} <= indexed
     assert [c.name for c in requests.columns] == list(REQUEST_FIELDS)
@@ -285,12 +285,12 @@ def test_a_log_at_0002_with_rows_upgrades_and_its_old_rows_read_with_no_cost_sav
     with store.engine.begin() as conn:
         before = Table("requests", MetaData(), autoload_with=conn)
         assert "cost_saved_usd" not in before.c and "tenant" in before.c
-        later = ("cost_saved_usd", "dialect")  # revisions 0003 and 0005
+        later = ("cost_saved_usd", "dialect", "prompt", "prompt_version")  # revisions 0003, 0005, 0006
         conn.execute(before.insert(), [{k: v for k, v in request_row(r).items() if k not in later}
                                        for r in old_rows])
     store.migrate()
     with store.engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0005_dialects"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0006_prompts"
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     read = {row["request_id"]: row for row in store.records(0)}

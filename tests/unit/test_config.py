@@ -33,6 +33,7 @@ from keel.config import (
     OpenAIDeployment,
     OutputGuardrailsConfig,
     PiiConfig,
+    PromptsConfig,
     RateLimitConfig,
     RetryConfig,
     ServerConfig,
@@ -578,7 +579,7 @@ def test_the_configuration_page_documents_every_key() -> None:
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
         LimitsConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
-        OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig,
+        OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, PromptsConfig,
     ]
     missing = {
         name for cls in classes for name, field in cls.model_fields.items()

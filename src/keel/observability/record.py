@@ -62,6 +62,9 @@ class RequestRecord:
     # The API the client spoke (chat.completions, embeddings, responses, messages, completions);
     # None for a call made in-process through the library (revision 0005).
     dialect: str | None = None
+    # The prompt template and version the call was rendered from (keel.prompts; revision 0006).
+    prompt: str | None = None
+    prompt_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

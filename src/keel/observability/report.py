@@ -47,7 +47,8 @@ REFUSALS = ("blocked", "rate_limited", "budget_exceeded")  # Keel doing its job:
 CLIENT_ERRORS = ("invalid",)  # the caller's mistake: a 4xx it caused
 NOT_ATTEMPTED = REFUSALS + CLIENT_ERRORS
 SERVER_ERRORS = ("error",)  # what the SLO's error rate counts: Keel or the upstream failed
-DIMENSIONS = ("feature", "model", "user", "dialect")  # dialect: the API the client spoke (docs/dialects.md)
+# dialect: the API the client spoke (docs/dialects.md); prompt: the template and version, "name@version".
+DIMENSIONS = ("feature", "model", "user", "dialect", "prompt")
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -247,7 +248,9 @@ def build_report(
 
 
 def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) -> list[Usage]:
-    column = requests.c[dimension]
+    column: ColumnElement[Any] = requests.c[dimension]
+    if dimension == "prompt":  # null when the call named no prompt
+        column = (requests.c.prompt + "@" + requests.c.prompt_version).label("prompt")
     query = (
         select(
             column,

@@ -146,6 +146,8 @@ def build_record(
         error_message=message,
         cost_saved_usd=to_usd(ctx.cache_saved_nanos) if hit else None,
         dialect=ctx.dialect,
+        prompt=ctx.prompt.name if ctx.prompt else None,
+        prompt_version=ctx.prompt.version if ctx.prompt else None,
     )
 
 
@@ -164,7 +166,8 @@ def record_rejected(
         endpoint=endpoint, trace_id=ctx.trace_id, span_id=ctx.span_id, key_id=ctx.key_id, tenant=ctx.tenant,
         user=bounded(ctx.user), feature=bounded(ctx.feature), model=bounded(model), stream=stream,
         latency_ms=(now - ctx.started) * 1000, status=status, outcome=outcome, error_type=error_type,
-        error_message=message, dialect=ctx.dialect,
+        error_message=message, dialect=ctx.dialect, prompt=ctx.prompt.name if ctx.prompt else None,
+        prompt_version=ctx.prompt.version if ctx.prompt else None,
     )
     sink.submit(record)
     metrics.observe(record)

@@ -109,12 +109,15 @@ requests = Table(
     Column("tenant", String),  # the virtual key's tenant (revision 0002)
     Column("cost_saved_usd", Float),  # a cache hit's cost when stored; null when not a hit (revision 0003)
     Column("dialect", String),  # the API the client spoke; null in-process (revision 0005)
+    Column("prompt", String),  # the prompt template's name and version (revision 0006)
+    Column("prompt_version", String),
     Index("ix_requests_started_at", "started_at"),
     Index("ix_requests_feature", "feature"),
     Index("ix_requests_model", "model"),
     Index("ix_requests_user", "user"),
     Index("ix_requests_trace_id", "trace_id"),
     Index("ix_requests_tenant", "tenant"),
+    Index("ix_requests_prompt", "prompt"),
 )
 
 # The primary key (trace_id, span_id) is the index on trace_id that trace look-ups use.

@@ -21,6 +21,7 @@ from keel.auth.keys import Credential
 from keel.engine import Keel
 from keel.errors import AuthenticationFailed, InvalidJSON, KeelError
 from keel.pipeline import Completion, Context, Dialect
+from keel.prompts import PROMPT_HEADER
 from keel.request_errors import parse_request
 from keel.server.gateway import Answer, Incoming
 from keel.server.readiness import Readiness
@@ -79,8 +80,11 @@ def context(incoming: Incoming, dialect: Dialect, authorization: str | None = No
 async def parse(served: Served, incoming: Incoming, cls: type[BaseModel], ctx: Context) -> Any:
     """The validated body; a refusal here is logged to the request log like any call."""
     try:
+        data = await body_json(served, incoming, incoming.headers.get("authorization"))
+        if cls is ChatRequest and isinstance(data, dict):  # a prompt template named: rendered here (docs/prompts.md)
+            ctx.prompt = served.keel.render_prompt(data, incoming.headers.get(PROMPT_HEADER))
         # Strict: JSON types as OpenAI documents them; "0.7" is not a temperature.
-        return parse_request(cls, await body_json(served, incoming, incoming.headers.get("authorization")), strict=True)
+        return parse_request(cls, data, strict=True)
     except KeelError as exc:
         served.keel.observe.rejected(ctx, exc, "chat" if cls is ChatRequest else "embeddings")
         raise
