@@ -56,7 +56,7 @@ def test_keys_made_at_0003_upgrade_to_a_null_tier_and_downgrade_keeps_them(store
         ])
     store.migrate()
     with store.engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0006_prompts"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0007_evals"
     keys = KeyStore(store)
     old = keys.list()
     assert [(k.id, k.tier, k.models) for k in old] == [("vk_old0", None, ("chat",)), ("vk_old1", None, ("chat",))]
