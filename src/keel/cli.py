@@ -1,4 +1,5 @@
-"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys`, `keel cache` and `keel fake-upstream`."""
+"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys`, `keel cache`, `keel eval` and
+`keel fake-upstream`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rich.markup import escape
 
 from keel.auth.cli import keys_app
 from keel.config import ConfigError, ConfigSource, KeelConfig, find_config
+from keel.evals.cli import eval_app
 
 if TYPE_CHECKING:
     from keel.engine import Keel
@@ -26,6 +28,7 @@ err = Console(stderr=True)
 app.add_typer(keys_app, name="keys")
 cache_app = typer.Typer(help="The answer cache: clear entries.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+app.add_typer(eval_app, name="eval")
 
 ConfigOption = Annotated[
     Path | None,
@@ -212,7 +215,7 @@ def report(
     check: Annotated[bool, typer.Option("--check", help="exit 1 when a target is missed (for CI)")] = False,
 ) -> None:
     """Latency, errors and cost against the SLO targets (slo: in keel.yaml), then tokens and spend
-    by feature, model and user, from the request log (store.url)."""
+    by feature, model, user, dialect and prompt, from the request log (store.url)."""
     import time
 
     from keel.observability import report as slo

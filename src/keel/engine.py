@@ -98,8 +98,8 @@ class Keel:
             self.metrics.registry.register(self.rate_limits)
         # One local embedder for every check and the semantic cache, made when one of them needs it.
         self.embedder: SharedEmbedder | None = None
-        self.guardrails = _guardrails(config, self._ask, self.deployments, self._shared_embedder)
-        self.cache = build_caches(config, self._shared_embedder)
+        self.guardrails = _guardrails(config, self._ask, self.deployments, self.shared_embedder)
+        self.cache = build_caches(config, self.shared_embedder)
         if healths := self.cache.healths():  # shared stores count their failures
             self.metrics.registry.register(BackendsCollector(healths))
         if self.cache.semantic is not None:  # the guards' refusals
@@ -109,7 +109,7 @@ class Keel:
         # model) and before budgets, so the hold prices the tier chosen; the cascade inside cost, so an
         # escalation's discarded answer is billed, and outside validation, so its invalid_output is seen.
         self.routing = build_routing(config, self.deployments, ask=self._ask_router, budgets=self.budgets,
-                                     embedder=self._shared_embedder)
+                                     embedder=self.shared_embedder)
         self.pipeline = Pipeline([
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
@@ -126,7 +126,9 @@ class Keel:
         self._started = False
         self._start_lock = asyncio.Lock()
 
-    def _shared_embedder(self) -> SharedEmbedder:
+    def shared_embedder(self) -> SharedEmbedder:
+        """The one local embedder of this Keel (the checks, the semantic cache, eval metrics): made on first
+        use, loaded on its first text, closed with the Keel."""
         from keel.embedding.shared import SharedEmbedder  # NumPy and onnxruntime: the local extra
 
         self.embedder = self.embedder or SharedEmbedder(self.config.embedder.threads, self.config.embedder.spin)

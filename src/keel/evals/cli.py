@@ -1,0 +1,210 @@
+"""`keel eval run | compare | runs`: golden-dataset suites through Keel's pipeline, their reports and the
+CI gate (docs/evals.md). Exit codes: 0 passed, 1 a threshold or gate failed, 2 bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig
+    from keel.engine import Keel
+    from keel.evals.dataset import Dataset
+    from keel.evals.metrics import Embed
+    from keel.evals.report import EvalReport
+    from keel.evals.results import EvalStore
+    from keel.evals.runner import RunOutcome
+    from keel.evals.suite import Suite
+
+eval_app = typer.Typer(help="Evaluation: run suites of golden cases, compare runs, gate CI.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="keel.yaml: its models, prompts and store.url (the results)"),
+]
+
+
+class Format(StrEnum):
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+    html = "html"
+
+
+@contextmanager
+def _results(config: Path | None) -> Iterator[EvalStore]:
+    from keel.cli import _fail, _load
+    from keel.evals.results import EvalStore
+    from keel.observability.store import RecordStore, StoreError
+
+    _, cfg = _load(config, calls_upstreams=False)
+    try:
+        store = RecordStore(cfg.store.url)
+        try:
+            store.migrate()
+            yield EvalStore(store)
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@eval_app.command()
+def run(
+    suite_path: Annotated[Path, typer.Argument(metavar="SUITE", help="the suite file (YAML)")],
+    config: ConfigOption = None,
+    concurrency: Annotated[int | None, typer.Option(help="cases in flight at once; default: the suite's")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="call every case again (no answers reused)")] = False,
+    output_format: Annotated[Format, typer.Option("--format", help="table, markdown, json or html")] = Format.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the report here, not stdout")] = None,
+    fail_under: Annotated[list[str] | None, typer.Option(
+        "--fail-under", help="METRIC=VALUE: exit 1 when the metric's mean is under VALUE (repeat)")] = None,
+    max_regression: Annotated[list[str] | None, typer.Option(
+        "--max-regression", help="METRIC=DELTA: exit 1 when the metric got worse than the baseline by more")] = None,
+    baseline: Annotated[str | None, typer.Option(help="the run to compare with; default: the suite's last run")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+) -> None:
+    """Run SUITE's cases through the pipeline, score them, store the results, print the report."""
+    from keel.cli import _fail, _load
+    from keel.evals.compare import compare
+    from keel.evals.dataset import DatasetInvalid
+    from keel.evals.gate import GateInvalid, gate, parse_limits
+    from keel.evals.report import EvalReport
+    from keel.evals.suite import SuiteInvalid, load_suite
+
+    try:
+        suite = load_suite(suite_path)
+        dataset = suite.load_dataset()
+        under = parse_limits(fail_under or [], "--fail-under")
+        regression = parse_limits(max_regression or [], "--max-regression")
+    except (SuiteInvalid, DatasetInvalid, GateInvalid) as exc:
+        raise _fail(str(exc), 2) from None
+    _, cfg = _load(config, calls_upstreams=True)
+    with _results(config) as store:
+        try:
+            outcome = asyncio.run(_run(cfg, suite, store, dataset, concurrency, not fresh, progress))
+        except (SuiteInvalid, ValueError) as exc:
+            raise _fail(str(exc), 2) from None
+        assert outcome.run_id is not None
+        before = store.run(baseline) if baseline else store.previous(suite.name, outcome.run_id)
+        deltas = compare(store.results(before.id), outcome.results) if before is not None else None
+    try:
+        checks = gate(outcome.metrics, fail_under=under, max_regression=regression, deltas=deltas)
+    except GateInvalid as exc:
+        raise _fail(str(exc), 2) from None
+    report = EvalReport(outcome, checks, before.id if before is not None else None, deltas or [])
+    _emit(report, output_format, output)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+async def _run(cfg: KeelConfig, suite: Suite, store: EvalStore, dataset: Dataset, concurrency: int | None,
+               resume: bool, progress: bool) -> RunOutcome:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from keel.cli import _engine
+    from keel.evals.runner import EvalRunner, config_for
+    from keel.evals.suite import build_metrics
+
+    keel = _engine(config_for(cfg, suite))
+    async with keel:
+        embed = embedder_of(keel) if any(spec.type == "semantic" for spec in suite.metrics) else None
+        metrics = build_metrics(suite, embed)
+        runner = EvalRunner(keel, suite, metrics, store)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
+            task = bar.add_task(suite.name, total=len(dataset), spent=0.0)
+
+            def advance(_: object, spent: float) -> None:
+                bar.update(task, advance=1, spent=spent)
+
+            return await runner.run(concurrency=concurrency, resume=resume, on_case=advance, dataset=dataset)
+
+
+def embedder_of(keel: Keel) -> Embed:
+    """The semantic metric's embed function: the Keel's shared local embedder."""
+    shared = keel.shared_embedder()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = (await shared.embed(texts)).array.tolist()
+        return vectors
+
+    return embed
+
+
+def _emit(report: EvalReport, output_format: Format, output: Path | None) -> None:
+    from keel.evals.report import render_html, render_json, render_markdown, render_table
+
+    if output_format is Format.table and output is None:
+        out.print(render_table(report))
+        return
+    text = {Format.json: render_json, Format.markdown: render_markdown, Format.html: render_html}.get(
+        output_format, render_markdown)(report)
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        err.print(f"report written to {output}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@eval_app.command("compare")
+def compare_runs(
+    run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="the earlier run (the baseline)")],
+    run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="the later run")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Per-metric deltas of RUN_B against RUN_A with bootstrap confidence intervals, and the cases that flipped."""
+    import orjson
+
+    from keel.cli import _fail
+    from keel.evals.compare import compare
+    from keel.evals.report import render_comparison
+    from keel.evals.results import RunNotFound
+
+    with _results(config) as store:
+        try:
+            a, b = store.run(run_a), store.run(run_b)
+        except RunNotFound as exc:
+            raise _fail(str(exc), 2) from None
+        deltas = compare(store.results(a.id), store.results(b.id))
+    if a.suite != b.suite:
+        err.print(f"[yellow]warning:[/yellow] comparing runs of two suites ({a.suite}, {b.suite})")
+    if as_json:
+        sys.stdout.write(orjson.dumps({"a": a.id, "b": b.id, "metrics": [d.as_dict() for d in deltas]},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.print(render_comparison(deltas, a.id, b.id))
+
+
+@eval_app.command("runs")
+def list_runs(
+    config: ConfigOption = None,
+    suite: Annotated[str | None, typer.Option(help="only this suite's runs")] = None,
+    limit: Annotated[int, typer.Option(help="how many, newest first")] = 20,
+) -> None:
+    """The latest eval runs: id, suite, when, status, and whether they passed."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    with _results(config) as store:
+        runs = store.runs(suite, limit)
+    table = Table(title=f"{len(runs)} eval run(s)", title_justify="left")
+    for header in ("run", "suite", "started", "status", "cases", "passed", "cost"):
+        table.add_column(header, no_wrap=header in ("run", "started"))
+    for r in runs:
+        summary = r.summary or {}
+        table.add_row(r.id, r.suite, datetime.fromtimestamp(r.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                      r.status, str(summary.get("cases", "")), str(summary.get("passed", "")),
+                      f"${summary.get('cost_usd', 0.0):.4f}")
+    out.print(table)
