@@ -450,6 +450,32 @@ class PromptsConfig(_Strict):
         return self
 
 
+class ReviewConfig(_Strict):
+    """Humans in the loop (docs/review.md): finished calls sampled into the review queue, and live calls
+    sampled for a judge, both off the request path."""
+
+    sample_rate: float = Field(
+        default=0.0, ge=0, le=1, description="the share of finished chat calls that become review items",
+    )
+    only_failed: bool = Field(
+        default=False, description="true: the sample is drawn from failed and flagged calls only",
+    )
+    failed: bool = Field(default=False, description="every call that failed (outcome error) becomes an item")
+    flagged: bool = Field(
+        default=False, description="every call a guardrail flagged or blocked becomes an item",
+    )
+    queue_size: int = Field(
+        default=10_000, ge=1, description="items waiting to be written; beyond, new ones are dropped and counted",
+    )
+    judge_sample_rate: float = Field(
+        default=0.0, ge=0, le=1, description="the share of finished chat calls handed to the online judge",
+    )
+    judge_queue_size: int = Field(
+        default=1000, ge=1, description="calls waiting for the judge; beyond, new ones are dropped and counted",
+    )
+    judge_concurrency: int = Field(default=2, ge=1, le=64, description="judge calls in flight at once")
+
+
 class CacheConfig(_Strict):
     """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
 
@@ -812,6 +838,9 @@ class KeelConfig(_Strict):
         default_factory=EmbedderConfig, description="the local embedder of the checks and the semantic cache",
     )
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompt templates (docs/prompts.md)")
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="the review queue's feeds and online judging (docs/review.md)",
+    )
 
     @field_validator("models")
     @classmethod
