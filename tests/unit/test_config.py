@@ -36,6 +36,7 @@ from keel.config import (
     PromptsConfig,
     RateLimitConfig,
     RetryConfig,
+    ReviewConfig,
     ServerConfig,
     SimulatedDeployment,
     StoreConfig,
@@ -161,7 +162,7 @@ def test_the_example_file_sets_every_option() -> None:
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, LimitsConfig,
         RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig, OutputGuardrailsConfig,
-        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig,
+        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, ReviewConfig,
     ]
     every = {f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields}
     assert every - set_keys == set()
@@ -580,6 +581,7 @@ def test_the_configuration_page_documents_every_key() -> None:
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
         LimitsConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
         OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, PromptsConfig,
+        ReviewConfig,
     ]
     missing = {
         name for cls in classes for name, field in cls.model_fields.items()
