@@ -34,7 +34,7 @@ from keel.errors import (
     UpstreamRateLimited,
     UpstreamServerError,
 )
-from keel.pipeline import Call, ChunkStream, Completion, Reply
+from keel.pipeline import Call, ChunkStream, Completion, NativeRequest, Reply, fingerprint_of
 from keel.providers.base import ChatOnly, chunk_body, completion_body, usage_body
 from keel.providers.http import Upstream, mid_stream_error, read_json
 from keel.providers.http_client import Response
@@ -92,8 +92,9 @@ class AnthropicProvider(ChatOnly):
         await self.upstream.close()
 
     async def chat(self, request: ChatRequest, call: Call) -> Reply:
-        answer = answer_tool(request)
-        response = await self._post(orjson.dumps(messages_body(request, self.config, answer)))
+        native = passthrough(request, call.ctx.native, self.config)
+        answer = answer_tool(request) if native is None else None
+        response = await self._post(orjson.dumps(native or messages_body(request, self.config, answer)))
         if not request.stream:
             return Completion(completion_from(await self._json(response), self.name, answer))
         return ChunkStream(self._chunks(response, answer))
@@ -177,6 +178,27 @@ def _system(request: ChatRequest) -> str:
         content_text(m.content) for m in request.messages if isinstance(m, SystemMessage | DeveloperMessage)
     ]
     return "\n\n".join(p for p in parts if p)
+
+
+def passthrough(
+    request: ChatRequest, native: NativeRequest | None, config: AnthropicDeployment
+) -> dict[str, Any] | None:
+    """The client's own Messages body (from /v1/messages), with this deployment's model, when the stages
+    left the request as the edge translated it; None when there is none, or a stage changed the request
+    (a PII redaction, a validation re-ask): then the translation of what the stages made is sent, so what
+    they did holds."""
+    if native is None or native.dialect != "messages":
+        return None
+    if fingerprint_of(request) != native.fingerprint:
+        if native.needs_native is not None:
+            raise NotSupported(
+                f"A stage changed this request on its way (a guardrail redaction, a validation re-ask), so it is "
+                f"sent translated, not as the client's own body, and '{native.needs_native}' has no translation. "
+                "Remove that field, or turn off what changes the request for this model.",
+                param=native.needs_native,
+            )
+        return None
+    return {**native.body, "model": config.model}
 
 
 # ---------------------------------------------------------------------------- JSON answers as a forced tool
