@@ -19,6 +19,8 @@ ROOTS = (
     "CreateEmbeddingResponse",
     "ListModelsResponse",
     "ErrorResponse",
+    "Response",  # the Responses API (/v1/responses): its objects and its event stream
+    "ResponseStreamEvent",
 )
 REF_PREFIX = "#/components/schemas/"
 OUT = Path(__file__).with_name("openai-spec") / "openapi.json"
