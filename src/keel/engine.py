@@ -32,6 +32,7 @@ from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
+from keel.evals.review_feed import ReviewFeed
 from keel.guardrails.stages import GuardrailStages
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
@@ -80,6 +81,7 @@ class Keel:
         self.keys = KeyStore(self.writer.store)
         self.auth = _auth(config, self.keys)
         self.prompts = _prompts(config)
+        self.review = ReviewFeed.of(config, self.writer.store)  # the review queue's feeds, the online judge
         if self.auth is not None:  # /admin/budgets shows each usable key's own budgets too
             self.budgets.keys = self.keys
         # An Observe or BudgetStage of the caller's own (a fake sink, other budgets) takes the
@@ -89,7 +91,8 @@ class Keel:
         budget = _take(stages, BudgetStage)
         rate_limit = _take(stages, RateLimitStage) or _rate_limit_stage(config)
         self.rate_limits = rate_limit.limiter if rate_limit is not None else None
-        self.observe = observe or Observe(self.writer, self.tracing, self.metrics, log_content=config.store.log_content)
+        self.observe = observe or Observe(self.review.watch(self.writer), self.tracing, self.metrics,
+                                          log_content=config.store.log_content)
         self.metrics.watch_breakers(breaker_states(self.deployments))
         self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
         self.metrics.watch_dropped(lambda: self.writer.dropped)
@@ -99,7 +102,7 @@ class Keel:
         # One local embedder for every check and the semantic cache, made when one of them needs it.
         self.embedder: SharedEmbedder | None = None
         self.guardrails = _guardrails(config, self._ask, self.deployments, self.shared_embedder)
-        self.cache = build_caches(config, self.shared_embedder)
+        self.cache = build_caches(config, self.shared_embedder, review=self.review.semantic_hit)
         if healths := self.cache.healths():  # shared stores count their failures
             self.metrics.registry.register(BackendsCollector(healths))
         if self.cache.semantic is not None:  # the guards' refusals
@@ -156,6 +159,7 @@ class Keel:
             if self.embedder is not None:  # the classifier, off-topic checks and semantic cache embed
                 await self.embedder.start()
             await self.cache.start()
+            await self.review.start()
             for deployments in self.deployments.values():
                 for dep in deployments:
                     await dep.provider.start()
@@ -163,6 +167,7 @@ class Keel:
 
     async def close(self) -> None:
         """Finish: providers closed, alerts sent or logged as lost, the request log flushed."""
+        await self.review.close()  # first: the online judge's calls in flight need the providers
         for deployments in self.deployments.values():
             for dep in deployments:
                 await dep.provider.close()
