@@ -476,6 +476,15 @@ class ReviewConfig(_Strict):
     judge_concurrency: int = Field(default=2, ge=1, le=64, description="judge calls in flight at once")
 
 
+class CanariesConfig(_Strict):
+    """Canary prompts (docs/drift.md): a fixed set sent on a schedule, so a silent model update shows."""
+
+    prompts: list[str] = Field(default_factory=list, description="the prompts, sent as one user message each")
+    models: list[str] = Field(default_factory=list, description="the models each prompt is sent to")
+    every_s: float = Field(default=3600, ge=1, description="seconds between rounds; one round runs at start-up")
+    max_tokens: int = Field(default=32, ge=1, description="the answer's length cap")
+
+
 class CacheConfig(_Strict):
     """Answer caches (docs/caching.md). `models[].cache` replaces the top-level one for that model."""
 
@@ -841,6 +850,9 @@ class KeelConfig(_Strict):
     review: ReviewConfig = Field(
         default_factory=ReviewConfig, description="the review queue's feeds and online judging (docs/review.md)",
     )
+    canaries: CanariesConfig = Field(
+        default_factory=CanariesConfig, description="prompts sent on a schedule to watch for drift (docs/drift.md)",
+    )
 
     @field_validator("models")
     @classmethod
@@ -854,6 +866,14 @@ class KeelConfig(_Strict):
                 )
             first[model.name] = i
         return models
+
+    @model_validator(mode="after")
+    def _canary_models_exist(self) -> KeelConfig:
+        names = [m.name for m in self.models]
+        for i, name in enumerate(self.canaries.models):
+            if name not in names:
+                raise ValueError(f"canaries.models[{i}] is '{name}', which is not a model here; models: {names}")
+        return self
 
     @model_validator(mode="after")
     def _limits_have_a_store(self) -> KeelConfig:
