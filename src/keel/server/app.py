@@ -24,6 +24,7 @@ from keel.auth.admin import keys_router
 from keel.auth.keys import Credential
 from keel.engine import Keel
 from keel.errors import AdminForbidden, AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound
+from keel.evals.review_admin import review_router
 from keel.pipeline import ChunkStream
 from keel.server.admin import admin_router, cache_router
 from keel.server.calls import Served, answer_of, authorised, context, key_id, parse, served_by
@@ -46,6 +47,7 @@ def create_app(keel: Keel) -> Gateway:
     api.include_router(admin_router(keel.budgets, auth=admin_key, key_ids=tenant_key_ids))
     api.include_router(keys_router(keel.keys, keel.auth.lookup if keel.auth else None, auth=admin_key))
     api.include_router(cache_router(keel.cache, [m.name for m in keel.config.models], auth=admin_key))
+    api.include_router(review_router(keel.review.queue, keel.auth, auth=admin_key))
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
