@@ -8,10 +8,17 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from conftest import RecordingSink
 
+from keel.config import TracingConfig, parse_config
+from keel.engine import Keel
 from keel.evals.dataset import Case
+from keel.evals.judges import JUDGE_FEATURE, judge_ask
 from keel.evals.pairwise import PairwiseJudge, Verdict, combine
 from keel.evals.verbosity import length_controlled_win_rate, pearson, ranks, score_length_correlation, spearman
+from keel.observability.metrics import Metrics
+from keel.observability.stage import Observe
+from keel.observability.tracing import Tracing
 
 CASES = [Case(id=f"c{i}", messages=({"role": "user", "content": f"question {i}"},)) for i in range(6)]
 
@@ -128,3 +135,19 @@ def test_length_controlled_win_rate_edge_cases() -> None:
     assert all_b.win_rate is not None and all_b.win_rate > 0.95
     with pytest.raises(ValueError):
         length_controlled_win_rate([1.0], [1.0, 2.0])
+
+
+async def test_through_a_real_keel_the_simulators_always_a_verdict_cancels_out() -> None:
+    # The simulated provider answers a json_schema request with the schema's first enum value, "A":
+    # a judge with pure position bias, end to end through the pipeline.
+    sink = RecordingSink()
+    keel = Keel(parse_config({"models": [{"name": "sim", "deployments": [{"provider": "simulated"}]}]}),
+                stages=[Observe(sink, Tracing(TracingConfig(to_store=False)), Metrics())])
+    try:
+        result = await PairwiseJudge(model="sim", ask=judge_ask(keel)).compare(
+            [(case, "short", "a longer answer") for case in CASES[:3]])
+        assert [(v.first, v.second, v.combined) for v in result.verdicts] == [("A", "B", "tie")] * 3
+        assert (result.win_rate_b, result.consistency) == (0.5, 0.0)
+        assert [r.feature for r in sink.records] == [JUDGE_FEATURE] * 6  # both orders of each case, logged
+    finally:
+        await keel.close()

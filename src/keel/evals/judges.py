@@ -63,7 +63,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 def judge_ask(keel: Keel, feature: str = JUDGE_FEATURE) -> Ask:
     """An Ask that sends each judge request through `keel`'s pipeline under `feature`, settled (logged,
-    priced, budget released) before it returns, as `Keel.handle` does for any library call."""
+    priced, budget released) before it returns, as `Keel.handle` does for any library call. It is an
+    internal call: budgets, limits and retries apply, guardrails and caches do not (the judged text is
+    not the caller's input, and a cached verdict would hide a judge's run-to-run instability)."""
 
     async def ask(params: dict[str, Any]) -> dict[str, Any]:
         request = parse_request(ChatRequest, {**params, "stream": False}, strict=False)
