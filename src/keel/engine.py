@@ -56,6 +56,7 @@ from keel.validation.stage import Validation
 
 if TYPE_CHECKING:
     from keel.embedding.shared import SharedEmbedder
+    from keel.evals.canaries import CanarySchedule
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -126,6 +127,7 @@ class Keel:
             Validation(),  # JSON answers and tool calls checked, re-asked; inside cost: discarded ones are billed
             *stages, Reliability(),
         ])
+        self.canaries: CanarySchedule | None = None  # canaries: in keel.yaml, sent from start to close
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -163,10 +165,17 @@ class Keel:
             for deployments in self.deployments.values():
                 for dep in deployments:
                     await dep.provider.start()
+            if self.config.canaries.prompts and self.config.canaries.models:
+                from keel.evals.canaries import CanarySchedule
+
+                self.canaries = self.canaries or CanarySchedule(self.handle, self.config.canaries)
+                self.canaries.start()
             self._started = True
 
     async def close(self) -> None:
         """Finish: providers closed, alerts sent or logged as lost, the request log flushed."""
+        if self.canaries is not None:
+            await self.canaries.stop()
         await self.review.close()  # first: the online judge's calls in flight need the providers
         for deployments in self.deployments.values():
             for dep in deployments:
