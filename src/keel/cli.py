@@ -19,6 +19,7 @@ from rich.markup import escape
 from keel.auth.cli import keys_app
 from keel.config import ConfigError, ConfigSource, KeelConfig, find_config
 from keel.evals.cli import eval_app
+from keel.evals.drift_cli import drift
 
 if TYPE_CHECKING:
     from keel.engine import Keel
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 cache_app = typer.Typer(help="The answer cache: clear entries.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(eval_app, name="eval")
+app.command("drift")(drift)
 
 ConfigOption = Annotated[
     Path | None,
