@@ -142,11 +142,12 @@ def chat_body(body: dict[str, Any], previous: list[dict[str, Any]] | None = None
         "text": {"format": (text or {}).get("format") or {"type": "text"}},
         "max_output_tokens": body.get("max_output_tokens"),
         "previous_response_id": body.get("previous_response_id"),
-        "user": body.get("user"),
         "truncation": "disabled",
         "store": store,
         "background": False,
     }
+    if isinstance(body.get("user"), str):
+        echo["user"] = body["user"]
     return Translated(chat, conversation, origins, echo, store, body.get("previous_response_id"))
 
 
@@ -302,7 +303,7 @@ def in_responses_terms(exc: InvalidRequest, origins: list[str]) -> InvalidReques
 
     param = exc.param
     if param is not None:
-        param = renamed(f"'{param}")[1:]
+        param = renamed(f"'{param}'")[1:-1]
     return InvalidRequest(renamed(exc.message), param=param)
 
 
@@ -345,7 +346,7 @@ def shell(response_id: str, model: str, echo: dict[str, Any], created_at: int | 
     return {
         "id": response_id, "object": "response", "created_at": created_at or int(time.time()),
         "status": "in_progress", "error": None, "incomplete_details": None, "model": model, "output": [],
-        "usage": None, **echo,
+        **echo,
     }
 
 
@@ -356,7 +357,8 @@ def finished(response: dict[str, Any], finish_reason: str | None, usage: dict[st
     response["incomplete_details"] = {"reason": incomplete} if incomplete else None
     if not incomplete:
         response["completed_at"] = int(time.time())
-    response["usage"] = usage_of(usage)
+    if (counted := usage_of(usage)) is not None:  # not nullable: absent when the upstream sent none
+        response["usage"] = counted
     return response
 
 
