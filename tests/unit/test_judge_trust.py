@@ -3,9 +3,11 @@ bootstrap interval, and run-to-run stability."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from keel.evals.judge_trust import agreement, cohen_kappa, stability
+from keel.evals.judge_trust import agreement, agreement_by_judge, cohen_kappa, stability
 
 
 def table(yes_yes: int, yes_no: int, no_yes: int, no_no: int) -> tuple[list[str], list[str]]:
@@ -74,3 +76,26 @@ def test_stability_counts_identical_cases_and_mean_pairwise_agreement() -> None:
     assert found.identical == pytest.approx(1 / 3)
     assert found.pairwise == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert stability({}).identical is None and stability({"x": ["pass"]}).cases == 0
+
+
+@dataclass(frozen=True)
+class Reviewed:
+    label: str | None
+    score: float | None = None
+
+
+def test_agreement_by_judge_reads_review_pairs_and_skips_what_cannot_be_compared() -> None:
+    pairs = [
+        ({"judge": "polite", "passed": True}, Reviewed("pass")),
+        ({"judge": "polite", "passed": False}, Reviewed("fail")),
+        ({"judge": "polite", "passed": True}, Reviewed("fail")),
+        ({"judge": "polite", "passed": None, "reason": "judge answer invalid"}, Reviewed("pass")),  # unscored
+        ({"judge": "polite", "passed": True}, Reviewed(None, 4.0)),  # a score only: no verdict to compare
+        ({"judge": "correct", "passed": True}, Reviewed("pass")),
+        ({"judge": "correct", "passed": False}, Reviewed("fail")),
+    ]
+    found = agreement_by_judge(pairs)
+    assert list(found) == ["correct", "polite"]
+    assert (found["polite"].n, found["polite"].accuracy) == (3, pytest.approx(2 / 3))
+    assert (found["correct"].n, found["correct"].kappa) == (2, 1.0)
+    assert agreement_by_judge([]) == {}

@@ -10,9 +10,10 @@ undefined (every label of one class on both sides) are skipped; the number used 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -101,3 +102,28 @@ def stability(runs: Mapping[str, Sequence[Label]]) -> Stability:
     shares = [sum(a == b for a, b in combinations(labels, 2)) / (len(labels) * (len(labels) - 1) / 2)
               for labels in judged.values()]
     return Stability(len(judged), max(len(v) for v in judged.values()), identical, sum(shares) / len(shares))
+
+
+class HumanLabel(Protocol):
+    """What judge trust reads of a reviewer's label (keel.evals.review.Label)."""
+
+    @property
+    def label(self) -> str | None: ...  # "pass" or "fail"; None when the reviewer gave only a score
+
+
+def agreement_by_judge(pairs: Iterable[tuple[Mapping[str, Any], HumanLabel]], *, level: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict[str, Agreement]:
+    """Each judge's agreement with the reviewers, from `ReviewQueue.labelled_pairs()`: (the judge's verdict
+    in `Score.as_dict()` shape with its name under "judge", a human label). A pair counts when the judge
+    passed or failed the item and the reviewer said pass or fail; one item labelled by two reviewers is
+    two pairs, as `labelled_pairs` gives them."""
+    labels: dict[str, tuple[list[str], list[str]]] = {}
+    for verdict, human in pairs:
+        passed = verdict.get("passed")
+        if passed is None or human.label not in ("pass", "fail"):
+            continue
+        judged, humans = labels.setdefault(str(verdict.get("judge")), ([], []))
+        judged.append("pass" if passed else "fail")
+        humans.append(str(human.label))
+    return {name: agreement(judged, humans, level=level, resamples=resamples, seed=seed)
+            for name, (judged, humans) in sorted(labels.items())}
