@@ -17,6 +17,7 @@ from keel import cli
 from keel.config import (
     AnthropicDeployment,
     BreakerConfig,
+    CanariesConfig,
     ConfigError,
     GuardrailsConfig,
     HarmfulConfig,
@@ -162,7 +163,7 @@ def test_the_example_file_sets_every_option() -> None:
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, LimitsConfig,
         RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig, OutputGuardrailsConfig,
-        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, ReviewConfig,
+        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, ReviewConfig, CanariesConfig,
     ]
     every = {f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields}
     assert every - set_keys == set()
@@ -581,7 +582,7 @@ def test_the_configuration_page_documents_every_key() -> None:
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
         LimitsConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
         OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, PromptsConfig,
-        ReviewConfig,
+        ReviewConfig, CanariesConfig,
     ]
     missing = {
         name for cls in classes for name, field in cls.model_fields.items()
