@@ -78,3 +78,25 @@ def test_the_command_appends_and_exits_1_with_the_reason(store: RecordStore, tmp
     refused = CliRunner().invoke(app, ["promote", "req_dark", "--dataset", str(dataset), "--config", str(config)])
     assert refused.exit_code == 1 and "log_content" in refused.output
     assert len(load_dataset(dataset)) == 1
+
+
+def test_review_list_and_label_commands(store: RecordStore, tmp_path: Path) -> None:
+    from keel.evals.review import ReviewQueue
+    from keel.evals.review_cli import review_label, review_list
+
+    config = tmp_path / "keel.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "chat", "deployments": [{"provider": "simulated"}]}],
+                                      "store": {"url": store.url}}))
+    item, _ = ReviewQueue(store).add_call("req_ok")
+    app = typer.Typer()
+    app.command("list")(review_list)
+    app.command("label")(review_label)
+    listed = CliRunner().invoke(app, ["list", "--config", str(config)])
+    assert listed.exit_code == 0 and item.id in listed.output and '"status":"pending"' in listed.output
+    done = CliRunner().invoke(app, ["label", item.id, "--reviewer", "alice", "--label", "pass", "--config",
+                                    str(config)])
+    assert done.exit_code == 0 and "1 label" in done.output, done.output
+    bad = CliRunner().invoke(app, ["label", item.id, "--reviewer", "alice", "--label", "meh", "--config",
+                                   str(config)])
+    assert bad.exit_code == 1 and "'pass' or 'fail'" in bad.output
+    assert [lbl.reviewer for lbl in ReviewQueue(store).get(item.id).labels] == ["alice"]

@@ -105,3 +105,46 @@ def promote(
     except (PromoteRefused, ReviewError, StoreError) as exc:
         raise _fail(str(exc), 1) from None
     typer.echo(f"appended case {case.id} to {dataset} ({counted(len(load_dataset(dataset)), 'case')})")
+
+
+def review_list(
+    status: Annotated[str | None, typer.Option(help="pending or labelled")] = "pending",
+    source: Annotated[str | None, typer.Option(help="eval, production or semantic_cache")] = None,
+    limit: Annotated[int, typer.Option(help="items shown, 1 to 500")] = 20,
+    config: ConfigOption = None,
+) -> None:
+    """List review items, pending first, as JSON lines (id, source, ref, status, labels)."""
+    from keel.cli import _fail, _load
+
+    _, cfg = _load(config, calls_upstreams=False)
+    store = RecordStore(cfg.store.url)
+    try:
+        page = ReviewQueue(store).list_items(status=status, source=source, limit=limit)  # type: ignore[arg-type]
+    except (ReviewError, StoreError) as exc:
+        raise _fail(str(exc), 1) from None
+    finally:
+        store.close()
+    for item in page.items:
+        typer.echo(orjson.dumps({k: v for k, v in item.as_dict().items() if k != "object"}).decode())
+
+
+def review_label(
+    item_id: Annotated[str, typer.Argument(metavar="ITEM_ID", help="the item's id (rev_...)")],
+    reviewer: Annotated[str, typer.Option(help="who labels: a name or email")],
+    label: Annotated[str | None, typer.Option(help="pass or fail")] = None,
+    score: Annotated[float | None, typer.Option(help="a score (a 1 to 5 rubric, or 0 to 1)")] = None,
+    comment: Annotated[str | None, typer.Option(help="why")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Label a review item pass/fail and/or with a score."""
+    from keel.cli import _fail, _load
+
+    _, cfg = _load(config, calls_upstreams=False)
+    store = RecordStore(cfg.store.url)
+    try:
+        item = ReviewQueue(store).label(item_id, reviewer, label=label, score=score, comment=comment)
+    except (ReviewError, StoreError) as exc:
+        raise _fail(str(exc), 1) from None
+    finally:
+        store.close()
+    typer.echo(f"labelled {item.id}: {counted(len(item.labels), 'label')}")
