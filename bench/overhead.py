@@ -18,6 +18,15 @@ per minute and a per-model requests limit, set so high that nothing is refused (
 charged per call, tokens corrected after it); run it beside a run without to read their cost.
 `--redis-url` names the Redis (default: $KEEL_TEST_REDIS_URL or redis://127.0.0.1:6379/0).
 
+`--dialects` (on by default; `--only-dialects` for it alone) sends the same question to each API the
+gateway speaks, plain and streamed, one call at a time, interleaved call by call: chat completions, the
+Responses API (`/v1/responses`), Anthropic's Messages API (`/v1/messages`, `x-api-key`) and legacy
+completions (`/v1/completions`). Each call's CPU in the gateway is read from the kernel's per-thread
+run time (`/proc/<pid>/task/*/schedstat`, nanoseconds; psutil's counters tick every 10 ms); reported per
+route: mean, p50 and p99 of CPU per call, latency p50/p99, and each against chat in the same run (the
+issue's target: translation adds <= 0.1 ms of CPU per call). A route the gateway does not serve yet is
+said and left out.
+
 `--protect` adds a second gateway, `keel+`, measured beside the plain one in the same rounds: virtual
 keys on (a key created with `keel keys create`), rate limits in Redis, and guardrails (input length,
 injection by normalisation and patterns, PII and secrets redacted; output PII and a deny pattern).
@@ -45,6 +54,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS: dict[str, dict[str, str]] = {}  # extra request headers by target (keel+: its virtual key)
 BODY = {"model": "chat", "messages": [{"role": "user", "content": "Say something about benchmarks, please."}]}
+
+
+# The same question in each API the gateway speaks: (path under /v1, body, extra headers).
+QUESTION = "Say something about benchmarks, please."
+ANSWER_TOKENS = 64
+DIALECTS: dict[str, tuple[str, dict[str, object], dict[str, str]]] = {
+    "chat": ("/chat/completions", {"model": "chat", "max_tokens": ANSWER_TOKENS,
+                                   "messages": [{"role": "user", "content": QUESTION}]}, {}),
+    "responses": ("/responses", {"model": "chat", "input": QUESTION, "max_output_tokens": ANSWER_TOKENS}, {}),
+    "messages": ("/messages", {"model": "chat", "max_tokens": ANSWER_TOKENS,
+                               "messages": [{"role": "user", "content": QUESTION}]},
+                 {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}),
+    "completions": ("/completions", {"model": "chat", "prompt": QUESTION, "max_tokens": ANSWER_TOKENS}, {}),
+}
 
 
 def free_port() -> int:
@@ -261,8 +284,13 @@ async def run(args: argparse.Namespace) -> None:
                     for base in servers.urls.values():
                         await one(session, base, stream)
             print(f"keel RSS after start (no embedded model): {rss_start:.1f} MiB")
+            if args.only_dialects:
+                await dialect_cpu(session, servers, args)
+                return
             if not args.only_saturation:
                 await throughput(session, servers, args)
+                if args.dialects:
+                    await dialect_cpu(session, servers, args)
                 await added_latency(session, servers, args)
                 if args.wrk_seconds:
                     wrk_cpu(servers, args.wrk_seconds, 16)
@@ -322,6 +350,73 @@ async def added_latency(session: aiohttp.ClientSession, servers: Servers, args: 
         if "keel+" in r:
             plus50, plus99 = pct(r["keel+"], 0.5) - pct(r["keel"], 0.5), pct(r["keel+"], 0.99) - pct(r["keel"], 0.99)
             print(f"{'':<7} keys, Redis limits and guardrails add p50 {plus50:+.2f} ms, p99 {plus99:+.2f} ms over keel")
+
+
+def task_cpu_ns(pid: int) -> int:
+    """The CPU time of every thread of `pid` so far, in nanoseconds (the first field of each thread's
+    schedstat); 0 for a thread that ended between the listing and the read."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
+                total += int(stat.read().split(maxsplit=1)[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def has_schedstat(pid: int) -> bool:
+    return Path(f"/proc/{pid}/task").is_dir()
+
+
+async def dialect_call(session: aiohttp.ClientSession, base: str, dialect: str, stream: bool) -> tuple[int, bytes]:
+    path, body, headers = DIALECTS[dialect]
+    payload = orjson.dumps({**body, "stream": True} if stream else body)
+    async with session.post(base + path, data=payload,
+                            headers={"content-type": "application/json", **headers}) as response:
+        return response.status, await response.read()
+
+
+async def dialect_cpu(session: aiohttp.ClientSession, servers: Servers, args: argparse.Namespace) -> None:
+    """CPU per call in the gateway for each API it speaks, beside chat, one call at a time, interleaved."""
+    if not has_schedstat(servers.gateway.pid):
+        print("\nCPU per call by API: needs Linux's /proc (per-thread schedstat); skipped")
+        return
+    base, pid = servers.urls["keel"], servers.gateway.pid
+    served: list[str] = []
+    for dialect in DIALECTS:
+        status, answer = await dialect_call(session, base, dialect, False)
+        if status == 200:
+            served.append(dialect)
+        else:
+            print(f"\n{dialect}: not served by this gateway yet ({status} {answer[:160]!r}): left out")
+    print(f"\nCPU per call by API (gateway, one call at a time, {args.dialect_calls} calls per API and mode, "
+          "interleaved; CPU from per-thread schedstat)")
+    print(f"{'mode':<7} {'API':<12} {'CPU mean':>9} {'CPU p50':>8} {'CPU p99':>8} {'lat p50':>8} {'lat p99':>8} "
+          f"{'+mean vs chat':>14} {'+p50 vs chat':>13} {'+p99 vs chat':>13}")
+    for stream in (False, True):
+        for _ in range(100):  # warm each route in this mode
+            for dialect in served:
+                await dialect_call(session, base, dialect, stream)
+        cpu: dict[str, list[float]] = {d: [] for d in served}
+        latency: dict[str, list[float]] = {d: [] for d in served}
+        for i in range(args.dialect_calls):
+            order = served[i % len(served):] + served[:i % len(served)]  # each API goes first in turn
+            for dialect in order:
+                before, started = task_cpu_ns(pid), time.perf_counter()
+                status, answer = await dialect_call(session, base, dialect, stream)
+                latency[dialect].append((time.perf_counter() - started) * 1000)
+                cpu[dialect].append((task_cpu_ns(pid) - before) / 1e6)
+                if status != 200:
+                    raise RuntimeError(f"{dialect}: {status} {answer[:300]!r}")
+        chat = (statistics.fmean(cpu["chat"]), pct(cpu["chat"], 0.5), pct(cpu["chat"], 0.99))
+        for dialect in served:
+            mine = (statistics.fmean(cpu[dialect]), pct(cpu[dialect], 0.5), pct(cpu[dialect], 0.99))
+            added = "" if dialect == "chat" else "".join(
+                f" {mine[i] - chat[i]:>+{w}.3f}ms" for i, w in ((0, 12), (1, 11), (2, 11)))
+            print(f"{'stream' if stream else 'plain':<7} {dialect:<12} {mine[0]:>7.3f}ms {mine[1]:>6.3f}ms "
+                  f"{mine[2]:>6.3f}ms {pct(latency[dialect], 0.5):>6.2f}ms {pct(latency[dialect], 0.99):>6.2f}ms"
+                  + added)
 
 
 WRK_SCRIPT = """
@@ -459,6 +554,10 @@ def main() -> None:
     parser.add_argument("--saturation-seconds", type=int, default=5,
                         help="per run of the tail at saturation; 0: skip it")
     parser.add_argument("--only-saturation", action="store_true", help="measure the tail at saturation only")
+    parser.add_argument("--dialects", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU per call of /v1/responses, /v1/messages and /v1/completions beside chat")
+    parser.add_argument("--only-dialects", action="store_true", help="measure the CPU per call by API only")
+    parser.add_argument("--dialect-calls", type=int, default=1000, help="calls per API and mode in --dialects")
     parser.add_argument("--untuned", action="store_true",
                         help="also a gateway without keel.server.runtime's settings, in the tail table only")
     parser.add_argument("--limits", choices=["off", "memory", "redis"], default="off",
