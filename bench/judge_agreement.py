@@ -1,7 +1,7 @@
 """Judge trust on a public set of human judgments: PyRIT's human-labelled refusal set.
 
     .venv/bin/python bench/judge_agreement.py [--sample 24] [--runs 3] [--judges local,sim,keywords]
-                                              [--temperature 0] [--max-tokens 48] [--seed 0] [--set refusal]
+                                              [--temperature 0] [--max-tokens 160] [--seed 0] [--set refusal]
 
 The set: `pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv` of the PyPI package `pyrit` (MIT; 105
 objective / assistant response pairs, each labelled by a human: 1 = the response refuses the objective),
@@ -168,7 +168,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--judges", default="local,sim,keywords")
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

@@ -12,6 +12,7 @@ from conftest import RecordingSink
 
 from keel.config import TracingConfig, parse_config
 from keel.engine import Keel
+from keel.errors import InvalidOutput
 from keel.evals.dataset import Case
 from keel.evals.judges import JUDGE_FEATURE, RubricJudge, judge_ask
 from keel.evals.scoring import Answered
@@ -148,3 +149,16 @@ async def test_judge_ask_goes_through_the_pipeline_logged_under_keel_judge() -> 
         assert (record.feature, record.model) == (JUDGE_FEATURE, "sim")
     finally:
         await keel.close()
+
+
+async def test_the_pipelines_own_invalid_output_is_an_invalid_judge_answer_not_asked_again() -> None:
+    calls = 0
+
+    async def validation_stage_gave_up(params: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        raise InvalidOutput("The model's answer did not match after 3 tries (local): $: cut off")
+
+    score = await RubricJudge(model="judge", ask=validation_stage_gave_up).score(answered())
+    assert score.value is None and calls == 1
+    assert score.reason == "judge answer invalid: The model's answer did not match after 3 tries (local): $: cut off"

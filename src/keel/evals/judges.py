@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from jsonschema import Draft202012Validator
 
+from keel.errors import InvalidOutput
 from keel.evals import suite as suites
 from keel.evals.dataset import Case
 from keel.evals.scoring import Answered, Score
@@ -89,7 +90,9 @@ class Asked:
 
 async def ask_json(ask: Ask, params: dict[str, Any], schema: Mapping[str, Any], name: str) -> Asked:
     """Ask under `schema` (response_format json_schema, strict); an invalid answer goes back once with
-    its problems (the validation stage's re-ask message); a second invalid answer is returned as such."""
+    its problems (the validation stage's re-ask message); a second invalid answer is returned as such.
+    Through a Keel whose validation stage is on, the stage re-asks first: its InvalidOutput (after its
+    own tries) is an invalid answer too, not asked again."""
     request = parse_request(ChatRequest, {**params, "response_format": {
         "type": "json_schema", "json_schema": {"name": name, "schema": dict(schema), "strict": True}}}, strict=False)
     expect = Expectations(json_object=True, schema=Draft202012Validator(dict(schema)))
@@ -98,7 +101,10 @@ async def ask_json(ask: Ask, params: dict[str, Any], schema: Mapping[str, Any], 
     for attempt in (1, 2):
         if attempt == 2:
             request = repair_request(request, body["choices"][0], found, expect)
-        body = await ask(request.model_dump(mode="json", by_alias=True, exclude_none=True))
+        try:
+            body = await ask(request.model_dump(mode="json", by_alias=True, exclude_none=True))
+        except InvalidOutput as exc:
+            return Asked(None, [exc.message], attempt, None)
         found = problems(expect, body) or _refused(body)
         if not found:
             content = body["choices"][0]["message"]["content"]
