@@ -26,7 +26,7 @@ from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import make_url
 
 import keel.auth.store
-import keel.dialects.response_store  # noqa: F401  (its table is part of the schema compared)
+import keel.dialects.response_store
 import keel.evals.tables  # noqa: F401  (likewise)
 from keel.config import StoreConfig
 from keel.observability.record import Outcome, RequestRecord, SpanRecord

@@ -32,6 +32,16 @@ async def test_exact_match_normalises_case_space_unicode_and_final_punctuation()
     assert (await score(ExactMatch(), "", "Paris"))[:2] == (0.0, False)  # an empty answer is wrong, not unscored
 
 
+async def test_exact_match_on_a_field_of_a_json_answer() -> None:
+    metric = ExactMatch(field="answer")
+    assert (await score(metric, '{"answer": "N", "why": "x"}', "n"))[:2] == (1.0, True)
+    assert (await score(metric, '{"answer": 4}', "4"))[:2] == (1.0, True)
+    value, passed, why = await score(metric, '{"other": "N"}', "N")
+    assert (value, passed) == (0.0, False) and "no field 'answer'" in why
+    value, passed, why = await score(metric, "N", "N")
+    assert (value, passed) == (0.0, False) and "not JSON" in why
+
+
 async def test_a_failed_call_or_a_missing_reference_is_unscored_not_failed() -> None:
     for metric in (ExactMatch(), Contains(), Regex("x"), JsonValid(), Numeric(), Latency(), Cost()):
         value, passed, why = await score(metric, None, "x", error="timeout: the deadline passed")

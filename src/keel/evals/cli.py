@@ -16,9 +16,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from keel.config import KeelConfig
-    from keel.engine import Keel
     from keel.evals.dataset import Dataset
-    from keel.evals.metrics import Embed
     from keel.evals.report import EvalReport
     from keel.evals.results import EvalStore
     from keel.evals.runner import RunOutcome
@@ -110,35 +108,18 @@ async def _run(cfg: KeelConfig, suite: Suite, store: EvalStore, dataset: Dataset
                resume: bool, progress: bool) -> RunOutcome:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from keel.cli import _engine
-    from keel.evals.runner import EvalRunner, config_for
-    from keel.evals.suite import build_metrics
+    from keel.evals.runner import run_suite
 
-    keel = _engine(config_for(cfg, suite))
-    async with keel:
-        embed = embedder_of(keel) if any(spec.type == "semantic" for spec in suite.metrics) else None
-        metrics = build_metrics(suite, embed)
-        runner = EvalRunner(keel, suite, metrics, store)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
-            task = bar.add_task(suite.name, total=len(dataset), spent=0.0)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task(suite.name, total=len(dataset), spent=0.0)
 
-            def advance(_: object, spent: float) -> None:
-                bar.update(task, advance=1, spent=spent)
+        def advance(_: object, spent: float) -> None:
+            bar.update(task, advance=1, spent=spent)
 
-            return await runner.run(concurrency=concurrency, resume=resume, on_case=advance, dataset=dataset)
-
-
-def embedder_of(keel: Keel) -> Embed:
-    """The semantic metric's embed function: the Keel's shared local embedder."""
-    shared = keel.shared_embedder()
-
-    async def embed(texts: list[str]) -> list[list[float]]:
-        vectors: list[list[float]] = (await shared.embed(texts)).array.tolist()
-        return vectors
-
-    return embed
+        return await run_suite(cfg, suite, store, dataset=dataset, concurrency=concurrency, resume=resume,
+                               on_case=advance)
 
 
 def _emit(report: EvalReport, output_format: Format, output: Path | None) -> None:

@@ -43,7 +43,10 @@ def _no_reference(answered: Answered) -> Score | None:
 
 @dataclass
 class ExactMatch:
+    """The answer equals a reference; with `field`, that field of the JSON answer does (structured outputs)."""
+
     normalise: bool = True
+    field: str | None = None
     threshold: float | None = None
     key: str = "exact_match"
 
@@ -51,12 +54,21 @@ class ExactMatch:
         if (skip := _failed(answered) or _no_reference(answered)) is not None:
             return skip
         assert answered.output is not None
-        said = normalised(answered.output) if self.normalise else answered.output
+        output = answered.output
+        if self.field is not None:
+            try:
+                data = orjson.loads(_unfenced(output))
+            except orjson.JSONDecodeError:
+                return Score(0.0, False, f"the answer is not JSON, so it has no field {self.field!r}")
+            if not isinstance(data, dict) or self.field not in data:
+                return Score(0.0, False, f"the answer has no field {self.field!r}")
+            output = str(data[self.field])
+        said = normalised(output) if self.normalise else output
         for reference in answered.case.references:
             expected = normalised(str(reference)) if self.normalise else str(reference)
             if said == expected:
                 return Score(1.0, True)
-        return Score(0.0, False, f"expected {_shown(answered.case.references)}, got {answered.output[:200]!r}")
+        return Score(0.0, False, f"expected {_shown(answered.case.references)}, got {output[:200]!r}")
 
 
 @dataclass

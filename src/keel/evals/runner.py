@@ -19,6 +19,7 @@ from keel.config import KeelConfig, ModelConfig
 from keel.engine import Keel
 from keel.errors import KeelError
 from keel.evals.dataset import Case, Dataset
+from keel.evals.metrics import Embed
 from keel.evals.results import CaseResult, EvalStore
 from keel.evals.scoring import Answered, Metric, Score
 from keel.evals.suite import TARGET_MODEL, Suite
@@ -161,6 +162,29 @@ class EvalRunner:
         for metric in self.metrics:
             found += [w for w in getattr(metric, "warnings", ()) if w not in found]
         return found
+
+
+async def run_suite(config: KeelConfig, suite: Suite, store: EvalStore | None, *, dataset: Dataset | None = None,
+                    concurrency: int | None = None, resume: bool = True, on_case: Progress | None = None
+                    ) -> RunOutcome:
+    """Run `suite` on a Keel made from `config` (with the suite's base_url target added), closed after."""
+    from keel.evals.suite import build_metrics
+
+    async with Keel(config_for(config, suite)) as keel:
+        embed = embedder_of(keel) if any(spec.type == "semantic" for spec in suite.metrics) else None
+        runner = EvalRunner(keel, suite, build_metrics(suite, embed), store)
+        return await runner.run(concurrency=concurrency, resume=resume, on_case=on_case, dataset=dataset)
+
+
+def embedder_of(keel: Keel) -> Embed:
+    """The semantic metric's embed function: the Keel's shared local embedder."""
+    shared = keel.shared_embedder()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = (await shared.embed(texts)).array.tolist()
+        return vectors
+
+    return embed
 
 
 def answer_text(body: dict[str, Any]) -> str:
