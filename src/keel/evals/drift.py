@@ -5,7 +5,8 @@ What is measured, over answered live calls (not Keel's own `keel.*` calls nor ev
 - output length (completion tokens), latency and cost per call: distributions, compared with PSI
   (population stability index over the baseline's deciles) for the size of the change and a two-sample
   Kolmogorov-Smirnov test for whether it is chance; drift needs both (PSI > 0.2 and p < 0.01), so a
-  tiny shift on a huge sample or a noisy PSI on a small one does not fire; "watch" is PSI > 0.1 with
+  tiny shift on a huge sample or a noisy PSI on a small one does not fire, and the median or the 90th
+  percentile must have moved by 10% (a busy machine's few ms are not drift); "watch" is PSI > 0.1 with
   p < 0.05, or p < 0.01 alone;
 - error rate (errors over answered and failed calls) and refusal rate (answers whose text refuses, from
   the logged output; skipped when content logging is off): a two-proportion z-test, p < 0.01 and a change
@@ -69,6 +70,7 @@ class Thresholds:
     ks_p: float = 0.01
     rate_p: float = 0.01
     min_rate_change: float = 0.01  # a significant change smaller than this (absolute) is not drift
+    min_relative_change: float = 0.1  # nor a distribution whose median and P90 both moved less than this
     min_samples: int = 30
     min_canaries: int = 3
     canary_change: float = 0.5  # share of changed canary answers that is drift (any change is "watch")
@@ -345,8 +347,9 @@ class _RowMaker:
         index = psi(base, new, max(2, min(self.limits.bins, min(len(base), len(new)) // 10)))
         d, p = ks_2samp(base, new)
         limits = self.limits
+        effect = _relative_change(base, new)
         verdict: Verdict = (
-            "drift" if index > limits.psi_drift and p < limits.ks_p
+            "drift" if index > limits.psi_drift and p < limits.ks_p and effect >= limits.min_relative_change
             else "watch" if (index > limits.psi_watch and p < 0.05) or p < limits.ks_p else "ok"
         )
         return self._row(metric, float(np.median(new)), float(np.median(base)),
@@ -425,6 +428,15 @@ def _sample(texts: list[str]) -> list[str]:
         return texts
     chosen = np.random.default_rng(0).choice(len(texts), MAX_EMBEDDED, replace=False)
     return [texts[i] for i in sorted(chosen)]
+
+
+def _relative_change(base: list[float], new: list[float]) -> float:
+    """The larger relative move of the median and of the 90th percentile (0 when both are 0 before)."""
+    moves = []
+    for q in (50, 90):
+        before, after = float(np.percentile(base, q)), float(np.percentile(new, q))
+        moves.append(abs(after - before) / abs(before) if before else (0.0 if after == before else math.inf))
+    return max(moves)
 
 
 def _listed(values: Iterable[str]) -> str | None:
