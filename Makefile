@@ -62,6 +62,7 @@ bench: install-dev
 	$(PY) bench/guardrails.py
 	$(PY) bench/structured.py
 	$(PY) bench/routing.py
+	$(PY) bench/evals.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
