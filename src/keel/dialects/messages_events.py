@@ -35,52 +35,52 @@ def error_event(exc: KeelError) -> bytes:
 class MessageEvents:
     """One stream's translation: chunks in (`chunk`), events out; `end` closes the message."""
 
-    __slots__ = ("block", "blocks", "finish", "model", "pinged", "started", "tools", "usage")
+    __slots__ = ("block", "blocks", "finish", "model", "pinged", "started", "text", "tools", "usage")
 
     def __init__(self, model: str) -> None:
         self.model = model  # the model the client named, until a chunk says which answered
         self.started = False
         self.pinged = False
         self.block: int | None = None  # the open content block's index
+        self.text: bytes | None = None  # the open text block's delta event, up to the text itself
         self.blocks = 0  # content blocks started so far
         self.tools: dict[int, int] = {}  # OpenAI tool_calls index -> content block index
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
 
-    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
-        out: list[bytes] = []
-        if not self.started:
-            out.append(self._start(chunk))
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        """The events one chunk makes, as one write (b"" when it makes none). A text delta, the common
+        case, is one orjson call of its text into a prefix made when its block opened."""
+        out = b"" if self.started else self._start(chunk)
         if (usage := chunk.get("usage")) is not None:
             self.usage = usage
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
-            if text:
-                if self.block is None or self.block in self.tools.values():
+            if text := delta.get("content") or delta.get("refusal"):
+                if self.text is None:
                     out += self._open({"type": "text", "text": ""})
-                out.append(self._delta({"type": "text_delta", "text": text}))
-            for call in delta.get("tool_calls") or ():
-                out += self._tool_call(call)
+                    self.text = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                                 b'"delta":{"type":"text_delta","text":' % (self.blocks - 1))
+                out += self.text + orjson.dumps(text) + b"}}\n\n"
+            if calls := delta.get("tool_calls"):
+                for call in calls:
+                    out += self._tool_call(call)
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
         return out
 
-    def end(self) -> list[bytes]:
+    def end(self) -> bytes:
         """The closing events, once the chunks are over."""
-        out = [] if self.started else [self._start({})]
-        out += self._close()
+        out = (b"" if self.started else self._start({})) + self._close()
         if not self.pinged:
             self.pinged = True
-            out.append(PING)
-        usage = usage_of(self.usage)
-        out.append(event("message_delta", {
+            out += PING
+        out += event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason(self.finish), "stop_sequence": None},
-            "usage": usage,
-        }))
-        out.append(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
-        return out
+            "usage": usage_of(self.usage),
+        })
+        return out + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
     def _start(self, chunk: dict[str, Any]) -> bytes:
         self.started = True
@@ -94,8 +94,8 @@ class MessageEvents:
         }
         return event("message_start", {"type": "message_start", "message": message})
 
-    def _tool_call(self, call: dict[str, Any]) -> list[bytes]:
-        out: list[bytes] = []
+    def _tool_call(self, call: dict[str, Any]) -> bytes:
+        out = b""
         index = call.get("index", 0)
         function = call.get("function") or {}
         block = self.tools.get(index)
@@ -104,31 +104,28 @@ class MessageEvents:
                                "name": function.get("name") or "", "input": {}})
             block = self.tools[index] = self.blocks - 1
         if arguments := function.get("arguments"):
-            out.append(event("content_block_delta", {
+            out += event("content_block_delta", {
                 "type": "content_block_delta", "index": block,
                 "delta": {"type": "input_json_delta", "partial_json": arguments},
-            }))
+            })
         return out
 
-    def _open(self, block: dict[str, Any]) -> list[bytes]:
+    def _open(self, block: dict[str, Any]) -> bytes:
         out = self._close()
         self.block = self.blocks
         self.blocks += 1
-        out.append(event("content_block_start", {"type": "content_block_start", "index": self.block,
-                                                 "content_block": block}))
+        out += event("content_block_start", {"type": "content_block_start", "index": self.block,
+                                             "content_block": block})
         if not self.pinged:
             self.pinged = True
-            out.append(PING)
+            out += PING
         return out
 
-    def _close(self) -> list[bytes]:
+    def _close(self) -> bytes:
         if self.block is None:
-            return []
-        index, self.block = self.block, None
-        return [b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % index]
-
-    def _delta(self, delta: dict[str, Any]) -> bytes:
-        return event("content_block_delta", {"type": "content_block_delta", "index": self.block, "delta": delta})
+            return b""
+        index, self.block, self.text = self.block, None, None
+        return b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % index
 
 
 async def message_events(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIterator[bytes]:
@@ -136,5 +133,5 @@ async def message_events(chunks: AsyncIterator[dict[str, Any]], model: str) -> A
     events = MessageEvents(model)
     async for chunk in chunks:
         if out := events.chunk(chunk):
-            yield b"".join(out)  # one write per chunk, as for chat
-    yield b"".join(events.end())
+            yield out  # one write per chunk, as for chat
+    yield events.end()
