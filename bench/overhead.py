@@ -21,11 +21,16 @@ charged per call, tokens corrected after it); run it beside a run without to rea
 `--dialects` (on by default; `--only-dialects` for it alone) sends the same question to each API the
 gateway speaks, plain and streamed, one call at a time, interleaved call by call: chat completions, the
 Responses API (`/v1/responses`), Anthropic's Messages API (`/v1/messages`, `x-api-key`) and legacy
-completions (`/v1/completions`). Each call's CPU in the gateway is read from the kernel's per-thread
-run time (`/proc/<pid>/task/*/schedstat`, nanoseconds; psutil's counters tick every 10 ms); reported per
-route: mean, p50 and p99 of CPU per call, latency p50/p99, and each against chat in the same run (the
-issue's target: translation adds <= 0.1 ms of CPU per call). A route the gateway does not serve yet is
-said and left out.
+completions (`/v1/completions`); the Responses API twice, as clients call it (each response stored,
+OpenAI's default) and with `store: false` (`resp.nostore`: its translation alone). Each call's CPU in
+the gateway is read from the kernel's per-thread run time (`/proc/<pid>/task/*/schedstat`, nanoseconds;
+psutil's counters tick every 10 ms); reported per route: mean, p50 and p99 of CPU per call, latency
+p50/p99, and each against chat in the same run (the issue's target: translation adds <= 0.1 ms of CPU
+per call). A route the gateway does not serve yet is said and left out.
+
+`--dialects-in-process` measures the same without the network: the gateway's ASGI app driven in this
+process over the simulated model, each call's CPU from `time.process_time_ns`, interleaved call by call.
+No sockets, no HTTP server, no other process: what is left between two routes is their translation.
 
 `--protect` adds a second gateway, `keel+`, measured beside the plain one in the same rounds: virtual
 keys on (a key created with `keel keys create`), rate limits in Redis, and guardrails (input length,
@@ -45,6 +50,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -63,6 +69,9 @@ DIALECTS: dict[str, tuple[str, dict[str, object], dict[str, str]]] = {
     "chat": ("/chat/completions", {"model": "chat", "max_tokens": ANSWER_TOKENS,
                                    "messages": [{"role": "user", "content": QUESTION}]}, {}),
     "responses": ("/responses", {"model": "chat", "input": QUESTION, "max_output_tokens": ANSWER_TOKENS}, {}),
+    # The Responses API stores each response unless told not to (OpenAI's default): storing is not translation.
+    "resp.nostore": ("/responses", {"model": "chat", "input": QUESTION, "max_output_tokens": ANSWER_TOKENS,
+                                    "store": False}, {}),
     "messages": ("/messages", {"model": "chat", "max_tokens": ANSWER_TOKENS,
                                "messages": [{"role": "user", "content": QUESTION}]},
                  {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}),
@@ -392,7 +401,7 @@ async def dialect_cpu(session: aiohttp.ClientSession, servers: Servers, args: ar
             print(f"\n{dialect}: not served by this gateway yet ({status} {answer[:160]!r}): left out")
     print(f"\nCPU per call by API (gateway, one call at a time, {args.dialect_calls} calls per API and mode, "
           "interleaved; CPU from per-thread schedstat)")
-    print(f"{'mode':<7} {'API':<12} {'CPU mean':>9} {'CPU p50':>8} {'CPU p99':>8} {'lat p50':>8} {'lat p99':>8} "
+    print(f"{'mode':<7} {'API':<12} {'CPU mean':>9} {'CPU p50':>9} {'CPU p99':>9} {'lat p50':>8} {'lat p99':>8} "
           f"{'+mean vs chat':>14} {'+p50 vs chat':>13} {'+p99 vs chat':>13}")
     for stream in (False, True):
         for _ in range(100):  # warm each route in this mode
@@ -409,14 +418,85 @@ async def dialect_cpu(session: aiohttp.ClientSession, servers: Servers, args: ar
                 cpu[dialect].append((task_cpu_ns(pid) - before) / 1e6)
                 if status != 200:
                     raise RuntimeError(f"{dialect}: {status} {answer[:300]!r}")
-        chat = (statistics.fmean(cpu["chat"]), pct(cpu["chat"], 0.5), pct(cpu["chat"], 0.99))
-        for dialect in served:
-            mine = (statistics.fmean(cpu[dialect]), pct(cpu[dialect], 0.5), pct(cpu[dialect], 0.99))
-            added = "" if dialect == "chat" else "".join(
-                f" {mine[i] - chat[i]:>+{w}.3f}ms" for i, w in ((0, 12), (1, 11), (2, 11)))
-            print(f"{'stream' if stream else 'plain':<7} {dialect:<12} {mine[0]:>7.3f}ms {mine[1]:>6.3f}ms "
-                  f"{mine[2]:>6.3f}ms {pct(latency[dialect], 0.5):>6.2f}ms {pct(latency[dialect], 0.99):>6.2f}ms"
-                  + added)
+        report_dialect_cpu(cpu, "stream" if stream else "plain", latency)
+
+
+async def asgi_call(app: Any, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One POST to an ASGI app, as uvicorn would hand it over; (status, body)."""
+    sent: list[dict[str, Any]] = []
+    done = asyncio.Event()
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in {"content-type": "application/json", **headers}.items()],
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "root_path": ""}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    await app(scope, receive, send)
+    return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def dialects_in_process(args: argparse.Namespace) -> None:
+    """CPU per call by API with the gateway's app in this process, over the simulated model."""
+    from keel.config import parse_config
+    from keel.engine import Keel
+    from keel.observability.store import RecordStore
+    from keel.server import create_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="keel-bench-dialects-"))
+    url = f"sqlite:///{tmp / 'keel.db'}"
+    store = RecordStore(url)
+    store.migrate()  # as `keel serve` has it before the first call (stored responses need their table)
+    store.close()
+    os.environ.pop("KEEL_MASTER_KEY", None)
+    keel = Keel(parse_config({"models": [{"name": "chat", "deployments": [{"provider": "simulated"}]}],
+                              "store": {"url": url}}))
+    app = create_app(keel)
+    served = [d for d, (path, body, headers) in DIALECTS.items()
+              if (await asgi_call(app, "/v1" + path, orjson.dumps(body), headers))[0] == 200]
+    print(f"\nCPU per call by API, in process (the gateway's ASGI app over the simulated model, no network; "
+          f"{args.dialect_calls} calls per API and mode, interleaved; {', '.join(served)})")
+    print(f"{'mode':<7} {'API':<12} {'CPU mean':>9} {'CPU p50':>9} {'CPU p99':>9} "
+          f"{'+mean vs chat':>14} {'+p50 vs chat':>13} {'+p99 vs chat':>13}")
+    for stream in (False, True):
+        bodies = {d: ("/v1" + DIALECTS[d][0], orjson.dumps({**DIALECTS[d][1], "stream": True} if stream
+                                                           else DIALECTS[d][1]), DIALECTS[d][2]) for d in served}
+        for _ in range(200):
+            for dialect in served:
+                await asgi_call(app, *bodies[dialect])
+        cpu: dict[str, list[float]] = {d: [] for d in served}
+        for i in range(args.dialect_calls):
+            for dialect in served[i % len(served):] + served[:i % len(served)]:
+                started = time.process_time_ns()
+                status, answer = await asgi_call(app, *bodies[dialect])
+                cpu[dialect].append((time.process_time_ns() - started) / 1e6)
+                if status != 200:
+                    raise RuntimeError(f"{dialect}: {status} {answer[:300]!r}")
+        report_dialect_cpu(cpu, "stream" if stream else "plain")
+    await keel.close()
+
+
+def report_dialect_cpu(cpu: dict[str, list[float]], mode: str, latency: dict[str, list[float]] | None = None) -> None:
+    """One row per API: CPU per call (mean, p50, p99; latency p50, p99 when measured) and each against chat."""
+    chat = (statistics.fmean(cpu["chat"]), pct(cpu["chat"], 0.5), pct(cpu["chat"], 0.99))
+    for dialect, values in cpu.items():
+        mine = (statistics.fmean(values), pct(values, 0.5), pct(values, 0.99))
+        row = f"{mode:<7} {dialect:<12} {mine[0]:>7.3f}ms {mine[1]:>7.3f}ms {mine[2]:>7.3f}ms"
+        if latency is not None:
+            row += f" {pct(latency[dialect], 0.5):>6.2f}ms {pct(latency[dialect], 0.99):>6.2f}ms"
+        if dialect != "chat":
+            row += "".join(f" {mine[i] - chat[i]:>+{w}.3f}ms" for i, w in ((0, 12), (1, 11), (2, 11)))
+        print(row)
 
 
 WRK_SCRIPT = """
@@ -557,6 +637,8 @@ def main() -> None:
     parser.add_argument("--dialects", action=argparse.BooleanOptionalAction, default=True,
                         help="CPU per call of /v1/responses, /v1/messages and /v1/completions beside chat")
     parser.add_argument("--only-dialects", action="store_true", help="measure the CPU per call by API only")
+    parser.add_argument("--dialects-in-process", action="store_true",
+                        help="only the CPU per call by API with the gateway's app in this process (no network)")
     parser.add_argument("--dialect-calls", type=int, default=1000, help="calls per API and mode in --dialects")
     parser.add_argument("--untuned", action="store_true",
                         help="also a gateway without keel.server.runtime's settings, in the tail table only")
@@ -574,7 +656,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    asyncio.run(dialects_in_process(args) if args.dialects_in_process else run(args))
 
 
 if __name__ == "__main__":
