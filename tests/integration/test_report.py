@@ -155,6 +155,26 @@ def test_the_dialect_breakdown_counts_each_api_and_names_library_calls(tmp_path:
     opened.close()
 
 
+def test_by_prompt_shows_each_versions_tokens_cost_latency_and_error_rate(tmp_path: Path) -> None:
+    opened = RecordStore(f"sqlite:///{tmp_path}/log.db")
+    opened.migrate()
+    v1 = [rec(i, "ok", 100.0, 0.001, prompt="greet", prompt_version="1") for i in range(4)]
+    v1.append(rec(4, "error", 500.0, prompt="greet", prompt_version="1"))
+    v2 = [rec(10 + i, "ok", 40.0, 0.002, prompt="greet", prompt_version="2") for i in range(3)]
+    v2.append(rec(13, "blocked", 1.0, prompt="greet", prompt_version="2"))  # a refusal: not attempted
+    opened.write([*v1, *v2, rec(20, "ok", 10.0)])
+    report = build_report(opened, since=NOW - 3600, until=NOW + 1)
+    rows = {row.name: row for row in report.breakdowns["prompt"]}
+    assert set(rows) == {"greet@1", "greet@2", None}
+    one, two = rows["greet@1"], rows["greet@2"]
+    assert (one.requests, one.attempted, one.errors, one.error_rate) == (5, 5, 1, 0.2)
+    assert one.latency_ms == pytest.approx((4 * 100 + 500) / 5) and one.cost_usd == pytest.approx(0.004)
+    assert (two.requests, two.attempted, two.errors, two.latency_ms) == (4, 3, 0, 40.0)
+    markdown = render_markdown(report)
+    assert "| greet@1 | 5 | 500 | 80 | $0.004 | 180 ms | 20.0% |" in markdown
+    opened.close()
+
+
 def test_feature_filter_and_window_choose_the_records(store: RecordStore) -> None:
     chat = build_report(store, since=NOW - 3600, until=NOW + 1, feature="chat")
     assert chat.requests == 52 and chat.errors == 2

@@ -35,7 +35,7 @@ import orjson
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import ColumnElement, Connection, func, select
+from sqlalchemy import ColumnElement, Connection, case, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -88,6 +88,13 @@ class Usage:
     completion_tokens: int
     cached_tokens: int
     cost_usd: float
+    attempted: int = 0  # calls Keel tried to answer (refusals and client errors are not)
+    errors: int = 0  # of those, the failed ones: the SLO's error rate
+    latency_ms: float | None = None  # the mean latency of the attempted calls
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.attempted if self.attempted else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +181,7 @@ class SLOReport:
                 f"by_{dimension}": [
                     {dimension: row.name, "requests": row.requests, "prompt_tokens": row.prompt_tokens,
                      "completion_tokens": row.completion_tokens, "cached_tokens": row.cached_tokens,
-                     "cost_usd": row.cost_usd}
+                     "cost_usd": row.cost_usd, "mean_latency_ms": row.latency_ms, "error_rate": row.error_rate}
                     for row in rows
                 ]
                 for dimension, rows in self.breakdowns.items()
@@ -248,6 +255,7 @@ def build_report(
 
 
 def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) -> list[Usage]:
+    attempted = requests.c.outcome.not_in(NOT_ATTEMPTED)
     column: ColumnElement[Any] = requests.c[dimension]
     if dimension == "prompt":  # null when the call named no prompt
         column = (requests.c.prompt + "@" + requests.c.prompt_version).label("prompt")
@@ -259,13 +267,17 @@ def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) 
             func.coalesce(func.sum(requests.c.completion_tokens), 0),
             func.coalesce(func.sum(requests.c.cached_tokens), 0),
             func.coalesce(func.sum(requests.c.cost_usd), 0.0),
+            func.sum(case((attempted, 1), else_=0)),
+            func.sum(case((requests.c.outcome.in_(SERVER_ERRORS), 1), else_=0)),
+            func.avg(case((attempted, requests.c.latency_ms), else_=None)),
         )
         .where(*window)
         .group_by(column)
     )
     rows = [
-        Usage(name, int(count), int(prompt), int(completion), int(cached), float(cost))
-        for name, count, prompt, completion, cached, cost in conn.execute(query)
+        Usage(name, int(count), int(prompt), int(completion), int(cached), float(cost), int(tried or 0),
+              int(failed or 0), None if latency is None else float(latency))
+        for name, count, prompt, completion, cached, cost, tried, failed, latency in conn.execute(query)
     ]
     rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.name or ""))
     return rows
@@ -349,7 +361,7 @@ def render_table(report: SLOReport, top: int = 20) -> RenderableType:
     for dimension, rows in report.breakdowns.items():
         table = Table(title=f"By {dimension}", title_justify="left")
         table.add_column(dimension)
-        for header in ("requests", "prompt tokens", "completion tokens", "spend"):
+        for header in USAGE_HEADERS:
             table.add_column(header, justify="right")
         for row in _top(rows, top):
             table.add_row(*_usage_cells(row, dimension))
@@ -374,8 +386,8 @@ def render_markdown(report: SLOReport, top: int = 20) -> str:
         )
     lines += ["", _summary(report)]
     for dimension, rows in report.breakdowns.items():
-        header = f"| {dimension} | requests | prompt tokens | completion tokens | spend |"
-        lines += ["", f"### By {dimension}", "", header, "|---|---:|---:|---:|---:|"]
+        header = f"| {dimension} | " + " | ".join(USAGE_HEADERS) + " |"
+        lines += ["", f"### By {dimension}", "", header, "|---|" + "---:|" * len(USAGE_HEADERS)]
         for row in _top(rows, top):
             cells = [cell.replace("|", "\\|") for cell in _usage_cells(row, dimension)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -405,9 +417,13 @@ def _top(rows: list[Usage], top: int) -> list[Usage]:
     if top <= 0 or len(rows) <= top:
         return rows
     rest = rows[top:]
+    timed = [r for r in rest if r.latency_ms is not None]
+    latency = sum(r.latency_ms * r.attempted for r in timed if r.latency_ms is not None) / max(
+        1, sum(r.attempted for r in timed)) if timed else None
     other = Usage(
         f"({len(rest)} more)", sum(r.requests for r in rest), sum(r.prompt_tokens for r in rest),
         sum(r.completion_tokens for r in rest), sum(r.cached_tokens for r in rest), sum(r.cost_usd for r in rest),
+        sum(r.attempted for r in rest), sum(r.errors for r in rest), latency,
     )
     return [*rows[:top], other]
 
@@ -417,7 +433,13 @@ def _usage_cells(row: Usage, dimension: str) -> list[str]:
         name = row.name
     else:  # a call with no dialect was made in-process, through the library
         name = "(library)" if dimension == "dialect" else f"(no {dimension})"
-    return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd)]
+    latency = "n/a" if row.latency_ms is None else f"{row.latency_ms:,.0f} ms"
+    errors = "n/a" if row.error_rate is None else f"{row.error_rate * 100:.1f}%"
+    return [name, f"{row.requests:,}", f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}", _usd(row.cost_usd),
+            latency, errors]
+
+
+USAGE_HEADERS = ("requests", "prompt tokens", "completion tokens", "spend", "mean latency", "error rate")
 
 
 CACHE_HEADERS = ("calls", "hit rate", "semantic hits", "bypasses", "saved")
