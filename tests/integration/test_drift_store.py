@@ -23,13 +23,13 @@ HOUR, DAY = 3600.0, 86_400.0
 
 
 def records(n: int, start: float, end: float, *, seed: int, tokens: float, upstream: str,
-            feature: str | None = None) -> list[RequestRecord]:
+            model: str = "chat") -> list[RequestRecord]:
     rng = np.random.default_rng(seed)
     step = (end - start) / n
     return [
         RequestRecord(
-            request_id=f"{seed}-{i}", started_at=start + i * step, ended_at=start + i * step + 0.1, model="chat",
-            deployment="sim", upstream_model=upstream, feature=feature, outcome="ok",
+            request_id=f"{seed}-{i}", started_at=start + i * step, ended_at=start + i * step + 0.1, model=model,
+            deployment="sim", upstream_model=upstream, outcome="ok",
             completion_tokens=max(1, int(rng.normal(tokens, 3))), latency_ms=float(rng.normal(100, 10)),
             cost_usd=0.001, output={"role": "assistant", "content": f"answer {i % 7}"},
         )
@@ -41,7 +41,9 @@ def records(n: int, start: float, end: float, *, seed: int, tokens: float, upstr
 BASELINE = records(300, NOW - 6 * DAY, NOW - 2 * DAY, seed=1, tokens=20, upstream="gpt-a")
 WINDOW = records(100, NOW - 50 * 60, NOW - 60, seed=2, tokens=45, upstream="gpt-b")
 OLD = records(50, NOW - 30 * DAY, NOW - 20 * DAY, seed=3, tokens=500, upstream="gpt-z")  # outside both windows
-OTHER = records(100, NOW - 50 * 60, NOW - 60, seed=4, tokens=20, upstream="gpt-a")
+# A model that did not change.
+STEADY = (records(300, NOW - 6 * DAY, NOW - 2 * DAY, seed=5, tokens=20, upstream="gpt-a", model="steady")
+          + records(100, NOW - 50 * 60, NOW - 60, seed=4, tokens=20, upstream="gpt-a", model="steady"))
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path}/log.db" if request.param == "sqlite" else request.getfixturevalue("pg_database")
     store = RecordStore(url)
     store.migrate()
-    for record in OTHER:
-        record.model = "steady"
-    store.write(BASELINE + WINDOW + OLD + OTHER + [
-        RequestRecord(request_id=f"s-{r.request_id}", started_at=r.started_at, ended_at=r.ended_at, model="steady",
-                      deployment="sim", upstream_model="gpt-a", outcome="ok", completion_tokens=r.completion_tokens,
-                      latency_ms=r.latency_ms, cost_usd=r.cost_usd)
-        for r in records(300, NOW - 6 * DAY, NOW - 2 * DAY, seed=5, tokens=20, upstream="gpt-a")
-    ])
+    store.write(BASELINE + WINDOW + OLD + STEADY)
     yield url
     if request.param == "postgres":
         with store.engine.begin() as conn:
