@@ -1,5 +1,5 @@
-"""`keel eval run | compare | runs`: golden-dataset suites through Keel's pipeline, their reports and the
-CI gate (docs/evals.md). Exit codes: 0 passed, 1 a threshold or gate failed, 2 bad input."""
+"""`keel eval run | compare | runs | promote | review`: golden-dataset suites through Keel's pipeline,
+their reports and the CI gate (docs/evals.md). Exit codes: 0 passed, 1 a threshold or gate failed, 2 bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from keel.evals.review_cli import promote, review_label, review_list
+
 if TYPE_CHECKING:
     from keel.config import KeelConfig
     from keel.evals.dataset import Dataset
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
     from keel.evals.suite import Suite
 
 eval_app = typer.Typer(help="Evaluation: run suites of golden cases, compare runs, gate CI.", no_args_is_help=True)
+review_app = typer.Typer(help="The human review queue (docs/review.md): list and label items.", no_args_is_help=True)
+eval_app.add_typer(review_app, name="review")
+eval_app.command("promote")(promote)  # a production call becomes a golden case
+review_app.command("list")(review_list)
+review_app.command("label")(review_label)
 out = Console()
 err = Console(stderr=True)
 
