@@ -1,4 +1,5 @@
-"""Budget alerts: logged, counted, and POSTed to a webhook until it takes them.
+"""Alerts (budgets', and drift's through `deliver`): logged, counted, and POSTed to a webhook until it
+takes them.
 
 `send` returns at once: the alert is logged (WARNING), counted, and queued; one background task
 POSTs queued alerts in order, retrying each with exponential backoff (tenacity's: `initial_backoff_s`,
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -38,6 +40,17 @@ log = logging.getLogger("keel.budgets.alerts")
 MAX_BACKOFF_S = 300.0
 
 
+class Deliverable(Protocol):
+    """What the webhook is sent: a budget `Alert`, a drift alert. Its payload's `kind` (default
+    "budget") names it in the log lines."""
+
+    def payload(self) -> dict[str, Any]: ...
+
+
+def _kind(alert: Deliverable) -> str:
+    return str(alert.payload().get("kind", "budget"))
+
+
 class AlertSender:
     def __init__(
         self, config: AlertsConfig, *, queue_size: int = 1000, timeout_s: float = 10.0,
@@ -50,7 +63,7 @@ class AlertSender:
         self.delivered = 0
         self.retried = 0
         self.lost = 0  # given up on (queue full, tries used up, pending at shutdown)
-        self._queue: asyncio.Queue[Alert] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Deliverable] = asyncio.Queue(queue_size)
         self._worker: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -64,6 +77,11 @@ class AlertSender:
         )
         label = (payload["scope"], payload["window"], f"{payload['threshold']:g}")
         self.raised[label] = self.raised.get(label, 0) + 1
+        self.deliver(alert)
+
+    def deliver(self, alert: Deliverable) -> None:
+        """Queue `alert` for the webhook (nothing without one): the same retries and loss logging as budget
+        alerts. The caller has logged and counted it."""
         if self.config.webhook_url is None:
             return
         try:
@@ -101,12 +119,12 @@ class AlertSender:
                 self._lose(alert, "the gateway stopped before the webhook took it")
                 raise
             except Exception:  # a bug here must not end delivery of the alerts after it
-                log.exception("budget alert delivery failed")
+                log.exception("%s alert delivery failed", _kind(alert))
                 self._lose(alert, "an unexpected error")
             finally:
                 self._queue.task_done()
 
-    async def _deliver(self, alert: Alert) -> None:
+    async def _deliver(self, alert: Deliverable) -> None:
         assert self._session is not None and self.config.webhook_url is not None
         session, url, body = self._session, self.config.webhook_url, orjson.dumps(alert.payload())
         retrying = AsyncRetrying(
@@ -133,13 +151,13 @@ class AlertSender:
         error = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         log.info(
-            "budget alert webhook failed (%s); try %d in %.1f s",
+            "alert webhook failed (%s); try %d in %.1f s",
             _problem(error) if error is not None else "?", state.attempt_number + 1, wait,
         )
 
-    def _lose(self, alert: Alert, why: str) -> None:
+    def _lose(self, alert: Deliverable, why: str) -> None:
         self.lost += 1
-        log.error("budget alert not delivered (%s): %s", why, orjson.dumps(alert.payload()).decode())
+        log.error("%s alert not delivered (%s): %s", _kind(alert), why, orjson.dumps(alert.payload()).decode())
 
     def collect(self) -> Iterator[Metric]:
         raised = CounterMetricFamily(

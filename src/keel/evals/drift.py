@@ -26,7 +26,6 @@ it has been seen back to normal.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -37,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +47,6 @@ from rich.text import Text
 from sqlalchemy import select
 
 from keel.budgets.alerts import AlertSender
-from keel.budgets.budgets import Alert
 from keel.observability.store import RecordStore, requests
 
 log = logging.getLogger("keel.evals.drift")
@@ -555,7 +553,7 @@ class DriftAlert:
 
 class DriftAlertSender(AlertSender):
     """The budget alerts' channel (`alerts:`: logged at WARNING, then POSTed with its retries, and logged
-    at ERROR if lost) carrying drift alerts; its delivery only reads an alert's `payload()`."""
+    at ERROR if lost) carrying drift alerts, through `AlertSender.deliver`."""
 
     def send_drift(self, alert: DriftAlert) -> None:
         row = alert.row
@@ -564,12 +562,7 @@ class DriftAlertSender(AlertSender):
                     _value(row.metric, row.window), _value(row.metric, row.baseline), row.statistic)
         label = ("drift", row.model, row.metric)
         self.raised[label] = self.raised.get(label, 0) + 1
-        if self.config.webhook_url is None:
-            return
-        try:
-            self._queue.put_nowait(cast(Alert, alert))  # duck-typed: delivery reads payload() only
-        except asyncio.QueueFull:
-            self._lose(cast(Alert, alert), f"the queue of {self._queue.maxsize} undelivered alerts is full")
+        self.deliver(alert)
 
 
 async def send_onsets(sender: DriftAlertSender, onsets: Sequence[MetricDrift], at: float | None = None,
