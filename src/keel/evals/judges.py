@@ -53,9 +53,10 @@ SCALES: dict[str, str] = {
     "pass_fail": ("Give the verdict \"pass\" if it meets the bar and \"fail\" if not. Reply with JSON only: "
                   '{"verdict": "pass" or "fail", "reason": "<one or two sentences>"}.'),
 }
+# The score as an enum rather than minimum/maximum: every structured-output dialect supports enums.
 SCHEMAS: dict[str, dict[str, Any]] = {
     "1-5": {"type": "object", "additionalProperties": False, "required": ["score", "reason"],
-            "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}, "reason": {"type": "string"}}},
+            "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}, "reason": {"type": "string"}}},
     "pass_fail": {"type": "object", "additionalProperties": False, "required": ["verdict", "reason"],
                   "properties": {"verdict": {"type": "string", "enum": ["pass", "fail"]},
                                  "reason": {"type": "string"}}},
