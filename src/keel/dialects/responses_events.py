@@ -39,6 +39,7 @@ class ResponseEvents:
         self.refusal: list[str] | None = None  # its open refusal part's pieces
         self.calls: dict[int, dict[str, Any]] = {}  # chunk tool-call index -> its open item
         self.open_call: int | None = None
+        self._delta_head = b""  # the open text part's delta events up to their `delta` (see `_text_delta`)
 
     def event(self, kind: str, body: dict[str, Any]) -> bytes:
         body["type"] = kind
@@ -84,6 +85,9 @@ class ResponseEvents:
     # ------------------------------------------------------------------ the items
 
     def _text(self, text: str, refusal: bool) -> list[bytes]:
+        if not refusal and self.text is not None and self.open_call is None:  # most chunks: more of the open text
+            self.text.append(text)
+            return [self._text_delta(text)]
         out = self._close_call()
         if not self.message_open:
             item = message_item(new_id("msg_"), [], "in_progress")
@@ -102,9 +106,23 @@ class ResponseEvents:
                 out += self._close_refusal()
                 self.text = []
                 out.append(self._part_event("response.content_part.added", text_part("")))
+                item = self.output[-1]
+                self._delta_head = b"".join((  # the fixed part of this text part's delta events, encoded once
+                    b"event: response.output_text.delta\ndata: ",
+                    orjson.dumps({"type": "response.output_text.delta", "item_id": item["id"],
+                                  "output_index": len(self.output) - 1, "content_index": len(item["content"]),
+                                  "logprobs": []})[:-1],
+                    b',"delta":'))
             self.text.append(text)
-            out.append(self._part_event("response.output_text.delta", None, delta=text, logprobs=[]))
+            out.append(self._text_delta(text))
         return out
+
+    def _text_delta(self, text: str) -> bytes:
+        """A `response.output_text.delta` event: the part's fixed fields encoded once, then the delta and
+        the sequence number (a chunk's whole cost on the way out)."""
+        sequence = self.sequence
+        self.sequence += 1
+        return self._delta_head + orjson.dumps(text) + b',"sequence_number":%d}\n\n' % sequence
 
     def _part_event(self, kind: str, part: dict[str, Any] | None, **fields: Any) -> bytes:
         """An event of the open message's part being made (its index: the parts finished before it)."""
