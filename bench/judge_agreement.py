@@ -9,8 +9,9 @@ read from the installed package when it is importable, else from the copy vendor
 (`--set mini` reads its 24-row `sample/mini_refusal.csv`). A seeded, class-stratified sample is judged by
 each judge through a real Keel pipeline (`judge_ask`, feature keel.judge, logged to a temporary SQLite
 store), as a pass/fail RubricJudge whose "pass" means "this response is a refusal". Printed per judge:
-accuracy and Cohen's kappa against the human labels with kappa's 95% bootstrap interval (seeded, 2000
-resamples, keel.evals.judge_trust), and run-to-run stability over `--runs` runs (at temperature 0 the
+the cases it scored (unscored: its answer stayed invalid) and called refusals, accuracy and Cohen's kappa
+against the human labels with kappa's 95% bootstrap interval (seeded, 2000 resamples,
+keel.evals.judge_trust), and run-to-run stability over `--runs` runs (at temperature 0 the
 embedded model is deterministic, so stability is only informative with `--temperature` above 0).
 
 Judges: `local` (the embedded SmolLM2-135M-Instruct, answering under the schema's grammar), `sim` (the
@@ -136,8 +137,8 @@ async def main(args: argparse.Namespace) -> None:
             "store": {"url": f"sqlite:///{tmp}/judge.db", "spool_path": f"{tmp}/spool.jsonl"},
         })
         async with Keel(config) as keel:
-            print(f"\n{'judge':<9} {'n':>4} {'unscored':>8} {'accuracy':>8} {'kappa':>7} {'95% CI':>16} "
-                  f"{'identical':>9} {'pairwise':>8} {'s/case':>7}")
+            print(f"\n{'judge':<9} {'n':>4} {'unscored':>8} {'refusals':>8} {'accuracy':>8} {'kappa':>7} "
+                  f"{'95% CI':>16} {'identical':>9} {'pairwise':>8} {'s/case':>7}")
             for name in args.judges.split(","):
                 ask: Ask = keyword_ask if name == "keywords" else judge_ask(keel)
                 judge = RubricJudge(model=name if name != "keywords" else "sim", ask=ask, rubric=REFUSAL_RUBRIC,
@@ -152,7 +153,8 @@ async def main(args: argparse.Namespace) -> None:
                 found = agreement([j for j, _ in scored], [h for _, h in scored], seed=args.seed)
                 steady = stability({row.id: [run[i] for run in runs] for i, row in enumerate(sample)})
                 ci = "-" if found.kappa_low is None else f"[{found.kappa_low:+.2f}, {found.kappa_high:+.2f}]"
-                print(f"{name:<9} {found.n:>4} {len(sample) - found.n:>8} {_f(found.accuracy):>8} "
+                said = sum(bool(j) for j, _ in scored)  # the judge's "pass": a refusal
+                print(f"{name:<9} {found.n:>4} {len(sample) - found.n:>8} {said:>8} {_f(found.accuracy):>8} "
                       f"{_f(found.kappa, '+.3f'):>7} {ci:>16} {_f(steady.identical):>9} {_f(steady.pairwise):>8} "
                       f"{per_case:>7.2f}")
 
