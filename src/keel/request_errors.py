@@ -145,6 +145,6 @@ def json_kind(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    return "an array"
+    return "an object" if isinstance(value, dict) else "an array"
 
 

@@ -93,3 +93,13 @@ def test_spec_nulls_are_dropped_only_where_the_spec_forbids_them() -> None:
     assert spec_nulls_dropped(dict(chunk)) == {"id": "c", "usage": None, "choices": []}
     kept = {"id": "c", "usage": {"total_tokens": 1}, "system_fingerprint": "fp"}
     assert spec_nulls_dropped(dict(kept), completion=True) == kept
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    (None, "null"), (True, "a boolean"), (3, "a number"), (1.5, "a number"), ("x", "a string"),
+    ([1], "an array"), ({"a": 1}, "an object"),
+])
+def test_json_kind_names_each_json_type(value: object, kind: str) -> None:
+    from keel.request_errors import json_kind
+
+    assert json_kind(value) == kind
