@@ -30,39 +30,6 @@ MODELS = "ListModelsResponse"
 ERROR = "ErrorResponse"
 COMPLETION = "CreateCompletionResponse"  # legacy /v1/completions: answers and stream chunks alike
 
-# Schemas from the same description (openai-openapi, version 2.3.0, MIT, as the file above) that the
-# trimmed file lacks, copied here without their descriptions: legacy completions. (They belong in
-# trim_openai_spec.py's ROOTS; kept here until that file is regenerated.)
-_LOGPROBS = {"type": "object", "properties": {
-    "text_offset": {"type": "array", "items": {"type": "integer"}},
-    "token_logprobs": {"type": "array", "items": {"type": "number"}},
-    "tokens": {"type": "array", "items": {"type": "string"}},
-    "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
-}}
-VENDORED: dict[str, Any] = {
-    COMPLETION: {
-        "type": "object", "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "choices": {"type": "array", "items": {
-                "type": "object", "required": ["finish_reason", "index", "logprobs", "text"],
-                "properties": {
-                    "finish_reason": {"type": "string", "enum": ["stop", "length", "content_filter"]},
-                    "index": {"type": "integer"},
-                    "logprobs": {"anyOf": [_LOGPROBS, {"type": "null"}]},
-                    "text": {"type": "string"},
-                },
-            }},
-            "created": {"type": "integer", "format": "unixtime"},
-            "model": {"type": "string"},
-            "system_fingerprint": {"type": "string"},
-            "object": {"type": "string", "enum": ["text_completion"]},
-            "usage": {"$ref": "#/components/schemas/CompletionUsage"},
-        },
-    },
-}
-
-
 def normalise_nullable(node: Any) -> Any:
     """A copy of `node` with every `nullable: true` turned into a JSON Schema that accepts null."""
     if isinstance(node, list):
@@ -91,7 +58,6 @@ def normalise_nullable(node: Any) -> Any:
 @cache
 def _registry() -> Registry[Any]:
     spec = normalise_nullable(json.loads(SPEC_PATH.read_text(encoding="utf-8")))
-    spec["components"]["schemas"].update(VENDORED)
     registry: Registry[Any] = Registry().with_resource(
         SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012)
     )

@@ -21,6 +21,7 @@ ROOTS = (
     "ErrorResponse",
     "Response",  # the Responses API (/v1/responses): its objects and its event stream
     "ResponseStreamEvent",
+    "CreateCompletionResponse",  # legacy /v1/completions: answers and stream chunks alike
 )
 REF_PREFIX = "#/components/schemas/"
 OUT = Path(__file__).with_name("openai-spec") / "openapi.json"
