@@ -112,3 +112,28 @@ def test_a_run_killed_halfway_is_resumed_by_the_next_without_asking_again(tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     body = json.loads(resumed.stdout)
     assert body["cases"] == 40 and body["reused"] == kept and body["errors"] == 0
+
+
+def test_compare_with_a_judge_judges_both_orders_and_warns_of_self_preference(tmp_path: Path) -> None:
+    config, suite, _ = setup(tmp_path, threshold=None)
+    runs = []
+    for _ in range(2):
+        done = keel("eval", "run", str(suite), "--config", str(config), "--format", "json", "--no-progress",
+                    "--fresh", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout)["run_id"])
+    judged = keel("eval", "compare", *runs, "--config", str(config), "--judge", "sim", "--format", "json",
+                  cwd=tmp_path)
+    assert judged.returncode == 0, judged.stderr
+    pairwise = json.loads(judged.stdout)["pairwise"]
+    # The simulated judge answers the schema's first value, "A", whatever it is shown: in both orders that
+    # is one win each, so every case is a tie and no verdict is position-consistent.
+    assert pairwise["cases"] == 6 and pairwise["ties"] == 6 and pairwise["win_rate_b"] == 0.5
+    assert pairwise["consistency"] == 0.0 and pairwise["length_controlled"]["win_rate_b"] is not None
+    assert any("self-preference" in w for w in pairwise["warnings"])
+    page = tmp_path / "compare.html"
+    written = keel("eval", "compare", *runs, "--config", str(config), "--judge", "sim", "--format", "html", "-o",
+                   str(page), cwd=tmp_path)
+    assert written.returncode == 0 and "position consistency" in page.read_text()
+    unknown = keel("eval", "compare", *runs, "--config", str(config), "--judge", "gpt-9", cwd=tmp_path)
+    assert unknown.returncode == 2 and "gpt-9" in unknown.stderr and "sim" in unknown.stderr

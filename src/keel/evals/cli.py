@@ -18,9 +18,11 @@ from keel.evals.review_cli import promote, review_label, review_list
 
 if TYPE_CHECKING:
     from keel.config import KeelConfig
+    from keel.evals.compare_report import Comparison
     from keel.evals.dataset import Dataset
+    from keel.evals.pairwise_runs import PairwiseRuns
     from keel.evals.report import EvalReport
-    from keel.evals.results import EvalStore
+    from keel.evals.results import CaseResult, EvalStore, RunRecord
     from keel.evals.runner import RunOutcome
     from keel.evals.suite import Suite
 
@@ -129,14 +131,26 @@ async def _run(cfg: KeelConfig, suite: Suite, store: EvalStore, dataset: Dataset
                                on_case=advance)
 
 
-def _emit(report: EvalReport, output_format: Format, output: Path | None) -> None:
-    from keel.evals.report import render_html, render_json, render_markdown, render_table
+def _emit(report: EvalReport | Comparison, output_format: Format, output: Path | None) -> None:
+    from rich.console import RenderableType
 
+    from keel.evals import compare_report
+    from keel.evals import report as run_report
+
+    table: RenderableType
+    if isinstance(report, compare_report.Comparison):
+        table, texts = compare_report.render_table(report), {
+            Format.json: compare_report.render_json, Format.markdown: compare_report.render_markdown,
+            Format.html: compare_report.render_html}
+        text = texts.get(output_format, compare_report.render_markdown)(report)
+    else:
+        table, texts_run = run_report.render_table(report), {
+            Format.json: run_report.render_json, Format.markdown: run_report.render_markdown,
+            Format.html: run_report.render_html}
+        text = texts_run.get(output_format, run_report.render_markdown)(report)
     if output_format is Format.table and output is None:
-        out.print(render_table(report))
+        out.print(table)
         return
-    text = {Format.json: render_json, Format.markdown: render_markdown, Format.html: render_html}.get(
-        output_format, render_markdown)(report)
     if output is not None:
         output.write_text(text, encoding="utf-8")
         err.print(f"report written to {output}")
@@ -146,17 +160,22 @@ def _emit(report: EvalReport, output_format: Format, output: Path | None) -> Non
 
 @eval_app.command("compare")
 def compare_runs(
-    run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="the earlier run (the baseline)")],
-    run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="the later run")],
+    run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="the earlier run (the baseline, answer A)")],
+    run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="the later run (answer B)")],
     config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    judge: Annotated[str | None, typer.Option(
+        help="a model of keel.yaml that judges the two runs' answers pairwise, in both orders")] = None,
+    concurrency: Annotated[int, typer.Option(help="cases judged at once (two judge calls each)")] = 8,
+    output_format: Annotated[Format, typer.Option("--format", help="table, markdown, json or html")] = Format.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the report here, not stdout")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (the same as --format json)")] = False,
 ) -> None:
-    """Per-metric deltas of RUN_B against RUN_A with bootstrap confidence intervals, and the cases that flipped."""
-    import orjson
-
-    from keel.cli import _fail
+    """Per-metric deltas of RUN_B against RUN_A with bootstrap confidence intervals, and the cases that flipped;
+    with --judge, B's pairwise win rate over A, its position consistency and its length-controlled win rate."""
+    from keel.cli import _fail, _load
     from keel.evals.compare import compare
-    from keel.evals.report import render_comparison
+    from keel.evals.compare_report import Comparison
+    from keel.evals.pairwise_runs import PairwiseUnavailable
     from keel.evals.results import RunNotFound
 
     with _results(config) as store:
@@ -164,14 +183,30 @@ def compare_runs(
             a, b = store.run(run_a), store.run(run_b)
         except RunNotFound as exc:
             raise _fail(str(exc), 2) from None
-        deltas = compare(store.results(a.id), store.results(b.id))
+        results_a, results_b = store.results(a.id), store.results(b.id)
+    comparison = Comparison(a.id, b.id, compare(results_a, results_b))
     if a.suite != b.suite:
-        err.print(f"[yellow]warning:[/yellow] comparing runs of two suites ({a.suite}, {b.suite})")
-    if as_json:
-        sys.stdout.write(orjson.dumps({"a": a.id, "b": b.id, "metrics": [d.as_dict() for d in deltas]},
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        out.print(render_comparison(deltas, a.id, b.id))
+        comparison.warnings.append(f"comparing runs of two suites ({a.suite}, {b.suite})")
+    if judge is not None:
+        _, cfg = _load(config, calls_upstreams=True)
+        if judge not in {m.name for m in cfg.models}:
+            raise _fail(f"--judge {judge}: not a model of the config; its models: "
+                        f"{', '.join(m.name for m in cfg.models)}", 2)
+        try:
+            comparison.pairwise = asyncio.run(_pairwise(cfg, judge, a, b, results_a, results_b, concurrency))
+        except PairwiseUnavailable as exc:
+            raise _fail(str(exc), 2) from None
+    _emit(comparison, Format.json if as_json else output_format, output)
+
+
+async def _pairwise(cfg: KeelConfig, judge: str, a: RunRecord, b: RunRecord, results_a: list[CaseResult],
+                    results_b: list[CaseResult], concurrency: int) -> PairwiseRuns:
+    from keel.engine import Keel
+    from keel.evals.judges import judge_ask
+    from keel.evals.pairwise_runs import judge_runs
+
+    async with Keel(cfg) as keel:
+        return await judge_runs(judge_ask(keel), judge, a, b, results_a, results_b, concurrency=concurrency)
 
 
 @eval_app.command("runs")

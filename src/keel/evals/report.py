@@ -18,6 +18,12 @@ from keel.evals.gate import GateCheck
 from keel.evals.runner import RunOutcome
 
 FAILURES_SHOWN = 10
+PAGE_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222 }
+table { border-collapse: collapse; margin: .5rem 0 1.5rem; width: 100% }
+td, th { border-bottom: 1px solid #ddd; padding: .3rem .5rem; text-align: left }
+.pass { color: #1a7f37 } .fail { color: #cf222e; font-weight: 600 } svg { max-width: 100%; height: auto }
+"""
 
 
 @dataclass
@@ -116,16 +122,6 @@ def _comparison_table(deltas: Sequence[MetricDelta], baseline: str | None) -> Ta
     return table
 
 
-def render_comparison(deltas: Sequence[MetricDelta], a: str, b: str) -> RenderableType:
-    parts: list[RenderableType] = [_comparison_table(deltas, a)]
-    for d in deltas:
-        if d.regressed:
-            parts.append(Text(f"{d.key}: regressed in {b}: {', '.join(d.regressed[:20])}", style="red"))
-        if d.fixed:
-            parts.append(Text(f"{d.key}: fixed in {b}: {', '.join(d.fixed[:20])}", style="green"))
-    return Group(*parts)
-
-
 def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
 
@@ -171,12 +167,7 @@ def render_html(report: EvalReport) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(o.suite.name)}: {verdict}</title>
-<style>
-body {{ font: 15px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222 }}
-table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; width: 100% }}
-td, th {{ border-bottom: 1px solid #ddd; padding: .3rem .5rem; text-align: left }}
-.pass {{ color: #1a7f37 }} .fail {{ color: #cf222e; font-weight: 600 }} svg {{ max-width: 100%; height: auto }}
-</style></head><body>
+<style>{PAGE_STYLE}</style></head><body>
 <h1 class="{verdict.lower()}">{html.escape(o.suite.name)}: {verdict}</h1>
 <p>{html.escape(_title(report))}</p>
 <h2>Metrics</h2>{_bars(o)}
