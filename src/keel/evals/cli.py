@@ -40,6 +40,11 @@ ConfigOption = Annotated[
 ]
 
 
+class ReviewWhich(StrEnum):
+    failed = "failed"
+    all = "all"
+
+
 class Format(StrEnum):
     table = "table"
     markdown = "markdown"
@@ -79,6 +84,11 @@ def run(
         "--max-regression", help="METRIC=DELTA: exit 1 when the metric got worse than the baseline by more")] = None,
     baseline: Annotated[str | None, typer.Option(help="the run to compare with; default: the suite's last run")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+    judge_runs: Annotated[int | None, typer.Option(
+        "--judge-runs", min=1, max=20, help="judge each case K times and report the judges' stability; "
+        "default: the suite's judge.runs (1)")] = None,
+    review: Annotated[ReviewWhich | None, typer.Option(
+        help="send the run's failed cases (or all) to the review queue, for people to label")] = None,
 ) -> None:
     """Run SUITE's cases through the pipeline, score them, store the results, print the report."""
     from keel.cli import _fail, _load
@@ -98,10 +108,12 @@ def run(
     _, cfg = _load(config, calls_upstreams=True)
     with _results(config) as store:
         try:
-            outcome = asyncio.run(_run(cfg, suite, store, dataset, concurrency, not fresh, progress))
+            outcome = asyncio.run(_run(cfg, suite, store, dataset, concurrency, not fresh, progress, judge_runs))
         except (SuiteInvalid, ValueError) as exc:
             raise _fail(str(exc), 2) from None
         assert outcome.run_id is not None
+        if review is not None:
+            _send_to_review(store, outcome, review is ReviewWhich.all)
         before = store.run(baseline) if baseline else store.previous(suite.name, outcome.run_id)
         deltas = compare(store.results(before.id), outcome.results) if before is not None else None
     try:
@@ -113,8 +125,18 @@ def run(
     raise typer.Exit(0 if report.passed else 1)
 
 
+def _send_to_review(store: EvalStore, outcome: RunOutcome, every: bool) -> None:
+    from keel.evals.review import ReviewQueue
+    from keel.evals.review_feed import enqueue_eval_results
+
+    assert outcome.run_id is not None
+    added = enqueue_eval_results(ReviewQueue(store.store), outcome.run_id, outcome.results,
+                                 {case.id: case for case in outcome.dataset.cases}, every=every)
+    err.print(f"{added} case(s) sent to the review queue (keel eval review list)")
+
+
 async def _run(cfg: KeelConfig, suite: Suite, store: EvalStore, dataset: Dataset, concurrency: int | None,
-               resume: bool, progress: bool) -> RunOutcome:
+               resume: bool, progress: bool, judge_runs: int | None) -> RunOutcome:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from keel.evals.runner import run_suite
@@ -128,7 +150,7 @@ async def _run(cfg: KeelConfig, suite: Suite, store: EvalStore, dataset: Dataset
             bar.update(task, advance=1, spent=spent)
 
         return await run_suite(cfg, suite, store, dataset=dataset, concurrency=concurrency, resume=resume,
-                               on_case=advance)
+                               on_case=advance, judge_runs=judge_runs)
 
 
 def _emit(report: EvalReport | Comparison, output_format: Format, output: Path | None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import orjson
 from jsonschema import Draft202012Validator
@@ -146,6 +146,8 @@ class RubricJudge:
     the 1-5 scale, 1 or 0 for pass/fail), the raw score and the judge's reason kept.
 
     `ask` may be bound later (`bind`), since a suite builds its metrics before its Keel exists."""
+
+    judged: ClassVar[bool] = True  # its scores are a judge model's: the report shows its verbosity and trust
 
     model: str
     ask: Ask | None = None

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from keel.evals.compare import MetricDelta
 from keel.evals.gate import GateCheck
+from keel.evals.judge_report import JudgeFigures
 from keel.evals.runner import RunOutcome
 
 FAILURES_SHOWN = 10
@@ -80,6 +81,23 @@ def _title(report: EvalReport) -> str:
             f"{spent} spent, {o.seconds:.1f} s" + (f" (run {o.run_id})" if o.run_id else ""))
 
 
+JUDGE_HEADERS = ("judge metric", "length rho", "length r", "stability", "labelled", "accuracy", "kappa [95% CI]")
+
+
+def judge_cells(j: JudgeFigures) -> tuple[str, ...]:
+    """A judge's row, as every format shows it: the Spearman and Pearson correlations of its scores with the
+    answers' lengths, its stability over k runs (the share of cases judged identically every time / of
+    agreeing run pairs), and its agreement with the reviewers' labels."""
+    steady, h = j.stability, j.humans
+    stable = "-" if steady.identical is None else f"{steady.k}x: {steady.identical:.2f} / {_number(steady.pairwise, 2)}"
+    if h is None or h.n == 0:
+        humans: tuple[str, ...] = ("0", "-", "-")
+    else:
+        ci = "" if h.kappa_low is None else f" [{_signed(h.kappa_low)}, {_signed(h.kappa_high)}]"
+        humans = (str(h.n), _number(h.accuracy), f"{_signed(h.kappa)}{ci}")
+    return (j.key, _signed(j.length.spearman), _signed(j.length.pearson), stable, *humans)
+
+
 def render_table(report: EvalReport) -> RenderableType:
     parts: list[RenderableType] = [Text(_title(report), style="bold")]
     table = Table(title="Metrics", title_justify="left")
@@ -89,6 +107,13 @@ def render_table(report: EvalReport) -> RenderableType:
         table.add_row(m.key, str(m.scored), _number(m.mean), _number(m.pass_rate), _number(m.threshold, 2),
                       _verdict(m.passed))
     parts.append(table)
+    if report.outcome.judges:
+        judges = Table(title="Judges: verbosity, stability, agreement with reviewers", title_justify="left")
+        for header in JUDGE_HEADERS:
+            judges.add_column(header, justify="left" if header == "judge metric" else "right")
+        for j in report.outcome.judges:
+            judges.add_row(*judge_cells(j))
+        parts.append(judges)
     if report.deltas:
         parts.append(_comparison_table(report.deltas, report.baseline))
     if report.checks:
@@ -132,6 +157,10 @@ def render_markdown(report: EvalReport) -> str:
     for m in report.outcome.metrics:
         lines.append(f"| {m.key} | {m.scored} | {_number(m.mean)} | {_number(m.pass_rate)} | "
                      f"{_number(m.threshold, 2)} | {_verdict(m.passed)} |")
+    if report.outcome.judges:
+        lines += ["", "Judges: verbosity, stability, agreement with reviewers:", "",
+                  "| " + " | ".join(JUDGE_HEADERS) + " |", "|---|" + "---:|" * (len(JUDGE_HEADERS) - 1)]
+        lines += ["| " + " | ".join(judge_cells(j)) + " |" for j in report.outcome.judges]
     if report.deltas:
         lines += ["", f"Against {report.baseline}:", "", "| metric | before | after | delta | 95% CI | regressed |",
                   "|---|---:|---:|---:|---|---:|"]
@@ -163,6 +192,8 @@ def render_html(report: EvalReport) -> str:
         f"<tr><td>{html.escape(d.key)}</td><td>{_number(d.mean_a)}</td><td>{_number(d.mean_b)}</td>"
         f"<td>{_signed(d.delta)}</td><td>[{_signed(d.low)}, {_signed(d.high)}]</td><td>{len(d.regressed)}</td></tr>"
         for d in report.deltas)
+    judges = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in judge_cells(j)) + "</tr>"
+                     for j in o.judges)
     verdict = "PASSED" if report.passed else "FAILED"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -173,6 +204,7 @@ def render_html(report: EvalReport) -> str:
 <h2>Metrics</h2>{_bars(o)}
 <table><tr><th>metric</th><th>scored</th><th>mean</th><th>pass rate</th><th>threshold</th><th>verdict</th></tr>{rows}
 </table>
+{_section("Judges: verbosity, stability, agreement with reviewers", JUDGE_HEADERS, judges)}
 <h2>Latency</h2>{_histogram([r.latency_ms for r in o.results if r.latency_ms is not None and not r.reused])}
 {_section(f"Against {report.baseline}", ("metric", "before", "after", "delta", "95% CI", "regressed"), comparison)}
 {_section("Failed cases", ("case", "metric", "why"), failures)}

@@ -405,12 +405,14 @@ def failed_cases(results: Iterable[CaseResult]) -> list[CaseResult]:
 
 def enqueue_eval_results(
     queue: ReviewQueue, run_id: str, results: Iterable[CaseResult], cases: Mapping[str, Case] | None = None,
+    *, every: bool = False,
 ) -> int:
-    """Send a run's failed cases to the review queue (blocking: `await asyncio.to_thread(...)` from async
-    code); how many items were new. Each item's ref is "<run id>/<case id>", so a resumed run adds none
-    twice; `cases` (by id) gives each item its input and reference; the metrics' scores are its verdicts."""
+    """Send a run's failed cases (`every`: all its cases, as measuring a judge against people needs) to the
+    review queue (blocking: `await asyncio.to_thread(...)` from async code); how many items were new. Each
+    item's ref is "<run id>/<case id>", so a resumed run adds none twice; `cases` (by id) gives each item
+    its input and reference; the metrics' scores are its verdicts."""
     items = []
-    for result in failed_cases(results):
+    for result in list(results) if every else failed_cases(results):
         case = (cases or {}).get(result.case_id)
         input_: Any = None
         reference: Any = None

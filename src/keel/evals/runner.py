@@ -19,8 +19,11 @@ from keel.config import KeelConfig, ModelConfig
 from keel.engine import Keel
 from keel.errors import KeelError
 from keel.evals.dataset import Case, Dataset
+from keel.evals.judge_report import RUNS, JudgeFigures, human_agreement, is_judge, judge_figures, run_label
+from keel.evals.judges import judge_ask
 from keel.evals.metrics import Embed
 from keel.evals.results import CaseResult, EvalStore
+from keel.evals.review import ReviewQueue
 from keel.evals.scoring import Answered, Metric, Score
 from keel.evals.suite import TARGET_MODEL, Suite
 from keel.pipeline import Completion, Context
@@ -55,6 +58,7 @@ class RunOutcome:
     cost_usd: float = 0.0  # spent by this run (reused answers cost nothing)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    judges: list[JudgeFigures] = field(default_factory=list)  # verbosity, stability, agreement with people
 
     @property
     def errors(self) -> int:
@@ -71,15 +75,26 @@ class RunOutcome:
             "cost_usd": self.cost_usd, "seconds": self.seconds,
             "p50_ms": _quantile(latencies, 0.5), "p95_ms": _quantile(latencies, 0.95),
             "metrics": [m.as_dict() for m in self.metrics], "passed": self.passed, "warnings": self.warnings,
+            "judges": [j.as_dict() for j in self.judges],
         }
 
 
 class EvalRunner:
-    def __init__(self, keel: Keel, suite: Suite, metrics: Sequence[Metric], store: EvalStore | None = None) -> None:
+    """`judge_runs`: how many times each judge metric scores a case (k > 1 measures its stability); default:
+    the suite's `judge.runs`."""
+
+    def __init__(self, keel: Keel, suite: Suite, metrics: Sequence[Metric], store: EvalStore | None = None,
+                 judge_runs: int | None = None) -> None:
         self.keel = keel
         self.suite = suite
         self.metrics = list(metrics)
         self.store = store
+        self.judge_runs = judge_runs or (suite.judge.runs if suite.judge is not None else 1)
+        if self.judge_runs < 1:
+            raise ValueError(f"judge runs: {self.judge_runs}; a case is judged at least once")
+        for metric in self.metrics:  # a suite's judges are built unbound: they ask through this Keel
+            if is_judge(metric) and getattr(metric, "ask", None) is None:
+                metric.bind(judge_ask(keel))  # type: ignore[attr-defined]
 
     async def run(self, *, concurrency: int | None = None, resume: bool = True, on_case: Progress | None = None,
                   dataset: Dataset | None = None) -> RunOutcome:
@@ -117,22 +132,43 @@ class EvalRunner:
                 await asyncio.to_thread(self.store.finish, run_id, {"cost_usd": spent}, status)
         outcome = RunOutcome(run_id, self.suite, dataset, results, summarise(self.metrics, results), spent,
                              time.perf_counter() - started, self._warnings())
+        humans = {}
+        if self.store is not None:
+            keys = [m.key for m in self.metrics if is_judge(m)]
+            humans = await asyncio.to_thread(human_agreement, ReviewQueue(self.store.store), keys)
+        outcome.judges = judge_figures(self.metrics, results, humans)
         if self.store is not None and run_id is not None:
             await asyncio.to_thread(self.store.finish, run_id, outcome.summary())
         return outcome
 
     async def _case(self, case: Case, case_hash: str, earlier: CaseResult | None) -> CaseResult:
         if earlier is not None:
-            result = CaseResult(case.id, case_hash, earlier.output, earlier.answer, dict(earlier.scores),
+            kept = {m.key: earlier.scores[m.key] for m in self.metrics if m.key in earlier.scores}
+            result = CaseResult(case.id, case_hash, earlier.output, earlier.answer, kept,
                                 earlier.latency_ms, earlier.cost_usd, None, earlier.request_id, reused=True)
         else:
             result = await self._call(case, case_hash)
         answered = Answered(case, result.output, result.answer, result.latency_ms or 0.0, result.cost_usd or 0.0,
                             result.error, (result.answer or {}).get("model"))
         for metric in self.metrics:
-            if metric.key not in result.scores:  # a reused answer keeps the scores its metrics already gave
-                result.scores[metric.key] = (await _scored(metric, answered)).as_dict()
+            if self._scores_again(metric, result.scores.get(metric.key)):
+                result.scores[metric.key] = (await self._score(metric, answered)).as_dict()
         return result
+
+    def _scores_again(self, metric: Metric, stored: dict[str, Any] | None) -> bool:
+        """A reused answer keeps the scores its metrics already gave, unless a judge must now run more times."""
+        if stored is None:
+            return True
+        return is_judge(metric) and self.judge_runs > 1 and len((stored.get("details") or {}).get(RUNS) or ()) < (
+            self.judge_runs)
+
+    async def _score(self, metric: Metric, answered: Answered) -> Score:
+        if not is_judge(metric) or self.judge_runs == 1:
+            return await _scored(metric, answered)
+        scores = await asyncio.gather(*(_scored(metric, answered) for _ in range(self.judge_runs)))
+        first = scores[0]
+        first.details = {**first.details, RUNS: [run_label(s) for s in scores]}
+        return first
 
     async def _call(self, case: Case, case_hash: str) -> CaseResult:
         target = self.suite.target
@@ -165,14 +201,14 @@ class EvalRunner:
 
 
 async def run_suite(config: KeelConfig, suite: Suite, store: EvalStore | None, *, dataset: Dataset | None = None,
-                    concurrency: int | None = None, resume: bool = True, on_case: Progress | None = None
-                    ) -> RunOutcome:
+                    concurrency: int | None = None, resume: bool = True, on_case: Progress | None = None,
+                    judge_runs: int | None = None) -> RunOutcome:
     """Run `suite` on a Keel made from `config` (with the suite's base_url target added), closed after."""
     from keel.evals.suite import build_metrics
 
     async with Keel(config_for(config, suite)) as keel:
         embed = embedder_of(keel) if any(spec.type == "semantic" for spec in suite.metrics) else None
-        runner = EvalRunner(keel, suite, build_metrics(suite, embed), store)
+        runner = EvalRunner(keel, suite, build_metrics(suite, embed), store, judge_runs)
         return await runner.run(concurrency=concurrency, resume=resume, on_case=on_case, dataset=dataset)
 
 

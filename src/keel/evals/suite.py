@@ -80,6 +80,7 @@ class MetricSpec(_Strict):
 
 class JudgeRoute(_Strict):
     model: str = Field(description="a model of keel.yaml that judges")
+    runs: int = Field(default=1, ge=1, le=20, description="times each case is judged (k > 1: its stability)")
 
 
 class Suite(_Strict):
