@@ -63,6 +63,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordStor
     if request.param == "postgres":
         with opened.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM requests")
+            conn.exec_driver_sql("DELETE FROM request_minutes")  # its rollups (keel.observability.rollups)
     opened.close()
 
 
@@ -403,6 +404,7 @@ def cache_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reco
     if request.param == "postgres":
         with opened.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM requests")
+            conn.exec_driver_sql("DELETE FROM request_minutes")  # its rollups (keel.observability.rollups)
     opened.close()
 
 

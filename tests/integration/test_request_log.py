@@ -259,7 +259,7 @@ def test_migrations_create_the_schema_from_empty(url: str, stores: Callable[[str
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0007_evals"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0008_request_minutes"
         indexed = {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
     assert {("started_at",), ("feature",), ("model",), ("user",), ("trace_id",)} <= indexed
     assert [c.name for c in requests.columns] == list(REQUEST_FIELDS)
@@ -291,7 +291,7 @@ def test_a_log_at_0002_with_rows_upgrades_and_its_old_rows_read_with_no_cost_sav
                                        for r in old_rows])
     store.migrate()
     with store.engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0007_evals"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0008_request_minutes"
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
         assert [d for d in differences if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     read = {row["request_id"]: row for row in store.records(0)}

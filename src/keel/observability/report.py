@@ -22,10 +22,8 @@ vacuously and shows n/a.
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,18 +33,18 @@ import orjson
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import ColumnElement, Connection, case, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from keel.config import SLOConfig
-from keel.observability.store import RecordStore, StoreError, requests
+from keel.observability import queries
+from keel.observability.queries import CacheUsage, Filters, Usage, Window, percentile
+from keel.observability.rollups import CLIENT_ERRORS, NOT_ATTEMPTED, REFUSALS, SERVER_ERRORS
+from keel.observability.store import RecordStore, StoreError
 from keel.wording import counted
 
-REFUSALS = ("blocked", "rate_limited", "budget_exceeded")  # Keel doing its job: not failures
-CLIENT_ERRORS = ("invalid",)  # the caller's mistake: a 4xx it caused
-NOT_ATTEMPTED = REFUSALS + CLIENT_ERRORS
-SERVER_ERRORS = ("error",)  # what the SLO's error rate counts: Keel or the upstream failed
+# The outcome classes and the figures' rules live with the rollups and the query layer.
+__all__ = ["CLIENT_ERRORS", "NOT_ATTEMPTED", "REFUSALS", "SERVER_ERRORS", "CacheUsage", "Usage", "percentile"]
 # dialect: the API the client spoke (docs/dialects.md); prompt: the template and version, "name@version".
 DIMENSIONS = ("feature", "model", "user", "dialect", "prompt")
 
@@ -76,53 +74,6 @@ class Check:
     @property
     def passed(self) -> bool | None:
         return None if self.value is None else self.value <= self.target
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Tokens and spend of one feature, model or user (None: calls without one)."""
-
-    name: str | None
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    cost_usd: float
-    attempted: int = 0  # calls Keel tried to answer (refusals and client errors are not)
-    errors: int = 0  # of those, the failed ones: the SLO's error rate
-    latency_ms: float | None = None  # the mean latency of the attempted calls
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.attempted if self.attempted else None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheUsage:
-    """The cache's use by one model (None: calls without one) in the window."""
-
-    model: str | None
-    hits: int  # exact and semantic
-    misses: int
-    bypasses: int
-    saved_usd: float
-    semantic_hits: int = 0  # of `hits`, those the semantic cache served
-
-    @property
-    def calls(self) -> int:
-        """Calls to the model that went through the cache: hits, misses and bypasses."""
-        return self.hits + self.misses + self.bypasses
-
-    @property
-    def hit_rate(self) -> float | None:
-        """Hits over lookups (hits and misses); None with no lookup."""
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else None
-
-    def as_json(self) -> dict[str, Any]:
-        return {"model": self.model, "calls": self.calls, "hits": self.hits, "semantic_hits": self.semantic_hits,
-                "misses": self.misses, "bypasses": self.bypasses, "hit_rate": self.hit_rate,
-                "saved_usd": self.saved_usd}
 
 
 @dataclass(slots=True)
@@ -190,16 +141,6 @@ class SLOReport:
         }
 
 
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """The q-quantile (0..1) of sorted values, interpolating linearly between closest ranks."""
-    if not ordered:
-        return None
-    position = (len(ordered) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-
-
 def build_report(
     store: RecordStore,
     *,
@@ -209,41 +150,26 @@ def build_report(
     slo: SLOConfig | None = None,
     label: str | None = None,
 ) -> SLOReport:
-    """The SLO report of the records that started in [since, until) (unix seconds)."""
+    """The SLO report of the records that started in [since, until) (unix seconds), through the
+    dashboard's queries (keel.observability.queries)."""
     until = time.time() if until is None else until
-    window: list[ColumnElement[bool]] = [requests.c.started_at >= since, requests.c.started_at < until]
-    if feature is not None:
-        window.append(requests.c.feature == feature)
+    window, filters = Window(since, until), Filters(feature=feature)
     with store.connection() as conn:
-        outcomes: dict[str, int] = {}
-        cost = 0.0
-        by_outcome = select(requests.c.outcome, func.count(), func.coalesce(func.sum(requests.c.cost_usd), 0.0))
-        for outcome, count, spent in conn.execute(by_outcome.where(*window).group_by(requests.c.outcome)):
-            outcomes[str(outcome)] = int(count)
-            cost += float(spent)
-        latencies = [
-            float(v)
-            for v in conn.execute(
-                select(requests.c.latency_ms)
-                .where(*window, requests.c.outcome.not_in(NOT_ATTEMPTED))
-                .order_by(requests.c.latency_ms)
-            ).scalars()
-        ]
-        breakdowns = {dimension: _usage(conn, dimension, window) for dimension in DIMENSIONS}
-        cache = _cache(conn, window)
-    total = sum(outcomes.values())
-    errors = sum(outcomes.get(outcome, 0) for outcome in SERVER_ERRORS)
-    attempted = total - sum(outcomes.get(outcome, 0) for outcome in NOT_ATTEMPTED)
+        found = queries.figures(conn, window, filters)
+        breakdowns = {dimension: queries.usage(conn, dimension, window, filters) for dimension in DIMENSIONS}
+        cache = queries.cache_usage(conn, window, filters)
+    total = found.requests
+    errors, attempted, cost = found.errors, found.attempted, found.cost_usd
     return SLOReport(
         since=since,
         until=until,
         feature=feature,
         requests=total,
         errors=errors,
-        outcomes=dict(sorted(outcomes.items())),
+        outcomes=found.outcomes,
         attempted=attempted,
-        p50_ms=percentile(latencies, 0.50),
-        p99_ms=percentile(latencies, 0.99),
+        p50_ms=found.p50_ms,
+        p99_ms=found.p99_ms,
         error_rate=errors / attempted if attempted else 0.0,
         cost_usd=cost,
         cost_per_request_usd=cost / total if total else 0.0,
@@ -252,56 +178,6 @@ def build_report(
         label=label,
         cache=cache,
     )
-
-
-def _usage(conn: Connection, dimension: str, window: list[ColumnElement[bool]]) -> list[Usage]:
-    attempted = requests.c.outcome.not_in(NOT_ATTEMPTED)
-    column: ColumnElement[Any] = requests.c[dimension]
-    if dimension == "prompt":  # null when the call named no prompt
-        column = (requests.c.prompt + "@" + requests.c.prompt_version).label("prompt")
-    query = (
-        select(
-            column,
-            func.count(),
-            func.coalesce(func.sum(requests.c.prompt_tokens), 0),
-            func.coalesce(func.sum(requests.c.completion_tokens), 0),
-            func.coalesce(func.sum(requests.c.cached_tokens), 0),
-            func.coalesce(func.sum(requests.c.cost_usd), 0.0),
-            func.sum(case((attempted, 1), else_=0)),
-            func.sum(case((requests.c.outcome.in_(SERVER_ERRORS), 1), else_=0)),
-            func.avg(case((attempted, requests.c.latency_ms), else_=None)),
-        )
-        .where(*window)
-        .group_by(column)
-    )
-    rows = [
-        Usage(name, int(count), int(prompt), int(completion), int(cached), float(cost), int(tried or 0),
-              int(failed or 0), None if latency is None else float(latency))
-        for name, count, prompt, completion, cached, cost, tried, failed, latency in conn.execute(query)
-    ]
-    rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.name or ""))
-    return rows
-
-
-def _cache(conn: Connection, window: list[ColumnElement[bool]]) -> list[CacheUsage]:
-    """Hits, misses, bypasses and the money saved, per model, from the window's cache_status."""
-    status = requests.c.cache_status
-    query = (
-        select(requests.c.model, status, func.count(), func.coalesce(func.sum(requests.c.cost_saved_usd), 0.0))
-        .where(*window, status != "none")
-        .group_by(requests.c.model, status)
-    )
-    counts: dict[str | None, list[float]] = {}
-    for model, cache_status, count, saved in conn.execute(query):
-        row = counts.setdefault(model, [0, 0, 0, 0.0, 0])  # hits, misses, bypasses, saved, semantic hits
-        kind = 0 if str(cache_status).startswith("hit") else 1 if cache_status == "miss" else 2
-        row[kind] += int(count)
-        row[3] += float(saved)
-        row[4] += int(count) if cache_status == "hit_semantic" else 0
-    rows = [CacheUsage(model, int(h), int(m), int(b), saved, int(semantic))
-            for model, (h, m, b, saved, semantic) in counts.items()]
-    rows.sort(key=lambda row: (-row.saved_usd, -row.calls, row.model or ""))
-    return rows
 
 
 def open_log(url: str, named_by: str = "store.url in keel.yaml") -> RecordStore:

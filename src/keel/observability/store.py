@@ -285,7 +285,9 @@ class RecordStore:
             return
         with self._translated("write to"), self.engine.begin() as conn:
             if request_rows:
-                self._requests.insert(conn, request_rows)
+                # The rollups count the rows actually inserted: a replayed row adds nothing twice.
+                inserted = self._requests.insert(conn, request_rows)
+                rollups.apply(conn, rollups.aggregate(inserted))
             if span_rows:
                 self._spans.insert(conn, span_rows)
 
@@ -295,6 +297,12 @@ class RecordStore:
         with self._translated("purge old records from"), self.engine.begin() as conn:
             deleted = conn.execute(delete(requests).where(requests.c.started_at < older_than)).rowcount
             conn.execute(delete(spans).where(spans.c.started_at < older_than))
+            # The minutes emptied go; the minute cut in two is counted again from what is left.
+            cut = int(older_than // rollups.MINUTE) * rollups.MINUTE
+            table = rollups.request_minutes
+            conn.execute(delete(table).where(table.c.minute < cut))
+            if cut < older_than:
+                rollups.recompute(conn, cut, cut + rollups.MINUTE)
         return int(deleted)
 
     def records(
@@ -479,6 +487,7 @@ class _Inserter:
     def __init__(self, table: Table, engine: Engine) -> None:
         dialect = engine.dialect
         quote = dialect.identifier_preparer.quote
+        self.key = table.primary_key.columns.values()[0].name  # what a replay's RETURNING names
         self.postgres = dialect.name == "postgresql"
         if self.postgres:
             self.columns = tuple(c.name for c in table.columns)
@@ -488,6 +497,7 @@ class _Inserter:
             self.staging = f"CREATE TEMPORARY TABLE IF NOT EXISTS {incoming} (LIKE {target}) ON COMMIT DELETE ROWS"
             self.copy_staged = f"COPY {incoming} ({names}) FROM STDIN"
             self.merge = f"INSERT INTO {target} ({names}) SELECT {names} FROM {incoming} ON CONFLICT DO NOTHING"
+            self.returning = f" RETURNING {quote(self.key)}"
         else:
             compiled = sqlite.insert(table).on_conflict_do_nothing().compile(dialect=dialect)
             self.columns = tuple(compiled.positiontup or ())
@@ -508,11 +518,22 @@ class _Inserter:
                 out[i] = value.replace("\x00", "\ufffd")
         return tuple(out)
 
-    def insert(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    def insert(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+        """Insert the rows not stored yet; returns those inserted (all of them but on a replay)."""
         tuples = [self.values(row) for row in rows]
         if not self.postgres:
-            conn.exec_driver_sql(self.sql, tuples)
-            return
+            raw_sqlite: Any = conn.connection.driver_connection
+            if not raw_sqlite.in_transaction:  # else RELEASE of the savepoint would commit
+                conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("SAVEPOINT keel_rows")
+            if conn.exec_driver_sql(self.sql, tuples).rowcount == len(tuples):
+                conn.exec_driver_sql("RELEASE SAVEPOINT keel_rows")
+                return rows
+            # Some rows were there already (a replay): one at a time, to know which were new.
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT keel_rows")
+            conn.exec_driver_sql("RELEASE SAVEPOINT keel_rows")
+            return [row for row, values in zip(rows, tuples, strict=True)
+                    if conn.exec_driver_sql(self.sql, values).rowcount == 1]
         from psycopg.errors import UniqueViolation
 
         raw: Any = conn.connection.driver_connection
@@ -528,9 +549,12 @@ class _Inserter:
                 with cursor.copy(self.copy_staged) as copy:
                     for values in tuples:
                         copy.write_row(values)
-                cursor.execute(self.merge)
+                cursor.execute(self.merge + self.returning)
+                new = {found for (found,) in cursor.fetchall()}
+                return [row for row in rows if row.get(self.key) in new]
             else:
                 cursor.execute("RELEASE SAVEPOINT keel_copy")
+        return rows
 
 
 def _from_psycopg(exc: BaseException) -> bool:
@@ -565,3 +589,8 @@ def json_text(value: Any) -> str:
 def _first_line(error: BaseException | None) -> str:
     text_ = str(error).strip() if error is not None else ""
     return text_.splitlines()[0] if text_ else type(error).__name__
+
+
+# The rollups' table is on this module's metadata (one schema), and the writes above maintain it:
+# imported last, once `metadata` and `requests` exist for it.
+from keel.observability import rollups  # noqa: E402
