@@ -9,7 +9,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 
-.PHONY: run test bench lint install install-dev services clean
+.PHONY: run test bench lint install install-dev services vendor clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -33,10 +33,30 @@ run: install
 	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
 
 # Servers the tests run as child processes but pip cannot install: nginx (Debian's package) for the HTTP
-# conformance matrix (tests/integration/test_http_conformance.py). Installed only when missing; needs
-# root, as CI and the developers' machines have. Without it those cells skip locally (fail in CI).
+# conformance matrix (tests/integration/test_http_conformance.py), and Debian's chromium, which Playwright
+# drives for the dashboard's browser tests (tests/e2e/test_dashboard_*.py; never `playwright install`, a
+# browser download). Installed only when missing; needs root, as CI and the developers' machines have.
+# Without them those tests skip locally (fail in CI).
 services:
 	@test -x /usr/sbin/nginx || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# The dashboard's chart library, vendored from the npm registry into the package (no CDN, no build step
+# at run time): `make vendor` fetches the pinned tarball, refuses it unless its hash is the one pinned
+# here, and copies its minified script, stylesheet and licence into src/keel/dashboard/static/vendor/.
+UPLOT_VERSION   := 1.6.32
+UPLOT_INTEGRITY := sha512-KIMVnG68zvu5XXUbC4LQEPnhwOxBuLyW1AHtpm6IKTXImkbLgkMy+jabjLgSLMasNuGGzQm/ep3tOkyTxpiQIw==
+VENDOR_DIR      := src/keel/dashboard/static/vendor
+vendor:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null) && \
+	  got="sha512-$$(openssl dgst -sha512 -binary "$$tmp/uplot-$(UPLOT_VERSION).tgz" | base64 -w0)" && \
+	  { [ "$$got" = "$(UPLOT_INTEGRITY)" ] || { echo "uplot@$(UPLOT_VERSION): integrity $$got is not the pinned $(UPLOT_INTEGRITY)"; exit 1; }; } && \
+	  tar -xzf "$$tmp/uplot-$(UPLOT_VERSION).tgz" -C "$$tmp" && mkdir -p $(VENDOR_DIR) && \
+	  cp "$$tmp/package/dist/uPlot.iife.min.js" $(VENDOR_DIR)/uPlot.iife.min.js && \
+	  cp "$$tmp/package/dist/uPlot.min.css" $(VENDOR_DIR)/uPlot.min.css && \
+	  cp "$$tmp/package/LICENSE" $(VENDOR_DIR)/uPlot.LICENSE && \
+	  echo "uplot@$(UPLOT_VERSION) ($(UPLOT_INTEGRITY)) -> $(VENDOR_DIR)"
 
 test: install-dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -14,16 +14,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.auth.admin import keys_router
-from keel.auth.keys import Credential
+from keel.auth.stage import Auth
+from keel.dashboard.auth import SessionSigner, SignedInAuth, admin_caller
+from keel.dashboard.pages import STATIC_PATH, dashboard_router, static_files
 from keel.engine import Keel
-from keel.errors import AdminForbidden, AuthenticationFailed, InvalidRequest, KeelError, ModelNotFound
+from keel.errors import InvalidRequest, KeelError, ModelNotFound
 from keel.evals.review_admin import review_router
 from keel.pipeline import ChunkStream
 from keel.server.admin import admin_router, cache_router
@@ -43,11 +45,16 @@ def create_app(keel: Keel) -> Gateway:
     served = Served.of(keel)
     api = FastAPI(title="Keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.state.keel = served
+    api.state.dashboard_sessions = SessionSigner(served.master_key)
     api.include_router(routes)
     api.include_router(admin_router(keel.budgets, auth=admin_key, key_ids=tenant_key_ids))
     api.include_router(keys_router(keel.keys, keel.auth.lookup if keel.auth else None, auth=admin_key))
     api.include_router(cache_router(keel.cache, [m.name for m in keel.config.models], auth=admin_key))
-    api.include_router(review_router(keel.review.queue, keel.auth, auth=admin_key))
+    # A signed-in browser sends no Authorization header: the review router learns its labeller from the session.
+    reviewers = cast(Auth, SignedInAuth(keel.auth)) if keel.auth is not None else None
+    api.include_router(review_router(keel.review.queue, reviewers, auth=admin_key))
+    api.include_router(dashboard_router())
+    api.mount(STATIC_PATH, static_files(), name="dashboard-static")
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
@@ -97,26 +104,11 @@ def not_allowed(incoming: Incoming) -> KeelError:
 
 
 async def admin_key(request: Request) -> None:
-    """The admin API needs a key even when the rest of the gateway does not: the master key
-    (every tenant), or with virtual keys on a tenant admin key (its tenant only, left in
-    `request.state.tenant`)."""
-    served = served_by(request)
-    request.state.tenant = None
-    auth = served.keel.auth
-    if auth is not None:
-        key = await auth.identify(Credential.of(request.headers.get("authorization")))
-        if key is not None and not key.admin:
-            raise AdminForbidden(
-                f"The key {key.id} may call models but not the admin API; use a tenant admin key or the master key."
-            )
-        request.state.tenant = key.tenant if key is not None else None
-        return
-    if served.master_key is None:
-        raise AuthenticationFailed(
-            f"The admin API needs the gateway's key: set {served.master_key_env} and send "
-            "'Authorization: Bearer <key>'."
-        )
-    served.authorise(request.headers.get("authorization"))
+    """The admin API and the dashboard need a key even when the rest of the gateway does not: the
+    master key (every tenant), or with virtual keys on a tenant admin key (its tenant only, left in
+    `request.state.tenant`), sent as a bearer key or held in the dashboard's session cookie
+    (unsafe methods then need the same origin and the CSRF token: keel.dashboard.auth)."""
+    await admin_caller(request)
 
 
 async def tenant_key_ids(request: Request, tenant: str) -> list[str]:
@@ -219,7 +211,7 @@ class MethodNotAllowed(InvalidRequest):
 ROUTES = (
     "POST /v1/chat/completions, POST /v1/embeddings, POST /v1/responses, GET and DELETE /v1/responses/{id}, "
     "POST /v1/messages, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, "
-    "GET /healthz, GET /readyz and GET /metrics"
+    "GET /healthz, GET /readyz, GET /metrics and the dashboard at GET /dashboard"
 )
 
 
