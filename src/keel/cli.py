@@ -1,5 +1,5 @@
-"""`keel serve`, `keel chat`, `keel report`, `keel check`, `keel keys`, `keel cache`, `keel eval` and
-`keel fake-upstream`."""
+"""`keel serve`, `keel chat`, `keel demo`, `keel report`, `keel check`, `keel keys`, `keel cache`, `keel eval`
+and `keel fake-upstream`."""
 
 from __future__ import annotations
 
@@ -180,6 +180,42 @@ def chat(
     except KeelError as exc:
         sys.stdout.flush()
         raise _fail(f"({exc.code}) {exc.message}", 1) from None
+
+
+@app.command()
+def demo(
+    base_url: Annotated[str, typer.Option(help="the running gateway's address")] = "http://127.0.0.1:8080",
+    key: Annotated[
+        str | None, typer.Option(envvar="KEEL_MASTER_KEY", show_default=False,
+                                 help="the gateway's key (master or virtual); default: $KEEL_MASTER_KEY")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="the chat model; default: demo, else the first served")
+    ] = None,
+    chats: Annotated[int, typer.Option(min=1, max=1000, help="plain chats to send")] = 12,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="the gateway's keel.yaml: its store.url receives the eval run; "
+                                            "default: $KEEL_CONFIG, else ./keel.yaml, else ./keel.db"),
+    ] = None,
+) -> None:
+    """Send a realistic mix of traffic through a running gateway (chats, streams, a cache hit, a blocked
+    injection, a redacted email, a budget refusal, a fallback, an eval run), then print what happened and
+    the dashboard's address. `make run` serves examples/demo.yaml, which has what every step needs."""
+    try:
+        from keel.demo import DemoSettings, run_demo
+        from keel.demo.run import DemoError
+    except ImportError as exc:
+        raise _fail(f"keel demo drives the gateway with the official openai client ({exc}): "
+                    "pip install 'keel[demo]' (make run installs it)", 2) from None
+    _, cfg = _load(config, calls_upstreams=False)
+    settings = DemoSettings(base_url=base_url, key=key, model=model, chats=chats, results_url=cfg.store.url)
+    try:
+        results = asyncio.run(run_demo(settings, Console()))
+    except DemoError as exc:
+        raise _fail(str(exc), 2) from None
+    if any(result.status == "failed" for result in results):
+        raise typer.Exit(1)
 
 
 @app.command(
