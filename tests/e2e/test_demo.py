@@ -187,3 +187,25 @@ def test_no_gateway_or_a_wrong_key_is_one_line_and_exit_2(tmp_path: Path) -> Non
     nothing = demo(gateway.url, gateway.config_path)  # stopped: nothing listens there now
     assert nothing.returncode == 2
     assert f"no gateway answers at {gateway.url}" in nothing.stderr and "Traceback" not in nothing.stderr
+
+
+# ---------------------------------------------------------------------------- make run serves the demo's config
+
+
+def make_n(folder: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """The command `make run` would serve with (`make -n`: printed, not run), in a copy of the Makefile."""
+    base = {k: v for k, v in os.environ.items() if k not in ("KEEL_CONFIG", "CONFIG", "MAKEFLAGS")}
+    printed = subprocess.run(["make", "-n", "run", *args], cwd=folder, env={**base, **(env or {})},
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    [serve] = [line for line in printed.splitlines() if "keel serve" in line]
+    return serve
+
+
+def test_make_run_serves_the_demo_config_only_when_no_config_is_named(tmp_path: Path) -> None:
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    assert make_n(tmp_path).endswith("--config examples/demo.yaml")
+    assert make_n(tmp_path, "CONFIG=examples/keel.yaml").endswith("--config examples/keel.yaml")
+    assert "--config" not in make_n(tmp_path, env={"KEEL_CONFIG": "mine.yaml"})  # keel serve reads it
+    (tmp_path / "keel.yaml").write_text("models: []\n")
+    assert "--config" not in make_n(tmp_path)  # keel serve finds ./keel.yaml itself

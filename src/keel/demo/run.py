@@ -137,11 +137,18 @@ def _chat_model(asked: str | None, models: list[str]) -> str:
 
 
 async def _dashboard_note(admin: httpx.AsyncClient, key: str | None) -> str:
-    """A word on getting in: which key logs in, or that this gateway has no dashboard."""
+    """How to get in: the dashboard takes the gateway's master key (or a tenant admin key), so a gateway
+    without one cannot be signed in to; or that this gateway has no dashboard."""
     try:
-        answer = await admin.get("/dashboard", headers={"accept": "text/html"})
+        if (await admin.get("/dashboard", headers={"accept": "text/html"})).status_code == 404:
+            return "(this gateway does not serve the dashboard: it needs a newer Keel)"
+        if key is not None and (await admin.get("/admin/budgets")).status_code == 200:
+            return "(sign in with the key given to --key or in $KEEL_MASTER_KEY)"
+        # A made-up key let through: the gateway has no key of its own, so nobody can sign in.
+        keyless = (await admin.get("/v1/models", headers={"authorization": "Bearer keel-demo-none"})).is_success
     except httpx.HTTPError:
         return ""
-    if answer.status_code == 404:
-        return "(this gateway does not serve the dashboard: it needs a Keel with issue 15's dashboard)"
-    return "(log in with the gateway's key, as given to --key or in $KEEL_MASTER_KEY)" if key else ""
+    if keyless:
+        return ("(it takes the gateway's master key, and this gateway has none: restart it with "
+                "KEEL_MASTER_KEY=<a secret of yours> make run, and sign in with that secret)")
+    return "(sign in with the gateway's master key or a tenant admin key; the key given here is neither)"
