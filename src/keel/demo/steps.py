@@ -230,7 +230,7 @@ async def redaction(t: Traffic) -> StepResult:
         "restore: false the answer shows what the model was sent; the request log shows it either way)")
 
 
-async def budget(t: Traffic, max_calls: int = 10) -> StepResult:
+async def budget(t: Traffic, max_calls: int = 6) -> StepResult:
     """Calls of one feature until its budget refuses one (429 budget_exceeded)."""
     rule = await budget_rule(t, BUDGET_FEATURE)
     hint = f"add a budget: {{scope: feature, match: {BUDGET_FEATURE}, window: day, limit_usd: 0.001}}"
