@@ -16,7 +16,10 @@ What is measured, over answered live calls (not Keel's own `keel.*` calls nor ev
 - the embedding centroid of the answers: cosine distance between the mean embeddings (the local
   embedder) of the window's and the baseline's answers;
 - canary answers (feature `keel.canary`, keel.evals.canaries): the share of the window's canary answers
-  that the baseline never gave to the same prompt.
+  that the baseline never gave to the same prompt;
+- judge score: the online judge's scores (`review.judge_sample_rate`, keel.evals.online_scores) of the
+  calls in each window, by the judged model: a pass/fail judge's pass rate with the z-test, a graded
+  judge's scores (0..1) with PSI and KS like the distributions above (shown as means).
 Under `min_samples` calls on either side a metric says "not enough data" instead of firing.
 
 Alerts go through the budget alerts' channel (`alerts:` in keel.yaml: the log, then the webhook with its
@@ -47,7 +50,8 @@ from rich.text import Text
 from sqlalchemy import select
 
 from keel.budgets.alerts import AlertSender
-from keel.observability.store import RecordStore, requests
+from keel.evals.online_scores import OnlineScore, OnlineScores
+from keel.observability.store import RecordStore, StoreError, requests
 
 log = logging.getLogger("keel.evals.drift")
 
@@ -237,19 +241,30 @@ def build_drift(
     store: RecordStore, *, window: tuple[float, float], baseline: tuple[float, float], model: str | None = None,
     thresholds: Thresholds | None = None, embed: Embed | None = None, label: str | None = None,
 ) -> DriftReport:
-    """Compare the calls of `window` with those of `baseline` (each [since, until), unix seconds)."""
-    return compare_calls(
+    """Compare the calls of `window` with those of `baseline` (each [since, until), unix seconds), and the
+    online judge's scores of those calls."""
+    scores = OnlineScores(store)
+    notes = []
+    try:
+        judged: tuple[list[OnlineScore], list[OnlineScore]] | None = (
+            scores.load(*baseline, model), scores.load(*window, model))
+    except StoreError as exc:
+        judged, notes = None, [f"judge scores not read: {exc}"]
+    report = compare_calls(
         load_calls(store, *baseline, model), load_calls(store, *window, model),
-        window=window, baseline=baseline, thresholds=thresholds, embed=embed, label=label,
+        window=window, baseline=baseline, thresholds=thresholds, embed=embed, label=label, judged=judged,
     )
+    report.notes += notes
+    return report
 
 
 def compare_calls(
     baseline_calls: list[dict[str, Any]], window_calls: list[dict[str, Any]], *, window: tuple[float, float],
     baseline: tuple[float, float], thresholds: Thresholds | None = None, embed: Embed | None = None,
-    label: str | None = None,
+    label: str | None = None, judged: tuple[Sequence[OnlineScore], Sequence[OnlineScore]] | None = None,
 ) -> DriftReport:
-    """The report of two sets of request-log rows (dicts keyed by column)."""
+    """The report of two sets of request-log rows (dicts keyed by column), and of the online judge's scores
+    of the baseline's and the window's calls (`judged`)."""
     limits = thresholds or Thresholds()
     report = DriftReport(window, baseline, label=label)
     content = any(row.get("output") is not None for row in (*baseline_calls, *window_calls))
@@ -258,9 +273,23 @@ def compare_calls(
                             "centroid and canary answers are skipped")
     if content and embed is None:
         report.notes.append("answer centroid skipped: no local embedder (install keel[local])")
-    for (name, deployment), (base, new) in _groups(baseline_calls, window_calls).items():
-        report.rows += _compare(name, deployment, base, new, limits, embed if content else None, content)
+    scored = _groups(*(_score_rows(side) for side in judged)) if judged else {}
+    groups = _groups(baseline_calls, window_calls)
+    for key in sorted(groups.keys() | scored.keys()):
+        name, deployment = key
+        base, new = groups.get(key, ([], []))
+        if base or new:
+            report.rows += _compare(name, deployment, base, new, limits, embed if content else None, content)
+        if key in scored:
+            base_scores, new_scores = scored[key]
+            report.rows.append(_RowMaker(name, deployment, limits).judge_score(
+                [r["value"] for r in base_scores], [r["value"] for r in new_scores]))
     return report
+
+
+def _score_rows(scores: Sequence[OnlineScore]) -> list[dict[str, Any]]:
+    """The scored verdicts as rows `_groups` reads (a verdict without a value, unscored, is left out)."""
+    return [{"model": s.model, "deployment": s.deployment, "value": s.value} for s in scores if s.value is not None]
 
 
 def _groups(
@@ -379,6 +408,16 @@ class _RowMaker:
         )
         return self._row(metric, None, None, f"cosine distance {distance:.3f}", verdict, (len(texts_b), len(texts_n)))
 
+    def judge_score(self, base: list[float], new: list[float]) -> MetricDrift:
+        """A pass/fail judge (every score 0 or 1): its pass rate; a graded one: its scores' distribution."""
+        metric = "judge score"
+        if set(base) | set(new) <= {0.0, 1.0}:
+            return replace(self.rate(metric, [v == 1.0 for v in base], [v == 1.0 for v in new]), note="pass rate")
+        row = self.distribution(metric, base, new)
+        if row.verdict == "not enough data":
+            return row
+        return replace(row, window=float(np.mean(new)), baseline=float(np.mean(base)), note="means")
+
     def new_values(self, column: str, base: list[dict[str, Any]], new: list[dict[str, Any]]) -> MetricDrift:
         seen_b = {r[column] for r in base if r.get(column)}
         seen_n = {r[column] for r in new if r.get(column)}
@@ -471,6 +510,8 @@ def _value(metric: str, value: float | str | None) -> str:
         return value
     if metric.endswith("rate") or metric == "canary answers":
         return f"{value * 100:.1f}%"
+    if metric == "judge score":
+        return f"{value:.2f}"
     if metric == "cost per call":
         return f"${value:.6f}".rstrip("0").rstrip(".") if value else "$0"
     return f"{value:,.1f}" if metric == "latency ms" else f"{value:,.0f}"

@@ -145,14 +145,14 @@ class ReviewQueue:
         self.clock = clock
         self._migrated = False
 
-    def _ready(self) -> None:
+    def ready(self) -> None:
         if not self._migrated:
             self.store.migrate()  # idempotent, and serialised across replicas
             self._migrated = True
 
     def add(self, item: ReviewItem) -> tuple[ReviewItem, bool]:
         """Store an item; (the stored item, True) or, when one with its id is there, (that one, False)."""
-        self._ready()
+        self.ready()
         with self.store.transaction("add a review item to") as conn:
             found = conn.execute(select(review_items).where(review_items.c.id == item.id)).mappings().first()
             if found is None:
@@ -165,7 +165,7 @@ class ReviewQueue:
         """Store items in one transaction, skipping those already there (by id); how many were new."""
         if not items:
             return 0
-        self._ready()
+        self.ready()
         unique = list({item.id: item for item in items}.values())
         with self.store.transaction("add review items to") as conn:
             present = set(conn.execute(select(review_items.c.id).where(
@@ -177,7 +177,7 @@ class ReviewQueue:
 
     def set_judge(self, item_id: str, name: str, verdict: Mapping[str, Any]) -> bool:
         """Add (or replace) one judge's verdict on an item; False when there is no such item."""
-        self._ready()
+        self.ready()
         with self.store.transaction("record a judge verdict in") as conn:
             judge = conn.execute(select(review_items.c.judge).where(review_items.c.id == item_id)).first()
             if judge is None:
@@ -188,7 +188,7 @@ class ReviewQueue:
 
     def get(self, item_id: str, tenant: str | None = None) -> ReviewItem:
         """The item with its labels, oldest label first; ItemNotFound when there is none (for `tenant`)."""
-        self._ready()
+        self.ready()
         with self.store.connection() as conn:
             row = _tenants_row(conn, review_items, review_items.c.id, item_id, tenant)
             if row is None:
@@ -209,7 +209,7 @@ class ReviewQueue:
             raise ReviewError(f"'source' is one of {', '.join(SOURCES)}, not '{source}'.")
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             raise ReviewError(f"'limit' is 1 to {MAX_PAGE} and 'offset' 0 or more.")
-        self._ready()
+        self.ready()
         where = _filters(tenant, status, source)
         pending_first = case((review_items.c.status == "pending", 0), else_=1)
         query = (select(review_items).where(*where)
@@ -246,7 +246,7 @@ class ReviewQueue:
         """(judge verdict, human label) for every label of an item that has a verdict: one pair per label
         and verdict, so two reviewers of one item make two pairs. `judge` keeps that judge's verdicts
         only; each verdict carries its judge's name under "judge". Oldest label first."""
-        self._ready()
+        self.ready()
         where = [*_filters(tenant, "labelled", source), review_items.c.judge.is_not(None)]
         if since is not None:
             where.append(review_labels.c.created_at >= since)
@@ -281,7 +281,7 @@ class ReviewQueue:
 
     def add_call(self, request_id: str, tenant: str | None = None, reference: Any = None) -> tuple[ReviewItem, bool]:
         """The call `request_id` of the request log as a `production` item (its tenant's)."""
-        self._ready()
+        self.ready()
         row = self.request(request_id, tenant)
         return self.add(new_item("production", ref=request_id, tenant=row["tenant"], input=row["input"],
                                  output=row["output"], reference=reference))

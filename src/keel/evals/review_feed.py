@@ -13,8 +13,9 @@
   an async callable taking the `RequestRecord`, run by worker tasks (started with the Keel, stopped
   with it) from a bounded queue. The judge calls models through Keel under the feature `keel.judge`,
   so a budget rule on that feature caps its spend; a `BudgetExceeded` drops that sample and is counted.
-  A verdict it returns (a mapping) is kept as the `online` judge of the call's review item, when the
-  call was sampled for review too.
+  A verdict it returns (a mapping) is stored with the call's time, model and deployment
+  (keel.evals.online_scores: the drift monitor's judge score), and kept as the `online` judge of the
+  call's review item, when the call was sampled for review too.
 
 Keel's own calls (features `keel.*`: guardrails, router, judge) and eval runs (`eval:*`) are never
 sampled: a judge must not judge itself. A full queue drops and counts; nothing here ever blocks or fails
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.config import KeelConfig, ReviewConfig
 from keel.errors import BudgetExceeded
+from keel.evals.online_scores import ONLINE_JUDGE, OnlineScore, OnlineScores
 from keel.evals.review import ReviewItem, ReviewQueue, new_item
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.stage import RecordSink
@@ -51,7 +53,6 @@ JudgeHook = Callable[[RequestRecord], Awaitable[Mapping[str, Any] | None]]
 (`Score.as_dict()` shape) to keep on the call's review item."""
 
 INTERNAL_FEATURES = ("keel.", "eval:")
-ONLINE_JUDGE = "online"  # the name a verdict of the online judge is kept under in an item's `judge`
 _ANSWERED = ("ok", "cached")
 _FLAGS = ("flag", "block")
 
@@ -129,14 +130,14 @@ class ReviewFeed:
                 item_id = item.id
         if (config.judge_sample_rate > 0 and self.online.judge is not None and record.outcome in _ANSWERED
                 and rng.random() < config.judge_sample_rate):
-            self.online.offer(record, self._verdict_keeper(item_id))
+            self.online.offer(record, self._verdict_keeper(record, item_id))
 
-    def _verdict_keeper(self, item_id: str | None) -> Callable[[Mapping[str, Any]], None] | None:
-        if item_id is None:
-            return None
-
+    def _verdict_keeper(self, record: RequestRecord, item_id: str | None) -> Callable[[Mapping[str, Any]], None]:
         def keep(verdict: Mapping[str, Any]) -> None:
-            self.writer.put_judge(item_id, ONLINE_JUDGE, verdict)
+            self.writer.put_score(OnlineScore(record.request_id, record.started_at, record.model,
+                                              record.deployment, dict(verdict)))
+            if item_id is not None:
+                self.writer.put_judge(item_id, ONLINE_JUDGE, verdict)
 
         return keep
 
@@ -183,7 +184,7 @@ class SamplingSink:
         self.sink.submit_span(span)
 
 
-Op = tuple[str, Any]  # ("item", ReviewItem) or ("judge", (item id, judge name, verdict))
+Op = tuple[str, Any]  # ("item", ReviewItem), ("judge", (item id, judge name, verdict)) or ("score", OnlineScore)
 
 
 class ItemWriter:
@@ -193,6 +194,7 @@ class ItemWriter:
 
     def __init__(self, queue: ReviewQueue, policy: ContentPolicy, size: int) -> None:
         self.queue = queue
+        self.scores = OnlineScores(queue.store)
         self.policy = policy
         self.size = size
         self.written = 0
@@ -219,6 +221,10 @@ class ItemWriter:
 
     def put_judge(self, item_id: str, name: str, verdict: Mapping[str, Any]) -> bool:
         return self._put(("judge", (item_id, name, dict(verdict))))
+
+    def put_score(self, score: OnlineScore) -> bool:
+        """Queue an online judge's score for the drift monitor."""
+        return self._put(("score", score))
 
     def _put(self, op: Op) -> bool:
         if len(self._ops) >= self.size or self._stop:
@@ -284,16 +290,23 @@ class ItemWriter:
 
     def _write(self, batch: Iterable[Op]) -> None:
         items: list[ReviewItem] = []
+        scores: list[OnlineScore] = []
         for kind, value in batch:
             if kind == "item":
                 item = self._kept(value)
                 if item is not None:
                     items.append(item)
                 continue
+            if kind == "score":
+                scores.append(value)
+                continue
             self.written += self.queue.add_many(items)  # the item first: a verdict follows its item
             items = []
             self.queue.set_judge(*value)
         self.written += self.queue.add_many(items)
+        if scores:
+            self.queue.ready()  # the schema, once
+            self.scores.save(scores)
 
     def _kept(self, item: ReviewItem) -> ReviewItem | None:
         """The item as the request log would keep it: redacted and cut; None when content is not kept."""
