@@ -124,3 +124,19 @@ async def test_a_suites_judge_asks_through_the_runs_keel_and_more_runs_rejudge_s
     assert all(r.reused for r in thrice.results)
     assert thrice.judges[0].stability.k == 3 and thrice.judges[0].stability.identical == 1.0
     assert all(r.scores["verdict"]["details"]["runs"] == ["pass"] * 3 for r in thrice.results)
+
+
+async def test_the_shipped_judge_suite_loads_and_runs_with_the_simulated_provider_standing_in(
+        store: tuple[str, EvalStore]) -> None:
+    url, results = store
+    suite = load_suite(Path(__file__).parents[2] / "examples/evals/eval_mt_bench.yaml")
+    dataset = suite.load_dataset()
+    assert len(dataset) == 6 and all(case.references for case in dataset.cases)
+    assert suite.judge is not None and suite.judge.model == "local"
+    on_sim = suite.model_copy(update={"target": suite.target.model_copy(update={"model": "sim"}),
+                                      "judge": suite.judge.model_copy(update={"model": "judge"})})
+    async with keel_on(url) as keel:
+        outcome = await EvalRunner(keel, on_sim, build_metrics(on_sim), results).run()
+    judge = next(m for m in outcome.metrics if m.key == "mt_bench_judge")
+    assert judge.scored == 6 and judge.mean == 0.0  # the simulator's smallest valid score: 1 of 5
+    assert [j.key for j in outcome.judges] == ["mt_bench_judge"] and outcome.judges[0].length.n == 6

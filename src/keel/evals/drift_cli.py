@@ -44,8 +44,9 @@ def drift(
     embed: Annotated[bool, typer.Option(help="compare the answers' embedding centroids (local embedder)")] = True,
     min_samples: Annotated[int, typer.Option(help="calls a side under which a metric is 'not enough data'")] = 30,
 ) -> None:
-    """Output length, refusals, latency, errors, cost, upstream model and fingerprint, answer centroid and
-    canary answers of each model: the window against the baseline before it, with PSI, KS and z-tests."""
+    """Output length, refusals, latency, errors, cost, upstream model and fingerprint, answer centroid,
+    canary answers and the online judge's score of each model: the window against the baseline before it,
+    with PSI, KS and z-tests."""
     from keel.cli import _fail, _load
     from keel.evals import drift as monitor
     from keel.observability.report import open_log, parse_window
