@@ -137,3 +137,29 @@ def test_compare_with_a_judge_judges_both_orders_and_warns_of_self_preference(tm
     assert written.returncode == 0 and "position consistency" in page.read_text()
     unknown = keel("eval", "compare", *runs, "--config", str(config), "--judge", "gpt-9", cwd=tmp_path)
     assert unknown.returncode == 2 and "gpt-9" in unknown.stderr and "sim" in unknown.stderr
+
+
+def test_judge_runs_review_and_trust_from_the_command_line(tmp_path: Path) -> None:
+    config, suite, _ = setup(tmp_path, threshold=None)
+    spec = yaml.safe_load(suite.read_text())
+    spec.update(judge={"model": "sim"}, metrics=[{"type": "judge", "scale": "pass_fail", "name": "verdict"}])
+    suite.write_text(yaml.safe_dump(spec))
+    done = keel("eval", "run", str(suite), "--config", str(config), "--format", "json", "--no-progress",
+                "--judge-runs", "2", "--review", "all", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "6 case(s) sent to the review queue" in done.stderr
+    (judge,) = json.loads(done.stdout)["judges"]
+    assert judge["key"] == "verdict" and judge["stability"]["k"] == 2 and judge["stability"]["identical"] == 1.0
+    listed = keel("eval", "review", "list", "--config", str(config), cwd=tmp_path)
+    items = [json.loads(line) for line in listed.stdout.splitlines() if line.startswith("{")]
+    assert len(items) == 6
+    for n, item in enumerate(items):  # the simulated judge passes everything; the reviewer fails two
+        labelled = keel("eval", "review", "label", item["id"], "--reviewer", "ann", "--label",
+                        "fail" if n < 2 else "pass", "--config", str(config), cwd=tmp_path)
+        assert labelled.returncode == 0, labelled.stderr
+    trusted = keel("eval", "trust", "--config", str(config), "--judge", "verdict", "--json", cwd=tmp_path)
+    assert trusted.returncode == 0, trusted.stderr
+    found = json.loads(trusted.stdout)["verdict"]
+    assert found["n"] == 6 and found["accuracy"] == 4 / 6 and found["kappa"] == 0.0
+    bad = keel("eval", "trust", "--config", str(config), "--source", "web", cwd=tmp_path)
+    assert bad.returncode == 2 and "production" in bad.stderr

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
@@ -253,3 +253,51 @@ def list_runs(
                       r.status, str(summary.get("cases", "")), str(summary.get("passed", "")),
                       f"${summary.get('cost_usd', 0.0):.4f}")
     out.print(table)
+
+
+@eval_app.command("trust")
+def trust(
+    config: ConfigOption = None,
+    judge: Annotated[str | None, typer.Option(help="only this judge (a judge metric's key, or online)")] = None,
+    source: Annotated[str | None, typer.Option(help="only items from eval, production or semantic_cache")] = None,
+    since: Annotated[str | None, typer.Option(help="only labels of the last 30d, 24h ...")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Each judge's agreement with the reviewers' pass/fail labels in the review queue: accuracy and
+    Cohen's kappa with its 95% bootstrap interval (the online judge's too, under `online`)."""
+    import time
+
+    import orjson
+    from rich.table import Table
+
+    from keel.cli import _fail
+    from keel.evals.judge_trust import agreement_by_judge
+    from keel.evals.review import SOURCES, ReviewQueue, Source
+    from keel.observability.report import parse_window
+
+    if source is not None and source not in SOURCES:
+        raise _fail(f"--source is one of {', '.join(SOURCES)}, not {source!r}", 2)
+    try:
+        after = None if since is None else time.time() - parse_window(since)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    with _results(config) as store:
+        pairs = ReviewQueue(store.store).labelled_pairs(judge=judge, source=cast("Source | None", source), since=after)
+    found = agreement_by_judge(pairs)
+    if as_json:
+        sys.stdout.write(orjson.dumps({name: {"n": a.n, "accuracy": a.accuracy, "kappa": a.kappa,
+                                              "kappa_ci": [a.kappa_low, a.kappa_high]}
+                                       for name, a in found.items()}, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table(title=f"Judges against reviewers ({len(pairs)} labelled verdicts)", title_justify="left")
+    for header in ("judge", "labelled", "accuracy", "kappa", "95% CI"):
+        table.add_column(header, justify="left" if header == "judge" else "right")
+    for name, a in found.items():
+        ci = "-" if a.kappa_low is None else f"[{a.kappa_low:+.2f}, {a.kappa_high:+.2f}]"
+        table.add_row(name, str(a.n), "-" if a.accuracy is None else f"{a.accuracy:.3f}",
+                      "-" if a.kappa is None else f"{a.kappa:+.3f}", ci)
+    out.print(table)
+    if not found:
+        err.print("no labelled item has a judge's pass/fail verdict yet: send cases with `keel eval run --review "
+                  "all` and label them (`keel eval review label`)")
+
