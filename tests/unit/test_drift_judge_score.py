@@ -1,15 +1,18 @@
 """The online judge's score as a drift metric: it fires on a shifted window and not on an unshifted one
 (fixed seeds), for a graded and a pass/fail judge; the scores are stored by the review feed's writer with
-the judged call's time and model, and read back by `build_drift` over the windows."""
+the judged call's time and model, and read back by `build_drift` over the windows (SQLite and the
+machine's PostgreSQL)."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fresh_pg_database
 
 from keel.config import ReviewConfig, StoreConfig
 from keel.evals.drift import Thresholds, build_drift, compare_calls
@@ -74,8 +77,17 @@ def test_the_day_runs_cover_a_window() -> None:
     assert run_ids(86_400 * 1.5, 86_400 * 3.2) == ["online_19700102", "online_19700103", "online_19700104"]
 
 
-def test_the_review_feed_stores_online_scores_and_drift_reads_them_by_window(tmp_path: Path) -> None:
-    store = RecordStore(f"sqlite:///{tmp_path}/log.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/log.db"
+        return
+    with fresh_pg_database("keel_online") as url:
+        yield url
+
+
+def test_the_review_feed_stores_online_scores_and_drift_reads_them_by_window(url: str) -> None:
+    store = RecordStore(url)
     store.migrate()
     now = time.time()
     hour, day = 3600.0, 86_400.0
