@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,21 @@ async def test_a_full_judge_queue_drops_and_a_spent_budget_is_counted_without_to
         await keel.review.online.idle()
         stats = keel.review.online.stats()
     assert stats == {"judged": 0, "dropped": 1, "failed": 0, "over_budget": 2}
+
+
+async def test_the_shipped_online_judge_scores_sampled_calls_and_stores_their_scores(tmp_path: Path) -> None:
+    from keel.evals.online_judge import online_judge
+    from keel.evals.online_scores import OnlineScores
+
+    keel = make_keel(tmp_path, {"judge_sample_rate": 1.0})
+    keel.review.judge = online_judge(keel, "chat", scale="pass_fail")
+    async with keel:
+        for i in range(3):
+            assert await ask(keel, f"q{i}")
+        await keel.review.online.idle()
+        assert keel.review.writer.flush()
+        scores = OnlineScores(keel.review.queue.store).load(time.time() - 3600, time.time() + 1)
+    # The simulated judge answers the schema's first value: "pass". Its own calls are not judged again.
+    assert len(scores) == 3 and all(s.model == "chat" and s.value == 1.0 for s in scores)
+    assert all(s.verdict["details"]["judge_model"] == "chat" for s in scores)
+    assert keel.review.online.stats()["judged"] == 3
