@@ -15,6 +15,7 @@ rate is hits over lookups (hits and misses).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Figures:
     p50_ms: float | None = None
     p99_ms: float | None = None
     ttft_p50_ms: float | None = None
+    latencies: list[float] | None = None  # sorted, when the percentiles were computed exactly
 
     def count(self, name: str) -> int:
         return int(self.agg.counts.get(name, 0))
@@ -157,6 +159,17 @@ class Figures:
         found["other"] = self.count("n_other")
         return {name: n for name, n in sorted(found.items()) if n}
 
+    def share_over(self, ms: float) -> float | None:
+        """The share of the attempted calls slower than `ms` (None: none attempted); from the
+        histogram (a bucket counts as its midpoint) when the percentiles came from it."""
+        if self.latencies is not None:
+            n = len(self.latencies)
+            return (n - bisect.bisect_right(self.latencies, ms)) / n if n else None
+        n = sum(self.agg.latency.values())
+        if not n:
+            return None
+        return sum(c for bucket, c in self.agg.latency.items() if rollups.bucket_value(bucket) > ms) / n
+
     @property
     def cache_lookups(self) -> int:
         return self.count("cache_hits") + self.count("cache_misses")
@@ -180,14 +193,36 @@ class Figures:
 # ---------------------------------------------------------------------------- windows and filters
 
 
-def _full_minutes(window: Window) -> tuple[int, int]:
-    """The whole minutes [lo, hi) inside the window (lo >= hi: none)."""
-    return math.ceil(window.since / MINUTE) * MINUTE, math.floor(window.until / MINUTE) * MINUTE
+Part = tuple[int, int, int]  # width, first start, end: the rollup rows of one width in a window
 
 
-def _rollup_where(lo: int, hi: int, filters: Filters) -> list[ColumnElement[bool]]:
+def cover(window: Window, widths: Sequence[int] = rollups.WIDTHS) -> tuple[list[Part], list[Window]]:
+    """The window as whole rollup units, coarsest first, and the parts no unit covers (read raw)."""
+    if not widths:
+        return [], [window]
+    width = widths[0]
+    lo, hi = math.ceil(window.since / width) * width, math.floor(window.until / width) * width
+    if lo >= hi:
+        return cover(window, widths[1:])
+    parts: list[Part] = [(width, lo, hi)]
+    raws: list[Window] = []
+    for since, until in ((window.since, lo), (hi, window.until)):
+        if since < until:
+            more, rest = cover(Window(since, until), widths[1:])
+            parts += more
+            raws += rest
+    return parts, raws
+
+
+def _widths(step: int | None) -> tuple[int, ...]:
+    """The rollup widths that fit in a series' buckets (all for a total)."""
+    return rollups.WIDTHS if step is None else tuple(w for w in rollups.WIDTHS if step % w == 0)
+
+
+def _rollup_where(parts: Sequence[Part], filters: Filters) -> list[ColumnElement[bool]]:
     table = request_minutes
-    where = [table.c.minute >= lo, table.c.minute < hi]
+    where: list[ColumnElement[bool]] = [or_(*(
+        and_(table.c.width == width, table.c.start >= lo, table.c.start < hi) for width, lo, hi in parts))]
     for name in ("tenant", "model", "feature"):
         value = getattr(filters, name)
         if value is not None:
@@ -196,27 +231,22 @@ def _rollup_where(lo: int, hi: int, filters: Filters) -> list[ColumnElement[bool
 
 
 def raw_where(window: Window, filters: Filters) -> list[ColumnElement[bool]]:
-    """The `requests` conditions of a window and filters."""
+    """The `requests` conditions of a window and filters. The tenant, model and feature are compared
+    through coalesce(), which keeps the planners off their indexes: each matches a large share of
+    the log, so reading the window by `started_at` (newest first for the search) is the cheaper path
+    (SQLite would otherwise read every call of a model to keep a minute's worth)."""
     where = [requests.c.started_at >= window.since, requests.c.started_at < window.until]
     for name in ("tenant", "model", "feature"):
         value = getattr(filters, name)
         if value is not None:
-            where.append(requests.c[name] == value)
+            where.append(func.coalesce(requests.c[name], "") == value)
     return where
 
 
-def _edges(window: Window) -> list[Window]:
-    """The parts of the window the rollups do not cover: partial minutes at either end."""
-    lo, hi = _full_minutes(window)
-    if lo >= hi:
-        return [window]
-    return [w for w in (Window(window.since, lo), Window(hi, window.until)) if w.since < w.until]
-
-
-def _edge_rows(conn: Connection, window: Window, filters: Filters, *extra: str) -> list[Mapping[Any, Any]]:
-    columns = [requests.c[name] for name in dict.fromkeys((*rollups.ROW_COLUMNS, *extra))]
+def _edge_rows(conn: Connection, raws: Sequence[Window], filters: Filters) -> list[Mapping[Any, Any]]:
+    columns = [requests.c[name] for name in rollups.ROW_COLUMNS]
     rows: list[Mapping[Any, Any]] = []
-    for part in _edges(window):
+    for part in raws:
         rows += conn.execute(select(*columns).where(*raw_where(part, filters))).mappings().all()
     return rows
 
@@ -237,17 +267,16 @@ _SUMMED = (*rollups.COUNT_COLUMNS, *rollups.SUM_COLUMNS)
 
 
 def _rollup_sums(
-    conn: Connection, window: Window, filters: Filters, group: ColumnElement[Any] | None,
+    conn: Connection, parts: Sequence[Part], filters: Filters, group: ColumnElement[Any] | None,
 ) -> dict[Any, Agg]:
-    lo, hi = _full_minutes(window)
     out: dict[Any, Agg] = {}
-    if lo >= hi:
+    if not parts:
         return out
     table = request_minutes
     sums = [func.sum(table.c[name]).label(name) for name in _SUMMED]
-    query: Select[Any] = select(*sums).where(*_rollup_where(lo, hi, filters))
+    query: Select[Any] = select(*sums).where(*_rollup_where(parts, filters))
     if group is not None:
-        query = select(group.label("g"), *sums).where(*_rollup_where(lo, hi, filters)).group_by(group)
+        query = select(group.label("g"), *sums).where(*_rollup_where(parts, filters)).group_by(group)
     for row in conn.execute(query).mappings():
         if row["requests"] is None:
             continue
@@ -257,16 +286,15 @@ def _rollup_sums(
     return out
 
 
-def _rollup_hists(conn: Connection, window: Window, filters: Filters, step: int | None) -> dict[int | None, Agg]:
-    lo, hi = _full_minutes(window)
+def _rollup_hists(conn: Connection, parts: Sequence[Part], filters: Filters, step: int | None) -> dict[int | None, Agg]:
     out: dict[int | None, Agg] = {}
-    if lo >= hi:
+    if not parts:
         return out
     table = request_minutes
-    query = select(table.c.minute, table.c.latency_hist, table.c.ttft_hist).where(
-        *_rollup_where(lo, hi, filters), table.c.attempted > 0)
-    for minute, latency, ttft in conn.execute(query):
-        key = None if step is None else int(minute) // step * step
+    query = select(table.c.start, table.c.latency_hist, table.c.ttft_hist).where(
+        *_rollup_where(parts, filters), table.c.attempted > 0)
+    for start, latency, ttft in conn.execute(query):
+        key = None if step is None else int(start) // step * step
         agg = out.get(key)
         if agg is None:
             agg = out[key] = Agg()
@@ -294,11 +322,11 @@ def series(conn: Connection, window: Window, filters: Filters, step: int) -> dic
 
 def _figures(conn: Connection, window: Window, filters: Filters, step: int | None) -> dict[int | None, Figures]:
     table = request_minutes
-    group = None if step is None else (table.c.minute // step) * step
+    parts, raws = cover(window, _widths(step))
+    group = None if step is None else (table.c.start // step) * step
     aggs: dict[int | None, Agg] = {
-        (None if key is None else int(key)): agg for key, agg in _rollup_sums(conn, window, filters, group).items()}
-    edges = _edge_rows(conn, window, filters)
-    for row in edges:  # counted like the rollups count (histograms dropped below in the exact case)
+        (None if key is None else int(key)): agg for key, agg in _rollup_sums(conn, parts, filters, group).items()}
+    for row in _edge_rows(conn, raws, filters):  # counted as the rollups count them
         key = None if step is None else int(float(row["started_at"]) // step * step)
         agg = aggs.get(key)
         if agg is None:
@@ -320,8 +348,9 @@ def _figures(conn: Connection, window: Window, filters: Filters, step: int | Non
             figures_ = out.setdefault(key, Figures())
             figures_.p50_ms, figures_.p99_ms = percentile(lat, 0.50), percentile(lat, 0.99)
             figures_.ttft_p50_ms = percentile(ttfts, 0.50)
+            figures_.latencies = lat
         return out
-    for key, agg in _rollup_hists(conn, window, filters, step).items():
+    for key, agg in _rollup_hists(conn, parts, filters, step).items():
         out.setdefault(key, Figures()).agg.latency.update(agg.latency)
         out[key].agg.ttft.update(agg.ttft)
     for figures_ in out.values():
@@ -342,9 +371,10 @@ def usage(conn: Connection, dimension: str, window: Window, filters: Filters = F
     """Tokens, spend, mean latency and error rate per value of a dimension (feature, model,
     tenant from the rollups; user, key, dialect, prompt from `requests`), by spend."""
     if dimension in ROLLED_UP:
-        aggs = _rollup_sums(conn, window, filters, request_minutes.c[dimension])
+        parts, raws = cover(window)
+        aggs = _rollup_sums(conn, parts, filters, request_minutes.c[dimension])
         by_name: dict[str | None, Agg] = {(name or None): agg for name, agg in aggs.items()}
-        for row in _edge_rows(conn, window, filters):
+        for row in _edge_rows(conn, raws, filters):
             by_name.setdefault(row[dimension] or None, Agg()).add_row(row)
         rows = [_usage_of(name, agg) for name, agg in by_name.items()]
     elif dimension in RAW_DIMENSIONS:
@@ -395,9 +425,10 @@ def _raw_usage(conn: Connection, dimension: str, window: Window, filters: Filter
 
 def cache_usage(conn: Connection, window: Window, filters: Filters = Filters()) -> list[CacheUsage]:
     """Hits, misses, bypasses and the money saved, per model (models that used the cache only)."""
-    aggs = _rollup_sums(conn, window, filters, request_minutes.c.model)
+    parts, raws = cover(window)
+    aggs = _rollup_sums(conn, parts, filters, request_minutes.c.model)
     by_model: dict[str | None, Agg] = {(name or None): agg for name, agg in aggs.items()}
-    for row in _edge_rows(conn, window, filters):
+    for row in _edge_rows(conn, raws, filters):
         by_model.setdefault(row["model"] or None, Agg()).add_row(row)
     rows = []
     for model, agg in by_model.items():
@@ -412,13 +443,18 @@ def cache_usage(conn: Connection, window: Window, filters: Filters = Filters()) 
 
 def filter_values(conn: Connection, window: Window, tenant: str | None) -> dict[str, list[str]]:
     """The models, features and tenants seen in the window (for the pickers)."""
-    lo, hi = math.floor(window.since / MINUTE) * MINUTE, math.ceil(window.until / MINUTE) * MINUTE
+    parts = [(w, lo, hi) for w, lo, hi in cover(_outer(window))[0]]
     out: dict[str, list[str]] = {}
     for name in ("model", "feature", "tenant"):
         column = request_minutes.c[name]
-        query = select(column).where(*_rollup_where(lo, hi, Filters(tenant=tenant))).distinct()
+        query = select(column).where(*_rollup_where(parts, Filters(tenant=tenant))).distinct()
         out[name + "s"] = sorted(value for (value,) in conn.execute(query) if value)
     return out
+
+
+def _outer(window: Window) -> Window:
+    """The window widened to whole minutes."""
+    return Window(math.floor(window.since / MINUTE) * MINUTE, math.ceil(window.until / MINUTE) * MINUTE)
 
 
 # ---------------------------------------------------------------------------- the log itself
@@ -481,30 +517,28 @@ def search(
         page = [_listed(row) for row in rows[:limit]]
         more = len(rows) > limit
         return page, ((page[-1]["started_at"], page[-1]["request_id"]) if more and page else None)
+    # The newest SEARCH_SCAN rows first (a LIMIT in a subquery: the planner cannot push the text
+    # match below it), then the text match over them only.
     scanned = (
-        select(requests.c.started_at, requests.c.request_id).where(*where).order_by(*order).limit(SEARCH_SCAN)
-        .subquery("scanned")
+        select(*columns, requests.c.output).where(*where).order_by(*order).limit(SEARCH_SCAN).subquery("scanned")
     )
     needle = f"%{_like_escape(ask.q)}%"
-    text_match = or_(cast(requests.c.input, Text).ilike(needle, escape="\\"),
-                     cast(requests.c.output, Text).ilike(needle, escape="\\"))
+    text_match = or_(cast(scanned.c.input, Text).ilike(needle, escape="\\"),
+                     cast(scanned.c.output, Text).ilike(needle, escape="\\"))
     query = (
-        select(*columns).join_from(requests, scanned, requests.c.request_id == scanned.c.request_id)
-        .where(text_match).order_by(*order).limit(limit + 1)
+        select(*(scanned.c[name] for name in LIST_COLUMNS)).where(text_match)
+        .order_by(scanned.c.started_at.desc(), scanned.c.request_id.desc()).limit(limit + 1)
     )
     rows = conn.execute(query).mappings().all()
     page = [_listed(row) for row in rows[:limit]]
     if len(rows) > limit:
         return page, (page[-1]["started_at"], page[-1]["request_id"])
-    # Fewer than a page: either everything was searched, or the scan stopped at SEARCH_SCAN rows.
+    # Fewer than a page: everything was searched, or the scan stopped at its last row.
     last = conn.execute(
-        select(scanned.c.started_at, scanned.c.request_id)
-        .order_by(scanned.c.started_at, scanned.c.request_id).limit(1)
+        select(requests.c.started_at, requests.c.request_id).where(*where).order_by(*order)
+        .offset(SEARCH_SCAN - 1).limit(1)
     ).first()
-    count = conn.execute(select(func.count()).select_from(scanned)).scalar() or 0
-    if count < SEARCH_SCAN or last is None:
-        return page, None
-    return page, (float(last[0]), str(last[1]))
+    return page, None if last is None else (float(last[0]), str(last[1]))
 
 
 def _like_escape(text: str) -> str:

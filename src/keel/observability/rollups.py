@@ -1,12 +1,14 @@
-"""Per-minute rollups of the request log: `request_minutes`, one row per (minute, tenant, model,
-feature) with the counts, sums and latency histograms of the calls that started in it.
+"""Rollups of the request log: `request_minutes`, one row per (width, start, tenant, model, feature)
+with the counts, sums and latency histograms of the calls that started in [start, start + width).
+Widths are a minute, ten minutes and an hour (`WIDTHS`): each call is counted once at each width, so
+a week reads 168 hourly rows per key, a day 144 ten-minute ones, an hour 60 per-minute ones.
 
 `keel report` and the dashboard read aggregates from these rows instead of scanning `requests`
-(keel.observability.queries), so a window of a million calls costs a few thousand rows.
+(keel.observability.queries), so a window of a million calls costs thousands of rows.
 
 Maintenance: `RecordStore.write` adds the increments of the rows it actually inserted, in the same
-transaction (a replayed batch adds nothing twice); `RecordStore.purge` removes the minutes it
-emptied and recomputes the one it cut; migration 0008 back-fills existing logs with `backfill`, the
+transaction (a replayed batch adds nothing twice); `RecordStore.purge` removes the units it
+emptied and recomputes the ones it cut; migration 0008 back-fills existing logs with `backfill`, the
 same `aggregate` + `apply` the writer uses.
 
 Percentiles: latencies and times to first token go into fixed log buckets of ratio 1.04; a bucket
@@ -45,6 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from keel.observability.store import metadata, requests
 
 MINUTE = 60
+WIDTHS = (3600, 600, 60)  # seconds, coarsest first; each divides the one before
 BUCKET_RATIO = 1.04
 RELATIVE_ERROR = math.sqrt(BUCKET_RATIO) - 1  # 1.98%: a bucket's midpoint against any value in it
 _LOG_RATIO = math.log(BUCKET_RATIO)
@@ -58,7 +61,7 @@ SERVER_ERRORS = ("error",)  # what the SLO's error rate counts
 # counted under "other" (and as attempted, as the report counts it).
 OUTCOMES = ("ok", "error", "cached", "client_closed", "blocked", "rate_limited", "budget_exceeded", "invalid")
 
-KEY_COLUMNS = ("minute", "tenant", "model", "feature")
+KEY_COLUMNS = ("width", "start", "tenant", "model", "feature")
 COUNT_COLUMNS = (
     "requests", "attempted", *(f"n_{o}" for o in OUTCOMES), "n_other",
     "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nanousd",
@@ -70,7 +73,8 @@ HIST_COLUMNS = ("latency_hist", "ttft_hist")
 request_minutes = Table(
     "request_minutes",
     metadata,
-    Column("minute", BigInteger, primary_key=True),  # unix seconds of the minute's start
+    Column("width", Integer, primary_key=True),  # seconds: 60, 600 or 3600
+    Column("start", BigInteger, primary_key=True),  # unix seconds, a multiple of the width
     Column("tenant", String, primary_key=True),
     Column("model", String, primary_key=True),
     Column("feature", String, primary_key=True),
@@ -81,7 +85,7 @@ request_minutes = Table(
     *(Column(name, Text, nullable=False, server_default="[]") for name in HIST_COLUMNS),
 )
 
-Key = tuple[int, str, str, str]
+Key = tuple[int, int, str, str, str]  # width, start, tenant, model, feature
 
 
 def bucket_of(ms: float) -> int:
@@ -197,20 +201,33 @@ class Agg:
                 "latency_hist": encode_hist(self.latency), "ttft_hist": encode_hist(self.ttft)}
 
 
-def key_of(row: Mapping[Any, Any]) -> Key:
+def key_of(row: Mapping[Any, Any], width: int = MINUTE) -> Key:
     started = float(row["started_at"])
-    return (int(started // MINUTE) * MINUTE, row.get("tenant") or "", row.get("model") or "", row.get("feature") or "")
+    return (width, int(started // width) * width, row.get("tenant") or "", row.get("model") or "",
+            row.get("feature") or "")
 
 
-def aggregate(rows: Iterable[Mapping[Any, Any]]) -> dict[Key, Agg]:
-    """The rollup increments of `requests` rows, by (minute, tenant, model, feature)."""
-    out: dict[Key, Agg] = {}
+def aggregate(rows: Iterable[Mapping[Any, Any]], widths: Sequence[int] = WIDTHS) -> dict[Key, Agg]:
+    """The rollup increments of `requests` rows at each of `widths`: counted per minute, then the
+    minutes merged into the coarser widths."""
+    minutes: dict[Key, Agg] = {}
     for row in rows:
         key = key_of(row)
-        agg = out.get(key)
+        agg = minutes.get(key)
         if agg is None:
-            agg = out[key] = Agg()
+            agg = minutes[key] = Agg()
         agg.add_row(row)
+    out: dict[Key, Agg] = {}
+    for width in widths:
+        if width == MINUTE:
+            out.update(minutes)
+            continue
+        for (_, start, *rest), agg in minutes.items():
+            key = (width, start // width * width, rest[0], rest[1], rest[2])
+            coarse = out.get(key)
+            if coarse is None:
+                coarse = out[key] = Agg()
+            coarse.merge(agg)
     return out
 
 
@@ -232,13 +249,13 @@ def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
     table = request_minutes
     stored: dict[Key, Agg] = {}
     for chunk in _chunks(keys, 500):
-        query = select(table).where(tuple_(table.c.minute, table.c.tenant, table.c.model, table.c.feature).in_(chunk))
+        query = select(table).where(tuple_(*(table.c[name] for name in KEY_COLUMNS)).in_(chunk))
         if postgres:
             query = query.with_for_update()
         for row in conn.execute(query).mappings():
             agg = Agg()
             agg.add_stored(row)
-            stored[(int(row["minute"]), row["tenant"], row["model"], row["feature"])] = agg
+            stored[(int(row["width"]), int(row["start"]), row["tenant"], row["model"], row["feature"])] = agg
     writes = []
     for key in keys:
         agg = stored.get(key) or Agg()
@@ -252,14 +269,20 @@ def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
     conn.execute(statement, writes)
 
 
-def recompute(conn: Connection, since: float, until: float) -> None:
-    """Rebuild the rollup rows of the minutes in [since, until) (minute-aligned) from `requests`."""
-    conn.execute(delete(request_minutes).where(request_minutes.c.minute >= since, request_minutes.c.minute < until))
-    rows = conn.execute(
-        select(*(requests.c[name] for name in ROW_COLUMNS))
-        .where(requests.c.started_at >= since, requests.c.started_at < until)
-    ).mappings()
-    apply(conn, aggregate(rows))
+def purge(conn: Connection, older_than: float) -> None:
+    """After the rows that started before `older_than` were deleted: the units they emptied go, and
+    the unit cut in two, at each width, is counted again from the rows left in it."""
+    table = request_minutes
+    for width in WIDTHS:
+        cut = int(older_than // width) * width
+        conn.execute(delete(table).where(table.c.width == width, table.c.start < cut))
+        if cut < older_than:
+            conn.execute(delete(table).where(table.c.width == width, table.c.start == cut))
+            rows = conn.execute(
+                select(*(requests.c[name] for name in ROW_COLUMNS))
+                .where(requests.c.started_at >= cut, requests.c.started_at < cut + width)
+            ).mappings()
+            apply(conn, aggregate(rows, (width,)))
 
 
 def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
@@ -274,7 +297,7 @@ def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
             .order_by(requests.c.started_at).limit(chunk_rows)
         ).mappings())
         if len(rows) == chunk_rows:  # stop before the last, maybe partial, minute
-            end = key_of(rows[-1])[0]
+            end = key_of(rows[-1])[1]
             if end == first_minute:  # one minute holds more than a chunk: take it whole
                 end = first_minute + MINUTE
                 rows = list(conn.execute(

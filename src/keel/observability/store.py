@@ -297,12 +297,7 @@ class RecordStore:
         with self._translated("purge old records from"), self.engine.begin() as conn:
             deleted = conn.execute(delete(requests).where(requests.c.started_at < older_than)).rowcount
             conn.execute(delete(spans).where(spans.c.started_at < older_than))
-            # The minutes emptied go; the minute cut in two is counted again from what is left.
-            cut = int(older_than // rollups.MINUTE) * rollups.MINUTE
-            table = rollups.request_minutes
-            conn.execute(delete(table).where(table.c.minute < cut))
-            if cut < older_than:
-                rollups.recompute(conn, cut, cut + rollups.MINUTE)
+            rollups.purge(conn, older_than)
         return int(deleted)
 
     def records(
