@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.auth.admin import keys_router
 from keel.auth.stage import Auth
+from keel.dashboard.api import dashboard_api_router
 from keel.dashboard.auth import SessionSigner, SignedInAuth, admin_caller
 from keel.dashboard.pages import STATIC_PATH, dashboard_router, static_files
 from keel.engine import Keel
@@ -54,6 +55,7 @@ def create_app(keel: Keel) -> Gateway:
     reviewers = cast(Auth, SignedInAuth(keel.auth)) if keel.auth is not None else None
     api.include_router(review_router(keel.review.queue, reviewers, auth=admin_key))
     api.include_router(dashboard_router())
+    api.include_router(dashboard_api_router(auth=admin_key))
     api.mount(STATIC_PATH, static_files(), name="dashboard-static")
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -2,10 +2,12 @@
 import { el } from "./common.js";
 
 const COLORS = ["#2f6fde", "#c0392b", "#1b7f4c", "#b7791f", "#7b4fc9", "#0f8b8d"];
-const charts = new Set();
+const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
 
-// series: [{ label, values, format? }]; t: epoch seconds. An empty window says so instead of drawing axes.
-export function timeChart(title, t, series, format, name) {
+// series: [{ label, values }]; t: epoch seconds of each bucket; span: [since, until] of the window, so a
+// window with one bucket still spans its time. `whole`: counts (integer ticks, from 0).
+// An empty window says so instead of drawing axes.
+export function timeChart(title, t, series, format, name, span, whole = false) {
   const box = el("div", { class: "chart", "data-chart": name }, el("h3", {}, title));
   const points = series.reduce((n, s) => n + s.values.filter((v) => v !== null && v !== undefined).length, 0);
   if (!t.length || !points) {
@@ -18,14 +20,23 @@ export function timeChart(title, t, series, format, name) {
       label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false, points: { show: t.length < 60 },
       value: (u, v) => (v === null || v === undefined ? "–" : format(v)),
     }))],
-    axes: [{}, { values: (u, splits) => splits.map((v) => format(v)), size: 70 }],
-    scales: { x: { time: true } },
+    axes: [{}, { values: (u, splits) => splits.map((v) => compact(format, v)), size: 76,
+                 ...(whole ? { incrs: WHOLE } : {}) }],
+    scales: {
+      x: { time: true, ...(span ? { range: () => [Math.min(span[0], t[0]), Math.max(span[1], t[t.length - 1])] } : {}) },
+      y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] },
+    },
     legend: { live: true },
   };
   const plot = new uPlot(opts, [t, ...series.map((s) => s.values)], box);
   const fit = () => plot.setSize({ width: Math.max(240, box.clientWidth - 12), height: 200 });
   new ResizeObserver(fit).observe(box);
-  charts.add(plot);
   requestAnimationFrame(fit);
   return box;
+}
+
+// Axis labels: the series' own unit, at three significant digits (a tick is not a figure to read exactly).
+function compact(format, v) {
+  const text = format(Number(v.toPrecision(3)));
+  return text.replace(/(\.\d*?[1-9])0+(?=\D*$)|\.0+(?=\D*$)/, "$1");
 }

@@ -1,6 +1,6 @@
 // Cost: spend by feature, model, user, key and prompt version; the forecast to the window's end;
 // budgets with their thresholds, what is left, and the burn-down over the window.
-import { card, el, fmt, get, problem, table, windowParams } from "./common.js";
+import { card, el, fmt, get, problem, table, tenant, windowParams } from "./common.js";
 import { timeChart } from "./charts.js";
 
 export const filtered = true;
@@ -63,7 +63,7 @@ async function budgetsView(main, rules, v) {
   const charts = el("div", { class: "charts" });
   main.append(el("h3", {}, "Burn-down"), charts);
   for (const { entry, counter } of counters.slice(0, 4)) {
-    const filter = { global: {}, feature: { feature: counter.value }, tenant: { tenant: counter.value } }[entry.rule.scope];
+    const filter = { global: {}, feature: { feature: counter.value }, tenant: tenant ? {} : { tenant: counter.value } }[entry.rule.scope];
     if (!filter) continue;
     const series = (await get("/dashboard/api/overview", { ...windowParams({ ...v, model: "", feature: "" }), ...filter })).series;
     let after = 0;
@@ -73,7 +73,7 @@ async function budgetsView(main, rules, v) {
       left[i] = counter.remaining_usd + counter.reserved_usd + after - (series.cost_usd[i] || 0);
     }
     charts.append(timeChart(`${entry.rule.scope} ${counter.value ?? ""} — left of ${fmt.usd(entry.rule.limit_usd)}`,
-      series.t, [{ label: "USD left", values: left }], fmt.usd, `burn-${entry.rule.scope}-${counter.value ?? ""}`));
+      series.t, [{ label: "USD left", values: left }], fmt.usd, `burn-${entry.rule.scope}-${counter.value ?? ""}`, [v.since, v.until]));
   }
 }
 

@@ -1,11 +1,11 @@
 // Quality: eval runs, judge–human agreement, drift with its alerts, and the review queue, labelled from here.
-import { badge, el, fmt, get, post, problem, table, tenant } from "./common.js";
+import { badge, el, fmt, get, post, problem, table, tenant, windowParams } from "./common.js";
 
-export const filtered = false;
+export const filtered = true; // the window of the drift figures
 
-export async function render(main) {
+export async function render(main, v) {
   const [quality, queue] = await Promise.all([
-    get("/dashboard/api/quality").catch((error) => error),
+    get("/dashboard/api/quality", windowParams(v)).catch((error) => error),
     get("/admin/review", { status: "pending", limit: 20 }).catch((error) => error),
   ]);
   const reviewSection = el("section", { id: "review" });
@@ -46,7 +46,7 @@ function drift(rows) {
   const keys = Object.keys(rows[0]);
   return table(keys.map((k) => ({
     label: k.replaceAll("_", " "),
-    value: (r) => (/alert/.test(k) ? badge(r[k] ? "alert" : "ok") : typeof r[k] === "number" ? fmt.num(r[k]) : r[k] === null ? "–" : typeof r[k] === "object" ? JSON.stringify(r[k]) : r[k]),
+    value: (r) => (k === "alert" ? badge(r[k] ? "alert" : "ok") : k === "verdict" ? badge(r[k], r[k] === "drift" ? "alert" : r[k] === "stable" ? "ok" : "") : typeof r[k] === "number" ? fmt.num(r[k]) : r[k] === null ? "–" : typeof r[k] === "object" ? JSON.stringify(r[k]) : r[k]),
   })), rows, { attrs: { id: "drift" } });
 }
 
@@ -55,7 +55,7 @@ function reviewQueue(where, page) {
   where.replaceChildren(
     el("p", { class: "muted" }, `${page.total} pending.`),
     tenant ? "" : el("label", { class: "filters" }, "Labelling as (the master key names its reviewer)", reviewer),
-    page.data.map((item) => reviewItem(item, () => (tenant ? undefined : reviewer.value.trim() || undefined))),
+    ...page.data.map((item) => reviewItem(item, () => (tenant ? undefined : reviewer.value.trim() || undefined))),
   );
   reviewer.addEventListener("change", () => localStorage.setItem("keel.reviewer", reviewer.value.trim()));
 }

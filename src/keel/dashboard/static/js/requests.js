@@ -67,7 +67,7 @@ export async function render(main, v) {
     split.classList.add("detail-open");
     detail.replaceChildren(el("p", { class: "loading" }, "Loading…"));
     try {
-      detail.replaceChildren(...details(await get(`/dashboard/api/requests/${encodeURIComponent(id)}`)));
+      detail.replaceChildren(...details(await get(`/dashboard/api/requests/${encodeURIComponent(id)}`)).flat());
       detail.dataset.request = id;
     } catch (error) {
       detail.replaceChildren(problem("This request", error));

@@ -42,7 +42,7 @@ async function show(traceId, out) {
       attrs.replaceChildren(
         el("h3", {}, s.name, " ", badge(s.status, s.status === "error" ? "error" : "ok")),
         el("p", {}, `${fmt.ms((s.ended_at - s.started_at) * 1000)}, from +${fmt.ms((s.started_at - start) * 1000)}`),
-        s.request_id ? el("p", {}, "Request ", el("a", { href: `/dashboard/requests?${query({ id: s.request_id, range: "7d" })}` }, s.request_id)) : null,
+        s.request_id ? el("p", {}, "Request ", el("a", { href: `/dashboard/requests?${query({ id: s.request_id, range: "7d" })}` }, s.request_id)) : "",
         el("pre", {}, JSON.stringify(s.attributes || {}, null, 2)));
     };
     row.addEventListener("click", pick);

@@ -1,0 +1,180 @@
+"""Acceptance: the dashboard's pages in real headless Chromium (Debian's, driven by Playwright) over a
+real `keel serve`, after traffic of known outcomes. Each page's figures equal those the request log
+gives through keel.observability.queries (the queries `keel report` uses); a filter, a trace and a
+review label are clicked through; screenshots are saved under the test's output directory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dashboard_helpers import MASTER, TRACE_ID, Site, browser, first_contentful_paint, ready, signed_in, site
+
+__all__ = ["browser", "site"]  # the fixtures, used by name
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, site: Site) -> Iterator[Any]:
+    signed = signed_in(browser, site)
+    yield signed
+    signed.context.close()
+
+
+def value(page: Any, selector: str) -> float | None:
+    """The exact figure behind a shown one (its data-value); None for an empty one (n/a)."""
+    raw = page.get_attribute(selector, "data-value")
+    assert raw is not None, f"no figure at {selector}"
+    return float(raw) if raw != "" else None
+
+
+def close(shown: float | None, expected: float | None) -> bool:
+    if shown is None or expected is None:
+        return shown is expected
+    return math.isclose(shown, expected, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def shot(page: Any, site: Site, name: str) -> None:
+    page.screenshot(path=str(site.shots / f"{name}.png"), full_page=True)
+
+
+def test_the_overview_shows_the_logs_slo_figures_totals_and_charts(page: Any, site: Site) -> None:
+    expected = site.figures()
+    assert expected.requests == 16 and expected.count("n_blocked") == 1 and expected.errors == 1
+    for name, figure in (("p50_ms", expected.p50_ms), ("p99_ms", expected.p99_ms),
+                         ("error_rate", expected.error_rate),
+                         ("cost_per_request_usd", expected.cost_usd / expected.requests)):
+        assert close(value(page, f"#slo tr[data-slo={name}] [data-col=value] [data-value]"), figure), name
+    totals = expected.totals_json()
+    for name in ("requests", "errors", "cost_usd", "prompt_tokens", "completion_tokens", "guardrail_blocks",
+                 "saved_usd"):
+        assert close(value(page, f"[data-total={name}] .figure"), totals[name]), name
+    assert page.inner_text("[data-total=requests] .figure") == "16"
+    assert close(value(page, "[data-total=cache_hit_rate] .figure"), expected.cache_hit_rate)
+    for chart in ("requests", "latency", "cost", "tokens"):
+        page.wait_for_selector(f"[data-chart={chart}] canvas")
+    shot(page, site, "overview")
+
+
+def test_a_feature_filter_narrows_the_overview_to_its_calls(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/dashboard/overview?{site.window_query()}")
+    ready(page)
+    page.wait_for_selector("#controls[data-filters-loaded=true]")
+    page.select_option("select[name=feature]", "search")
+    ready(page, 2)
+    expected = site.figures(feature="search")
+    assert expected.requests == 5
+    assert page.inner_text("[data-total=requests] .figure") == "5"
+    assert close(value(page, "[data-total=cost_usd] .figure"), expected.cost_usd)
+    assert "feature=search" in page.url
+    page.click("[data-nav=cost]")  # the filter travels with the page
+    page.wait_for_url("**/dashboard/cost?**feature=search**")
+    ready(page)
+    assert close(value(page, "[data-total=total_usd] .figure"), expected.cost_usd)
+    shot(page, site, "cost-search")
+
+
+def test_the_cost_page_shows_spend_by_each_dimension_and_the_budgets(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/dashboard/cost?{site.window_query()}")
+    ready(page)
+    assert close(value(page, "[data-total=total_usd] .figure"), site.figures().cost_usd)
+    for dimension in ("feature", "model", "user", "key", "prompt"):
+        for row in site.usage(dimension):
+            cell = f"[data-by={dimension}] tr[data-name='{row.name or ''}'] [data-col=cost_usd]"
+            assert close(value(page, cell), row.cost_usd), (dimension, row.name)
+            assert value(page, f"[data-by={dimension}] tr[data-name='{row.name or ''}'] [data-col=requests]") \
+                == row.requests
+    budgets = site.admin().get("/admin/budgets").json()["data"]
+    (support,) = [b for b in budgets if b["rule"]["scope"] == "feature"]
+    (counter,) = support["counters"]
+    assert close(value(page, "#budgets tr[data-budget='feature:support'] [data-col=spent_usd]"), counter["spent_usd"])
+    assert counter["spent_usd"] > 0
+    page.wait_for_selector("[data-chart^=burn-] canvas")
+    shot(page, site, "cost")
+
+
+def test_the_request_log_is_searched_and_a_call_and_its_trace_are_opened(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/dashboard/requests?{site.window_query()}")
+    ready(page)
+    assert page.get_attribute("#request-list", "data-count") == str(len(site.records()))
+    page.fill("input[name=q]", "zanzibar")
+    page.click("#request-filters button[type=submit]")
+    page.wait_for_selector("#request-list[data-count='1']")
+    (row,) = page.query_selector_all("#requests tbody tr")
+    assert row.get_attribute("data-request") == site.request_ids["search-zanzibar"]
+    page.fill("input[name=q]", "")
+    page.select_option("select[name=outcome]", "blocked")
+    page.click("#request-filters button[type=submit]")
+    page.wait_for_selector("#request-list[data-count='1']")
+    page.click("#requests tbody tr")
+    page.wait_for_selector(f"#request-detail[data-request='{site.request_ids['blocked']}']")
+    assert "injection" in page.inner_text("#detail-guardrails")
+    shot(page, site, "request-blocked")
+
+    record = next(r for r in site.records() if r["request_id"] == site.request_ids["trace-2"])
+    page.goto(f"{site.url}/dashboard/requests?{site.window_query()}&id={record['request_id']}")
+    ready(page)
+    page.wait_for_selector(f"#request-detail[data-request='{record['request_id']}']")
+    assert close(value(page, "#detail-cost"), record["cost_usd"])
+    assert "Second step of the chain" in page.inner_text("#detail-input")
+    assert len(page.query_selector_all("#detail-attempts tbody tr")) == len(record["attempt_log"]) == 2
+    page.click("#trace-link")
+    page.wait_for_url(f"**/dashboard/traces?trace={TRACE_ID}")
+    page.wait_for_selector("#waterfall")
+    spans = site.spans(TRACE_ID)
+    assert len(page.query_selector_all("#waterfall .row")) == len(spans) >= 2 + 3  # two calls, three attempts
+    page.click("#waterfall .row:last-child")
+    page.wait_for_selector("#span-detail:not([hidden])")
+    shot(page, site, "trace")
+
+
+def test_a_review_item_is_labelled_from_the_quality_page(page: Any, site: Site) -> None:
+    added = site.admin().post("/admin/review", json={"request_id": site.request_ids["support-1"]})
+    assert added.status_code in (200, 201), added.text
+    item = added.json()["id"]
+    page.goto(f"{site.url}/dashboard/quality")
+    ready(page)
+    page.fill("input[name=reviewer]", "dana@example.com")
+    box = f"#review [data-item='{item}']"
+    page.fill(f"{box} input[name=comment]", "right answer")
+    page.click(f"{box} button[data-label=pass]")
+    page.wait_for_selector(f"{box}[data-labelled=pass]")
+    labels = site.admin().get(f"/admin/review/{item}").json()["labels"]
+    assert [(x["reviewer"], x["label"], x["comment"]) for x in labels] == [("dana@example.com", "pass", "right answer")]
+    shot(page, site, "quality")
+
+
+def test_keys_are_made_and_revoked_from_the_keys_page(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/dashboard/keys")
+    ready(page)
+    page.fill("#new-key input[name=tenant]", "team-c")
+    page.fill("#new-key input[name=owner]", "erin")
+    page.click("#new-key button[type=submit]")
+    secret = page.wait_for_selector("#new-secret").inner_text()
+    assert secret.startswith("sk-keel-")
+    made = [k for k in site.admin().get("/admin/keys").json()["data"] if k["owner"] == "erin"]
+    assert len(made) == 1 and made[0]["tenant"] == "team-c"
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click(f"button[data-revoke='{made[0]['id']}']")
+    page.wait_for_selector(f"tr[data-key='{made[0]['id']}'] .badge.fail")
+    (revoked,) = [k for k in site.admin().get("/admin/keys").json()["data"] if k["id"] == made[0]["id"]]
+    assert revoked["revoked_at"] is not None
+    shot(page, site, "keys")
+
+
+def test_the_overview_fits_a_phone_width_screen(browser: Any, site: Site) -> None:
+    phone = signed_in(browser, site, viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    try:
+        page_width = phone.evaluate("document.documentElement.scrollWidth")
+        assert page_width <= 390, f"the page is {page_width}px wide on a 390px screen"
+        shot(phone, site, "overview-phone")
+    finally:
+        phone.context.close()
+
+
+def test_first_contentful_paint_is_measured(browser: Any, site: Site, record_property: Any) -> None:
+    paint_ms = first_contentful_paint(browser, f"{site.url}/dashboard/overview", MASTER)
+    record_property("first_contentful_paint_ms", paint_ms)
+    assert 0 < paint_ms < 60_000
+    print(f"first contentful paint of /dashboard/overview: {paint_ms:.0f} ms; screenshots in {site.shots}")
