@@ -88,6 +88,7 @@ bench: install-dev
 	$(PY) bench/cache_streams.py
 	$(PY) bench/semantic_cache.py
 	$(PY) bench/vector_index.py
+	$(PY) bench/dashboard.py
 	$(PY) bench/pgvector_store.py
 	$(PY) bench/semantic_calibration.py
 	$(PY) bench/guardrails.py
