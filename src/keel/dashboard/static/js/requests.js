@@ -97,7 +97,7 @@ function details(r) {
       r.trace_id ? field("Trace", el("a", { href: `/dashboard/traces?${query({ trace: r.trace_id })}`, id: "trace-link" }, r.trace_id)) : null,
     ),
     el("h3", {}, "Input"), el("pre", { id: "detail-input" }, pretty(r.input)),
-    el("h3", {}, "Output"), el("pre", { id: "detail-output" }, pretty(r.output)),
+    el("h3", {}, "Output"), el("pre", { id: "detail-output" }, r.output == null && r.outcome !== "ok" ? "(none: the call did not answer)" : pretty(r.output)),
     el("h3", {}, "Guardrail verdicts"),
     (r.guardrails || []).length ? table([
       { label: "Check", value: (g) => g.name ?? g.check ?? "" },
