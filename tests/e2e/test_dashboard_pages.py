@@ -68,6 +68,19 @@ def test_a_feature_filter_narrows_the_overview_to_its_calls(page: Any, site: Sit
     assert page.inner_text("[data-total=requests] .figure") == "5"
     assert close(value(page, "[data-total=cost_usd] .figure"), expected.cost_usd)
     assert "feature=search" in page.url
+    page.select_option("select[name=tenant]", "team-b")
+    ready(page, 3)
+    team_b = site.figures(feature="search", tenant="team-b")
+    assert team_b.requests == 3 and page.inner_text("[data-total=requests] .figure") == "3"
+    page.select_option("select[name=tenant]", "")
+    ready(page, 4)
+    page.click("button[data-range='24h']")  # the last 24 hours hold all the traffic
+    ready(page, 5)
+    assert "range=24h" in page.url and "since=" not in page.url
+    assert page.get_attribute("button[data-range='24h']", "aria-pressed") == "true"
+    assert page.inner_text("[data-total=requests] .figure") == "5"
+    page.goto(f"{site.url}/dashboard/overview?{site.window_query()}&feature=search")
+    ready(page)
     page.click("[data-nav=cost]")  # the filter travels with the page
     page.wait_for_url("**/dashboard/cost?**feature=search**")
     ready(page)

@@ -56,10 +56,12 @@ export function view() {
   } else if (!until) {
     until = Date.now() / 1000;
   }
-  return { range, since, until, model: url.get("model") || "", feature: url.get("feature") || "" };
+  return { range, since, until, model: url.get("model") || "", feature: url.get("feature") || "",
+           tenant: url.get("tenant") || "" };
 }
 
-export const windowParams = (v) => ({ since: v.since.toFixed(3), until: v.until.toFixed(3), model: v.model, feature: v.feature });
+export const windowParams = (v) => ({ since: v.since.toFixed(3), until: v.until.toFixed(3), model: v.model,
+                                      feature: v.feature, tenant: v.tenant });
 
 export function setParams(changes) {
   const url = new URLSearchParams(location.search);
@@ -75,7 +77,7 @@ export function setParams(changes) {
 export function carryFilters() {
   const url = new URLSearchParams(location.search);
   const kept = query({ range: url.get("range"), since: url.get("since"), until: url.get("until"),
-                       model: url.get("model"), feature: url.get("feature") });
+                       model: url.get("model"), feature: url.get("feature"), tenant: url.get("tenant") });
   for (const link of document.querySelectorAll("[data-nav]")) {
     link.href = `/dashboard/${link.dataset.nav}${kept ? `?${kept}` : ""}`;
   }

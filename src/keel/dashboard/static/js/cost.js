@@ -65,7 +65,7 @@ async function budgetsView(main, rules, v) {
   for (const { entry, counter } of counters.slice(0, 4)) {
     const filter = { global: {}, feature: { feature: counter.value }, tenant: tenant ? {} : { tenant: counter.value } }[entry.rule.scope];
     if (!filter) continue;
-    const series = (await get("/dashboard/api/overview", { ...windowParams({ ...v, model: "", feature: "" }), ...filter })).series;
+    const series = (await get("/dashboard/api/overview", { ...windowParams({ ...v, model: "", feature: "", tenant: "" }), ...filter })).series;
     let after = 0;
     const left = new Array(series.t.length);
     for (let i = series.t.length - 1; i >= 0; i--) {

@@ -1,5 +1,5 @@
 // The page's entry: the nav, the time range and filters (on the pages that have them), then the page itself.
-import { RANGES, carryFilters, el, get, problem, setParams, view } from "./common.js";
+import { RANGES, carryFilters, el, get, problem, setParams, tenant, view } from "./common.js";
 
 const PAGES = {
   overview: () => import("./overview.js"),
@@ -55,13 +55,17 @@ function controls(where, redraw) {
   const mark = (range) => { for (const b of [...buttons, custom]) b.setAttribute("aria-pressed", String(b.dataset.range === range)); };
   const model = el("select", { name: "model", onchange: () => change({ model: model.value }) }, el("option", { value: "" }, "all models"));
   const feature = el("select", { name: "feature", onchange: () => change({ feature: feature.value }) }, el("option", { value: "" }, "all features"));
+  // The master key sees every tenant and may pick one; a tenant admin sees its own only.
+  const tenants = el("select", { name: "tenant", onchange: () => change({ tenant: tenants.value }) }, el("option", { value: "" }, "all tenants"));
   where.replaceChildren(
     el("div", { class: "ranges", role: "group", "aria-label": "Time range" }, buttons),
     el("label", {}, "From", since), el("label", {}, "To", until), custom,
     el("label", {}, "Model", model), el("label", {}, "Feature", feature),
+    tenant ? "" : el("label", {}, "Tenant", tenants),
   );
   get("/dashboard/api/filters", { since: (v.until - 30 * 86400).toFixed(0), until: v.until.toFixed(0) }).then((found) => {
-    for (const [select, names, chosen] of [[model, found.models, v.model], [feature, found.features, v.feature]]) {
+    for (const [select, names, chosen] of [[model, found.models, v.model], [feature, found.features, v.feature],
+                                           [tenants, found.tenants, v.tenant]]) {
       for (const n of new Set([...(names || []), ...(chosen ? [chosen] : [])])) select.append(el("option", { value: n }, n));
       select.value = chosen;
     }
