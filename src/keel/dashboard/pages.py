@@ -13,6 +13,7 @@ login form and any other client with 401 in OpenAI's error shape.
 from __future__ import annotations
 
 import html
+from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -100,7 +101,9 @@ def dashboard_router() -> APIRouter:
     return router
 
 
-def page_route(name: str):  # type: ignore[no-untyped-def]  # a FastAPI endpoint, built per page
+def page_route(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of one page: its shell for an admin, the login form (or 401) for anyone else."""
+
     async def page(request: Request) -> Response:
         try:
             key = await admin_caller(request)
