@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from dashboard_helpers import MASTER, TRACE_ID, Site, browser, first_contentful_paint, ready, signed_in, site
 
+from keel.evals.results import EvalStore
+
 __all__ = ["browser", "site"]  # the fixtures, used by name
 
 
@@ -142,7 +144,20 @@ def test_the_request_log_is_searched_and_a_call_and_its_trace_are_opened(page: A
     shot(page, site, "trace")
 
 
+def eval_run(site: Site, mean: float) -> str:
+    """An eval run of the suite `support-answers` with one metric, stored as `keel eval run` stores it."""
+    with site.store() as store:
+        runs = EvalStore(store)
+        run_id = runs.start("support-answers", "support.jsonl", "v1", {"model": "chat"}, {})
+        metric = {"key": "exact_match", "scored": 4, "mean": mean, "pass_rate": mean, "threshold": 0.6,
+                  "passed": mean >= 0.6, "lower_is_better": False}
+        runs.finish(run_id, {"cases": 4, "errors": 0, "reused": 0, "cost_usd": 0.001, "metrics": [metric],
+                             "passed": mean >= 0.6, "warnings": [], "judges": []})
+        return run_id
+
+
 def test_a_review_item_is_labelled_from_the_quality_page(page: Any, site: Site) -> None:
+    first, second = eval_run(site, 0.5), eval_run(site, 0.75)
     added = site.admin().post("/admin/review", json={"request_id": site.request_ids["support-1"]})
     assert added.status_code in (200, 201), added.text
     item = added.json()["id"]
@@ -153,6 +168,11 @@ def test_a_review_item_is_labelled_from_the_quality_page(page: Any, site: Site) 
     page.fill(f"{box} input[name=comment]", "right answer")
     page.click(f"{box} button[data-label=pass]")
     page.wait_for_selector(f"{box}[data-labelled=pass]")
+    runs = [row.get_attribute("data-run") for row in page.query_selector_all("#runs tbody tr")]
+    assert runs[:2] == [second, first]  # newest first
+    assert value(page, f"#runs tr[data-run={second}] [data-metric=exact_match] .mean") == 0.75
+    assert value(page, f"#runs tr[data-run={second}] [data-metric=exact_match] .delta") == pytest.approx(0.25)
+    assert page.query_selector(f"#runs tr[data-run={first}] .delta") is None  # no run of the suite before it
     labels = site.admin().get(f"/admin/review/{item}").json()["labels"]
     assert [(x["reviewer"], x["label"], x["comment"]) for x in labels] == [("dana@example.com", "pass", "right answer")]
     shot(page, site, "quality")

@@ -1,5 +1,5 @@
 // Quality: eval runs, judge–human agreement, drift with its alerts, and the review queue, labelled from here.
-import { badge, el, fmt, get, post, problem, table, tenant, windowParams } from "./common.js";
+import { badge, el, figure, fmt, get, post, problem, table, tenant, windowParams } from "./common.js";
 
 export const filtered = true; // the window of the drift figures
 
@@ -15,13 +15,18 @@ export async function render(main, v) {
   if (quality instanceof Error) { main.append(problem("Eval runs and drift", quality)); return; }
   main.append(
     el("h2", {}, "Eval runs"),
+    el("p", { class: "muted" }, "Each metric's mean, and its change from the suite's run before (`keel eval compare A B` tests it case by case)."),
     table([
       { label: "Run", value: (r) => el("span", { class: "mono" }, r.id) },
       { label: "Suite", value: (r) => r.suite ?? "" },
       { label: "Started", value: (r) => fmt.time(r.started_at) },
-      { label: "Metrics", value: (r) => metrics(r.metrics ?? r.summary) },
-      { label: "", value: (r) => badge(r.passed === null || r.passed === undefined ? "n/a" : r.passed ? "pass" : "fail") },
-    ], quality.runs || [], { attrs: { id: "runs" }, empty: "No eval run yet: `keel eval run <suite>` records one." }),
+      { label: "Cases", value: (r) => r.summary?.cases, format: fmt.int, num: true },
+      { label: "Errors", value: (r) => r.summary?.errors, format: fmt.int, num: true },
+      { label: "Cost", value: (r) => r.summary?.cost_usd, format: fmt.usd, num: true },
+      { label: "Metrics", value: (r) => metrics(r, before(quality.runs, r)) },
+      { label: "", value: (r) => badge(r.passed === null || r.passed === undefined ? r.status ?? "n/a" : r.passed ? "pass" : "fail") },
+    ], quality.runs || [], { attrs: { id: "runs" }, rowAttrs: (r) => ({ "data-run": r.id }),
+                             empty: "No eval run yet: `keel eval run <suite>` records one." }),
     el("h2", {}, "Judge–human agreement"),
     table([
       { label: "Judge", value: (r) => r.judge },
@@ -35,19 +40,39 @@ export async function render(main, v) {
   );
 }
 
-function metrics(m) {
-  if (!m || typeof m !== "object") return "";
-  return el("span", { class: "mono" }, Object.entries(m).map(([k, v]) => `${k} ${typeof v === "number" ? fmt.num(v) : JSON.stringify(v)}`).join(", "));
+// The run's metrics (mean against threshold), each with its change from `prior` (the suite's run before).
+function metrics(run, prior) {
+  const list = run.summary?.metrics || [];
+  if (!list.length) return "";
+  const was = new Map((prior?.summary?.metrics || []).map((m) => [m.key, m.mean]));
+  return el("ul", { class: "metrics" }, list.map((m) => {
+    const delta = m.mean != null && was.get(m.key) != null ? m.mean - was.get(m.key) : null;
+    return el("li", { "data-metric": m.key },
+      el("span", { class: "mono" }, m.key), " ", figure("span", m.mean, fmt.num, { class: "mean" }),
+      m.threshold != null ? el("span", { class: "muted" }, ` (${m.lower_is_better ? "≤" : "≥"} ${fmt.num(m.threshold)})`) : "",
+      delta === null ? "" : figure("span", delta, (d) => ` ${d >= 0 ? "+" : "−"}${fmt.num(Math.abs(d))}`,
+        { class: `delta ${delta === 0 ? "" : (delta > 0) !== Boolean(m.lower_is_better) ? "better" : "worse"}` }));
+  }));
 }
 
+const before = (runs, run) => runs.find((r) => r.suite === run.suite && r.started_at < run.started_at);
+
+// Drift rows with a verdict first; those without enough data yet folded under a summary.
 function drift(rows) {
   if (rows === undefined || rows === null) return el("p", { class: "muted" }, "Drift is not computed for the dashboard; `keel drift` reports it.");
   if (!rows.length) return el("p", { class: "muted" }, "No drift measured in this window.");
-  const keys = Object.keys(rows[0]);
-  return table(keys.map((k) => ({
+  const keys = Object.keys(rows[0]).filter((k) => k !== "note" || rows.some((r) => r.verdict !== "not enough data"));
+  const columns = keys.map((k) => ({
     label: k.replaceAll("_", " "),
-    value: (r) => (k === "alert" ? badge(r[k] ? "alert" : "ok") : k === "verdict" ? badge(r[k], r[k] === "drift" ? "alert" : r[k] === "stable" ? "ok" : "") : typeof r[k] === "number" ? fmt.num(r[k]) : r[k] === null ? "–" : typeof r[k] === "object" ? JSON.stringify(r[k]) : r[k]),
-  })), rows, { attrs: { id: "drift" } });
+    value: (r) => (k === "alert" ? badge(r[k] ? "alert" : "ok") : k === "verdict" ? badge(r[k], r[k] === "drift" ? "alert" : r[k] === "stable" ? "ok" : "") :
+                   typeof r[k] === "number" ? fmt.num(r[k]) : r[k] === null ? "–" : typeof r[k] === "object" ? JSON.stringify(r[k]) : r[k]),
+  }));
+  const measured = rows.filter((r) => r.verdict !== "not enough data");
+  const waiting = rows.filter((r) => r.verdict === "not enough data");
+  return el("div", { id: "drift" },
+    measured.length ? table(columns, measured, { attrs: { "data-drift": "measured" } }) : el("p", { class: "muted" }, "Not enough calls yet to measure drift."),
+    waiting.length ? el("details", {}, el("summary", {}, `${waiting.length} metrics without enough data yet`),
+                        table(columns, waiting, { attrs: { "data-drift": "waiting" } })) : "");
 }
 
 function reviewQueue(where, page) {
