@@ -247,26 +247,42 @@ def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
     key_rows = [dict(zip(KEY_COLUMNS, key, strict=True)) for key in keys]
     conn.execute(insert, key_rows)
     table = request_minutes
-    stored: dict[Key, Agg] = {}
+    # Counts and sums are added in SQL (col = col + increment); only the histograms are read,
+    # merged here and written back whole.
+    stored: dict[Key, tuple[str, str]] = {}
+    key_columns = [table.c[name] for name in KEY_COLUMNS]
     for chunk in _chunks(keys, 500):
-        query = select(table).where(tuple_(*(table.c[name] for name in KEY_COLUMNS)).in_(chunk))
+        query = select(*key_columns, table.c.latency_hist, table.c.ttft_hist).where(tuple_(*key_columns).in_(chunk))
         if postgres:
             query = query.with_for_update()
-        for row in conn.execute(query).mappings():
-            agg = Agg()
-            agg.add_stored(row)
-            stored[(int(row["width"]), int(row["start"]), row["tenant"], row["model"], row["feature"])] = agg
+        for row in conn.execute(query):
+            stored[(int(row[0]), int(row[1]), row[2], row[3], row[4])] = (row[5], row[6])
     writes = []
     for key in keys:
-        agg = stored.get(key) or Agg()
-        agg.merge(increments[key])
-        writes.append({**{f"k_{name}": value for name, value in zip(KEY_COLUMNS, key, strict=True)}, **agg.as_row()})
+        increment = increments[key]
+        latency, ttft = stored.get(key, ("[]", "[]"))
+        writes.append({
+            **{f"k_{name}": value for name, value in zip(KEY_COLUMNS, key, strict=True)},
+            **{name: increment.counts.get(name, 0) for name in COUNT_COLUMNS}, **increment.sums,
+            "latency_hist": _merged(latency, increment.latency), "ttft_hist": _merged(ttft, increment.ttft),
+        })
     statement = (
         update(table)
         .where(and_(*(table.c[name] == bindparam(f"k_{name}") for name in KEY_COLUMNS)))
-        .values({name: bindparam(name) for name in (*COUNT_COLUMNS, *SUM_COLUMNS, *HIST_COLUMNS)})
+        .values({
+            **{name: table.c[name] + bindparam(name) for name in (*COUNT_COLUMNS, *SUM_COLUMNS)},
+            **{name: bindparam(name) for name in HIST_COLUMNS},
+        })
     )
     conn.execute(statement, writes)
+
+
+def _merged(stored: str, increment: Counter[int]) -> str:
+    if not increment:
+        return stored
+    if stored == "[]":
+        return encode_hist(increment)
+    return encode_hist(decode_hist(stored, Counter(increment)))
 
 
 def purge(conn: Connection, older_than: float) -> None:
