@@ -2,7 +2,8 @@
 
 Without a key a browser lands on the login form and a script gets 401; a wrong key does not sign in;
 a tenant's admin sees its own tenant's figures, calls and keys only; a form posted from another
-origin with the session cookie is refused (csrf_failed) and changes nothing."""
+origin with the session cookie is refused (csrf_failed) and changes nothing; revoking a key ends the
+sessions signed in with it."""
 
 from __future__ import annotations
 
@@ -98,3 +99,15 @@ def test_a_form_posted_from_another_origin_is_refused(browser: Any, site: Site, 
         page.context.close()
     owners = [k["owner"] for k in site.admin().get("/admin/keys").json()["data"]]
     assert "mallory" not in owners
+
+
+def test_a_revoked_keys_browser_session_ends(browser: Any, site: Site) -> None:
+    made = site.admin().post("/admin/keys", json={"tenant": "team-a", "owner": "frank", "admin": True}).json()
+    page = signed_in(browser, site, key=made["key"])
+    try:
+        assert site.admin().delete(f"/admin/keys/{made['id']}").status_code == 200
+        page.goto(f"{site.url}/dashboard/keys")
+        page.wait_for_url("**/dashboard/login?next=%2Fdashboard%2Fkeys")
+        assert page.is_visible("form#login")
+    finally:
+        page.context.close()
