@@ -6,9 +6,9 @@ What is counted (the outcome classes are the observe stage's; docs/observability
 - attempted: the calls Keel tried to answer (answered, cached, failed, closed by the client), that
   is all but the caller's mistakes (`invalid`) and refusals (blocked, rate-limited, over budget);
 - latency P50/P99: over the attempted calls; refusals and rejected requests would flatter the
-  figure. Percentiles interpolate linearly between the closest ranks (NumPy's default). They
-  are computed in Python over the window's latency column, read sorted from the database: fine
-  up to about a million calls in the window (~8 MB, ~1 s);
+  figure. Percentiles interpolate linearly between the closest ranks (NumPy's default), exactly
+  while the window holds at most 20,000 attempted calls, and beyond that from the per-minute
+  rollups' latency histograms, within 2% (keel.observability.queries: the dashboard's figures);
 - error rate: the attempted calls whose outcome is `error` (Keel or the upstream failed), over
   the attempted calls: a client's bad request or a spent budget is not a failure of the service;
 - cost per request: the window's spend over its requests;
