@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,30 @@ def test_a_record_of_another_tenant_is_not_found(url: str) -> None:
         assert queries.record(conn, theirs.request_id, "b") is not None
         assert queries.record(conn, theirs.request_id, None) is not None
     store.close()
+
+
+def test_writers_in_parallel_lose_no_increment(url: str) -> None:
+    """Gateway replicas share one log: their batches land in the same rollup rows at once."""
+    records = random_records(2400, seed=9)
+    logged(url, []).close()
+    stores = [RecordStore(url) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    failures: list[BaseException] = []
+
+    def write(store: RecordStore, mine: list[RequestRecord]) -> None:
+        try:
+            start.wait()
+            for i in range(0, len(mine), 50):
+                store.write(mine[i:i + 50])
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(store, records[n::4])) for n, store in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert_rollups(stored_rollups(stores[0]), expected_rollups(records))
+    for store in stores:
+        store.close()
