@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from sqlalchemy import MetaData, Table, inspect, text
-from test_request_log import _alembic, pg_database, stores, url  # noqa: F401  (its fixtures, reused)
+from test_request_log import HEAD, _alembic, pg_database, stores, url  # noqa: F401  (its fixtures, reused)
 
 from keel.auth.keys import TIER_CHARS
 from keel.auth.store import KeyStore
@@ -56,7 +56,7 @@ def test_keys_made_at_0003_upgrade_to_a_null_tier_and_downgrade_keeps_them(store
         ])
     store.migrate()
     with store.engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0007_evals"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == HEAD
     keys = KeyStore(store)
     old = keys.list()
     assert [(k.id, k.tier, k.models) for k in old] == [("vk_old0", None, ("chat",)), ("vk_old1", None, ("chat",))]
