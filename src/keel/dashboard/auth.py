@@ -20,7 +20,6 @@ cookie is SameSite=Strict and HttpOnly besides.
 from __future__ import annotations
 
 import base64
-import contextvars
 import hashlib
 import hmac
 import secrets
@@ -34,7 +33,6 @@ import orjson
 from fastapi import Request
 
 from keel.auth.keys import Credential, VirtualKey, digest
-from keel.auth.stage import Auth
 from keel.errors import AdminForbidden, AuthenticationFailed
 
 if TYPE_CHECKING:  # keel.server imports this module: the gateway's `Served` is read from the app's state
@@ -48,7 +46,6 @@ _CONTEXT = b"keel.dashboard.session.v1"
 
 # The key of the request being served when it came by session cookie: the review router asks the
 # auth stage who a tenant admin is from the Authorization header, which a signed-in browser does not send.
-SIGNED_IN: contextvars.ContextVar[VirtualKey | None] = contextvars.ContextVar("keel_signed_in", default=None)
 
 
 class CrossSiteRequestRefused(AdminForbidden):
@@ -145,7 +142,8 @@ async def admin_of(served: Served, credential: Credential) -> VirtualKey | None:
 
 async def admin_caller(request: Request) -> VirtualKey | None:
     """Check the caller of an admin or dashboard route (bearer key first, else the session cookie) and
-    leave its tenant in `request.state.tenant` (None: the master key, every tenant)."""
+    leave its key in `request.state.admin` and its tenant in `request.state.tenant` (None: the master
+    key, every tenant)."""
     served: Served = request.app.state.keel
     request.state.tenant = None
     authorization = request.headers.get("authorization")
@@ -153,7 +151,6 @@ async def admin_caller(request: Request) -> VirtualKey | None:
     if session is None:
         if not authorization and (served.keel.auth is not None or served.master_key is not None):
             raise AuthenticationFailed(_SIGN_IN)
-        SIGNED_IN.set(None)
         key = await admin_of(served, Credential.of(authorization))
     else:
         key = await admin_of(served, Credential(session.key_digest, True))
@@ -165,8 +162,8 @@ async def admin_caller(request: Request) -> VirtualKey | None:
                     f"'{CSRF_HEADER}', as the dashboard's pages do), so it is refused; scripts send "
                     "'Authorization: Bearer <key>' instead."
                 )
-        SIGNED_IN.set(key)
         request.state.session = session
+    request.state.admin = key
     request.state.tenant = key.tenant if key is not None else None
     return key
 
@@ -191,20 +188,6 @@ def session_cookie(request: Request, value: str, max_age: float) -> str:
     """The Set-Cookie header of a session (an empty value and age 0 end it)."""
     secure = "; Secure" if request.url.scheme == "https" else ""
     return f"{COOKIE}={value}; Max-Age={int(max_age)}; Path=/; HttpOnly; SameSite=Strict{secure}"
-
-
-class SignedInAuth:
-    """The auth stage as the review router asks it who is labelling: a credential with no key (a
-    browser signed in by cookie sends no Authorization header) is the session's key."""
-
-    def __init__(self, auth: Auth) -> None:
-        self.auth = auth
-
-    async def identify(self, credential: Credential) -> VirtualKey | None:
-        key = SIGNED_IN.get()
-        if credential.digest is None and key is not None:
-            return key
-        return await self.auth.identify(credential)
 
 
 def _b64(data: bytes) -> str:

@@ -5,7 +5,7 @@
     POST /admin/review/{id}/labels     {"label": "pass"|"fail", "score": 4, "comment": "..."}
     POST /admin/review                 {"request_id": "req_..."} (a logged call), or an item by hand
 
-    app.include_router(review_router(keel.review.queue, keel.auth, auth=admin_key))
+    app.include_router(review_router(keel.review.queue, auth=admin_key))
 
 `auth` admits the master key (every tenant) and tenant admin keys (their tenant only, left in
 `request.state.tenant`): another tenant's item is "not found". A label's reviewer is the tenant admin
@@ -24,8 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keel.auth.admin import caller_tenant
-from keel.auth.keys import Credential
-from keel.auth.stage import Auth
+from keel.auth.keys import VirtualKey
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeelError
 from keel.evals import review
 from keel.evals.review import ReviewQueue, Source, new_item
@@ -102,8 +101,9 @@ class NewItem(BaseModel):
         return self
 
 
-def review_router(queue: ReviewQueue, keys: Auth | None, auth: Callable[..., Any]) -> APIRouter:
-    """`keys`: the gateway's auth stage with virtual keys on (it names a tenant admin key's reviewer)."""
+def review_router(queue: ReviewQueue, auth: Callable[..., Any]) -> APIRouter:
+    """`auth`: the admin check; it leaves the caller's key in `request.state.admin` (None: the master
+    key), whether sent as a bearer key or held in the dashboard's session (keel.dashboard.auth)."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(auth)])
 
     @router.get("/review")
@@ -121,7 +121,7 @@ def review_router(queue: ReviewQueue, keys: Auth | None, auth: Callable[..., Any
     @router.post("/review/{item_id}/labels", status_code=201)
     async def label_item(item_id: str, request: Request) -> dict[str, Any]:
         body = _body(await request.body(), NewLabel, InvalidLabel, "the label")
-        reviewer = await _reviewer(request, keys, body.reviewer)
+        reviewer = _reviewer(request, body.reviewer)
         item = await _queue(lambda: queue.label(item_id, reviewer, label=body.label, score=body.score,
                                                 comment=body.comment, tenant=caller_tenant(request)))
         return item.as_dict()
@@ -173,11 +173,9 @@ def _tenant(request: Request, asked: str | None) -> str | None:
     return own
 
 
-async def _reviewer(request: Request, keys: Auth | None, named: str | None) -> str:
+def _reviewer(request: Request, named: str | None) -> str:
     """Who labels: a tenant admin key's owner (or id); with the master key, the body's `reviewer`."""
-    key = None
-    if keys is not None and caller_tenant(request) is not None:
-        key = await keys.identify(Credential.of(request.headers.get("authorization")))
+    key: VirtualKey | None = getattr(request.state, "admin", None)
     if key is None:
         if named is None or not named.strip():
             raise InvalidLabel("Say who is labelling: with the master key, send 'reviewer' (a name or email).",

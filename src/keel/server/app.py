@@ -14,16 +14,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.auth.admin import keys_router
-from keel.auth.stage import Auth
 from keel.dashboard.api import dashboard_api_router
-from keel.dashboard.auth import SessionSigner, SignedInAuth, admin_caller
+from keel.dashboard.auth import SessionSigner, admin_caller
 from keel.dashboard.pages import STATIC_PATH, dashboard_router, static_files
 from keel.engine import Keel
 from keel.errors import InvalidRequest, KeelError, ModelNotFound
@@ -51,9 +50,7 @@ def create_app(keel: Keel) -> Gateway:
     api.include_router(admin_router(keel.budgets, auth=admin_key, key_ids=tenant_key_ids))
     api.include_router(keys_router(keel.keys, keel.auth.lookup if keel.auth else None, auth=admin_key))
     api.include_router(cache_router(keel.cache, [m.name for m in keel.config.models], auth=admin_key))
-    # A signed-in browser sends no Authorization header: the review router learns its labeller from the session.
-    reviewers = cast(Auth, SignedInAuth(keel.auth)) if keel.auth is not None else None
-    api.include_router(review_router(keel.review.queue, reviewers, auth=admin_key))
+    api.include_router(review_router(keel.review.queue, auth=admin_key))
     api.include_router(dashboard_router())
     api.include_router(dashboard_api_router(auth=admin_key))
     api.mount(STATIC_PATH, static_files(), name="dashboard-static")
