@@ -23,12 +23,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from conftest import free_port, fresh_pg_database
-from sqlalchemy import MetaData, Table, inspect, text
+from sqlalchemy import MetaData, Table, inspect, select, text
 from sqlalchemy.engine import make_url
 
 import keel.auth.store
 import keel.dialects.response_store
-import keel.evals.tables  # noqa: F401  (likewise)
+import keel.evals.tables  # their tables on the request log's metadata, as the gateway has them
 from keel.config import StoreConfig
 from keel.observability.record import Outcome, RequestRecord, SpanRecord
 from keel.observability.store import (
@@ -673,15 +673,22 @@ def test_nul_characters_do_not_cost_the_record(url: str, writers: WriterFactory)
 # ---------------------------------------------------------------------------- retention
 
 
-def test_store_purge_deletes_records_and_spans_before_the_cutoff(
+def test_store_purge_deletes_records_spans_and_stored_responses_before_the_cutoff(
     url: str, stores: Callable[[str], RecordStore]
 ) -> None:
     store = stores(url)
     store.migrate()
     store.write([record(i, started_at=1000.0 + i) for i in range(10)],
                 [span(i, "d" * 32, started_at=1000.0 + i) for i in range(10)])
+    stored = keel.dialects.response_store.stored_responses
+    with store.engine.begin() as conn:  # stored Responses API answers hold content too: they go with the records
+        conn.execute(stored.insert(), [{"id": f"resp_{i}", "tenant": None, "created_at": 1000.0 + i,
+                                        "request_id": f"req_{i}", "model": "m", "messages": [],
+                                        "response": {}} for i in range(10)])
     assert store.purge(1004.0) == 4
     assert len(ids(store)) == 6 and len(store.spans("d" * 32)) == 6
+    with store.engine.connect() as conn:
+        assert sorted(conn.execute(select(stored.c.id)).scalars()) == [f"resp_{i}" for i in range(4, 10)]
 
 
 def test_retention_task_purges_records_older_than_retention_days(url: str, writers: WriterFactory) -> None:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import JSON, Column, Delete, Float, Index, Select, String, Table, delete, insert, select
 
 from keel.errors import KeelError
-from keel.observability.store import RecordStore, StoreError, metadata
+from keel.observability.store import RecordStore, StoreError, metadata, retained
 
 log = logging.getLogger("keel.responses")
 
@@ -30,6 +30,7 @@ stored_responses = Table(
     Column("response", JSON(none_as_null=True), nullable=False),
     Index("ix_stored_responses_created_at", "created_at"),
 )
+retained(stored_responses.c.created_at)  # stored answers go with the records, at `retention_days`
 
 
 class ResponseNotFound(KeelError):

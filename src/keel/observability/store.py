@@ -66,6 +66,16 @@ JSONColumn = JSON(none_as_null=True)
 
 metadata = MetaData()
 
+# Other tables of this database whose rows hold call content and go with the records at retention
+# (`purge`): each by its time column in unix seconds. Their modules register them (`retained`).
+_RETAINED: list[Column[float]] = []
+
+
+def retained(column: Column[float]) -> None:
+    """Purge the rows of `column`'s table whose `column` (unix seconds) is older than the records kept."""
+    _RETAINED.append(column)
+
+
 # Strings carry no length: PostgreSQL would refuse a longer value, and a refused row is a lost one.
 requests = Table(
     "requests",
@@ -292,11 +302,13 @@ class RecordStore:
                 self._spans.insert(conn, span_rows)
 
     def purge(self, older_than: float) -> int:
-        """Delete records (and spans) that started before `older_than` (unix seconds); returns
-        the number of records deleted."""
+        """Delete records (and spans, rollups and the `retained` tables' rows) that started before
+        `older_than` (unix seconds); returns the number of records deleted."""
         with self._translated("purge old records from"), self.engine.begin() as conn:
             deleted = conn.execute(delete(requests).where(requests.c.started_at < older_than)).rowcount
             conn.execute(delete(spans).where(spans.c.started_at < older_than))
+            for column in _RETAINED:
+                conn.execute(delete(column.table).where(column < older_than))
             rollups.purge(conn, older_than)
         return int(deleted)
 
