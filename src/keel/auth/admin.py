@@ -3,8 +3,9 @@
     app.include_router(keys_router(keel, auth=admin_key))
 
 `auth` (a FastAPI dependency) admits the master key, which sees every tenant, and tenant admin
-keys (`admin: true`), which see and change only their own tenant: it leaves the caller's tenant
-in `request.state.tenant` (None for the master key). The secret of a new key is in the answer to
+keys (`admin: true`), which see and change only their own tenant: it leaves the caller's key in
+`request.state.admin` and its tenant in `request.state.tenant` (None for the master key; read them
+with `caller_key` and `caller_tenant`). The secret of a new key is in the answer to
 its creation, and nowhere else, ever.
 """
 
@@ -62,6 +63,12 @@ def caller_tenant(request: Request) -> str | None:
     """The tenant the admin caller may see; None: every tenant (the master key)."""
     tenant: str | None = getattr(request.state, "tenant", None)
     return tenant
+
+
+def caller_key(request: Request) -> VirtualKey | None:
+    """The admin caller's key, by bearer key or dashboard session alike; None: the master key."""
+    key: VirtualKey | None = getattr(request.state, "admin", None)
+    return key
 
 
 def keys_router(keys: KeyStore, lookup: KeyLookup | None, auth: Callable[..., Any]) -> APIRouter:

@@ -44,9 +44,6 @@ SESSION_TTL_S = 12 * 3600.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _CONTEXT = b"keel.dashboard.session.v1"
 
-# The key of the request being served when it came by session cookie: the review router asks the
-# auth stage who a tenant admin is from the Authorization header, which a signed-in browser does not send.
-
 
 class CrossSiteRequestRefused(AdminForbidden):
     """An unsafe request carried the session cookie but not the proof that the dashboard sent it."""

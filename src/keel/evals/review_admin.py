@@ -23,8 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from keel.auth.admin import caller_tenant
-from keel.auth.keys import VirtualKey
+from keel.auth.admin import caller_key, caller_tenant
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeelError
 from keel.evals import review
 from keel.evals.review import ReviewQueue, Source, new_item
@@ -175,7 +174,7 @@ def _tenant(request: Request, asked: str | None) -> str | None:
 
 def _reviewer(request: Request, named: str | None) -> str:
     """Who labels: a tenant admin key's owner (or id); with the master key, the body's `reviewer`."""
-    key: VirtualKey | None = getattr(request.state, "admin", None)
+    key = caller_key(request)
     if key is None:
         if named is None or not named.strip():
             raise InvalidLabel("Say who is labelling: with the master key, send 'reviewer' (a name or email).",
