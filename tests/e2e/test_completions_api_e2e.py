@@ -37,12 +37,22 @@ def upstream() -> Iterator[FakeOpenAIServer]:
 
 
 @pytest.fixture(scope="module")
-def gw(upstream: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedGateway]:
+def flaky() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(FakeBehaviour(chunks=3)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gw(
+    upstream: FakeOpenAIServer, flaky: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LoggedGateway]:
     # "sim" is the name the shared bad-input helpers send their good call to.
     config = {"models": [
         {"name": "sim", "deployments": [{"provider": "simulated"}]},
         {"name": "gpt", "deployments": [{"provider": "openai", "base_url": upstream.url, "model": "gpt-4o-mini"}]},
         {"name": "local", "deployments": [{"provider": "local", "default_max_tokens": 8}]},
+        {"name": "flaky", "deployments": [{"provider": "openai", "base_url": flaky.url, "model": "gpt-4o-mini"}],
+         "retry": {"max_attempts": 1}},
     ]}
     process = LoggedGateway(config, tmp_path_factory.mktemp("completions-gw"), KEY)
     process.start(timeout=180)
@@ -185,18 +195,93 @@ def test_echo_gives_the_prompt_then_the_answer(gw: LoggedGateway) -> None:
     assert "".join(c.choices[0].text for c in streamed) == "Hi. echo: Hi. "
 
 
+# ------------------------------------------------------------------ a batch of prompts
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(MODEL))
+def test_a_list_of_prompts_is_answered_one_choice_per_prompt_each_call_logged(
+    gw: LoggedGateway, provider: str, mode: str,
+) -> None:
+    client, transport = client_of(gw)
+    prompts = [f"batch {provider} {mode} #{i}" for i in range(3)]
+    with client:
+        if mode == "plain":
+            completion = client.completions.create(model=MODEL[provider], prompt=prompts)
+            texts = {c.index: c.text for c in completion.choices}
+            assert [c.finish_reason for c in completion.choices] == ["stop"] * 3
+            usage = completion.usage
+        else:
+            chunks = list(client.completions.create(model=MODEL[provider], prompt=prompts, **stream_kwargs(mode)))
+            texts = {}
+            for chunk in chunks:
+                for choice in chunk.choices:
+                    texts[choice.index] = texts.get(choice.index, "") + choice.text
+            finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks
+                        if c.choices and c.choices[0].finish_reason]
+            assert sorted(finishes) == [(0, "stop"), (1, "stop"), (2, "stop")]  # each prompt ends once
+            usage = chunks[-1].usage if mode == "stream_usage" else None
+            assert all(c.usage is None for c in chunks[:-1])
+    assert texts == {i: f"echo: {prompt}" for i, prompt in enumerate(prompts)}
+    [exchange] = transport.exchanges
+    if mode != "plain":
+        for chunk in stream_chunks(bytes(exchange.body)):
+            check_chunk(chunk)
+    else:
+        validate(COMPLETION, exchange.json())
+    request_id = exchange.headers[REQUEST_ID]
+    records = [records_of(gw, rid)[0] for rid in (request_id, f"{request_id}-1", f"{request_id}-2")]
+    assert {(r["dialect"], r["status"], r["stream"]) for r in records} == {("completions", 200, mode != "plain")}
+    if mode != "stream":
+        assert usage is not None  # the calls' usage summed: what the three records say they used
+        assert usage.prompt_tokens == sum(r["prompt_tokens"] for r in records)
+        assert usage.completion_tokens == sum(r["completion_tokens"] for r in records)
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_batch_echoes_each_prompt_before_its_own_answer(gw: LoggedGateway, echo: bool) -> None:
+    client, _ = client_of(gw)
+    with client:
+        streamed = list(client.completions.create(model="sim", prompt=["A. ", "B. "], echo=echo, stream=True))
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    first = "A. " if echo else ""
+    second = "B. " if echo else ""
+    assert texts == {0: f"{first}echo: A. ", 1: f"{second}echo: B. "}
+
+
+def test_a_prompt_of_a_batch_that_fails_fails_the_request_and_every_call_is_logged(
+    gw: LoggedGateway, flaky: FakeOpenAIServer,
+) -> None:
+    # One of the three calls (whichever comes first) fails; the model has no retry.
+    flaky.call(lambda: flaky.fake.configure_from({"fail_first": 1, "fail_status": 503}))
+    client, _ = client_of(gw)
+    with client, pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(model="flaky", prompt=["p0", "p1", "p2"])
+    error = caught.value
+    assert error.status_code >= 500 and "503" in error.message
+    request_id = error.response.headers[REQUEST_ID]
+    records = [records_of(gw, rid)[0] for rid in (request_id, f"{request_id}-1", f"{request_id}-2")]
+    failed = [r for r in records if r["status"] == error.status_code]
+    assert len(failed) == 1 and all(r["dialect"] == "completions" for r in records)
+    # The others were answered (kept: their cost was spent) or stopped when the first failed.
+    assert {r["outcome"] for r in records if r is not failed[0]} <= {"ok", "client_closed"}
+
+
 # ------------------------------------------------------------------ refused
 
 
 @pytest.mark.parametrize(("arguments", "param", "says"), [
-    ({"prompt": ["one", "two"]}, "prompt", "one prompt per request"),
     ({"prompt": [1, 2, 3]}, "prompt", "Send the prompt as a string"),
     ({"prompt": "x", "suffix": "the end"}, "suffix", "'suffix' is not supported"),
     ({"prompt": "x", "logprobs": 2}, "logprobs", "'logprobs' is not supported"),
     ({"prompt": "x", "best_of": 2}, "best_of", "'best_of' above 1 is not supported"),
     ({"prompt": "x", "n": 2}, "n", "one choice per request"),
     ({"prompt": "x", "temperature": 9}, "temperature", "'temperature'"),
-], ids=["several-prompts", "token-ids", "suffix", "logprobs", "best_of", "n", "temperature"])
+], ids=["token-ids", "suffix", "logprobs", "best_of", "n", "temperature"])
 def test_a_refused_field_is_a_400_the_sdk_reports_by_name(
     gw: LoggedGateway, arguments: dict[str, Any], param: str, says: str,
 ) -> None:

@@ -15,6 +15,7 @@ from spec import COMPLETION, validate
 from keel.chunks import replay_chunks
 from keel.dialects.completions import (
     DEFAULT_MAX_TOKENS,
+    MAX_PROMPTS,
     error_event,
     text_completion,
     text_completion_events,
@@ -54,7 +55,7 @@ def events_of(completion: dict[str, Any], *, include_usage: bool, echo: str | No
     async def collect() -> list[bytes]:
         stream = ChunkStream(source())
         stream.hide_usage = not include_usage
-        return [event async for event in text_completion_events(stream, echo)]
+        return [event async for event in text_completion_events(stream, None if echo is None else [echo])]
 
     return asyncio.run(collect())
 
@@ -70,16 +71,16 @@ def decoded(events: list[bytes]) -> list[dict[str, Any]]:
 
 def test_a_prompt_becomes_the_one_user_message_of_a_chat_request() -> None:
     call = translated({"model": "m", "prompt": "Once upon a time"})
-    assert len(call.request.messages) == 1
-    message = call.request.messages[0]
+    assert len(call.requests[0].messages) == 1
+    message = call.requests[0].messages[0]
     assert isinstance(message, UserMessage) and message.content == "Once upon a time"
-    assert call.echo is None
+    assert call.echoes is None
 
 
 def test_max_tokens_defaults_to_16_as_openai_and_is_kept_when_sent() -> None:
-    assert translated({"model": "m", "prompt": "x"}).request.max_tokens == DEFAULT_MAX_TOKENS == 16
-    assert translated({"model": "m", "prompt": "x", "max_tokens": None}).request.max_tokens == 16
-    assert translated({"model": "m", "prompt": "x", "max_tokens": 300}).request.max_tokens == 300
+    assert translated({"model": "m", "prompt": "x"}).requests[0].max_tokens == DEFAULT_MAX_TOKENS == 16
+    assert translated({"model": "m", "prompt": "x", "max_tokens": None}).requests[0].max_tokens == 16
+    assert translated({"model": "m", "prompt": "x", "max_tokens": 300}).requests[0].max_tokens == 300
 
 
 def test_the_sampling_and_tracking_fields_reach_the_chat_request() -> None:
@@ -87,7 +88,7 @@ def test_the_sampling_and_tracking_fields_reach_the_chat_request() -> None:
         "model": "m", "prompt": "x", "temperature": 0.2, "top_p": 0.9, "n": 1, "stop": ["\n"], "stream": True,
         "stream_options": {"include_usage": True}, "user": "u-1", "seed": 7, "presence_penalty": 0.5,
         "frequency_penalty": -0.5, "logit_bias": {"50256": -100}, "metadata": {"team": "search"}, "best_of": 1,
-    }).request
+    }).requests[0]
     assert (request.temperature, request.top_p, request.n, request.stop, request.stream) == (0.2, 0.9, 1, ["\n"], True)
     assert request.stream_options is not None and request.stream_options.include_usage is True
     assert (request.user, request.seed, request.presence_penalty, request.frequency_penalty) == ("u-1", 7, 0.5, -0.5)
@@ -99,15 +100,24 @@ def test_the_sampling_and_tracking_fields_reach_the_chat_request() -> None:
 
 
 def test_a_list_of_one_prompt_is_that_prompt() -> None:
-    message = translated({"model": "m", "prompt": ["only one"]}).request.messages[0]
+    message = translated({"model": "m", "prompt": ["only one"]}).requests[0].messages[0]
     assert isinstance(message, UserMessage) and message.content == "only one"
 
 
-def test_several_prompts_are_refused_since_one_call_has_one_log_record() -> None:
-    error = refused({"model": "m", "prompt": ["one", "two", "three"]})
-    assert error.param == "prompt" and error.status == 400
-    assert "one prompt per request" in error.message and "got 3" in error.message
-    assert "in a request of its own" in error.message
+def test_several_prompts_are_one_chat_request_each_in_order() -> None:
+    call = translated({"model": "m", "prompt": ["one", "two", "three"], "max_tokens": 5, "echo": True})
+    assert [r.messages[0].content for r in call.requests] == ["one", "two", "three"]  # type: ignore[union-attr]
+    assert all(r.max_tokens == 5 and r.model == "m" for r in call.requests)
+    assert call.echoes == ("one", "two", "three")
+
+
+@pytest.mark.parametrize(("prompt", "says"), [
+    (["x"] * (MAX_PROMPTS + 1), f"at most {MAX_PROMPTS} prompts per request"),
+    (["x", 1], "a list of prompts must hold strings only"),
+], ids=["too-many", "mixed"])
+def test_a_bad_list_of_prompts_is_refused_naming_the_limit(prompt: list[Any], says: str) -> None:
+    error = refused({"model": "m", "prompt": prompt})
+    assert error.param == "prompt" and error.status == 400 and says in error.message
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]]], ids=["token-ids", "lists-of-token-ids"])
@@ -120,7 +130,7 @@ def test_token_id_prompts_are_refused_asking_for_a_string(prompt: Any) -> None:
 @pytest.mark.parametrize(("body", "message"), [
     ({"model": "m"}, "Missing required parameter 'prompt'."),
     ({"model": "m", "prompt": None}, "Missing required parameter 'prompt'."),
-    ({"model": "m", "prompt": []}, "Invalid value for 'prompt': it must hold one string, got an empty array."),
+    ({"model": "m", "prompt": []}, "Invalid value for 'prompt': it must hold at least one string, got an empty array."),
     ({"model": "m", "prompt": {"text": "x"}}, "Invalid type for 'prompt': expected a string, got an object."),
     ({"model": "m", "prompt": 3}, "Invalid type for 'prompt': expected a string, got a number."),
 ])
@@ -151,7 +161,7 @@ def test_a_body_that_is_not_an_object_is_refused() -> None:
 
 
 def test_null_suffix_and_logprobs_are_the_defaults_not_refusals() -> None:
-    assert translated({"model": "m", "prompt": "x", "suffix": None, "logprobs": None, "echo": False}).echo is None
+    assert translated({"model": "m", "prompt": "x", "suffix": None, "logprobs": None, "echo": False}).echoes is None
 
 
 # ------------------------------------------------------------------ answers
@@ -168,7 +178,7 @@ def test_a_chat_completion_becomes_a_text_completion_as_openai_describes_it() ->
 
 
 def test_echo_puts_the_prompt_before_the_answer() -> None:
-    assert text_completion(CHAT_COMPLETION, "Say hi. ")["choices"][0]["text"] == "Say hi. Hello there, friend."
+    assert text_completion(CHAT_COMPLETION, ["Say hi. "])["choices"][0]["text"] == "Say hi. Hello there, friend."
 
 
 @pytest.mark.parametrize(("chat", "legacy"), [("stop", "stop"), ("length", "length"),

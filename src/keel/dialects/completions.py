@@ -4,9 +4,13 @@ A completions request becomes a chat request whose one user message is the promp
 Keel are chat models, so they answer the prompt as a chat turn (LiteLLM does the same). The answer, and
 each chunk of a stream, goes back as OpenAI's `text_completion` object.
 
-What the one call cannot carry is refused with a 400 naming the field, never dropped: a list of several
-prompts (each would be a call of its own, and the request log promises one record per client call),
-token-id prompts, `suffix`, `logprobs`, `best_of` above 1. Everything else maps one to one (`max_tokens`,
+A list of prompts (a batch, up to `MAX_PROMPTS`) becomes one chat request per prompt: each is a call of
+its own through the pipeline (its own record in the request log, budget charge and cache lookup), run
+side by side by keel.server.completions_api, and the answers come back as one `text_completion` whose
+choice `index` is the prompt's place in the list (OpenAI's numbering with `n` = 1).
+
+What cannot be carried is refused with a 400 naming the field, never dropped: token-id prompts, `suffix`,
+`logprobs`, `best_of` above 1. Everything else maps one to one (`max_tokens`,
 `temperature`, `top_p`, `n`, `stop`, `stream`, `stream_options`, `user`, `seed`, the penalties,
 `logit_bias`, `metadata`); `echo` is done here, by putting the prompt before the answer.
 
@@ -16,7 +20,7 @@ request, and each answer or chunk serialised once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +30,10 @@ from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.request_errors import json_kind, parse_request
 from keel.types import ChatRequest
 
-__all__ = ["DEFAULT_MAX_TOKENS", "Translated", "error_event", "text_completion", "text_completion_events", "translated"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS", "MAX_PROMPTS", "Translated", "error_event", "text_completion", "text_completion_events",
+    "translated",
+]
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
 
@@ -37,12 +44,16 @@ _OWN = frozenset(("prompt", "suffix", "echo", "best_of", "logprobs"))
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
+MAX_PROMPTS = 64  # prompts in one request: each is a call of its own; more is a job for a batch client
+
+
 @dataclass(frozen=True, slots=True)
 class Translated:
-    """The chat request a completions request became, and the prompt to echo before the answer (or None)."""
+    """The chat requests a completions request became (one per prompt, in order), and the prompts to echo
+    before the answers (None without `echo`)."""
 
-    request: ChatRequest
-    echo: str | None
+    requests: tuple[ChatRequest, ...]
+    echoes: tuple[str, ...] | None
 
 
 def translated(data: Any) -> Translated:
@@ -51,9 +62,8 @@ def translated(data: Any) -> Translated:
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object ({{...}}), got {json_kind(data)}.")
     _refuse_unsupported(data)
-    prompt = prompt_text(data.get("prompt", _MISSING))
+    prompts = prompt_texts(data.get("prompt", _MISSING))
     chat = {name: value for name, value in data.items() if name not in _OWN}
-    chat["messages"] = [{"role": "user", "content": prompt}]
     if chat.get("max_tokens") is None:
         chat["max_tokens"] = DEFAULT_MAX_TOKENS
     echo = data.get("echo")
@@ -61,35 +71,36 @@ def translated(data: Any) -> Translated:
         raise InvalidRequest(f"Invalid type for 'echo': expected a boolean, got {json_kind(echo)}.", param="echo")
     # Strict, as for chat: JSON types as OpenAI documents them. Shared fields keep their names, so an
     # error names the field as the client wrote it.
-    return Translated(parse_request(ChatRequest, chat, strict=True), prompt if echo else None)
+    requests = tuple(parse_request(ChatRequest, {**chat, "messages": [{"role": "user", "content": prompt}]},
+                                   strict=True) for prompt in prompts)
+    return Translated(requests, prompts if echo else None)
 
 
 _MISSING: Any = object()
 
 
-def prompt_text(prompt: Any) -> str:
-    """The one prompt of a request: a string, or a list holding one string."""
+def prompt_texts(prompt: Any) -> tuple[str, ...]:
+    """The prompts of a request: a string, or a list of one to `MAX_PROMPTS` strings."""
     if isinstance(prompt, str):
-        return prompt
+        return (prompt,)
     if prompt is _MISSING or prompt is None:
         raise InvalidRequest("Missing required parameter 'prompt'.", param="prompt")
     if isinstance(prompt, list):
         if prompt and all(isinstance(item, str) for item in prompt):
-            if len(prompt) == 1:
-                return str(prompt[0])
-            raise InvalidRequest(
-                f"Invalid value for 'prompt': Keel answers one prompt per request (one call, one record in "
-                f"the request log), got {len(prompt)}. Send each prompt in a request of its own.",
-                param="prompt",
-            )
+            if len(prompt) > MAX_PROMPTS:
+                raise InvalidRequest(
+                    f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request (each is a call of "
+                    f"its own), got {len(prompt)}. Split the list over several requests.", param="prompt")
+            return tuple(prompt)
         if prompt and all(isinstance(item, (int, list)) and not isinstance(item, bool) for item in prompt):
             raise InvalidRequest(
                 "Invalid value for 'prompt': token ids are not accepted (Keel's models may each use another "
                 "tokenizer). Send the prompt as a string.", param="prompt",
             )
         if not prompt:
-            raise InvalidRequest("Invalid value for 'prompt': it must hold one string, got an empty array.",
+            raise InvalidRequest("Invalid value for 'prompt': it must hold at least one string, got an empty array.",
                                  param="prompt")
+        raise InvalidRequest("Invalid value for 'prompt': a list of prompts must hold strings only.", param="prompt")
     got = "an object" if isinstance(prompt, dict) else json_kind(prompt)
     raise InvalidRequest(f"Invalid type for 'prompt': expected a string, got {got}.", param="prompt")
 
@@ -125,16 +136,19 @@ def completion_id(chat_id: str | None) -> str:
     return "cmpl-" + chat_id.removeprefix("chatcmpl-")
 
 
-def text_completion(completion: dict[str, Any], echo: str | None = None) -> dict[str, Any]:
-    """A chat.completion as the `text_completion` object a non-streamed call answers with."""
-    choice = completion["choices"][0]
-    message = choice.get("message") or {}
-    text = message.get("content") or message.get("refusal") or ""
+def text_completion(completion: dict[str, Any], echoes: Sequence[str] | None = None) -> dict[str, Any]:
+    """A chat.completion as the `text_completion` object a non-streamed call answers with: one choice per
+    prompt (a batch's answers come merged, each choice at its prompt's index), each after its echo."""
+    choices = []
+    for choice in completion["choices"]:
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        text = message.get("content") or message.get("refusal") or ""
+        choices.append({"text": echoes[index] + text if echoes else text, "index": index, "logprobs": None,
+                        "finish_reason": _FINISH.get(choice.get("finish_reason"), "stop")})
     body: dict[str, Any] = {
         "id": completion_id(completion.get("id")), "object": "text_completion",
-        "created": completion.get("created"), "model": completion.get("model"),
-        "choices": [{"text": echo + text if echo else text, "index": 0, "logprobs": None,
-                     "finish_reason": _FINISH.get(choice.get("finish_reason"), "stop")}],
+        "created": completion.get("created"), "model": completion.get("model"), "choices": choices,
     }
     if completion.get("usage"):
         body["usage"] = completion["usage"]
@@ -143,28 +157,32 @@ def text_completion(completion: dict[str, Any], echo: str | None = None) -> dict
     return body
 
 
-async def text_completion_events(stream: ChunkStream, echo: str | None = None) -> AsyncIterator[bytes]:
+async def text_completion_events(stream: ChunkStream, echoes: Sequence[str] | None = None) -> AsyncIterator[bytes]:
     """A stream of chat.completion chunks as `text_completion` chunks, then `[DONE]`, as OpenAI sends them:
     one chunk per piece of text (`finish_reason` null), one with the finish reason, and the usage chunk
-    (`choices` empty) when the client asked for it."""
+    (`choices` empty) when the client asked for it. A batch's chunks carry their prompt's index; with
+    `echoes`, a prompt's echo goes before its first piece."""
     head: dict[str, Any] | None = None
+    echoed: set[int] = set()
     async for chunk in stream:
         if head is None:
             head = {"id": completion_id(chunk.get("id")), "object": "text_completion",
                     "created": chunk.get("created"), "model": chunk.get("model")}
             if isinstance(chunk.get("system_fingerprint"), str):
                 head["system_fingerprint"] = chunk["system_fingerprint"]
-            if echo:
-                yield encode_chunk({**head, "choices": [_choice(echo, None)]})
         choices = chunk.get("choices")
         if choices:
             choice = choices[0]
+            index = choice.get("index", 0)
+            if echoes and index not in echoed:
+                echoed.add(index)
+                yield encode_chunk({**head, "choices": [_choice(echoes[index], None, index)]})
             delta = choice.get("delta") or {}
             text = delta.get("content") or delta.get("refusal")
             finish = choice.get("finish_reason")
             if text or finish:
                 out: dict[str, Any] = {**head, "choices": [
-                    _choice(text or "", None if finish is None else _FINISH.get(finish, "stop"))]}
+                    _choice(text or "", None if finish is None else _FINISH.get(finish, "stop"), index)]}
                 if chunk.get("usage"):
                     out["usage"] = chunk["usage"]
                 yield encode_chunk(out)
@@ -173,8 +191,8 @@ async def text_completion_events(stream: ChunkStream, echo: str | None = None) -
     yield DONE
 
 
-def _choice(text: str, finish: str | None) -> dict[str, Any]:
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+def _choice(text: str, finish: str | None, index: int) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
 
 
 def error_event(exc: KeelError) -> bytes:

@@ -47,9 +47,18 @@ class ResponseEvents:
         self.sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
 
+    def _response_event(self, kind: str, response: bytes) -> bytes:
+        """`event` of `{"response": <response, already encoded>}`."""
+        sequence = self.sequence
+        self.sequence += 1
+        return b"".join((b"event: ", kind.encode(), b'\ndata: {"response":', response, b',"type":"', kind.encode(),
+                         b'","sequence_number":%d}\n\n' % sequence))
+
     async def events(self, stream: ChunkStream) -> AsyncIterator[bytes]:
-        yield self.event("response.created", {"response": self.response})
-        yield self.event("response.in_progress", {"response": self.response})
+        """The events, one write per chunk: the events a chunk makes (an item opened, its part, the
+        first delta) leave together, as do the opening pair and the closing ones."""
+        shell = orjson.dumps(self.response)  # the same Response in both opening events: encoded once
+        yield self._response_event("response.created", shell) + self._response_event("response.in_progress", shell)
         async for chunk in stream:
             if self.response["model"] == "" and chunk.get("model"):
                 self.response["model"] = chunk["model"]
@@ -57,23 +66,25 @@ class ResponseEvents:
                 if choice.get("index", 0) != 0:
                     continue
                 delta = choice.get("delta") or {}
+                out: list[bytes] = []
                 if text := delta.get("content"):
-                    for data in self._text(text, refusal=False):
-                        yield data
+                    if self.text is not None and self.open_call is None:  # most chunks: more of the open text
+                        self.text.append(text)
+                        yield self._text_delta(text)
+                    else:
+                        out += self._text(text, refusal=False)
                 if refusal := delta.get("refusal"):
-                    for data in self._text(refusal, refusal=True):
-                        yield data
+                    out += self._text(refusal, refusal=True)
                 for call in delta.get("tool_calls") or ():
-                    for data in self._call(call):
-                        yield data
-        for data in self._close_message():
-            yield data
-        for data in self._close_call():
-            yield data
+                    out += self._call(call)
+                if out:
+                    yield b"".join(out)
+        out = self._close_message() + self._close_call()
         self.response["output"] = self.output
         self.final = finished(self.response, stream.finish_reason, stream.usage)
         kind = "response.incomplete" if self.final["status"] == "incomplete" else "response.completed"
-        yield self.event(kind, {"response": self.final})
+        out.append(self.event(kind, {"response": self.final}))
+        yield b"".join(out)
 
     def error(self, exc: KeelError) -> bytes:
         """The failure as an `error` event, then `response.failed` with what had been made."""
@@ -85,9 +96,6 @@ class ResponseEvents:
     # ------------------------------------------------------------------ the items
 
     def _text(self, text: str, refusal: bool) -> list[bytes]:
-        if not refusal and self.text is not None and self.open_call is None:  # most chunks: more of the open text
-            self.text.append(text)
-            return [self._text_delta(text)]
         out = self._close_call()
         if not self.message_open:
             item = message_item(new_id("msg_"), [], "in_progress")
