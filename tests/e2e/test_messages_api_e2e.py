@@ -81,6 +81,8 @@ def test_messages_create_answers_a_message(setup: Setup, model: str) -> None:
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     assert raw.headers.get("x-keel-request-id")
+    # Anthropic's SDK reads the id from its own header: the same id, so a support ticket finds the record.
+    assert message._request_id == raw.headers["x-keel-request-id"]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -188,6 +190,7 @@ def test_a_bad_key_and_an_unknown_model_are_the_sdk_s_exceptions(setup: Setup) -
     with pytest.raises(anthropic.AuthenticationError) as refused:
         setup.client(api_key="sk-wrong").messages.create(**ask("sim"))
     assert refused.value.body["error"]["type"] == "authentication_error"
+    assert refused.value.request_id == refused.value.response.headers["x-keel-request-id"]
     with pytest.raises(anthropic.NotFoundError) as missing:
         setup.client().messages.create(**ask("no-such-model"))
     assert missing.value.body["error"]["type"] == "not_found_error"

@@ -16,6 +16,7 @@ stored_responses_router = responses_api.stored
 def dialect_routes(served: Served) -> dict[str, HotRoute]:
     return {
         "/v1/responses": HotRoute(partial(responses_api.create, served)),
-        "/v1/messages": HotRoute(partial(messages_api.create, served), error_body=messages_api.error_body),
+        "/v1/messages": HotRoute(partial(messages_api.create, served), error_body=messages_api.error_body,
+                                 id_header=b"request-id"),  # what Anthropic's SDKs read as `_request_id`
         "/v1/completions": HotRoute(partial(completions_api.create, served)),
     }

@@ -175,6 +175,8 @@ class Gateway:
         # OpenAI's x-ratelimit-* headers, on every answer of a call some rate limit counted.
         limited = incoming.ctx.rate_limit if incoming.ctx is not None else None
         extra = limited.headers() if limited is not None else []
+        if route.id_header is not None:  # the dialect's own name for the request id (Anthropic's request-id)
+            extra = [*extra, (route.id_header, id_header[1])]
         # x-keel-cache: hit | semantic-hit | miss | bypass, on every answer of a call a cache saw (docs/caching.md).
         if incoming.ctx is not None and (cached := CACHE_HEADERS.get(incoming.ctx.cache_status)) is not None:
             extra = [*extra, cached]
@@ -281,3 +283,4 @@ class HotRoute:
 
     endpoint: HotEndpoint
     error_body: ErrorBody | None = None
+    id_header: bytes | None = None  # the request id again under this name (besides x-request-id)
