@@ -54,6 +54,16 @@ class BreakerConfig(_Strict):
     cooldown_s: float = Field(default=30, gt=0, description="open this long, then one probe is let through")
 
 
+class SLOGuardConfig(_Strict):
+    action: Literal["off", "fallback", "shed"] = Field(
+        default="off",
+        description="a deployment breaking the `slo` targets: off (served as usual), fallback (calls go to the "
+        "next deployment; the last one left still serves) or shed (no healthy one left: 503 overloaded)",
+    )
+    window_s: float = Field(default=60, gt=0, le=3600, description="the recent calls judged: those of the last N s")
+    min_calls: int = Field(default=20, ge=1, description="calls in the window before it is judged at all")
+
+
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"must start with http:// or https://, got {value!r}")
@@ -644,6 +654,10 @@ class ModelConfig(_Strict):
     chunk_gap_timeout_s: float | None = Field(default=None, gt=0, description="streams: longest silence")
     retry: RetryConfig = Field(default_factory=RetryConfig, description="retries with backoff")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker per deployment")
+    slo_guard: SLOGuardConfig = Field(
+        default_factory=SLOGuardConfig,
+        description="set aside a deployment whose recent calls break `slo` (docs/reliability.md)",
+    )
     router: RouterConfig | None = Field(
         default=None, description="a virtual model: routes each call to one of its tiers (docs/routing.md)"
     )

@@ -27,7 +27,7 @@ from keel.budgets.budgets import Budgets
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
 from keel.cache.health import BackendsCollector
-from keel.config import ConfigError, KeelConfig, ModelConfig, load_config
+from keel.config import ConfigError, KeelConfig, ModelConfig, SLOConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
@@ -37,7 +37,7 @@ from keel.guardrails.stages import GuardrailStages
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
 from keel.limits.stage import RateLimitStage
-from keel.observability.metrics import Metrics, breaker_states
+from keel.observability.metrics import Metrics, breaker_states, slo_states
 from keel.observability.stage import Observe
 from keel.observability.store import RecordStore
 from keel.observability.tracing import TraceScope, Tracing
@@ -46,6 +46,7 @@ from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Repl
 from keel.prompts import PromptFileInvalid, PromptRef, PromptRegistry, apply_prompt
 from keel.providers.base import Deployment, deployment_name, make_provider
 from keel.reliability.breaker import CircuitBreaker
+from keel.reliability.slo_guard import SLOGuard
 from keel.reliability.stage import Reliability
 from keel.request_errors import parse_request
 from keel.routing.build import build_routing
@@ -71,7 +72,7 @@ class Keel:
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
         self.deployments: dict[str, list[Deployment]] = {
-            model.name: [_deployment(model, dep) for dep in model.deployments] for model in config.models
+            model.name: [_deployment(model, dep, config.slo) for dep in model.deployments] for model in config.models
         }
         self.meter = CostMeter(PricingTable(config))
         self.metrics = Metrics()
@@ -95,6 +96,7 @@ class Keel:
         self.observe = observe or Observe(self.review.watch(self.writer), self.tracing, self.metrics,
                                           log_content=config.store.log_content)
         self.metrics.watch_breakers(breaker_states(self.deployments))
+        self.metrics.watch_slo(slo_states(self.deployments))
         self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
         self.metrics.watch_dropped(lambda: self.writer.dropped)
         self.metrics.registry.register(self.alerts)
@@ -442,13 +444,14 @@ def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:
     return None
 
 
-def _deployment(model: ModelConfig, config: Any) -> Deployment:
+def _deployment(model: ModelConfig, config: Any, slo: SLOConfig) -> Deployment:
     name = deployment_name(config)
     return Deployment(
         name=name,
         config=config,
         provider=make_provider(config, name),
         breaker=CircuitBreaker(model.breaker.failure_threshold, model.breaker.cooldown_s),
+        slo=SLOGuard(name, model.slo_guard, slo) if model.slo_guard.action != "off" else None,
     )
 
 

@@ -222,6 +222,15 @@ class CircuitOpen(UpstreamError):
         return {}
 
 
+class SLOShed(KeelError):
+    """Every deployment of the model breaks the `slo` targets and its `slo_guard.action` is `shed`:
+    refused at once, with a Retry-After for when the oldest of their recent calls leaves the window."""
+
+    status = 503
+    type = "api_error"
+    code = "overloaded"
+
+
 class ModelNotLoaded(KeelError):
     """The embedded model's files are missing: say what to install."""
 

@@ -26,6 +26,7 @@ BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 OTHER = "other"
 
 BreakerStates = Callable[[], Iterable[tuple[str, str]]]
+SLOStates = Callable[[], Iterable[tuple[str, bool, int]]]  # (deployment, set aside now, calls diverted so far)
 M = TypeVar("M", Counter, Histogram)
 
 
@@ -137,6 +138,10 @@ class Metrics:
         """`states()` yields (deployment, "closed" | "half_open" | "open"); see `breaker_states`."""
         self._callbacks.breakers = states
 
+    def watch_slo(self, states: SLOStates) -> None:
+        """The SLO guards' verdicts and diversions (keel.reliability.slo_guard); see `slo_states`."""
+        self._callbacks.slo = states
+
     def watch_queue(self, name: str, depth: Callable[[], float]) -> None:
         """A queue whose depth `keel_queue_depth{queue=name}` reports (the log writer's, the local model's)."""
         self._callbacks.queues[name] = depth
@@ -148,6 +153,18 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The body and content type of a `/metrics` response."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def slo_states(deployments: Mapping[str, Sequence[Deployment]]) -> SLOStates:
+    """The SLO guards of `Keel.deployments` (those of models with `slo_guard` on), for `watch_slo`."""
+
+    def states() -> Iterator[tuple[str, bool, int]]:
+        for group in deployments.values():
+            for deployment in group:
+                if deployment.slo is not None:
+                    yield deployment.name, deployment.slo.degraded() is not None, deployment.slo.diversions
+
+    return states
 
 
 def breaker_states(deployments: Mapping[str, Sequence[Deployment]]) -> BreakerStates:
@@ -166,6 +183,7 @@ class _Callbacks:
 
     def __init__(self) -> None:
         self.breakers: BreakerStates | None = None
+        self.slo: SLOStates | None = None
         self.queues: dict[str, Callable[[], float]] = {}
         self.dropped: Callable[[], float] | None = None
 
@@ -186,4 +204,19 @@ class _Callbacks:
             "keel_log_records_dropped", "Request records the log writer could not keep",
             value=self.dropped() if self.dropped is not None else 0,
         )
-        return [breakers, queues, dropped]
+        degraded = GaugeMetricFamily(
+            "keel_slo_degraded", "1 while a deployment is set aside for breaking the SLO targets", labels=["deployment"]
+        )
+        diversions = CounterMetricFamily(
+            "keel_slo_diversions", "Calls sent elsewhere or shed because their deployment broke the SLO targets",
+            labels=["deployment"],
+        )
+        if self.slo is not None:
+            totals: dict[str, tuple[int, int]] = {}  # a deployment name may serve several models: worst, and sum
+            for name, aside, diverted in self.slo():
+                was, count = totals.get(name, (0, 0))
+                totals[name] = (max(was, int(aside)), count + diverted)
+            for name, (aside_now, diverted_total) in totals.items():
+                degraded.add_metric([name], aside_now)
+                diversions.add_metric([name], diverted_total)
+        return [breakers, queues, dropped, degraded, diversions]

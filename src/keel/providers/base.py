@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from keel.config import Deployment as DeploymentConfig
     from keel.pipeline import Call, Reply
     from keel.reliability.breaker import CircuitBreaker
+    from keel.reliability.slo_guard import SLOGuard
 
 
 class Provider(Protocol):
@@ -47,6 +48,7 @@ class Deployment:
     config: DeploymentConfig
     provider: Provider
     breaker: CircuitBreaker
+    slo: SLOGuard | None = None  # with the model's slo_guard on (keel.reliability.slo_guard)
 
 
 def deployment_name(config: DeploymentConfig) -> str:

@@ -57,3 +57,4 @@ def breaker_moved(call: Call, deployment: Deployment, before: BreakerState, outc
         log.info("request %s: circuit breaker of deployment '%s' half-open: this call is its probe", rid, name)
     else:
         log.info("request %s: circuit breaker of deployment '%s' closed: its probe succeeded", rid, name)
+

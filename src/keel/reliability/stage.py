@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
-from keel.errors import CircuitOpen, KeelError, UpstreamError, UpstreamTimeout
+from keel.errors import CircuitOpen, KeelError, SLOShed, UpstreamError, UpstreamTimeout
 from keel.pipeline import Attempt, Call, ChunkStream, Next, Reply
 from keel.providers.base import Deployment
 from keel.reliability import events
@@ -60,9 +61,12 @@ class Reliability:
         """Try each deployment once, in order; return the first answer."""
         paused: list[str] = []
         failed: KeelError | None = None  # this pass's last failure
+        healthy = _slo_healthy(call)
         for deployment in call.deployments:
             if failures and (call.ctx.remaining() or 0.0) <= 0:
                 raise failures[-1]  # out of time: report what failed, not a try that had no time
+            if deployment not in healthy:
+                continue
             before = deployment.breaker.state
             permit = deployment.breaker.acquire()
             events.breaker_moved(call, deployment, before, None)
@@ -124,6 +128,34 @@ class Reliability:
         return reply
 
 
+def _slo_healthy(call: Call) -> Sequence[Deployment]:
+    """The deployments this pass may try: all, but those set aside by their SLO guard while another is
+    healthy (each diversion is an attempt in the record, error `slo_degraded`). With none healthy,
+    `shed` refuses the call; `fallback` tries them all, as a last resort beats no answer."""
+    deployments = call.deployments
+    degraded = [d for d in deployments if d.slo is not None and d.slo.degraded()]
+    if not degraded:
+        return deployments
+    healthy = [d for d in deployments if d not in degraded]
+    shed = not healthy and any(d.slo is not None and d.slo.action == "shed" for d in degraded)
+    if healthy or shed:
+        now = time.monotonic()
+        for deployment in degraded:
+            assert deployment.slo is not None
+            deployment.slo.diversions += 1
+            call.ctx.attempts.append(Attempt(deployment=deployment.name, started=now, ended=now, error="slo_degraded"))
+    if healthy:
+        return healthy
+    if shed:
+        reasons = "; ".join(f"'{d.name}': {d.slo.degraded()}" for d in degraded if d.slo is not None)
+        raise SLOShed(
+            f"model '{call.model.name}' is shedding load: its deployments break the SLO targets ({reasons}). "
+            "Retry after the Retry-After.",
+            retry_after=min(d.slo.retry_after() for d in degraded if d.slo is not None),
+        )
+    return deployments
+
+
 def _settle(
     call: Call, deployment: Deployment, permit: Permit, record: Attempt, outcome: BaseException | None
 ) -> None:
@@ -142,6 +174,8 @@ def _settle(
     else:
         permit.release()
     events.breaker_moved(call, deployment, before, outcome)
+    if deployment.slo is not None and (outcome is None or isinstance(outcome, KeelError)):
+        deployment.slo.observe((record.ended - record.started) * 1000, isinstance(outcome, UpstreamError))
     if isinstance(outcome, KeelError):
         record.error = outcome.code or "error"
     elif outcome is not None:
