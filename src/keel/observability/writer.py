@@ -175,7 +175,7 @@ class Spool:
                     os.close(fd)
         for orphan in self.path.parent.glob(f"{self.path.name}.replaying-*"):
             pid = orphan.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 try:
                     os.replace(orphan, own)  # left by a process that died mid-replay
                 except FileNotFoundError:
@@ -194,7 +194,8 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
