@@ -11,9 +11,9 @@ Workers are replicas: what one counts, the others must see. So with more than on
 budget and cache must live in Redis or PostgreSQL, and start-up refuses in-process ones
 (`SharedStateRequired`). The request log may stay in SQLite: one file on one machine, which SQLite
 shares between processes itself (WAL; each worker writes a batch at most every
-`store.flush_interval_ms`, and a writer waits for another's lock up to 30 s). The spool is shared
-safely too (keel.observability.writer.Spool). `/metrics` sums the workers
-(keel.observability.multiprocess).
+`store.flush_interval_ms`, and a writer waits for another's lock up to 30 s). Each worker spools to a
+file of its own, and what a dead worker left there is replayed by the next to start
+(keel.observability.writer.Spool). `/metrics` sums the workers (keel.observability.multiprocess).
 
 Each worker builds its own `Keel` from the config file the parent read: `worker_app` is the app
 factory uvicorn calls in each of them.
@@ -145,6 +145,7 @@ def worker_app() -> ASGIApp:
     """The app of one worker (uvicorn's factory, called in each worker process)."""
     from keel.config import find_config
     from keel.engine import Keel
+    from keel.observability.writer import Spool
     from keel.server.app import create_app
     from keel.server.runtime import FrozenAfterStartup, tune_interpreter
 
@@ -153,6 +154,7 @@ def worker_app() -> ASGIApp:
     named = os.environ.get(CONFIG_ENV, "")
     source = find_config(named) if named else ConfigSource(None, "default")
     keel = Keel(source.load(warn_unset_keys=False))  # the parent warned once
+    keel.writer.spool = Spool.of_worker(keel.config.store.spool_path)  # no lock shared with other workers
     tune_interpreter()
     app: ASGIApp = FrozenAfterStartup(create_app(keel), settle=keel.writer.flush)  # see runtime.py
     if keel.metrics.shared is not None:
