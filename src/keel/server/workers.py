@@ -122,12 +122,19 @@ def run_workers(config: uvicorn.Config, source: ConfigSource) -> bool:
         signalled = False
 
         def handle_int(self) -> None:
-            self.signalled = True
+            self.stop()
             super().handle_int()
 
         def handle_term(self) -> None:
-            self.signalled = True
+            self.stop()
             super().handle_term()
+
+        def stop(self) -> None:
+            # The workers close the listening socket as they start draining; the parent's copy of it
+            # must go too, or new connections would still be queued, for no one to answer.
+            self.signalled = True
+            for listening in self.sockets:
+                listening.close()
 
     os.environ[CONFIG_ENV] = str(source.path.absolute()) if source.path else ""
     os.environ[LOG_LEVEL_ENV] = str(config.log_level or "info")
