@@ -50,8 +50,11 @@ def fake_upstream() -> Iterator[FakeOpenAIServer]:
 class GatewayProcess:
     """`keel serve` in a child process, as a user runs it."""
 
-    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
+        self.args = args or []  # more of `keel serve`'s options: ["--workers", "2"]
         self.config_path = tmp / f"keel-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / f"keel-{self.port}.log"
@@ -66,7 +69,7 @@ class GatewayProcess:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keel.cli", "serve", "--config", str(self.config_path),
-             "--port", str(self.port), "--log-level", "info"],
+             "--port", str(self.port), "--log-level", "info", *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         deadline = time.monotonic() + timeout
@@ -99,8 +102,10 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Start `keel serve` with a config dict: `gw = gateway({"models": [...]})`."""
     started: list[GatewayProcess] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
-        process = GatewayProcess(config, tmp_path, env).start()
+    def start(
+        config: dict[str, Any], env: dict[str, str] | None = None, args: list[str] | None = None,
+    ) -> GatewayProcess:
+        process = GatewayProcess(config, tmp_path, env, args).start()
         started.append(process)
         return process
 

@@ -102,30 +102,38 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to bind; default: server.host")] = None,
     port: Annotated[int | None, typer.Option(help="port; default: server.port (8080)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, help="processes serving the one port; above 1, limits, budgets and caches "
+                                      "must be in Redis/PostgreSQL (docs/scale-out.md)")
+    ] = 1,
 ) -> None:
     """Serve the OpenAI-compatible gateway."""
     import uvicorn
 
     from keel.server import create_app
     from keel.server.runtime import FrozenAfterStartup, tune_interpreter
+    from keel.server.workers import SharedStateRequired, require_shared_state, run_workers
 
     # Logging first, so warnings found while loading the config come out formatted.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from keel.probes import safe_url
 
     source, cfg = _load(config)
+    try:
+        require_shared_state(cfg, workers)
+    except SharedStateRequired as exc:
+        raise _fail(str(exc), 2) from None
     _preflight(cfg)
     keel = _engine(cfg)
     # uvicorn re-raises SIGTERM at itself after its graceful shutdown; a drained server exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    tune_interpreter()
     bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
     logging.getLogger("keel").info(
-        "serving %s at http://%s:%d/v1; request log: %s; config: %s", ", ".join(m.name for m in cfg.models),
-        bind_host, bind_port, safe_url(cfg.store.url), source.describe(),
+        "serving %s at http://%s:%d/v1%s; request log: %s; config: %s", ", ".join(m.name for m in cfg.models),
+        bind_host, bind_port, f" with {workers} workers" if workers > 1 else "", safe_url(cfg.store.url),
+        source.describe(),
     )
-    uvicorn.run(
-        FrozenAfterStartup(create_app(keel), settle=keel.writer.flush),  # a short tail: see runtime.py
+    settings: dict[str, Any] = dict(
         host=bind_host,
         port=bind_port,
         loop="uvloop",
@@ -137,6 +145,16 @@ def serve(
         # Whole seconds, rounded up; 0 really means no grace (uvicorn reads None as "wait forever").
         timeout_graceful_shutdown=math.ceil(cfg.server.graceful_timeout_s),
     )
+    if workers > 1:
+        # Each worker builds its own engine from the same file (keel.server.workers); this one only
+        # checked that it can be built.
+        del keel
+        if not run_workers(uvicorn.Config("keel.server.workers:worker_app", factory=True, workers=workers,
+                                          **settings), source):
+            raise _fail("a worker could not start (its log is above); stopped", 1)
+        return
+    tune_interpreter()
+    uvicorn.run(FrozenAfterStartup(create_app(keel), settle=keel.writer.flush), **settings)  # see runtime.py
 
 
 @app.command()

@@ -99,17 +99,17 @@ class Keel:
         self.metrics.watch_slo(slo_states(self.deployments))
         self.metrics.watch_queue("request_log", lambda: self.writer.queue_depth)
         self.metrics.watch_dropped(lambda: self.writer.dropped)
-        self.metrics.registry.register(self.alerts)
+        self.metrics.register(self.alerts)
         if self.rate_limits is not None:
-            self.metrics.registry.register(self.rate_limits)
+            self.metrics.register(self.rate_limits)
         # One local embedder for every check and the semantic cache, made when one of them needs it.
         self.embedder: SharedEmbedder | None = None
         self.guardrails = _guardrails(config, self._ask, self.deployments, self.shared_embedder)
         self.cache = build_caches(config, self.shared_embedder, review=self.review.semantic_hit)
         if healths := self.cache.healths():  # shared stores count their failures
-            self.metrics.registry.register(BackendsCollector(healths))
+            self.metrics.register(BackendsCollector(healths))
         if self.cache.semantic is not None:  # the guards' refusals
-            self.metrics.registry.register(self.cache.semantic)
+            self.metrics.register(self.cache.semantic)
         guard_in, guard_out = self.guardrails.input, self.guardrails.output
         # Virtual models (keel.routing): the router after auth and rate limits (which count the virtual
         # model) and before budgets, so the hold prices the tier chosen; the cascade inside cost, so an

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -86,6 +87,34 @@ def stores() -> Iterator[Callable[[str], RecordStore]]:
     yield open_store
     for store in opened:
         store.close()
+
+
+def test_a_worker_spools_to_its_own_file_and_replays_those_of_workers_that_are_gone(
+    url: str, writers: WriterFactory, tmp_path: Path,
+) -> None:
+    # keel serve --workers N: each worker its own spool file; a killed worker's file is replayed by
+    # the next worker to start, never one of a worker still running.
+    line = lambda i: orjson.dumps({"kind": "request", "row": record(i).as_dict()}) + b"\n"  # noqa: E731
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / f"spool.jsonl.worker-{gone.pid}").write_bytes(b"".join(line(i) for i in range(5)))
+        (tmp_path / "spool.jsonl").write_bytes(b"".join(line(i) for i in range(5, 10)))  # a one-process run's
+        theirs = tmp_path / f"spool.jsonl.worker-{running.pid}"
+        kept = line(10)
+        theirs.write_bytes(kept)
+        writer, store = writers(url, start=False)
+        writer.spool = Spool.of_worker(tmp_path / "spool.jsonl")
+        assert writer.spool.path == tmp_path / f"spool.jsonl.worker-{os.getpid()}"
+        writer.start()
+        wait_until(lambda: writer.replayed == 10)
+        writer.close()
+        assert ids(store) == [f"req_ok_{i:05d}" for i in range(10)]
+        assert spool_files(tmp_path) == [theirs] and theirs.read_bytes() == kept
+    finally:
+        running.kill()
+        running.wait()
 
 
 WriterFactory = Callable[..., tuple[RecordWriter, RecordStore]]

@@ -5,16 +5,23 @@ instances and tests never collide. Labels that come from clients (feature tags, 
 asked for) are bounded: cut to a length and capped in number, later values count as "other",
 so a client cannot grow the series without limit. State that lives elsewhere (breakers, queue
 depths, records the writer dropped) is read by callbacks at scrape time, never pushed.
+
+Under `keel serve --workers N` the series live in prometheus-client's multiprocess files and a scrape
+sums every worker's (keel.observability.multiprocess); `keel_worker_requests_total{pid}` then counts
+each worker's calls, so an uneven spread shows.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from keel.observability.multiprocess import SharedMetrics, multiprocess_dir
 from keel.observability.record import RequestRecord
 
 if TYPE_CHECKING:
@@ -104,7 +111,20 @@ class Metrics:
             registry=r,
         ))
         self._callbacks = _Callbacks()
-        r.register(self._callbacks)
+        self._scraped: list[Collector] = []  # read at scrape time: copied to the shared files by each worker
+        self.register(self._callbacks)
+        self.worker: Counter | None = None
+        self.shared: SharedMetrics | None = None
+        if (directory := multiprocess_dir()) is not None:  # one of several workers
+            self.worker = Counter(
+                "keel_worker_requests", "Calls each worker process answered", ["pid"], registry=r,
+            ).labels(str(os.getpid()))
+            self.shared = SharedMetrics(directory, self._scraped)
+
+    def register(self, collector: Collector) -> None:
+        """A collector whose values are read at scrape time (the rate limiter's, the cache stores')."""
+        self.registry.register(collector)
+        self._scraped.append(collector)
 
     # ------------------------------------------------------------------ counted per call
 
@@ -112,6 +132,8 @@ class Metrics:
         """Count one finished call from its request record."""
         model, feature = self.model(record.model), self.feature(record.feature)
         self.requests(model, feature, str(record.status), record.outcome).inc()
+        if self.worker is not None:
+            self.worker.inc()
         self.latency(model).observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
             self.ttft(model).observe(record.ttft_ms / 1000)
@@ -151,7 +173,9 @@ class Metrics:
         self._callbacks.dropped = dropped
 
     def render(self) -> tuple[bytes, str]:
-        """The body and content type of a `/metrics` response."""
+        """The body and content type of a `/metrics` response: with several workers, all of theirs."""
+        if self.shared is not None:
+            return self.shared.render(), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -131,11 +131,23 @@ class Spool:
     machine): an append holds an exclusive flock and, if the file was renamed under it, follows
     to the new one; a replay first claims the file by renaming it to a name of its own process,
     so no append can land in a file being replayed, and a claimed file is read by one process only.
+
+    `Spool.of_worker(path)`: a worker of `keel serve --workers N` appends to a file of its own
+    (`<path>.worker-<pid>`), so workers never wait on one another's lock in an outage. Each replays
+    its own, the shared one (left by a one-process run) and those of workers that are gone
+    (killed, say: what they spooled is replayed by the next worker that reaches the store).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser().absolute()
+    def __init__(self, path: str | Path, *, worker: int | None = None) -> None:
+        self.shared = Path(path).expanduser().absolute()
+        self.worker = worker
+        self.path = self.shared if worker is None else self._worker_name(worker)
         self._lock = threading.Lock()
+
+    @classmethod
+    def of_worker(cls, path: str | Path) -> Spool:
+        """The spool of this worker process."""
+        return cls(path, worker=os.getpid())
 
     def append(self, lines: Sequence[bytes]) -> None:
         """Add lines (each ending in a newline); raises OSError when the file cannot be written."""
@@ -157,34 +169,46 @@ class Spool:
 
     def claim(self) -> Path | None:
         """The next file to replay, renamed to this process's own name; None when none waits."""
-        own = self._claimed_name(os.getpid())
+        own = self._claimed_name(self.worker if self.worker is not None else os.getpid())
         if own.exists():
             return own
-        with self._lock:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    if _same_file(fd, self.path):
-                        os.replace(self.path, own)
-                        return own
-                finally:
-                    os.close(fd)
-        for orphan in self.path.parent.glob(f"{self.path.name}.replaying-*"):
+        for path in (self.path, self.shared) if self.worker is not None else (self.path,):
+            if self._claim_appended(path, own):
+                return own
+        orphans = [*self.shared.parent.glob(f"{self.shared.name}.replaying-*")]
+        if self.worker is not None:
+            orphans += self.shared.parent.glob(f"{self.shared.name}.worker-*")
+        for orphan in orphans:
             pid = orphan.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 try:
-                    os.replace(orphan, own)  # left by a process that died mid-replay
+                    os.replace(orphan, own)  # left by a process that died (mid-replay)
                 except FileNotFoundError:
                     continue  # another process claimed it first
                 return own
         return None
 
+    def _claim_appended(self, path: Path, own: Path) -> bool:
+        """Rename a file others may append to, once no append is under way."""
+        with self._lock:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _same_file(fd, path):
+                    os.replace(path, own)
+                    return True
+            finally:
+                os.close(fd)
+        return False
+
     def _claimed_name(self, pid: int) -> Path:
-        return self.path.with_name(f"{self.path.name}.replaying-{pid}")
+        return self.shared.with_name(f"{self.shared.name}.replaying-{pid}")
+
+    def _worker_name(self, pid: int) -> Path:
+        return self.shared.with_name(f"{self.shared.name}.worker-{pid}")
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -194,7 +218,8 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
