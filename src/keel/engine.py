@@ -10,6 +10,7 @@ keyword arguments. Both run the one pipeline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -24,6 +25,7 @@ from keel.auth.stage import Auth
 from keel.auth.store import KeyStore
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
+from keel.budgets.pending_alerts import PendingAlerts
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
 from keel.cache.health import BackendsCollector
@@ -39,7 +41,7 @@ from keel.limits.rules import RateRules
 from keel.limits.stage import RateLimitStage
 from keel.observability.metrics import Metrics, breaker_states
 from keel.observability.stage import Observe
-from keel.observability.store import RecordStore
+from keel.observability.store import RecordStore, StoreError
 from keel.observability.tracing import TraceScope, Tracing
 from keel.observability.writer import RecordWriter
 from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Reply, Stage
@@ -57,6 +59,8 @@ from keel.validation.stage import Validation
 if TYPE_CHECKING:
     from keel.embedding.shared import SharedEmbedder
     from keel.evals.canaries import CanarySchedule
+
+log = logging.getLogger("keel")
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -78,7 +82,8 @@ class Keel:
         self.writer = RecordWriter(RecordStore(config.store.url), config.store)
         self.tracing = Tracing(config.tracing, sink=self.writer)
         self.budgets = Budgets.from_config(config)
-        self.alerts = AlertSender(config.alerts)
+        # Alerts the webhook has not taken are kept in the request log's database: a restart delivers them.
+        self.alerts = AlertSender(config.alerts, pending=PendingAlerts(self.writer.store))
         self.keys = KeyStore(self.writer.store)
         self.auth = _auth(config, self.keys)
         self.prompts = _prompts(config)
@@ -157,6 +162,11 @@ class Keel:
             await asyncio.to_thread(self.writer.start)
             if self.auth is not None:  # the keys' table must exist before the first call
                 await asyncio.to_thread(self.writer.store.migrate)
+            elif self.config.alerts.webhook_url is not None:  # the pending alerts' table, before they start
+                try:
+                    await asyncio.to_thread(self.writer.store.migrate)
+                except StoreError as exc:  # alerts are then delivered from memory until the store is back
+                    log.warning("pending alerts cannot be kept for a restart yet: %s", exc)
             await self.alerts.start()
             if self.embedder is not None:  # the classifier, off-topic checks and semantic cache embed
                 await self.embedder.start()

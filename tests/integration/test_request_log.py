@@ -27,6 +27,7 @@ from sqlalchemy import MetaData, Table, inspect, select, text
 from sqlalchemy.engine import make_url
 
 import keel.auth.store
+import keel.budgets.pending_alerts
 import keel.dialects.response_store
 import keel.evals.tables  # their tables on the request log's metadata, as the gateway has them
 from keel.config import StoreConfig
