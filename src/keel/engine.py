@@ -29,13 +29,15 @@ from keel.budgets.pending_alerts import PendingAlerts
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
 from keel.cache.health import BackendsCollector
-from keel.config import ConfigError, KeelConfig, ModelConfig, load_config
+from keel.config import ConcurrencyConfig, ConfigError, KeelConfig, ModelConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
 from keel.evals.review_feed import ReviewFeed
 from keel.guardrails.stages import GuardrailStages
+from keel.limits.concurrency import ConcurrencyLimit, KeyConcurrency
+from keel.limits.concurrency_stage import ConcurrencyStage
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
 from keel.limits.stage import RateLimitStage
@@ -74,9 +76,14 @@ class Keel:
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
+        # Overload protection (keel.limits.concurrency): one gate per deployment name with max_concurrency.
+        self.concurrency = KeyConcurrency(config.limits.concurrency)
+        gates: dict[str, ConcurrencyLimit] = {}
         self.deployments: dict[str, list[Deployment]] = {
-            model.name: [_deployment(model, dep) for dep in model.deployments] for model in config.models
+            model.name: [_deployment(model, dep, gates, config.limits.concurrency) for dep in model.deployments]
+            for model in config.models
         }
+        self.concurrency.deployments = list(gates.values())
         self.meter = CostMeter(PricingTable(config))
         self.metrics = Metrics()
         self.writer = RecordWriter(RecordStore(config.store.url), config.store)
@@ -105,6 +112,12 @@ class Keel:
         self.metrics.registry.register(self.alerts)
         if self.rate_limits is not None:
             self.metrics.registry.register(self.rate_limits)
+        # Calls in flight per key (limits.concurrency.per_key, or a virtual key's own max_concurrency).
+        concurrency = ConcurrencyStage(self.concurrency) if (
+            config.limits.concurrency.per_key is not None or config.auth.virtual_keys) else None
+        self.concurrency.keys_limited = concurrency is not None
+        if concurrency is not None or self.concurrency.deployments:
+            self.metrics.registry.register(self.concurrency)
         # One local embedder for every check and the semantic cache, made when one of them needs it.
         self.embedder: SharedEmbedder | None = None
         self.guardrails = _guardrails(config, self._ask, self.deployments, self.shared_embedder)
@@ -123,6 +136,7 @@ class Keel:
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
+            *([concurrency] if concurrency else []),  # calls in flight per key: when a limit may apply
             *([self.routing.router] if self.routing else []),  # virtual model -> tier: when some model routes
             budget or BudgetStage(self.budgets, self.meter, self.alerts),
             *self.cache.stages(),  # exact, then semantic cache: for models with them enabled
@@ -452,13 +466,20 @@ def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:
     return None
 
 
-def _deployment(model: ModelConfig, config: Any) -> Deployment:
+def _deployment(
+    model: ModelConfig, config: Any, gates: dict[str, ConcurrencyLimit], settings: ConcurrencyConfig,
+) -> Deployment:
     name = deployment_name(config)
+    gate = None
+    if config.max_concurrency is not None:  # shared by every model that names this deployment
+        gate = gates.get(name) or gates.setdefault(
+            name, ConcurrencyLimit(config.max_concurrency, settings, scope="deployment", name=name))
     return Deployment(
         name=name,
         config=config,
         provider=make_provider(config, name),
         breaker=CircuitBreaker(model.breaker.failure_threshold, model.breaker.cooldown_s),
+        concurrency=gate,
     )
 
 

@@ -10,6 +10,7 @@ from keel.types import ChatRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
     from keel.config import Deployment as DeploymentConfig
+    from keel.limits.concurrency import ConcurrencyLimit
     from keel.pipeline import Call, Reply
     from keel.reliability.breaker import CircuitBreaker
 
@@ -47,6 +48,7 @@ class Deployment:
     config: DeploymentConfig
     provider: Provider
     breaker: CircuitBreaker
+    concurrency: ConcurrencyLimit | None = None  # `max_concurrency`: held by the reliability stage per attempt
 
 
 def deployment_name(config: DeploymentConfig) -> str:
