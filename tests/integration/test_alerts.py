@@ -370,3 +370,31 @@ async def test_the_alerts_of_a_sender_that_died_go_to_another_once_their_lease_l
     await late.stop(timeout_s=10)
     assert late.delivered == 1 and webhook.taken == [alert.payload()]
     assert watcher.count() == 0
+
+
+async def test_a_keel_restarted_over_the_same_log_delivers_the_alert_its_last_run_left_pending(
+    webhook: Webhook, tmp_path: Path,
+) -> None:
+    from keel import Keel
+
+    webhook.down_for = DOWN_FOR_GOOD
+    config = parse_config({
+        "models": [{"name": "m", "deployments": [{"provider": "simulated", "price": {"input": 1000, "output": 1000}}]}],
+        "budgets": [{"scope": "global", "window": "total", "limit_usd": 1, "alert_at": [0.000001]}],
+        "alerts": {"webhook_url": webhook.url, "initial_backoff_s": 60},  # its retry waits past the stop
+        "store": {"url": f"sqlite:///{tmp_path}/log.db", "spool_path": str(tmp_path / "spool.jsonl")},
+    })
+    first = Keel(config)
+    await first.chat(model="m", messages=[{"role": "user", "content": "spend"}], max_tokens=5)
+    await wait_for(lambda: webhook.refused == 1)  # raised, kept, tried once; the webhook is down
+    await first.alerts.stop(timeout_s=0)
+    await first.close()
+    assert first.alerts.kept == 1 and first.alerts.lost == 0
+
+    webhook.down_for = webhook.refused  # back up
+    again = Keel(config)
+    await again.start()  # delivers what the last run left
+    await wait_for(lambda: again.alerts.delivered == 1)
+    await again.close()
+    [body] = webhook.taken
+    assert (body["scope"], body["threshold"], body["reason"]) == ("global", 0.000001, "spent")

@@ -97,7 +97,7 @@ class Reliability:
                 slot = await deployment.concurrency.enter(limit)
             if limit <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(limit - (time.monotonic() - record.started)):
+            async with asyncio.timeout(limit if slot is None else limit - (time.monotonic() - record.started)):
                 reply = await next(replace(call, target=deployment))
                 if isinstance(reply, ChunkStream):
                     try:
