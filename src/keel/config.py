@@ -84,6 +84,11 @@ class Price(_Strict):
 
 class _Deployment(_Strict):
     name: str | None = Field(default=None, description="label in logs and errors; default: provider/model")
+    max_concurrency: int | None = Field(
+        default=None, ge=1,
+        description="calls in flight to this deployment at once, in this process; more wait (limits.concurrency) "
+        "or go to the next deployment; none: no limit",
+    )
     price: Price | None = Field(
         default=None, description="this deployment's price, over the pricing table's entry for its model"
     )
@@ -806,6 +811,26 @@ class AuthConfig(_Strict):
 RateLimitBackend = Literal["memory", "redis"]
 
 
+class ConcurrencyConfig(_Strict):
+    """Overload protection: calls in flight at once, per API key (and per deployment: `max_concurrency` on a
+    deployment). Counted in each process: with several workers or replicas, each has these limits."""
+
+    per_key: int | None = Field(
+        default=None, ge=1,
+        description="calls in flight per API key at once (a virtual key's own max_concurrency replaces it); "
+        "none: no limit",
+    )
+    max_wait_s: float = Field(
+        default=1.0, ge=0, le=300,
+        description="a call over a limit waits this long at most for a slot (never past its deadline), then 503 "
+        "overloaded with Retry-After",
+    )
+    max_waiting: int = Field(
+        default=64, ge=0, description="calls waiting for a slot of one limit at once; more are refused at once"
+    )
+    retry_after_s: float = Field(default=1.0, gt=0, le=300, description="the Retry-After sent with 503 overloaded")
+
+
 class LimitsConfig(_Strict):
     """Rate limits: requests and tokens per minute, per key, user, model and in all (docs/rate-limits.md)."""
 
@@ -823,6 +848,9 @@ class LimitsConfig(_Strict):
     )
     per_user: RateLimitConfig | None = Field(default=None, description="each user (the request's `user`)")
     per_model: RateLimitConfig | None = Field(default=None, description="each model, all callers together")
+    concurrency: ConcurrencyConfig = Field(
+        default_factory=ConcurrencyConfig, description="calls in flight at once, per key and per deployment"
+    )
     default_max_tokens: int = Field(
         default=1024, ge=1,
         description="completion tokens charged up front when a request sets no max_tokens and its deployment "

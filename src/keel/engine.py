@@ -10,6 +10,7 @@ keyword arguments. Both run the one pipeline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -24,22 +25,25 @@ from keel.auth.stage import Auth
 from keel.auth.store import KeyStore
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Budgets
+from keel.budgets.pending_alerts import PendingAlerts
 from keel.budgets.stage import BudgetStage
 from keel.cache.build import build_caches
 from keel.cache.health import BackendsCollector
-from keel.config import ConfigError, KeelConfig, ModelConfig, SLOConfig, load_config
+from keel.config import ConcurrencyConfig, ConfigError, KeelConfig, ModelConfig, SLOConfig, load_config
 from keel.cost.accounting import CostMeter
 from keel.cost.pricing import PricingTable
 from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
 from keel.evals.review_feed import ReviewFeed
 from keel.guardrails.stages import GuardrailStages
+from keel.limits.concurrency import ConcurrencyLimit, KeyConcurrency
+from keel.limits.concurrency_stage import ConcurrencyStage
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
 from keel.limits.stage import RateLimitStage
 from keel.observability.metrics import Metrics, breaker_states, slo_states
 from keel.observability.stage import Observe
-from keel.observability.store import RecordStore
+from keel.observability.store import RecordStore, StoreError
 from keel.observability.tracing import TraceScope, Tracing
 from keel.observability.writer import RecordWriter
 from keel.pipeline import Call, ChunkStream, Completion, Context, Pipeline, Reply, Stage
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
     from keel.embedding.shared import SharedEmbedder
     from keel.evals.canaries import CanarySchedule
 
+log = logging.getLogger("keel")
+
 T = TypeVar("T")
 Item = TypeVar("Item")
 
@@ -71,15 +77,22 @@ class Keel:
 
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
+        # Overload protection (keel.limits.concurrency): one gate per deployment name with max_concurrency.
+        self.concurrency = KeyConcurrency(config.limits.concurrency)
+        gates: dict[str, ConcurrencyLimit] = {}
         self.deployments: dict[str, list[Deployment]] = {
-            model.name: [_deployment(model, dep, config.slo) for dep in model.deployments] for model in config.models
+            model.name: [_deployment(model, dep, gates, config.limits.concurrency, config.slo)
+                         for dep in model.deployments]
+            for model in config.models
         }
+        self.concurrency.deployments = list(gates.values())
         self.meter = CostMeter(PricingTable(config))
         self.metrics = Metrics()
         self.writer = RecordWriter(RecordStore(config.store.url), config.store)
         self.tracing = Tracing(config.tracing, sink=self.writer)
         self.budgets = Budgets.from_config(config)
-        self.alerts = AlertSender(config.alerts)
+        # Alerts the webhook has not taken are kept in the request log's database: a restart delivers them.
+        self.alerts = AlertSender(config.alerts, pending=PendingAlerts(self.writer.store))
         self.keys = KeyStore(self.writer.store)
         self.auth = _auth(config, self.keys)
         self.prompts = _prompts(config)
@@ -102,6 +115,12 @@ class Keel:
         self.metrics.register(self.alerts)
         if self.rate_limits is not None:
             self.metrics.register(self.rate_limits)
+        # Calls in flight per key (limits.concurrency.per_key, or a virtual key's own max_concurrency).
+        concurrency = ConcurrencyStage(self.concurrency) if (
+            config.limits.concurrency.per_key is not None or config.auth.virtual_keys) else None
+        self.concurrency.keys_limited = concurrency is not None
+        if concurrency is not None or self.concurrency.deployments:
+            self.metrics.register(self.concurrency)
         # One local embedder for every check and the semantic cache, made when one of them needs it.
         self.embedder: SharedEmbedder | None = None
         self.guardrails = _guardrails(config, self._ask, self.deployments, self.shared_embedder)
@@ -120,6 +139,7 @@ class Keel:
             self.observe, *([self.auth] if self.auth else []),  # auth: with `auth.virtual_keys` on
             *([guard_in] if guard_in else []),  # input guardrails: for models that have some
             *([rate_limit] if rate_limit else []),  # rate limits: when some limit is configured
+            *([concurrency] if concurrency else []),  # calls in flight per key: when a limit may apply
             *([self.routing.router] if self.routing else []),  # virtual model -> tier: when some model routes
             budget or BudgetStage(self.budgets, self.meter, self.alerts),
             *self.cache.stages(),  # exact, then semantic cache: for models with them enabled
@@ -159,6 +179,11 @@ class Keel:
             await asyncio.to_thread(self.writer.start)
             if self.auth is not None:  # the keys' table must exist before the first call
                 await asyncio.to_thread(self.writer.store.migrate)
+            elif self.config.alerts.webhook_url is not None:  # the pending alerts' table, before they start
+                try:
+                    await asyncio.to_thread(self.writer.store.migrate)
+                except StoreError as exc:  # alerts are then delivered from memory until the store is back
+                    log.warning("pending alerts cannot be kept for a restart yet: %s", exc)
             await self.alerts.start()
             if self.embedder is not None:  # the classifier, off-topic checks and semantic cache embed
                 await self.embedder.start()
@@ -444,13 +469,20 @@ def _rate_limit_stage(config: KeelConfig) -> RateLimitStage | None:
     return None
 
 
-def _deployment(model: ModelConfig, config: Any, slo: SLOConfig) -> Deployment:
+def _deployment(
+    model: ModelConfig, config: Any, gates: dict[str, ConcurrencyLimit], settings: ConcurrencyConfig, slo: SLOConfig,
+) -> Deployment:
     name = deployment_name(config)
+    gate = None
+    if config.max_concurrency is not None:  # shared by every model that names this deployment
+        gate = gates.get(name) or gates.setdefault(
+            name, ConcurrencyLimit(config.max_concurrency, settings, scope="deployment", name=name))
     return Deployment(
         name=name,
         config=config,
         provider=make_provider(config, name),
         breaker=CircuitBreaker(model.breaker.failure_threshold, model.breaker.cooldown_s),
+        concurrency=gate,
         slo=SLOGuard(name, model.slo_guard, slo) if model.slo_guard.action != "off" else None,
     )
 

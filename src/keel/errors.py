@@ -209,6 +209,22 @@ class Overloaded(KeelError):
         super().__init__(message, deployment=deployment, retry_after=retry_after)
 
 
+class ConcurrencyExceeded(Overloaded):
+    """A call found its key's or its deployment's calls in flight at their limit (`max_concurrency`) and no
+    slot freed within its bounded wait: shed with 503, never queued without bound. Another deployment may
+    have room (`fallback`); Keel does not retry it itself (the wait was the retry): the client may, after
+    Retry-After."""
+
+    status = 503
+    type = "server_error"
+    retryable = False
+    retried_by_keel = False
+
+    def __init__(self, message: str, *, retry_after: float, scope: str, deployment: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, deployment=deployment)
+        self.scope = scope  # "key" or "deployment"
+
+
 class CircuitOpen(UpstreamError):
     """Every deployment of the model is paused by its breaker. `retry_after` says when one
     probes, but it is not sent as Retry-After: at that moment one call goes through as the

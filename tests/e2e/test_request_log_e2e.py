@@ -11,10 +11,15 @@ sent no usage is charged an estimate, marked as one.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,6 +54,7 @@ COST_MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "one two thre
 # A recorded OpenAI stream (plain text, gpt-4o) with its usage chunk taken out.
 TRANSCRIPT = DATA / "openai-sse" / "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin"
 LONG = 10_000
+UNPRICED_MODEL = "mystery-model-7"
 
 OUTCOME = {
     "plain": ("ok", 200, None),
@@ -65,6 +71,7 @@ OUTCOME = {
     "cost_plain": ("ok", 200, None),
     "cost_stream": ("ok", 200, None),
     "no_usage": ("ok", 200, None),
+    "unpriced": ("ok", 200, None),
 }
 ANSWERED = ("plain", "stream", "cost_plain", "cost_stream", "long_header", "long_metadata")
 
@@ -91,6 +98,7 @@ class LogRun:
     log_content: bool
     sent: list[Sent]
     rows: list[dict[str, Any]]
+    config_path: Path
 
     @property
     def records(self) -> dict[str, dict[str, Any]]:
@@ -117,6 +125,7 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Fa
         "slow": FakeBehaviour(chunks=600, chunk_delay_ms=100),  # a minute: only closing it ends it sooner
         "broken": FakeBehaviour(fail_rate=1.0, fail_status=500),
         "replay": FakeBehaviour(replay=str(no_usage)),
+        "mystery": FakeBehaviour(model=UNPRICED_MODEL),  # a model no price table knows
     }
     servers = {name: FakeOpenAIServer(b).start() for name, b in behaviours.items()}
     yield servers
@@ -139,6 +148,8 @@ def gateway_config(upstreams: dict[str, FakeOpenAIServer], store: dict[str, Any]
             {"name": "broken", "retry": {"max_attempts": 1},
              "deployments": [openai_deployment("broken-main", upstreams["broken"].url)]},
             {"name": "replayed", "deployments": [openai_deployment("replay-main", upstreams["replay"].url, "gpt-4o")]},
+            {"name": "mystery", "deployments": [
+                openai_deployment("mystery-main", upstreams["mystery"].url, UNPRICED_MODEL)]},
         ],
         "pricing": PRICING,
         # Any call tagged "capped" could cost more than this (its worst case): refused before it runs.
@@ -164,7 +175,7 @@ def run(
     finally:
         exits = stop_and_flush(gw)
     assert exits == [0], f"keel serve exited {exits}:\n{gw.log()[-3000:]}"
-    return LogRun(variant, log_content, sent, read_records(url, since=started - 1))
+    return LogRun(variant, log_content, sent, read_records(url, since=started - 1), gw.config_path)
 
 
 # ---------------------------------------------------------------------------- the scripted calls
@@ -264,6 +275,9 @@ def drive(gw: GatewayProcess) -> list[Sent]:
     plain("cost_plain", COST_MESSAGES)
     streamed("cost_stream", "gpt", COST_MESSAGES)
     streamed("no_usage", "replayed", [{"role": "user", "content": "replay"}])
+    for i in range(2):
+        raw = chat.with_raw_response.create(model="mystery", messages=[{"role": "user", "content": f"unpriced {i}"}])
+        sent.append(Sent("unpriced", raw.headers[REQUEST_ID], 200, "mystery"))
     client.close()
     stranger.close()
     # A closed stream is recorded when the gateway notices the disconnect, maybe after the calls
@@ -281,7 +295,7 @@ def test_every_call_leaves_exactly_one_record_under_its_response_request_id(run:
     missing = sorted(s.kind for s in run.sent if s.request_id not in logged)
     assert not missing, f"no record for: {missing}"
     assert set(logged) == {s.request_id for s in run.sent}
-    assert len(run.rows) == len(run.sent) == 8 * N + 6
+    assert len(run.rows) == len(run.sent) == 8 * N + 8
 
 
 def test_each_outcome_is_logged_as_many_times_as_it_happened(run: LogRun) -> None:
@@ -437,3 +451,25 @@ def test_a_stream_whose_upstream_sent_no_usage_is_charged_an_estimate_marked_as_
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
     assert row["cost_nanousd"] == expected_nanos("gpt-4o", row["prompt_tokens"], row["completion_tokens"]) > 0
 
+
+
+def test_a_call_to_a_model_with_no_known_price_is_marked_unpriced_not_free(run: LogRun) -> None:
+    for _, record in run.of("unpriced"):
+        assert (record["cost_unpriced"], record["cost_nanousd"], record["deployment"]) == (True, 0, "mystery-main")
+    assert not any(record["cost_unpriced"] for sent, record in run.of(*ANSWERED, "no_usage"))
+
+
+def test_the_report_counts_the_unpriced_calls_and_says_their_cost_is_unknown(run: LogRun) -> None:
+    def report(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "keel.cli", "report", "--config", str(run.config_path),
+                               "--since", "1h", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "NO_COLOR": "1"}, cwd=run.config_path.parent)
+        assert done.returncode in (0, 1), done.stderr  # 1: some SLO row failed, which is not the point here
+        return done.stdout
+
+    found = json.loads(report("--format", "json"))
+    assert found["unpriced_calls"] == 2
+    assert found["unpriced_by_deployment"] == [{"deployment": "mystery-main", "calls": 2}]
+    markdown = report("--format", "markdown")
+    assert "2 calls answered by a deployment with no known price (mystery-main 2)" in markdown
+    assert "their cost is unknown, not $0" in markdown

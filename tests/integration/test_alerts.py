@@ -7,18 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import REDIS_URL
+from conftest import REDIS_URL, fresh_pg_database
 from prometheus_client import CollectorRegistry, generate_latest
 
 from keel.budgets import AlertSender, Budgets, MemoryBudgetBackend, RedisBudgetBackend
 from keel.budgets.budgets import Alert
+from keel.budgets.pending_alerts import LEASE_S, PendingAlerts, pending_alerts
 from keel.config import AlertsConfig, BudgetConfig, parse_config
 from keel.cost import to_nanos
+from keel.observability.store import RecordStore
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
 
@@ -262,3 +265,136 @@ def test_each_threshold_is_reported_by_exactly_one_of_two_processes(prefix: str)
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         first, second = pool.starmap(spend, [(prefix, 50), (prefix, 50)])
     assert sorted(first + second) == THRESHOLDS  # 100 x 0.01 USD: exactly the limit, so 100% too
+
+
+# ---------------------------------------------------------------------------- pending alerts outlive a restart
+
+
+@pytest.fixture(scope="module")
+def pg_alerts_database() -> Iterator[str]:
+    with fresh_pg_database("keel_alerts") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The request log's database the pending alerts are kept in: a new SQLite file, or a PostgreSQL
+    database of this module's own, emptied."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/log.db"
+    else:
+        url = request.getfixturevalue("pg_alerts_database")
+        store = RecordStore(url)
+        store.migrate()
+        with store.transaction("empty") as conn:
+            conn.execute(pending_alerts.delete())
+        store.close()
+    return url
+
+
+@pytest.fixture
+def pending_for(log_url: str) -> Iterator[Callable[..., PendingAlerts]]:
+    """`pending_for(**options)`: one sender's pending alerts over a store opened anew on the same
+    database, as a restarted process has it."""
+    opened: list[RecordStore] = []
+
+    def make(**options: Any) -> PendingAlerts:
+        store = RecordStore(log_url)
+        store.migrate()
+        opened.append(store)
+        return PendingAlerts(store, **options)
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+async def test_alerts_pending_at_a_stop_are_delivered_exactly_once_by_the_next_sender(
+    webhook: Webhook, pending_for: Callable[..., PendingAlerts], caplog: pytest.LogCaptureFixture,
+) -> None:
+    webhook.down_for = DOWN_FOR_GOOD
+    retried = asyncio.Event()
+
+    async def park(seconds: float) -> None:  # the first retry waits until the gateway stops
+        retried.set()
+        await asyncio.Event().wait()
+
+    first = AlertSender(AlertsConfig(webhook_url=webhook.url), sleep=park, pending=pending_for())
+    await first.start()
+    raised = await alerts(3)
+    for alert in raised[:2]:
+        first.send(alert)
+    await asyncio.wait_for(retried.wait(), 5)
+    with caplog.at_level(logging.WARNING, logger="keel.budgets.alerts"):
+        await first.stop(timeout_s=0)
+    assert (first.kept, first.lost, first.delivered) == (2, 0, 0)
+    assert sum("kept for the next start" in r.getMessage() for r in caplog.records) == 2
+    assert pending_for().count() == 2
+
+    webhook.down_for = webhook.refused  # the webhook is back
+    again = AlertSender(AlertsConfig(webhook_url=webhook.url), pending=pending_for())
+    await again.start()
+    again.send(raised[0])  # raised again while still pending (a budget in memory forgot it): not sent twice
+    again.send(raised[2])
+    await again.stop(timeout_s=10)  # waits for every queued alert
+    assert [body["id"] for body in webhook.taken] == [raised[0].payload()["id"], raised[1].payload()["id"],
+                                                       raised[2].payload()["id"]]
+    assert webhook.taken[0] == raised[0].payload()  # the payload as it was raised, read back whole
+    assert (again.delivered, again.lost, again.kept) == (3, 0, 0)
+    assert pending_for().count() == 0
+
+    third = AlertSender(AlertsConfig(webhook_url=webhook.url), pending=pending_for())
+    await third.start()
+    await third.stop(timeout_s=10)
+    assert third.delivered == 0 and len(webhook.taken) == 3  # delivered ones are not sent again
+
+
+async def test_the_alerts_of_a_sender_that_died_go_to_another_once_their_lease_lapses(
+    webhook: Webhook, pending_for: Callable[..., PendingAlerts],
+) -> None:
+    now = [1_000_000.0]
+    dead = AlertSender(AlertsConfig(webhook_url=webhook.url), pending=pending_for(clock=lambda: now[0]))
+    [alert] = await alerts(1)
+    dead.send(alert)  # kept, then the process dies: never started, never stopped
+    watcher = pending_for(clock=lambda: now[0])
+    await wait_for(lambda: watcher.count() == 1)
+
+    early = AlertSender(AlertsConfig(webhook_url=webhook.url), pending=pending_for(clock=lambda: now[0]))
+    await early.start()
+    await early.stop(timeout_s=10)
+    assert early.delivered == 0 and webhook.taken == []  # its lease runs: the sender may be alive
+
+    now[0] += LEASE_S + 1
+    late = AlertSender(AlertsConfig(webhook_url=webhook.url), pending=pending_for(clock=lambda: now[0]))
+    await late.start()
+    await late.stop(timeout_s=10)
+    assert late.delivered == 1 and webhook.taken == [alert.payload()]
+    assert watcher.count() == 0
+
+
+async def test_a_keel_restarted_over_the_same_log_delivers_the_alert_its_last_run_left_pending(
+    webhook: Webhook, tmp_path: Path,
+) -> None:
+    from keel import Keel
+
+    webhook.down_for = DOWN_FOR_GOOD
+    config = parse_config({
+        "models": [{"name": "m", "deployments": [{"provider": "simulated", "price": {"input": 1000, "output": 1000}}]}],
+        "budgets": [{"scope": "global", "window": "total", "limit_usd": 1, "alert_at": [0.000001]}],
+        "alerts": {"webhook_url": webhook.url, "initial_backoff_s": 60},  # its retry waits past the stop
+        "store": {"url": f"sqlite:///{tmp_path}/log.db", "spool_path": str(tmp_path / "spool.jsonl")},
+    })
+    first = Keel(config)
+    await first.chat(model="m", messages=[{"role": "user", "content": "spend"}], max_tokens=5)
+    await wait_for(lambda: webhook.refused == 1)  # raised, kept, tried once; the webhook is down
+    await first.alerts.stop(timeout_s=0)
+    await first.close()
+    assert first.alerts.kept == 1 and first.alerts.lost == 0
+
+    webhook.down_for = webhook.refused  # back up
+    again = Keel(config)
+    await again.start()  # delivers what the last run left
+    await wait_for(lambda: again.alerts.delivered == 1)
+    await again.close()
+    [body] = webhook.taken
+    assert (body["scope"], body["threshold"], body["reason"]) == ("global", 0.000001, "spent")

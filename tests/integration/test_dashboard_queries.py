@@ -242,7 +242,9 @@ def test_the_migration_back_fills_the_rollups_of_rows_logged_before_it(
     with store.engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0007_evals")
-        conn.execute(requests.insert(), [request_row(r) for r in records])  # as a log before 0008 holds them
+        later = ("cost_unpriced",)  # revision 0009
+        conn.execute(requests.insert(), [{k: v for k, v in request_row(r).items() if k not in later}
+                                         for r in records])  # as a log before 0008 holds them
     monkeypatch.setattr(rollups.backfill, "__defaults__", (250,))  # chunks of 250 rows: many chunk edges
     store.migrate()
     assert_rollups(stored_rollups(store), expected_rollups(records))

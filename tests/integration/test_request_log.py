@@ -28,9 +28,12 @@ from sqlalchemy import MetaData, Table, inspect, select, text
 from sqlalchemy.engine import make_url
 
 import keel.auth.store
+import keel.budgets.pending_alerts
 import keel.dialects.response_store
 import keel.evals.tables  # their tables on the request log's metadata, as the gateway has them
 from keel.config import StoreConfig
+from keel.observability import queries
+from keel.observability.queries import Window
 from keel.observability.record import Outcome, RequestRecord, SpanRecord
 from keel.observability.store import (
     MIGRATIONS,
@@ -318,7 +321,7 @@ def test_a_log_at_0002_with_rows_upgrades_and_its_old_rows_read_with_no_cost_sav
     with store.engine.begin() as conn:
         before = Table("requests", MetaData(), autoload_with=conn)
         assert "cost_saved_usd" not in before.c and "tenant" in before.c
-        later = ("cost_saved_usd", "dialect", "prompt", "prompt_version")  # revisions 0003, 0005, 0006
+        later = ("cost_saved_usd", "dialect", "prompt", "prompt_version", "cost_unpriced")  # 0003, 0005, 0006, 0009
         conn.execute(before.insert(), [{k: v for k, v in request_row(r).items() if k not in later}
                                        for r in old_rows])
     store.migrate()
@@ -344,6 +347,32 @@ def test_a_log_at_0002_with_rows_upgrades_and_its_old_rows_read_with_no_cost_sav
         assert ("tenant",) in {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")}
     store.migrate()
     assert [row["cost_saved_usd"] for row in store.records(0)] == [None, None, None]
+
+
+def test_a_log_at_0008_upgrades_its_old_rows_to_priced_and_counts_unpriced_ones_by_a_partial_index(
+    url: str, stores: Callable[[str], RecordStore]
+) -> None:
+    store = stores(url)
+    _alembic(store, "upgrade", "0008_request_minutes")
+    with store.engine.begin() as conn:
+        before = Table("requests", MetaData(), autoload_with=conn)
+        assert "cost_unpriced" not in before.c
+        conn.execute(before.insert(), [{k: v for k, v in request_row(record(1)).items() if k != "cost_unpriced"}])
+    store.migrate()
+    store.write([record(2, cost_unpriced=True, deployment="mystery"), record(3)])
+    assert {row["request_id"]: row["cost_unpriced"] for row in store.records(0)} == {
+        "req_ok_00001": False, "req_ok_00002": True, "req_ok_00003": False}
+    with store.engine.connect() as conn:
+        assert ("started_at",) in {tuple(ix["column_names"]) for ix in inspect(conn).get_indexes("requests")
+                                   if ix["name"] == "ix_requests_unpriced"}
+        window = Window(0, time.time() + 1)
+        assert queries.unpriced(conn, window) == {"mystery": 1}
+    _alembic(store, "downgrade", "0008_request_minutes")
+    with store.engine.connect() as conn:
+        assert "cost_unpriced" not in {c["name"] for c in inspect(conn).get_columns("requests")}
+        assert conn.execute(text("SELECT count(*) FROM requests")).scalar_one() == 3
+    store.migrate()
+    assert [row["cost_unpriced"] for row in store.records(0)] == [False, False, False]
 
 
 def test_migrations_ship_as_package_modules() -> None:

@@ -18,6 +18,7 @@ from keel.config import (
     AnthropicDeployment,
     BreakerConfig,
     CanariesConfig,
+    ConcurrencyConfig,
     ConfigError,
     GuardrailsConfig,
     HarmfulConfig,
@@ -162,8 +163,8 @@ def test_the_example_file_sets_every_option() -> None:
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, LimitsConfig,
-        RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig, OutputGuardrailsConfig,
-        InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, ReviewConfig, CanariesConfig,
+        ConcurrencyConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
+        OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, ReviewConfig, CanariesConfig,
     ]
     every = {f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields}
     assert every - set_keys == set()
@@ -580,7 +581,7 @@ def test_the_configuration_page_documents_every_key() -> None:
     classes: list[type[BaseModel]] = [
         KeelConfig, ServerConfig, ModelConfig, RetryConfig, BreakerConfig, OpenAIDeployment,
         AnthropicDeployment, LocalDeployment, SimulatedDeployment, LatencyDistribution, StoreConfig,
-        LimitsConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
+        LimitsConfig, ConcurrencyConfig, RateLimitConfig, ModelLimitsConfig, GuardrailsConfig, InputGuardrailsConfig,
         OutputGuardrailsConfig, InjectionConfig, PiiConfig, OffTopicConfig, HarmfulConfig, PromptsConfig,
         ReviewConfig, CanariesConfig,
     ]

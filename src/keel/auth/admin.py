@@ -52,6 +52,7 @@ class NewKey(BaseModel):
     models: list[str] | None = Field(default=None, min_length=1)  # none: every model
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)  # calls in flight at once, per process
     budgets: list[KeyBudgetSpec] = Field(default_factory=list)
     admin: bool = False
     expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -118,7 +119,7 @@ def create(keys: KeyStore, spec: NewKey, tenant: str) -> tuple[VirtualKey, str]:
     expires_at = time.time() + spec.expires_in_s if spec.expires_in_s else None
     return keys.create(
         tenant, owner=spec.owner, label=spec.label, models=spec.models,
-        limits=KeyLimits(spec.requests_per_minute, spec.tokens_per_minute),
+        limits=KeyLimits(spec.requests_per_minute, spec.tokens_per_minute, spec.max_concurrency),
         budgets=[KeyBudget(b.limit_usd, b.window) for b in spec.budgets], admin=spec.admin, expires_at=expires_at,
         tier=spec.tier,
     )

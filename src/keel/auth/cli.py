@@ -54,6 +54,7 @@ def create(
     ] = None,
     rpm: Annotated[int | None, typer.Option(help="its own requests per minute")] = None,
     tpm: Annotated[int | None, typer.Option(help="its own tokens per minute")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="its own calls in flight at once (per process)")] = None,
     budget_usd: Annotated[float | None, typer.Option(help="its own spend cap, USD")] = None,
     budget_window: Annotated[str, typer.Option(help="the cap's window: day, month or total")] = "month",
     admin: Annotated[bool, typer.Option("--admin", help="may use the admin API, for its tenant only")] = False,
@@ -70,7 +71,7 @@ def create(
     try:
         spec = NewKey(
             tenant=tenant, owner=owner, label=label, tier=tier, models=model or None, requests_per_minute=rpm,
-            tokens_per_minute=tpm, admin=admin,
+            tokens_per_minute=tpm, max_concurrency=max_concurrency, admin=admin,
             budgets=[KeyBudgetSpec.model_validate({"limit_usd": budget_usd, "window": budget_window})]
             if budget_usd is not None else [],
             expires_in_s=parse_window(expires_in) if expires_in else None,

@@ -72,10 +72,12 @@ class KeyLimits:
 
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    max_concurrency: int | None = None  # calls in flight at once, in each process (keel.limits.concurrency)
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in (("requests_per_minute", self.requests_per_minute),
-                                  ("tokens_per_minute", self.tokens_per_minute)) if v is not None}
+                                  ("tokens_per_minute", self.tokens_per_minute),
+                                  ("max_concurrency", self.max_concurrency)) if v is not None}
 
 
 @dataclass(frozen=True, slots=True)

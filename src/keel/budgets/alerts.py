@@ -9,6 +9,10 @@ the same for every try: a receiver that saw a try time out after taking it dedup
 An alert dropped (queue full, tries used up, or still queued at shutdown) is logged at ERROR
 with its payload, never silently.
 
+With `pending` (`PendingAlerts`, the gateway's: the request-log database) an alert outlives the process:
+kept when raised, forgotten when the webhook took it (or its tries were used up), and, when the sender
+stops or dies first, delivered by the next sender to start over the same database, once.
+
 Counts are exposed to Prometheus through `collect()`: register the sender in a registry
 (`registry.register(sender)`).
 """
@@ -33,7 +37,9 @@ from tenacity import (
 )
 
 from keel.budgets.budgets import Alert
+from keel.budgets.pending_alerts import PendingAlerts
 from keel.config import AlertsConfig
+from keel.observability.store import StoreError
 
 log = logging.getLogger("keel.budgets.alerts")
 
@@ -51,20 +57,40 @@ def _kind(alert: Deliverable) -> str:
     return str(alert.payload().get("kind", "budget"))
 
 
+class KeptAlert:
+    """An alert read back from the pending alerts: its payload as it was raised."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self._payload = payload
+
+    def payload(self) -> dict[str, Any]:
+        return self._payload
+
+
+# A queued alert, and the write that keeps it (None: nothing to write, or it was read back already);
+# the write says False when the same alert was pending already: then it is not sent twice.
+Queued = tuple[Deliverable, "asyncio.Task[bool] | None"]
+
+
 class AlertSender:
     def __init__(
         self, config: AlertsConfig, *, queue_size: int = 1000, timeout_s: float = 10.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, pending: PendingAlerts | None = None,
     ) -> None:
         self.config = config
+        self.pending = pending
         self.timeout_s = timeout_s  # per POST
         self._sleep = sleep  # between tries; tests pass one that does not wait
         self.raised: dict[tuple[str, str, str], int] = {}  # (scope, window, threshold) → alerts
         self.delivered = 0
         self.retried = 0
-        self.lost = 0  # given up on (queue full, tries used up, pending at shutdown)
-        self._queue: asyncio.Queue[Deliverable] = asyncio.Queue(queue_size)
+        self.lost = 0  # given up on (queue full, tries used up, pending at shutdown without `pending`)
+        self.kept = 0  # left pending at shutdown, for the next start to deliver
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue(queue_size)
+        self._writes: set[asyncio.Task[bool]] = set()
+        self._ids: set[str] = set()  # ids of the alerts queued or being delivered here
         self._worker: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def send(self, alert: Alert) -> None:
@@ -84,19 +110,37 @@ class AlertSender:
         alerts. The caller has logged and counted it."""
         if self.config.webhook_url is None:
             return
-        try:
-            self._queue.put_nowait(alert)
-        except asyncio.QueueFull:
+        alert_id = str(alert.payload().get("id"))
+        if alert_id in self._ids:
+            return  # raised again while queued here (a budget in memory that restarted): sent once
+        if self._queue.full():
             self._lose(alert, f"the queue of {self._queue.maxsize} undelivered alerts is full")
+            return
+        write = None
+        if self.pending is not None:  # kept from now on: the queue ahead of it may take an hour
+            write = asyncio.create_task(self._keep(alert))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+        self._ids.add(alert_id)
+        self._queue.put_nowait((alert, write))
 
     async def start(self) -> None:
-        """Start delivering (nothing to do without a webhook)."""
+        """Start delivering (nothing to do without a webhook), the alerts left pending first."""
         if self.config.webhook_url is not None and self._worker is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            if self.pending is not None:
+                await self._claim()
+                self._renewer = asyncio.create_task(self._renew_forever(), name="keel-alerts-lease")
             self._worker = asyncio.create_task(self._deliver_forever(), name="keel-budget-alerts")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Give queued alerts up to `timeout_s` to be delivered, then stop; what is left is logged."""
+        """Give queued alerts up to `timeout_s` to be delivered, then stop; what is left is kept for the
+        next start (with `pending`) or logged as lost."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
         if self._worker is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._queue.join()), timeout_s)
@@ -104,24 +148,96 @@ class AlertSender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        if self._writes:  # every alert raised is written before the rows are released
+            await asyncio.gather(*self._writes, return_exceptions=True)
         while not self._queue.empty():
-            self._lose(self._queue.get_nowait(), "the gateway stopped before the webhook took it")
+            alert, _ = self._queue.get_nowait()
+            self._leave(alert)
+        self._ids.clear()
+        if self.pending is not None:
+            try:
+                await asyncio.to_thread(self.pending.release)
+            except StoreError as exc:  # its leases lapse instead: the next start waits for that
+                log.warning("pending alerts not released (%s); the next start takes them once their lease lapses",
+                            exc)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+    async def _keep(self, alert: Deliverable) -> bool:
+        """Write a raised alert to the pending alerts; False when it was pending already. If the database
+        cannot be written, the alert is still delivered from memory (but would not outlive a restart)."""
+        assert self.pending is not None
+        try:
+            return await asyncio.to_thread(self.pending.add, alert.payload())
+        except StoreError as exc:
+            log.warning("%s alert not kept for a restart (%s); delivering it from memory", _kind(alert), exc)
+            return True
+
+    async def _claim(self) -> None:
+        """Queue the pending alerts no live sender holds (left by a stop, or by a sender that died)."""
+        assert self.pending is not None
+        try:
+            payloads = await asyncio.to_thread(self.pending.claim)
+        except StoreError as exc:
+            log.warning("pending alerts not read (%s); trying again in %.0f s", exc, self.pending.lease_s / 3)
+            return
+        for payload in payloads:
+            if str(payload.get("id")) in self._ids:
+                continue  # its lease lapsed while it waited here (the database was out for a while)
+            if self._queue.full():
+                break  # left in the table, leased: taken again once the lease lapses
+            log.info("%s alert %s left pending by an earlier run: delivering it", payload.get("kind", "budget"),
+                     payload.get("id"))
+            self._ids.add(str(payload.get("id")))
+            self._queue.put_nowait((KeptAlert(payload), None))
+
+    async def _renew_forever(self) -> None:
+        """While this sender runs: its rows' leases renewed, and rows of senders that died taken over."""
+        assert self.pending is not None
+        while True:
+            await asyncio.sleep(self.pending.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.pending.renew)
+            except StoreError as exc:
+                log.warning("pending alerts' lease not renewed: %s", exc)
+            await self._claim()
+
+    async def _forget(self, alert: Deliverable) -> None:
+        """Delivered or given up on: no sender is to send it again."""
+        if self.pending is None:
+            return
+        try:
+            await asyncio.to_thread(self.pending.done, str(alert.payload()["id"]))
+        except StoreError as exc:
+            log.warning("%s alert %s delivered but still marked pending (%s): it may be sent again after a "
+                        "restart; the webhook dedupes on its id", _kind(alert), alert.payload().get("id"), exc)
+
+    def _leave(self, alert: Deliverable) -> None:
+        """The sender stops before the webhook took `alert`: kept for the next start, or lost."""
+        if self.pending is None:
+            self._lose(alert, "the gateway stopped before the webhook took it")
+            return
+        self.kept += 1
+        log.warning("%s alert %s not delivered yet: kept for the next start", _kind(alert), alert.payload().get("id"))
+
     async def _deliver_forever(self) -> None:
         while True:
-            alert = await self._queue.get()
+            alert, write = await self._queue.get()
             try:
+                if write is not None and not await write:
+                    continue  # pending already, queued from the table: sent once, from there
                 await self._deliver(alert)
+                await self._forget(alert)
             except asyncio.CancelledError:
-                self._lose(alert, "the gateway stopped before the webhook took it")
+                self._leave(alert)
                 raise
             except Exception:  # a bug here must not end delivery of the alerts after it
                 log.exception("%s alert delivery failed", _kind(alert))
                 self._lose(alert, "an unexpected error")
+                await self._forget(alert)
             finally:
+                self._ids.discard(str(alert.payload().get("id")))
                 self._queue.task_done()
 
     async def _deliver(self, alert: Deliverable) -> None:
@@ -172,6 +288,7 @@ class AlertSender:
         outcomes.add_metric(["delivered"], self.delivered)
         outcomes.add_metric(["retried"], self.retried)
         outcomes.add_metric(["lost"], self.lost)
+        outcomes.add_metric(["kept"], self.kept)
         yield outcomes
 
     def describe(self) -> Iterator[Metric]:

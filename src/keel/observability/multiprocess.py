@@ -34,6 +34,9 @@ GAUGE_MODES = {
     "keel_breaker_state": "livemax",  # a deployment's worst breaker
     "keel_rate_limit_backend_up": "livemin",  # up only if every worker reaches it
     "keel_cache_backend_up": "livemin",
+    "keel_slo_degraded": "livemax",  # set aside by any worker's SLO guard (each judges its own calls)
+    "keel_concurrency_in_flight": "livesum",  # per process: the workers' slots in use, in all
+    "keel_concurrency_waiting": "livesum",
 }
 DEFAULT_GAUGE_MODE = "liveall"  # any other gauge: one series per worker, labelled pid
 

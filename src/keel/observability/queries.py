@@ -423,6 +423,18 @@ def _raw_usage(conn: Connection, dimension: str, window: Window, filters: Filter
     ]
 
 
+def unpriced(conn: Connection, window: Window, filters: Filters = Filters()) -> dict[str | None, int]:
+    """The calls answered by a deployment with no known price (their cost is unknown, not 0), per
+    deployment, most first: read through the partial index over those rows only."""
+    query = (
+        select(requests.c.deployment, func.count())
+        .where(requests.c.cost_unpriced, *raw_where(window, filters))
+        .group_by(requests.c.deployment)
+    )
+    found = {name: int(count) for name, count in conn.execute(query)}
+    return dict(sorted(found.items(), key=lambda item: (-item[1], item[0] or "")))
+
+
 def cache_usage(conn: Connection, window: Window, filters: Filters = Filters()) -> list[CacheUsage]:
     """Hits, misses, bypasses and the money saved, per model (models that used the cache only)."""
     parts, raws = cover(window)

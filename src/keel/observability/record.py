@@ -65,6 +65,8 @@ class RequestRecord:
     # The prompt template and version the call was rendered from (keel.prompts; revision 0006).
     prompt: str | None = None
     prompt_version: str | None = None
+    # A deployment that answered has no known price: the cost above is unknown, not 0 (revision 0009).
+    cost_unpriced: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -94,6 +94,12 @@ class SLOReport:
     breakdowns: dict[str, list[Usage]] = field(default_factory=dict)  # feature/model/user → rows by spend
     label: str | None = None  # how the window was asked for, e.g. "24h"
     cache: list[CacheUsage] = field(default_factory=list)  # per model; empty when no call used the cache
+    # Calls answered by a deployment with no known price, per deployment: their cost is unknown, not 0.
+    unpriced: dict[str | None, int] = field(default_factory=dict)
+
+    @property
+    def unpriced_calls(self) -> int:
+        return sum(self.unpriced.values())
 
     @property
     def checks(self) -> list[Check]:
@@ -138,6 +144,8 @@ class SLOReport:
                 for dimension, rows in self.breakdowns.items()
             },
             "cache": [row.as_json() for row in self.cache],
+            "unpriced_calls": self.unpriced_calls,
+            "unpriced_by_deployment": [{"deployment": name, "calls": n} for name, n in self.unpriced.items()],
         }
 
 
@@ -158,6 +166,7 @@ def build_report(
         found = queries.figures(conn, window, filters)
         breakdowns = {dimension: queries.usage(conn, dimension, window, filters) for dimension in DIMENSIONS}
         cache = queries.cache_usage(conn, window, filters)
+        unpriced = queries.unpriced(conn, window, filters)
     total = found.requests
     errors, attempted, cost = found.errors, found.attempted, found.cost_usd
     return SLOReport(
@@ -177,6 +186,7 @@ def build_report(
         breakdowns=breakdowns,
         label=label,
         cache=cache,
+        unpriced=unpriced,
     )
 
 
@@ -234,6 +244,8 @@ def render_table(report: SLOReport, top: int = 20) -> RenderableType:
                     _verdict(check.passed))
     summary = Text(_summary(report), style="dim")
     parts: list[RenderableType] = [slo, summary]
+    if report.unpriced:
+        parts.append(Text(_unpriced(report), style="bold yellow"))
     for dimension, rows in report.breakdowns.items():
         table = Table(title=f"By {dimension}", title_justify="left")
         table.add_column(dimension)
@@ -261,6 +273,8 @@ def render_markdown(report: SLOReport, top: int = 20) -> str:
             f"| {check.label} | {_value(check.name, check.value)} | ≤ {_value(check.name, check.target)} | {verdict} |"
         )
     lines += ["", _summary(report)]
+    if report.unpriced:
+        lines += ["", f"**{_unpriced(report)}**"]
     for dimension, rows in report.breakdowns.items():
         header = f"| {dimension} | " + " | ".join(USAGE_HEADERS) + " |"
         lines += ["", f"### By {dimension}", "", header, "|---|" + "---:|" * len(USAGE_HEADERS)]
@@ -279,6 +293,16 @@ def _summary(report: SLOReport) -> str:
         f"{counted(report.requests, 'request')} ({report.attempted:,} attempted), "
         f"{counted(report.errors, 'error')}, spend {_usd(report.cost_usd)}"
         + (f"; outcomes: {_outcomes(report)}" if report.outcomes else "")
+    )
+
+
+def _unpriced(report: SLOReport) -> str:
+    """The calls whose cost is unknown: the spend above leaves them out (they are not free)."""
+    where = ", ".join(f"{name or '(no deployment)'} {n:,}" for name, n in report.unpriced.items())
+    return (
+        f"{counted(report.unpriced_calls, 'call')} answered by a deployment with no known price ({where}): "
+        "their cost is unknown, not $0, and not in the spend above; set the deployment's price: or add the "
+        "model under pricing: in keel.yaml"
     )
 
 

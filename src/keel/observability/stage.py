@@ -137,6 +137,7 @@ def build_record(
         cost_usd=cost.usd,
         cost_nanousd=cost.nanos,
         cost_estimated=cost.estimated,
+        cost_unpriced=cost.unpriced,
         latency_ms=(now - ctx.started) * 1000,
         ttft_ms=None if ctx.first_chunk_at is None else (ctx.first_chunk_at - ctx.started) * 1000,
         upstream_ms=sum(((a.ended or now) - a.started) for a in attempts) * 1000 if attempts else None,

@@ -42,6 +42,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     inspect,
     select,
     text,
@@ -121,6 +122,8 @@ requests = Table(
     Column("dialect", String),  # the API the client spoke; null in-process (revision 0005)
     Column("prompt", String),  # the prompt template's name and version (revision 0006)
     Column("prompt_version", String),
+    # A deployment that answered has no known price: its cost is unknown (revision 0009).
+    Column("cost_unpriced", Boolean, nullable=False, server_default=false()),
     Index("ix_requests_started_at", "started_at"),
     Index("ix_requests_feature", "feature"),
     Index("ix_requests_model", "model"),
@@ -128,6 +131,9 @@ requests = Table(
     Index("ix_requests_trace_id", "trace_id"),
     Index("ix_requests_tenant", "tenant"),
     Index("ix_requests_prompt", "prompt"),
+    # Partial: the report counts a window's unpriced calls by reading these rows only.
+    Index("ix_requests_unpriced", "started_at", sqlite_where=text("cost_unpriced"),
+          postgresql_where=text("cost_unpriced")),
 )
 
 # The primary key (trace_id, span_id) is the index on trace_id that trace look-ups use.

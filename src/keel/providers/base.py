@@ -10,6 +10,7 @@ from keel.types import ChatRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
     from keel.config import Deployment as DeploymentConfig
+    from keel.limits.concurrency import ConcurrencyLimit
     from keel.pipeline import Call, Reply
     from keel.reliability.breaker import CircuitBreaker
     from keel.reliability.slo_guard import SLOGuard
@@ -49,6 +50,7 @@ class Deployment:
     provider: Provider
     breaker: CircuitBreaker
     slo: SLOGuard | None = None  # with the model's slo_guard on (keel.reliability.slo_guard)
+    concurrency: ConcurrencyLimit | None = None  # `max_concurrency`: held by the reliability stage per attempt
 
 
 def deployment_name(config: DeploymentConfig) -> str:

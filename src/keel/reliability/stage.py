@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from keel.errors import CircuitOpen, KeelError, SLOShed, UpstreamError, UpstreamTimeout
+from keel.errors import CircuitOpen, ConcurrencyExceeded, KeelError, SLOShed, UpstreamError, UpstreamTimeout
 from keel.pipeline import Attempt, Call, ChunkStream, Next, Reply
 from keel.providers.base import Deployment
 from keel.reliability import events
@@ -95,10 +95,13 @@ class Reliability:
         record = Attempt(deployment=deployment.name, started=time.monotonic())
         call.ctx.attempts.append(record)
         limit, limit_name = _attempt_limit(call)
+        slot = None
         try:
+            if deployment.concurrency is not None:  # a bounded wait for a slot, within the attempt's time
+                slot = await deployment.concurrency.enter(limit)
             if limit <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit if slot is None else limit - (time.monotonic() - record.started)):
                 reply = await next(replace(call, target=deployment))
                 if isinstance(reply, ChunkStream):
                     try:
@@ -107,6 +110,8 @@ class Reliability:
                         await reply.aclose()
                         raise
         except TimeoutError:
+            if slot is not None:
+                slot.release()
             waited_for = "first chunk" if call.stream else "answer"
             error = UpstreamTimeout(
                 f"deployment '{deployment.name}' gave no {waited_for} within {limit_name}", deployment=deployment.name
@@ -114,6 +119,8 @@ class Reliability:
             _settle(call, deployment, permit, record, error)
             raise error from None
         except BaseException as exc:
+            if slot is not None:
+                slot.release()
             if isinstance(exc, KeelError):
                 exc.deployment = exc.deployment or deployment.name
             _settle(call, deployment, permit, record, exc)
@@ -123,8 +130,12 @@ class Reliability:
             call.ctx.first_chunk_at = time.monotonic()
             settle = functools.partial(_settle, call, deployment, permit, record)
             reply.wrap(lambda source: StreamWatchdog(source, call, deployment.name, settle))
+            if slot is not None:  # held until the stream ends
+                reply.on_finish(slot.release)
         else:
             _settle(call, deployment, permit, record, None)
+            if slot is not None:
+                slot.release()
         return reply
 
 
@@ -167,7 +178,9 @@ def _settle(
         return
     record.ended = time.monotonic()
     before = deployment.breaker.state
-    if isinstance(outcome, UpstreamError):
+    if isinstance(outcome, ConcurrencyExceeded):
+        permit.release()  # never sent: says nothing of the deployment's health
+    elif isinstance(outcome, UpstreamError):
         permit.failure()
     elif outcome is None or isinstance(outcome, KeelError):
         permit.success()
