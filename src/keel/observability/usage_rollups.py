@@ -1,0 +1,131 @@
+"""Rollups of spend by user, key and prompt version: `usage_hours`, one row per (dimension, width,
+start, tenant, value) with the requests, tokens, spend, errors and latency sum of the calls that
+started in [start, start + width). Widths are a day and an hour (`WIDTHS`, UTC days): a week reads
+six daily rows per value and the hours at its ends.
+
+Why a table of its own: `request_minutes` (keel.observability.rollups) is keyed by tenant, model and
+feature; a user, key or prompt in that key would multiply its rows by thousands. Here the key holds
+the tenant and one value of one dimension, so the Cost page's "by user" over 7 days reads a few
+hundred thousand rows at most instead of every call (keel.observability.queries.usage). Model and
+feature are not in the key: a breakdown filtered by them reads `requests`.
+
+Maintenance is request_minutes' own: `RecordStore.write` adds the increments of the rows it actually
+inserted, in the same transaction; `RecordStore.purge` removes the units it emptied and recounts the
+ones it cut; migration 0009 back-fills existing logs with `backfill`, the writer's `aggregate` +
+`apply`. Counting is `rollups.Agg.add_row`'s (attempted, errors, latency over the attempted calls).
+A call with no user, key or prompt, or no tenant, is stored under '' (no tag and an empty tag are
+the same here, as in request_minutes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Connection, Float, Integer, String, Table, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from keel.observability import rollups
+from keel.observability.rollups import Agg
+from keel.observability.store import metadata, requests
+
+DIMENSIONS = ("user", "key", "prompt")
+WIDTHS = (86_400, 3600)  # seconds, coarsest first; the hour divides the day
+KEY_COLUMNS = ("dimension", "width", "start", "tenant", "value")
+# The counters of `rollups.Agg` that a usage row needs (rollups.COUNT_COLUMNS names), and its sums.
+COUNT_COLUMNS = ("requests", "attempted", "n_error", "prompt_tokens", "completion_tokens", "cached_tokens")
+SUM_COLUMNS = ("cost_usd", "latency_sum_ms")
+# The `requests` columns these rollups read.
+ROW_COLUMNS = (*rollups.ROW_COLUMNS, "user", "key_id", "prompt", "prompt_version")
+
+usage_hours = Table(
+    "usage_hours",
+    metadata,
+    Column("dimension", String, primary_key=True),  # user, key or prompt
+    Column("width", Integer, primary_key=True),  # seconds: 3600 or 86400
+    Column("start", BigInteger, primary_key=True),  # unix seconds, a multiple of the width
+    Column("tenant", String, primary_key=True),
+    Column("value", String, primary_key=True),  # the user, the key's id, the prompt's "name@version"
+    *(Column(name, BigInteger, nullable=False, server_default="0") for name in COUNT_COLUMNS),
+    *(Column(name, Float, nullable=False, server_default="0") for name in SUM_COLUMNS),
+)
+
+Key = tuple[str, int, int, str, str]  # dimension, width, start, tenant, value
+
+
+def value_of(row: Mapping[Any, Any], dimension: str) -> str:
+    """A `requests` row's value of a dimension ('' when it has none)."""
+    if dimension == "user":
+        return str(row.get("user") or "")
+    if dimension == "key":
+        return str(row.get("key_id") or "")
+    prompt, version = row.get("prompt"), row.get("prompt_version")
+    return "" if prompt is None or version is None else f"{prompt}@{version}"
+
+
+def aggregate(rows: Iterable[Mapping[Any, Any]], widths: Sequence[int] = WIDTHS) -> dict[Key, Agg]:
+    """The increments of `requests` rows at each of `widths`: counted per hour, then the hours
+    merged into days."""
+    hours: dict[Key, Agg] = {}
+    for row in rows:
+        start = int(float(row["started_at"]) // 3600) * 3600
+        tenant = row.get("tenant") or ""
+        for dimension in DIMENSIONS:
+            key = (dimension, 3600, start, tenant, value_of(row, dimension))
+            agg = hours.get(key)
+            if agg is None:
+                agg = hours[key] = Agg()
+            agg.add_row(row)
+    out: dict[Key, Agg] = {}
+    for width in widths:
+        if width == 3600:
+            out.update(hours)
+            continue
+        for (dimension, _, start, tenant, value), agg in hours.items():
+            key = (dimension, width, start // width * width, tenant, value)
+            coarse = out.get(key)
+            if coarse is None:
+                coarse = out[key] = Agg()
+            coarse.merge(agg)
+    return out
+
+
+def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
+    """Add increments to `usage_hours` inside the caller's transaction: one INSERT ... ON CONFLICT
+    DO UPDATE SET column = column + increment per key, in key order (two writers adding to the same
+    row wait for each other; neither loses an increment)."""
+    if not increments:
+        return
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(usage_hours)
+    statement = insert.on_conflict_do_update(
+        index_elements=[usage_hours.c[name] for name in KEY_COLUMNS],
+        set_={name: usage_hours.c[name] + insert.excluded[name] for name in (*COUNT_COLUMNS, *SUM_COLUMNS)},
+    )
+    conn.execute(statement, [as_row(key, increments[key]) for key in sorted(increments)])
+
+
+def as_row(key: Key, agg: Agg) -> dict[str, Any]:
+    return {**dict(zip(KEY_COLUMNS, key, strict=True)), **{name: agg.counts.get(name, 0) for name in COUNT_COLUMNS},
+            **{name: agg.sums[name] for name in SUM_COLUMNS}}
+
+
+def purge(conn: Connection, older_than: float) -> None:
+    """After the rows that started before `older_than` were deleted: the units they emptied go, and
+    the unit cut in two, at each width, is counted again from the rows left in it."""
+    table = usage_hours
+    for width in WIDTHS:
+        cut = int(older_than // width) * width
+        conn.execute(delete(table).where(table.c.width == width, table.c.start < cut))
+        if cut < older_than:
+            conn.execute(delete(table).where(table.c.width == width, table.c.start == cut))
+            rows = conn.execute(
+                select(*(requests.c[name] for name in ROW_COLUMNS))
+                .where(requests.c.started_at >= cut, requests.c.started_at < cut + width)
+            ).mappings()
+            apply(conn, aggregate(rows, (width,)))
+
+
+def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
+    """Build the rollups of every row already in `requests` (migration 0009): request_minutes'
+    chunked walk of the log, adding these increments."""
+    rollups.backfill(conn, chunk_rows, columns=ROW_COLUMNS, add=lambda rows: apply(conn, aggregate(rows)))
