@@ -189,3 +189,6 @@ def test_drift_charts_are_keel_drifts_comparison_bucket_by_bucket(client: TestCl
     assert latency["high"] == pytest.approx(latency["baseline"] * 1.1)
     assert lines[("m9", "error rate")]["high"] == pytest.approx(0.01)  # a rate's band: one percentage point
     assert client.get("/dashboard/api/drift", params=window, headers={"x-tenant": "a"}).json() == {"lines": None}
+    ragged = client.get("/dashboard/api/drift", params=WINDOW).json()  # a window of no whole bucket edge
+    assert len(ragged["t"]) <= 24 and ragged["t"][0] <= NOW - 3600 < ragged["t"][0] + ragged["step_s"]
+    assert ragged["t"][-1] < NOW <= ragged["t"][-1] + ragged["step_s"]

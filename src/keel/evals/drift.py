@@ -330,10 +330,11 @@ class DriftSeries:
                 "t": self.starts, "lines": [line.as_json() for line in self.lines]}
 
 
-def chart_step(span_s: float, steps: Sequence[int]) -> int:
-    """The first of `steps` (seconds, ascending) that cuts the span into at most MAX_CHART_BUCKETS."""
+def chart_step(since: float, until: float, steps: Sequence[int]) -> int:
+    """The first of `steps` (seconds, ascending) whose buckets (aligned to multiples of the step, the
+    partial ones at the ends included) cover [since, until) in at most MAX_CHART_BUCKETS."""
     for step in steps:
-        if span_s / step <= MAX_CHART_BUCKETS:
+        if math.ceil(until / step) - math.floor(since / step) <= MAX_CHART_BUCKETS:
             return step
     return steps[-1]
 

@@ -315,13 +315,20 @@ def figures(conn: Connection, window: Window, filters: Filters = Filters()) -> F
     return _figures(conn, window, filters, None).get(None) or Figures()
 
 
+def totals(conn: Connection, window: Window, filters: Filters = Filters()) -> Figures:
+    """The window's counts and sums only (no percentiles: those read latencies or histograms)."""
+    return _figures(conn, window, filters, None, percentiles=False).get(None) or Figures()
+
+
 def series(conn: Connection, window: Window, filters: Filters, step: int) -> dict[int, Figures]:
     """Figures per bucket of `step` seconds (bucket start -> figures; buckets with no call absent)."""
     found = _figures(conn, window, filters, step)
     return {int(key): value for key, value in found.items() if key is not None}
 
 
-def _figures(conn: Connection, window: Window, filters: Filters, step: int | None) -> dict[int | None, Figures]:
+def _figures(
+    conn: Connection, window: Window, filters: Filters, step: int | None, percentiles: bool = True,
+) -> dict[int | None, Figures]:
     table = request_minutes
     parts, raws = cover(window, _widths(step))
     group = None if step is None else (table.c.start // step) * step
@@ -335,6 +342,8 @@ def _figures(conn: Connection, window: Window, filters: Filters, step: int | Non
         agg.add_row(row)
     attempted = sum(agg.counts.get("attempted", 0) for agg in aggs.values())
     out = {key: Figures(agg) for key, agg in aggs.items()}
+    if not percentiles:
+        return out
     if attempted <= EXACT_LIMIT:
         values: dict[int | None, tuple[list[float], list[float]]] = {}
         for started, latency, ttft in _exact_latencies(conn, window, filters):
@@ -415,20 +424,25 @@ def _usage_rollup_sums(
 ) -> dict[str | None, Agg]:
     """usage_hours' sums per value over whole units (its '' is "none": None)."""
     out: dict[str | None, Agg] = {}
-    if not parts:
-        return out
     table = usage_hours
     names = (*usage_rollups.COUNT_COLUMNS, *usage_rollups.SUM_COLUMNS)
-    where = [table.c.dimension == dimension, or_(*(
-        and_(table.c.width == width, table.c.start >= lo, table.c.start < hi) for width, lo, hi in parts))]
-    if tenant is not None:
-        where.append(table.c.tenant == tenant)
-    query = select(table.c.value, *(func.sum(table.c[name]).label(name) for name in names)).where(
-        *where).group_by(table.c.value)
-    for row in conn.execute(query).mappings():
-        agg = Agg()
-        agg.add_stored(row)
-        out.setdefault(row["value"] or None, Agg()).merge(agg)
+    # One query per part: each reads one range of the primary key (dimension, width, start); an OR
+    # of the parts in one query reads every row of the dimension (SQLite's plan).
+    for width, lo, hi in parts:
+        where = [table.c.dimension == dimension, table.c.width == width, table.c.start >= lo, table.c.start < hi]
+        if tenant is not None:
+            where.append(table.c.tenant == tenant)
+        query = select(table.c.value, *(func.sum(table.c[name]).label(name) for name in names)).where(
+            *where).group_by(table.c.value)
+        for value, *sums in conn.execute(query):
+            agg = out.get(value or None)
+            if agg is None:
+                agg = out[value or None] = Agg()
+            for name, total in zip(names, sums, strict=True):
+                if name in usage_rollups.SUM_COLUMNS:
+                    agg.sums[name] += float(total)
+                else:
+                    agg.counts[name] += int(total)
     return out
 
 
