@@ -12,7 +12,8 @@ feature are not in the key: a breakdown filtered by them reads `requests`.
 Maintenance is request_minutes' own: `RecordStore.write` adds the increments of the rows it actually
 inserted, in the same transaction; `RecordStore.purge` removes the units it emptied and recounts the
 ones it cut; migration 0009 back-fills existing logs with `backfill`, the writer's `aggregate` +
-`apply`. Counting is `rollups.Agg.add_row`'s (attempted, errors, latency over the attempted calls).
+`apply`. What is counted is the report's rule, as in `rollups.Agg.add_row` (attempted, errors, latency
+over the attempted calls).
 A call with no user, key or prompt, or no tenant, is stored under '' (no tag and an empty tag are
 the same here, as in request_minutes).
 """
@@ -26,7 +27,7 @@ from sqlalchemy import BigInteger, Column, Connection, Float, Integer, String, T
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keel.observability import rollups
-from keel.observability.rollups import Agg
+from keel.observability.rollups import NOT_ATTEMPTED, SERVER_ERRORS
 from keel.observability.store import metadata, requests
 
 DIMENSIONS = ("user", "key", "prompt")
@@ -35,6 +36,7 @@ KEY_COLUMNS = ("dimension", "width", "start", "tenant", "value")
 # The counters of `rollups.Agg` that a usage row needs (rollups.COUNT_COLUMNS names), and its sums.
 COUNT_COLUMNS = ("requests", "attempted", "n_error", "prompt_tokens", "completion_tokens", "cached_tokens")
 SUM_COLUMNS = ("cost_usd", "latency_sum_ms")
+COLUMNS = (*COUNT_COLUMNS, *SUM_COLUMNS)
 # The `requests` columns these rollups read.
 ROW_COLUMNS = (*rollups.ROW_COLUMNS, "user", "key_id", "prompt", "prompt_version")
 
@@ -63,34 +65,48 @@ def value_of(row: Mapping[Any, Any], dimension: str) -> str:
     return "" if prompt is None or version is None else f"{prompt}@{version}"
 
 
-def aggregate(rows: Iterable[Mapping[Any, Any]], widths: Sequence[int] = WIDTHS) -> dict[Key, Agg]:
+Sums = list[float]  # one number per COLUMNS name, in its order
+
+
+def aggregate(rows: Iterable[Mapping[Any, Any]], widths: Sequence[int] = WIDTHS) -> dict[Key, Sums]:
     """The increments of `requests` rows at each of `widths`: counted per hour, then the hours
-    merged into days."""
-    hours: dict[Key, Agg] = {}
+    added into days. Each row is counted once (COLUMNS' increments, by the report's rule, as
+    `rollups.Agg.add_row` counts: attempted are all but NOT_ATTEMPTED, errors the SERVER_ERRORS,
+    latency over the attempted), then added to its three keys."""
+    hours: dict[Key, Sums] = {}
     for row in rows:
         start = int(float(row["started_at"]) // 3600) * 3600
         tenant = row.get("tenant") or ""
+        outcome = row["outcome"]
+        attempted = outcome not in NOT_ATTEMPTED
+        increment = (1, int(attempted), int(outcome in SERVER_ERRORS), row["prompt_tokens"] or 0,
+                     row["completion_tokens"] or 0, row["cached_tokens"] or 0, row["cost_usd"] or 0.0,
+                     float(row["latency_ms"]) if attempted else 0.0)
         for dimension in DIMENSIONS:
             key = (dimension, 3600, start, tenant, value_of(row, dimension))
-            agg = hours.get(key)
-            if agg is None:
-                agg = hours[key] = Agg()
-            agg.add_row(row)
-    out: dict[Key, Agg] = {}
+            sums = hours.get(key)
+            if sums is None:
+                hours[key] = list(increment)
+            else:
+                for i, value in enumerate(increment):
+                    sums[i] += value
+    out: dict[Key, Sums] = {}
     for width in widths:
         if width == 3600:
             out.update(hours)
             continue
-        for (dimension, _, start, tenant, value), agg in hours.items():
+        for (dimension, _, start, tenant, value), sums in hours.items():
             key = (dimension, width, start // width * width, tenant, value)
             coarse = out.get(key)
             if coarse is None:
-                coarse = out[key] = Agg()
-            coarse.merge(agg)
+                out[key] = list(sums)
+            else:
+                for i, number in enumerate(sums):
+                    coarse[i] += number
     return out
 
 
-def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
+def apply(conn: Connection, increments: Mapping[Key, Sums]) -> None:
     """Add increments to `usage_hours` inside the caller's transaction: one INSERT ... ON CONFLICT
     DO UPDATE SET column = column + increment per key, in key order (two writers adding to the same
     row wait for each other; neither loses an increment)."""
@@ -104,9 +120,10 @@ def apply(conn: Connection, increments: Mapping[Key, Agg]) -> None:
     conn.execute(statement, [as_row(key, increments[key]) for key in sorted(increments)])
 
 
-def as_row(key: Key, agg: Agg) -> dict[str, Any]:
-    return {**dict(zip(KEY_COLUMNS, key, strict=True)), **{name: agg.counts.get(name, 0) for name in COUNT_COLUMNS},
-            **{name: agg.sums[name] for name in SUM_COLUMNS}}
+def as_row(key: Key, sums: Sums) -> dict[str, Any]:
+    """A `usage_hours` row: the key's columns and the sums (counts as integers)."""
+    numbers = {name: number if name in SUM_COLUMNS else int(number) for name, number in zip(COLUMNS, sums, strict=True)}
+    return {**dict(zip(KEY_COLUMNS, key, strict=True)), **numbers}
 
 
 def purge(conn: Connection, older_than: float) -> None:
