@@ -432,10 +432,12 @@ def test_spend_by_user_key_and_prompt_from_the_rollup_equals_a_plain_group_by(ur
 def test_a_purge_leaves_the_usage_rollups_of_the_rows_left(url: str) -> None:
     records = with_prompts(random_records(900, seed=13), seed=13)
     store = logged(url, records)
-    cut = T0 + 86_400.0 + 5437.5  # inside a day and an hour
-    store.purge(cut)
-    left = [r for r in records if r.started_at >= cut]
-    assert_rollups(stored_usage(store), expected_usage(left))
+    # Hourly purges, as the writer runs them: inside a day and an hour, later in the same day (its daily
+    # unit is the sum of its hours left), the next day.
+    for cut in (T0 + 86_400.0 + 5437.5, T0 + 86_400.0 + 9000.25, T0 + 2 * 86_400.0 + 100.0):
+        store.purge(cut)
+        left = [r for r in records if r.started_at >= cut]
+        assert_rollups(stored_usage(store), expected_usage(left))
     store.write(records)  # the purged rows come back (a spool replayed): counted once again
     assert_rollups(stored_usage(store), expected_usage(records))
     store.close()

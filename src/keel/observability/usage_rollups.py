@@ -23,7 +23,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Float, Integer, String, Table, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keel.observability import rollups
@@ -127,19 +140,29 @@ def as_row(key: Key, sums: Sums) -> dict[str, Any]:
 
 
 def purge(conn: Connection, older_than: float) -> None:
-    """After the rows that started before `older_than` were deleted: the units they emptied go, and
-    the unit cut in two, at each width, is counted again from the rows left in it."""
+    """After the rows that started before `older_than` were deleted: the units they emptied go; the
+    hour cut in two is counted again from the rows left in it, and the day cut in two is the sum of
+    its hours left (so an hourly purge reads an hour of the log, not a day)."""
     table = usage_hours
-    for width in WIDTHS:
-        cut = int(older_than // width) * width
-        conn.execute(delete(table).where(table.c.width == width, table.c.start < cut))
-        if cut < older_than:
-            conn.execute(delete(table).where(table.c.width == width, table.c.start == cut))
-            rows = conn.execute(
-                select(*(requests.c[name] for name in ROW_COLUMNS))
-                .where(requests.c.started_at >= cut, requests.c.started_at < cut + width)
-            ).mappings()
-            apply(conn, aggregate(rows, (width,)))
+    hour, day = int(older_than // 3600) * 3600, int(older_than // 86_400) * 86_400
+    conn.execute(delete(table).where(table.c.width == 3600, table.c.start < hour))
+    if hour < older_than:
+        conn.execute(delete(table).where(table.c.width == 3600, table.c.start == hour))
+        rows = conn.execute(
+            select(*(requests.c[name] for name in ROW_COLUMNS))
+            .where(requests.c.started_at >= hour, requests.c.started_at < hour + 3600)
+        ).mappings()
+        apply(conn, aggregate(rows, (3600,)))
+    conn.execute(delete(table).where(table.c.width == 86_400, table.c.start < day))
+    if day < older_than:
+        conn.execute(delete(table).where(table.c.width == 86_400, table.c.start == day))
+        hours = (
+            select(table.c.dimension, literal(86_400).label("width"), literal(day).label("start"), table.c.tenant,
+                   table.c.value, *(func.sum(table.c[name]).label(name) for name in COLUMNS))
+            .where(table.c.width == 3600, table.c.start >= day, table.c.start < day + 86_400)
+            .group_by(table.c.dimension, table.c.tenant, table.c.value)
+        )
+        conn.execute(insert(table).from_select([*KEY_COLUMNS, *COLUMNS], hours))
 
 
 def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
