@@ -6,6 +6,7 @@ review label are clicked through; screenshots are saved under the test's output 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from dashboard_helpers import MASTER, TRACE_ID, Site, browser, first_contentful_paint, ready, signed_in, site
 
 from keel.evals.results import EvalStore
+from keel.observability.record import RequestRecord
 
 __all__ = ["browser", "site"]  # the fixtures, used by name
 
@@ -176,6 +178,45 @@ def test_a_review_item_is_labelled_from_the_quality_page(page: Any, site: Site) 
     labels = site.admin().get(f"/admin/review/{item}").json()["labels"]
     assert [(x["reviewer"], x["label"], x["comment"]) for x in labels] == [("dana@example.com", "pass", "right answer")]
     shot(page, site, "quality")
+
+
+def drift_probe(site: Site) -> tuple[float, list[RequestRecord], list[RequestRecord]]:
+    """Calls of a model `drift-probe` logged ten days ago: a baseline week, then a two-hour window
+    whose second hour is three times slower. The window's start and both sets of calls."""
+    since = math.floor((site.since - 10 * 86_400) / 3600) * 3600
+    def call(i: int, started: float, latency: float) -> RequestRecord:
+        return RequestRecord(request_id=f"drift_{i:05d}", started_at=started, ended_at=started + latency / 1000,
+                             model="drift-probe", deployment="sim", feature="probe", outcome="ok",
+                             latency_ms=latency, completion_tokens=50 + i % 7, cost_usd=0.001)
+    baseline = [call(i, since - 7 * 86_400 + i * 2000.5, 100.0 + i % 11) for i in range(300)]
+    window = [call(1000 + i, since + i * 7200 / 960, (100.0 if i < 480 else 300.0) + i % 11) for i in range(960)]
+    with site.store() as store:
+        store.write(baseline + window)
+    return since, baseline, window
+
+
+def test_the_quality_page_charts_drift_over_time_with_its_alerts(page: Any, site: Site) -> None:
+    since, baseline, window = drift_probe(site)
+    page.goto(f"{site.url}/dashboard/quality?range=custom&since={since}&until={since + 7200}")
+    ready(page)
+    chart = "[data-chart='drift:drift-probe:latency ms']"
+    page.wait_for_selector(f"{chart} canvas")
+    t, values, was, low, high, alerts = page.eval_on_selector(chart, "el => el.plot.data")
+    step = 300  # 24 buckets of five minutes
+    assert t == [since + i * step for i in range(24)]
+    medians = [statistics.median(r.latency_ms for r in window if start <= r.started_at < start + step) for start in t]
+    assert values == pytest.approx(medians, rel=1e-12)
+    median_before = statistics.median(r.latency_ms for r in baseline)
+    assert was == [pytest.approx(median_before)] * 24
+    assert low == [pytest.approx(median_before * 0.9)] * 24 and high == [pytest.approx(median_before * 1.1)] * 24
+    # The alerts: every bucket of the slow hour, and none of the hour before it.
+    assert alerts == [None] * 12 + [pytest.approx(m) for m in medians[12:]]
+    shown = [row.get_attribute("data-alert") for row in page.query_selector_all("#drift-alerts tr[data-alert]")]
+    assert [a for a in shown if a.startswith("drift-probe:latency ms:")] == [
+        f"drift-probe:latency ms:{start}" for start in t[12:]]
+    page.wait_for_selector("[data-chart='drift:drift-probe:output tokens'] canvas")
+    page.eval_on_selector(chart, "el => el.scrollIntoView()")
+    shot(page, site, "quality-drift")
 
 
 def test_keys_are_made_and_revoked_from_the_keys_page(page: Any, site: Site) -> None:

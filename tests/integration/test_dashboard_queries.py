@@ -4,6 +4,7 @@ rollups under replays, purges and the migration's back-fill, and the request sea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -18,11 +19,12 @@ from alembic.config import Config
 from conftest import fresh_pg_database
 from sqlalchemy import select
 
-from keel.observability import queries, rollups
+from keel.observability import queries, rollups, usage_rollups
 from keel.observability.queries import Filters, Search, Window
 from keel.observability.record import RequestRecord
 from keel.observability.rollups import NOT_ATTEMPTED, RELATIVE_ERROR, request_minutes
 from keel.observability.store import MIGRATIONS, RecordStore, request_row, requests
+from keel.observability.usage_rollups import usage_hours
 
 T0 = 1_790_000_000.0  # a fixed clock: minute-aligned, like any other instant
 SPAN = 4 * 3600.0
@@ -149,7 +151,11 @@ def test_rollup_figures_equal_a_plain_computation_over_the_raw_rows(
     rng = random.Random(5)
     with store.connection() as conn:
         for window, filters in random_windows(rng):
-            assert_same(queries.figures(conn, window, filters), raw_figures(records, window, filters), exact)
+            found = queries.figures(conn, window, filters)
+            assert_same(found, raw_figures(records, window, filters), exact)
+            counted = queries.totals(conn, window, filters)  # the Cost page's: counts and sums only
+            assert counted.agg.counts == found.agg.counts and counted.agg.sums == found.agg.sums
+            assert counted.p50_ms is None
     store.close()
 
 
@@ -245,7 +251,7 @@ def test_the_migration_back_fills_the_rollups_of_rows_logged_before_it(
         later = ("cost_unpriced",)  # revision 0009
         conn.execute(requests.insert(), [{k: v for k, v in request_row(r).items() if k not in later}
                                          for r in records])  # as a log before 0008 holds them
-    monkeypatch.setattr(rollups.backfill, "__defaults__", (250,))  # chunks of 250 rows: many chunk edges
+    monkeypatch.setattr(rollups.backfill, "__defaults__", (250, None, None))  # chunks of 250 rows: many chunk edges
     store.migrate()
     assert_rollups(stored_rollups(store), expected_rollups(records))
     store.close()
@@ -335,5 +341,122 @@ def test_writers_in_parallel_lose_no_increment(url: str) -> None:
         thread.join()
     assert failures == []
     assert_rollups(stored_rollups(stores[0]), expected_rollups(records))
+    assert_rollups(stored_usage(stores[0]), expected_usage(records))
     for store in stores:
         store.close()
+
+
+# ---------------------------------------------------------------------------- spend by user, key, prompt
+
+
+def with_prompts(records: list[RequestRecord], seed: int) -> list[RequestRecord]:
+    """The records with users, keys and prompt versions (some without: stored under '')."""
+    rng = random.Random(seed)
+    out = []
+    for record in records:
+        prompt = rng.choice(("greet", "summary", None))
+        out.append(dataclasses.replace(
+            record, user=rng.choice(("u1", "u2", "u3", None)), key_id=rng.choice(("k1", "k2", None)),
+            prompt=prompt, prompt_version=None if prompt is None else rng.choice(("1", "2")),
+            # days as well as hours: the usage rollups' daily units
+            started_at=record.started_at + rng.randrange(3) * 86_400.0,
+        ))
+    return out
+
+
+def stored_usage(store: RecordStore) -> Rollups:
+    with store.connection() as conn:
+        rows = conn.execute(select(usage_hours)).mappings().all()
+    return {tuple(row[k] for k in usage_rollups.KEY_COLUMNS):
+            {k: v for k, v in row.items() if k not in usage_rollups.KEY_COLUMNS} for row in rows}
+
+
+def expected_usage(records: list[RequestRecord]) -> Rollups:
+    return {key: {k: v for k, v in usage_rollups.as_row(key, agg).items() if k not in usage_rollups.KEY_COLUMNS}
+            for key, agg in usage_rollups.aggregate(request_row(r) for r in records).items()}
+
+
+def plain_usage(records: list[RequestRecord], dimension: str) -> dict[str | None, dict[str, Any]]:
+    """A plain group-by over the records: what usage() must answer."""
+    out: dict[str | None, dict[str, Any]] = {}
+    for r in records:
+        name = {"user": r.user, "key": r.key_id,
+                "prompt": f"{r.prompt}@{r.prompt_version}" if r.prompt else None}[dimension] or None
+        row = out.setdefault(name, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                                    "errors": 0, "latencies": []})
+        row["requests"] += 1
+        row["prompt_tokens"] += r.prompt_tokens
+        row["completion_tokens"] += r.completion_tokens
+        row["cost_usd"] += r.cost_usd
+        row["errors"] += r.outcome == "error"
+        if r.outcome not in NOT_ATTEMPTED:
+            row["latencies"].append(r.latency_ms)
+    return out
+
+
+def test_spend_by_user_key_and_prompt_from_the_rollup_equals_a_plain_group_by(url: str) -> None:
+    records = with_prompts(random_records(2500, seed=11), seed=11)
+    store = RecordStore(url)
+    store.migrate()
+    for i in range(0, len(records), 600):
+        store.write(records[i:i + 600])
+    store.write(records[300:700])  # a replay adds nothing twice
+    rng = random.Random(12)
+    windows = [(Window(T0 - 1, T0 + 3 * 86_400.0), None),  # whole days
+               (Window(T0 + 1234.5, T0 + 2 * 86_400.0 + 5000.25), None)]  # days, hours and raw ends
+    for _ in range(4):
+        since = T0 + rng.random() * 2 * 86_400.0
+        windows.append((Window(since, since + rng.random() * 86_400.0 + 60), rng.choice(("a", "b", None))))
+    with store.connection() as conn:
+        for window, tenant in windows:
+            inside = [r for r in records if window.since <= r.started_at < window.until
+                      and (tenant is None or r.tenant == tenant)]
+            for dimension in usage_rollups.DIMENSIONS:
+                found = {row.name: row for row in queries.usage(conn, dimension, window, Filters(tenant=tenant))}
+                expected = plain_usage(inside, dimension)
+                assert found.keys() == expected.keys(), (dimension, window)
+                for name, want in expected.items():
+                    row = found[name]
+                    assert (row.requests, row.prompt_tokens, row.completion_tokens, row.errors) == (
+                        want["requests"], want["prompt_tokens"], want["completion_tokens"], want["errors"])
+                    assert row.cost_usd == pytest.approx(want["cost_usd"], rel=1e-9, abs=1e-12)
+                    lat = want["latencies"]
+                    assert row.latency_ms == (pytest.approx(sum(lat) / len(lat), rel=1e-9) if lat else None)
+        # Filtered by model: read from `requests`, the same answer as a plain group-by.
+        window = Window(T0, T0 + 3 * 86_400.0)
+        by_model = {row.name: row.requests for row in queries.usage(conn, "user", window, Filters(model="m1"))}
+        assert by_model == {name: row["requests"] for name, row in plain_usage(
+            [r for r in records if r.model == "m1" and window.since <= r.started_at < window.until], "user").items()}
+    assert_rollups(stored_usage(store), expected_usage(records))
+    store.close()
+
+
+def test_a_purge_leaves_the_usage_rollups_of_the_rows_left(url: str) -> None:
+    records = with_prompts(random_records(900, seed=13), seed=13)
+    store = logged(url, records)
+    # Hourly purges, as the writer runs them: inside a day and an hour, later in the same day (its daily
+    # unit is the sum of its hours left), the next day.
+    for cut in (T0 + 86_400.0 + 5437.5, T0 + 86_400.0 + 9000.25, T0 + 2 * 86_400.0 + 100.0):
+        store.purge(cut)
+        left = [r for r in records if r.started_at >= cut]
+        assert_rollups(stored_usage(store), expected_usage(left))
+    store.write(records)  # the purged rows come back (a spool replayed): counted once again
+    assert_rollups(stored_usage(store), expected_usage(records))
+    store.close()
+
+
+def test_the_migration_back_fills_the_usage_rollups_of_rows_logged_before_it(
+    url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = with_prompts(random_records(900, seed=14), seed=14)
+    store = RecordStore(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0009_unpriced_alerts")
+        conn.execute(requests.insert(), [request_row(r) for r in records])  # as a log before 0010 holds them
+    monkeypatch.setattr(usage_rollups.backfill, "__defaults__", (250,))  # chunks of 250 rows: many chunk edges
+    store.migrate()
+    assert_rollups(stored_usage(store), expected_usage(records))
+    store.close()

@@ -64,6 +64,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordStor
         with opened.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM requests")
             conn.exec_driver_sql("DELETE FROM request_minutes")  # its rollups (keel.observability.rollups)
+            conn.exec_driver_sql("DELETE FROM usage_hours")  # and keel.observability.usage_rollups
     opened.close()
 
 
@@ -405,6 +406,7 @@ def cache_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reco
         with opened.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM requests")
             conn.exec_driver_sql("DELETE FROM request_minutes")  # its rollups (keel.observability.rollups)
+            conn.exec_driver_sql("DELETE FROM usage_hours")  # and keel.observability.usage_rollups
     opened.close()
 
 

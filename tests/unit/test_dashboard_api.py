@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from keel.config import SLOConfig
 from keel.dashboard.api import cost_json, dashboard_api_router
 from keel.errors import KeelError
+from keel.evals.drift import build_drift
 from keel.observability.queries import Filters, Window
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.report import build_report
@@ -159,3 +160,35 @@ def test_the_forecast_extends_the_spend_so_far_at_its_rate_to_the_window_end(sto
 def test_quality_lists_no_run_on_an_empty_log(client: TestClient) -> None:
     body = client.get("/dashboard/api/quality", params=WINDOW).json()
     assert body == {"runs": [], "agreement": [], "drift": body["drift"]}
+
+
+def test_drift_charts_are_keel_drifts_comparison_bucket_by_bucket(client: TestClient, store: RecordStore) -> None:
+    """Each point of a drift chart is what `keel drift` (build_drift) reports for that bucket against the
+    same baseline; the slow half of the window is marked as alerts; a tenant admin gets no chart."""
+    since = NOW - 3800  # whole five-minute buckets
+    before = [rec(500 + i, model="m9", started_at=since - 86_400 + i * 200, latency_ms=100.0 + i % 9,
+                  completion_tokens=40 + i % 5) for i in range(120)]
+    during = [rec(700 + i, model="m9", started_at=since + i * 8, latency_ms=(100.0 if i < 225 else 250.0) + i % 9,
+                  completion_tokens=40 + i % 5) for i in range(450)]
+    store.write(before + during)
+    window = {"since": str(since), "until": str(since + 3600)}
+    body = client.get("/dashboard/api/drift", params=window).json()
+    assert body["step_s"] == 300 and body["t"] == [since + i * 300 for i in range(12)]
+    lines = {(line["model"], line["metric"]): line for line in body["lines"]}
+    latency = lines[("m9", "latency ms")]
+    baseline = (body["baseline"]["since"], body["baseline"]["until"])
+    assert baseline == (since - 7 * 86_400, since)
+    for i, start in enumerate(body["t"]):
+        report = build_drift(store, window=(start, start + 300), baseline=baseline, model="m9")
+        row = next(r for r in report.rows if r.metric == "latency ms" and r.deployment == "*")
+        shown = (latency["values"][i], latency["verdicts"][i], latency["n"][i])
+        assert shown == (row.window, row.verdict, row.window_n)
+        assert latency["baseline"] == row.baseline == pytest.approx(104.0)  # the baseline's median
+    assert latency["alerts"] == [False] * 6 + [True] * 6
+    assert latency["low"] == pytest.approx(latency["baseline"] * 0.9)
+    assert latency["high"] == pytest.approx(latency["baseline"] * 1.1)
+    assert lines[("m9", "error rate")]["high"] == pytest.approx(0.01)  # a rate's band: one percentage point
+    assert client.get("/dashboard/api/drift", params=window, headers={"x-tenant": "a"}).json() == {"lines": None}
+    ragged = client.get("/dashboard/api/drift", params=WINDOW).json()  # a window of no whole bucket edge
+    assert len(ragged["t"]) <= 24 and ragged["t"][0] <= NOW - 3600 < ragged["t"][0] + ragged["step_s"]
+    assert ragged["t"][-1] < NOW <= ragged["t"][-1] + ragged["step_s"]

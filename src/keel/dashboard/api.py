@@ -122,6 +122,11 @@ def dashboard_api_router(
         window, tenant = window_of(request), caller_tenant(request)
         return await run(request, lambda store: quality_json(store, window, tenant))
 
+    @router.get("/drift")
+    async def drift(request: Request) -> dict[str, Any]:
+        window, tenant = window_of(request), caller_tenant(request)
+        return await run(request, lambda store: drift_json(store, window, tenant))
+
     return router
 
 
@@ -273,7 +278,7 @@ def cost_json(store: RecordStore, window: Window, filters: Filters, now: float) 
     """The Cost page's document: spend by feature, model, user, key and prompt version, and the
     forecast to the window's end (its spend so far, plus its rate so far over the time left)."""
     with store.connection() as conn:
-        found = queries.figures(conn, window, filters)
+        found = queries.totals(conn, window, filters)
         by = {name: [row.as_json() for row in queries.usage(conn, name, window, filters)] for name in COST_DIMENSIONS}
     elapsed = min(now, window.until) - window.since
     left = max(0.0, window.until - max(now, window.since))
@@ -308,11 +313,28 @@ def quality_json(store: RecordStore, window: Window, tenant: str | None) -> dict
     ]
     drift: list[dict[str, Any]] = []
     if tenant is None:
-        span = window.until - window.since
-        report = build_drift(store, window=(window.since, window.until),
-                             baseline=(window.since - max(span, 7 * 86_400.0), window.since))
+        report = build_drift(store, window=(window.since, window.until), baseline=drift_baseline(window))
         drift = [{**row.as_json(), "alert": row.verdict == "drift"} for row in report.rows]
     return {"runs": runs, "agreement": agreement, "drift": drift}
+
+
+def drift_baseline(window: Window) -> tuple[float, float]:
+    """What the Quality page compares a window with: the week before it (or as long as it, if longer)."""
+    span = window.until - window.since
+    return window.since - max(span, 7 * 86_400.0), window.since
+
+
+def drift_json(store: RecordStore, window: Window, tenant: str | None) -> dict[str, Any]:
+    """The Quality page's drift charts: the window in at most 24 buckets (whole minutes), each compared with the
+    baseline as `keel drift` compares (keel.evals.drift.drift_series); master key only, as the
+    drift table (`lines` is null for a tenant admin)."""
+    from keel.evals.drift import chart_step, drift_series
+
+    if tenant is not None:
+        return {"lines": None}
+    step = chart_step(window.since, window.until, queries.STEPS)
+    found = drift_series(store, window=(window.since, window.until), baseline=drift_baseline(window), step_s=step)
+    return found.as_json()
 
 
 def _passed(summary: Mapping[str, Any] | None) -> bool | None:

@@ -221,7 +221,7 @@ class DriftReport:
         }
 
 
-COLUMNS = ("model", "deployment", "feature", "outcome", "completion_tokens", "latency_ms", "cost_usd",
+COLUMNS = ("started_at", "model", "deployment", "feature", "outcome", "completion_tokens", "latency_ms", "cost_usd",
            "upstream_model", "system_fingerprint", "output", "metadata")
 
 
@@ -285,6 +285,97 @@ def compare_calls(
             report.rows.append(_RowMaker(name, deployment, limits).judge_score(
                 [r["value"] for r in base_scores], [r["value"] for r in new_scores]))
     return report
+
+
+# The metrics a drift chart draws: a number per window (medians of distributions, rates).
+CHARTED = ("output tokens", "latency ms", "cost per call", "error rate", "refusal rate")
+RATES = ("error rate", "refusal rate")
+MAX_CHART_BUCKETS = 24  # each bucket is a comparison with the whole baseline
+
+
+@dataclass(frozen=True, slots=True)
+class DriftLine:
+    """One metric of one model over time: each bucket's value against the baseline's, with the
+    band outside which a move is big enough to be drift (`Thresholds.min_relative_change` of the
+    baseline median for a distribution, `min_rate_change` for a rate; none of them goes below 0)
+    and each bucket's verdict
+    (an alert where it is "drift"; a move must also be significant to be one)."""
+
+    model: str
+    metric: str
+    baseline: float | None
+    low: float | None
+    high: float | None
+    values: list[float | None]
+    verdicts: list[Verdict]
+    n: list[int]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"model": self.model, "metric": self.metric, "baseline": self.baseline, "low": self.low,
+                "high": self.high, "values": self.values, "verdicts": self.verdicts, "n": self.n,
+                "alerts": [v == "drift" for v in self.verdicts]}
+
+
+@dataclass(slots=True)
+class DriftSeries:
+    window: tuple[float, float]
+    baseline: tuple[float, float]
+    step_s: int
+    starts: list[int]
+    lines: list[DriftLine]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"window": {"since": self.window[0], "until": self.window[1]},
+                "baseline": {"since": self.baseline[0], "until": self.baseline[1]}, "step_s": self.step_s,
+                "t": self.starts, "lines": [line.as_json() for line in self.lines]}
+
+
+def chart_step(since: float, until: float, steps: Sequence[int]) -> int:
+    """The first of `steps` (seconds, ascending) whose buckets (aligned to multiples of the step, the
+    partial ones at the ends included) cover [since, until) in at most MAX_CHART_BUCKETS."""
+    for step in steps:
+        if math.ceil(until / step) - math.floor(since / step) <= MAX_CHART_BUCKETS:
+            return step
+    return steps[-1]
+
+
+def drift_series(
+    store: RecordStore, *, window: tuple[float, float], baseline: tuple[float, float], step_s: int,
+    model: str | None = None, thresholds: Thresholds | None = None,
+) -> DriftSeries:
+    """Drift over time: the window cut into buckets of `step_s`, each compared with the baseline
+    as `keel drift` compares a window (`compare_calls`, without the embedder and judge scores);
+    the charted metrics of each model over all its deployments."""
+    limits = thresholds or Thresholds()
+    base, new = load_calls(store, *baseline, model), load_calls(store, *window, model)
+    first = int(window[0] // step_s * step_s)
+    starts = list(range(first, math.ceil(window[1]), step_s))
+    by_bucket: dict[int, list[dict[str, Any]]] = {start: [] for start in starts}
+    for call in new:
+        by_bucket[int(float(call["started_at"]) // step_s * step_s)].append(call)
+    cells: dict[tuple[str, str], list[MetricDrift | None]] = {}
+    for i, start in enumerate(starts):
+        part = (max(float(start), window[0]), min(float(start + step_s), window[1]))
+        report = compare_calls(base, by_bucket[start], window=part, baseline=baseline, thresholds=limits)
+        for row in report.rows:
+            if row.deployment == ALL_DEPLOYMENTS and row.metric in CHARTED:
+                cells.setdefault((row.model, row.metric), [None] * len(starts))[i] = row
+    overall = {(row.model, row.metric): row for row in compare_calls(
+        base, new, window=window, baseline=baseline, thresholds=limits).rows if row.deployment == ALL_DEPLOYMENTS}
+    lines = []
+    for (name, metric), found in sorted(cells.items(), key=lambda item: (item[0][0], CHARTED.index(item[0][1]))):
+        whole = overall.get((name, metric))
+        was = whole.baseline if whole is not None and isinstance(whole.baseline, float) else None
+        if was is None:
+            was = next((c.baseline for c in found if c is not None and isinstance(c.baseline, float)), None)
+        band = limits.min_rate_change if metric in RATES else abs(was or 0.0) * limits.min_relative_change
+        lines.append(DriftLine(
+            name, metric, was, None if was is None else max(0.0, was - band), None if was is None else was + band,
+            [c.window if c is not None and isinstance(c.window, float) else None for c in found],
+            [c.verdict if c is not None else "not enough data" for c in found],
+            [c.window_n if c is not None else 0 for c in found],
+        ))
+    return DriftSeries(window, baseline, step_s, starts, lines)
 
 
 def _score_rows(scores: Sequence[OnlineScore]) -> list[dict[str, Any]]:

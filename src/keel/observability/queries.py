@@ -23,9 +23,10 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Select, Text, and_, case, cast, func, or_, select
 
-from keel.observability import rollups
+from keel.observability import rollups, usage_rollups
 from keel.observability.rollups import NOT_ATTEMPTED, OUTCOMES, SERVER_ERRORS, Agg, hist_percentile, request_minutes
 from keel.observability.store import RecordStore, requests
+from keel.observability.usage_rollups import usage_hours
 
 EXACT_LIMIT = 20_000  # attempted calls in a window up to which percentiles are computed exactly
 MINUTE = rollups.MINUTE
@@ -314,13 +315,20 @@ def figures(conn: Connection, window: Window, filters: Filters = Filters()) -> F
     return _figures(conn, window, filters, None).get(None) or Figures()
 
 
+def totals(conn: Connection, window: Window, filters: Filters = Filters()) -> Figures:
+    """The window's counts and sums only (no percentiles: those read latencies or histograms)."""
+    return _figures(conn, window, filters, None, percentiles=False).get(None) or Figures()
+
+
 def series(conn: Connection, window: Window, filters: Filters, step: int) -> dict[int, Figures]:
     """Figures per bucket of `step` seconds (bucket start -> figures; buckets with no call absent)."""
     found = _figures(conn, window, filters, step)
     return {int(key): value for key, value in found.items() if key is not None}
 
 
-def _figures(conn: Connection, window: Window, filters: Filters, step: int | None) -> dict[int | None, Figures]:
+def _figures(
+    conn: Connection, window: Window, filters: Filters, step: int | None, percentiles: bool = True,
+) -> dict[int | None, Figures]:
     table = request_minutes
     parts, raws = cover(window, _widths(step))
     group = None if step is None else (table.c.start // step) * step
@@ -334,6 +342,8 @@ def _figures(conn: Connection, window: Window, filters: Filters, step: int | Non
         agg.add_row(row)
     attempted = sum(agg.counts.get("attempted", 0) for agg in aggs.values())
     out = {key: Figures(agg) for key, agg in aggs.items()}
+    if not percentiles:
+        return out
     if attempted <= EXACT_LIMIT:
         values: dict[int | None, tuple[list[float], list[float]]] = {}
         for started, latency, ttft in _exact_latencies(conn, window, filters):
@@ -365,22 +375,30 @@ def _figures(conn: Connection, window: Window, filters: Filters, step: int | Non
 ROLLED_UP = ("model", "feature", "tenant")  # dimensions the rollups are keyed by
 # Dimensions read from `requests` (column, or the prompt's "name@version").
 RAW_DIMENSIONS = {"user": "user", "key": "key_id", "dialect": "dialect", "prompt": "prompt"}
+# Of those, the ones usage_rollups keeps (read from it unless a model or feature filter is set).
+USAGE_ROLLED_UP = usage_rollups.DIMENSIONS
 
 
 def usage(conn: Connection, dimension: str, window: Window, filters: Filters = Filters()) -> list[Usage]:
-    """Tokens, spend, mean latency and error rate per value of a dimension (feature, model,
-    tenant from the rollups; user, key, dialect, prompt from `requests`), by spend."""
+    """Tokens, spend, mean latency and error rate per value of a dimension, by spend: feature,
+    model, tenant from request_minutes; user, key, prompt from usage_hours (from `requests` when
+    filtered by model or feature, which that table is not keyed by); dialect from `requests`. The
+    window's ends that no rollup unit covers are read from `requests`."""
     if dimension in ROLLED_UP:
         parts, raws = cover(window)
         aggs = _rollup_sums(conn, parts, filters, request_minutes.c[dimension])
         by_name: dict[str | None, Agg] = {(name or None): agg for name, agg in aggs.items()}
         for row in _edge_rows(conn, raws, filters):
             by_name.setdefault(row[dimension] or None, Agg()).add_row(row)
-        rows = [_usage_of(name, agg) for name, agg in by_name.items()]
+    elif dimension in USAGE_ROLLED_UP and filters.model is None and filters.feature is None:
+        parts, raws = cover(window, usage_rollups.WIDTHS)
+        by_name = _usage_rollup_sums(conn, dimension, parts, filters.tenant)
+        _add(by_name, _raw_sums(conn, dimension, raws, filters))
     elif dimension in RAW_DIMENSIONS:
-        rows = _raw_usage(conn, dimension, window, filters)
+        by_name = _raw_sums(conn, dimension, [window], filters)
     else:
         raise ValueError(f"no breakdown by {dimension!r}; use one of {', '.join((*ROLLED_UP, *RAW_DIMENSIONS))}")
+    rows = [_usage_of(name, agg) for name, agg in by_name.items()]
     rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.name or ""))
     return rows
 
@@ -396,31 +414,73 @@ def _usage_of(name: str | None, agg: Agg) -> Usage:
     )
 
 
-def _raw_usage(conn: Connection, dimension: str, window: Window, filters: Filters) -> list[Usage]:
+def _add(into: dict[str | None, Agg], more: Mapping[str | None, Agg]) -> None:
+    for name, agg in more.items():
+        into.setdefault(name, Agg()).merge(agg)
+
+
+def _usage_rollup_sums(
+    conn: Connection, dimension: str, parts: Sequence[Part], tenant: str | None,
+) -> dict[str | None, Agg]:
+    """usage_hours' sums per value over whole units (its '' is "none": None)."""
+    out: dict[str | None, Agg] = {}
+    table = usage_hours
+    names = (*usage_rollups.COUNT_COLUMNS, *usage_rollups.SUM_COLUMNS)
+    # One query per part: each reads one range of the primary key (dimension, width, start); an OR
+    # of the parts in one query reads every row of the dimension (SQLite's plan).
+    for width, lo, hi in parts:
+        where = [table.c.dimension == dimension, table.c.width == width, table.c.start >= lo, table.c.start < hi]
+        if tenant is not None:
+            where.append(table.c.tenant == tenant)
+        query = select(table.c.value, *(func.sum(table.c[name]).label(name) for name in names)).where(
+            *where).group_by(table.c.value)
+        for value, *sums in conn.execute(query):
+            agg = out.get(value or None)
+            if agg is None:
+                agg = out[value or None] = Agg()
+            for name, total in zip(names, sums, strict=True):
+                if name in usage_rollups.SUM_COLUMNS:
+                    agg.sums[name] += float(total)
+                else:
+                    agg.counts[name] += int(total)
+    return out
+
+
+def _raw_sums(
+    conn: Connection, dimension: str, windows: Sequence[Window], filters: Filters,
+) -> dict[str | None, Agg]:
+    """Sums per value of a dimension straight from `requests` (a GROUP BY in the database),
+    counted as the rollups count them ('' and no value alike: None)."""
+    out: dict[str | None, Agg] = {}
     attempted = requests.c.outcome.not_in(NOT_ATTEMPTED)
     column: ColumnElement[Any] = requests.c[RAW_DIMENSIONS[dimension]]
     if dimension == "prompt":  # null when the call named no prompt
         column = (requests.c.prompt + "@" + requests.c.prompt_version).label("prompt")
-    query = (
-        select(
-            column,
-            func.count(),
-            func.coalesce(func.sum(requests.c.prompt_tokens), 0),
-            func.coalesce(func.sum(requests.c.completion_tokens), 0),
-            func.coalesce(func.sum(requests.c.cached_tokens), 0),
-            func.coalesce(func.sum(requests.c.cost_usd), 0.0),
-            func.sum(case((attempted, 1), else_=0)),
-            func.sum(case((requests.c.outcome.in_(SERVER_ERRORS), 1), else_=0)),
-            func.avg(case((attempted, requests.c.latency_ms), else_=None)),
+    for window in windows:
+        query = (
+            select(
+                column,
+                func.count(),
+                func.coalesce(func.sum(requests.c.prompt_tokens), 0),
+                func.coalesce(func.sum(requests.c.completion_tokens), 0),
+                func.coalesce(func.sum(requests.c.cached_tokens), 0),
+                func.coalesce(func.sum(requests.c.cost_usd), 0.0),
+                func.sum(case((attempted, 1), else_=0)),
+                func.sum(case((requests.c.outcome.in_(SERVER_ERRORS), 1), else_=0)),
+                func.sum(case((attempted, requests.c.latency_ms), else_=0.0)),
+            )
+            .where(*raw_where(window, filters))
+            .group_by(column)
         )
-        .where(*raw_where(window, filters))
-        .group_by(column)
-    )
-    return [
-        Usage(name, int(count), int(prompt), int(completion), int(cached), float(cost), int(tried or 0),
-              int(failed or 0), None if latency is None else float(latency))
-        for name, count, prompt, completion, cached, cost, tried, failed, latency in conn.execute(query)
-    ]
+        for name, count, prompt, completion, cached, cost, tried, failed, latency in conn.execute(query):
+            agg = Agg()
+            agg.counts.update({"requests": int(count), "prompt_tokens": int(prompt),
+                               "completion_tokens": int(completion), "cached_tokens": int(cached),
+                               "attempted": int(tried or 0), "n_error": int(failed or 0)})
+            agg.sums["cost_usd"] = float(cost)
+            agg.sums["latency_sum_ms"] = float(latency or 0.0)
+            out.setdefault(name or None, Agg()).merge(agg)
+    return out
 
 
 def unpriced(conn: Connection, window: Window, filters: Filters = Filters()) -> dict[str | None, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,14 +301,21 @@ def purge(conn: Connection, older_than: float) -> None:
             apply(conn, aggregate(rows, (width,)))
 
 
-def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
+def backfill(
+    conn: Connection, chunk_rows: int = 50_000, columns: Sequence[str] | None = None,
+    add: Callable[[Sequence[Mapping[Any, Any]]], None] | None = None,
+) -> None:
     """Build the rollups of every row already in `requests` (migration 0008), oldest first, in
-    chunks of whole minutes."""
+    chunks of whole minutes. Another rollup's back-fill (keel.observability.usage_rollups) passes
+    the `columns` it reads and what to `add` with each chunk of rows."""
+    columns = ROW_COLUMNS if columns is None else columns
+    if add is None:
+        add = lambda rows: apply(conn, aggregate(rows))  # noqa: E731
     start = conn.execute(select(requests.c.started_at).order_by(requests.c.started_at).limit(1)).scalar()
     while start is not None:
         first_minute = int(float(start) // MINUTE) * MINUTE
         rows = list(conn.execute(
-            select(*(requests.c[name] for name in ROW_COLUMNS))
+            select(*(requests.c[name] for name in columns))
             .where(requests.c.started_at >= first_minute)
             .order_by(requests.c.started_at).limit(chunk_rows)
         ).mappings())
@@ -317,14 +324,14 @@ def backfill(conn: Connection, chunk_rows: int = 50_000) -> None:
             if end == first_minute:  # one minute holds more than a chunk: take it whole
                 end = first_minute + MINUTE
                 rows = list(conn.execute(
-                    select(*(requests.c[name] for name in ROW_COLUMNS))
+                    select(*(requests.c[name] for name in columns))
                     .where(requests.c.started_at >= first_minute, requests.c.started_at < end)
                 ).mappings())
             else:
                 rows = [row for row in rows if row["started_at"] < end]
         else:
             end = None
-        apply(conn, aggregate(rows))
+        add(rows)
         if end is None:
             return
         start = conn.execute(

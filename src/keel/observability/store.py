@@ -304,6 +304,7 @@ class RecordStore:
                 # The rollups count the rows actually inserted: a replayed row adds nothing twice.
                 inserted = self._requests.insert(conn, request_rows)
                 rollups.apply(conn, rollups.aggregate(inserted))
+                usage_rollups.apply(conn, usage_rollups.aggregate(inserted))
             if span_rows:
                 self._spans.insert(conn, span_rows)
 
@@ -316,6 +317,7 @@ class RecordStore:
             for column in _RETAINED:
                 conn.execute(delete(column.table).where(column < older_than))
             rollups.purge(conn, older_than)
+            usage_rollups.purge(conn, older_than)
         return int(deleted)
 
     def records(
@@ -604,6 +606,6 @@ def _first_line(error: BaseException | None) -> str:
     return text_.splitlines()[0] if text_ else type(error).__name__
 
 
-# The rollups' table is on this module's metadata (one schema), and the writes above maintain it:
-# imported last, once `metadata` and `requests` exist for it.
-from keel.observability import rollups  # noqa: E402
+# The rollups' tables are on this module's metadata (one schema), and the writes above maintain
+# them: imported last, once `metadata` and `requests` exist for them.
+from keel.observability import rollups, usage_rollups  # noqa: E402

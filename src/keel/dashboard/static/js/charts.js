@@ -4,7 +4,8 @@ import { el } from "./common.js";
 const COLORS = ["#2f6fde", "#c0392b", "#1b7f4c", "#b7791f", "#7b4fc9", "#0f8b8d"];
 const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
 
-// series: [{ label, values }]; t: epoch seconds of each bucket; span: [since, until] of the window, so a
+// series: [{ label, values, color?, dash?, markers? }] (dash: a dashed line, e.g. [5, 4]; markers: points
+// only); t: epoch seconds of each bucket; span: [since, until] of the window, so a
 // window with one bucket still spans its time. `whole`: counts (integer ticks, from 0).
 // An empty window says so instead of drawing axes.
 export function timeChart(title, t, series, format, name, span, whole = false) {
@@ -17,7 +18,10 @@ export function timeChart(title, t, series, format, name, span, whole = false) {
   const opts = {
     width: 400, height: 200,
     series: [{}, ...series.map((s, i) => ({
-      label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false, points: { show: t.length < 60 },
+      label: s.label, stroke: s.color ?? COLORS[i % COLORS.length], width: s.markers ? 0 : 1.5, spanGaps: false,
+      points: { show: t.length < 60 && !s.dash }, ...(s.dash ? { dash: s.dash } : {}),
+      // markers: points only (an alert, say), no line between them
+      ...(s.markers ? { paths: () => null, points: { show: true, size: 11, width: 2, fill: s.color, stroke: s.color } } : {}),
       value: (u, v) => (v === null || v === undefined ? "–" : format(v)),
     }))],
     axes: [{}, { values: (u, splits) => splits.map((v) => compact(format, v)), size: 76,
@@ -29,6 +33,7 @@ export function timeChart(title, t, series, format, name, span, whole = false) {
     legend: { live: true },
   };
   const plot = new uPlot(opts, [t, ...series.map((s) => s.values)], box);
+  box.plot = plot; // what is drawn, for the browser tests (plot.data)
   const fit = () => plot.setSize({ width: Math.max(240, box.clientWidth - 12), height: 200 });
   new ResizeObserver(fit).observe(box);
   requestAnimationFrame(fit);

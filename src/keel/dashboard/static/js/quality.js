@@ -1,11 +1,13 @@
 // Quality: eval runs, judge–human agreement, drift with its alerts, and the review queue, labelled from here.
 import { badge, el, figure, fmt, get, post, problem, table, tenant, windowParams } from "./common.js";
+import { timeChart } from "./charts.js";
 
 export const filtered = true; // the window of the drift figures
 
 export async function render(main, v) {
-  const [quality, queue] = await Promise.all([
+  const [quality, series, queue] = await Promise.all([
     get("/dashboard/api/quality", windowParams(v)).catch((error) => error),
+    get("/dashboard/api/drift", windowParams(v)).catch((error) => error),
     get("/admin/review", { status: "pending", limit: 20 }).catch((error) => error),
   ]);
   const reviewSection = el("section", { id: "review" });
@@ -37,7 +39,46 @@ export async function render(main, v) {
     ], quality.agreement || [], { attrs: { id: "agreement" }, empty: "No item labelled by both a judge and a person yet." }),
     el("h2", {}, "Drift"),
     drift(quality.drift),
+    series instanceof Error ? problem("Drift over time", series) : driftCharts(series),
   );
+}
+
+const DRIFT_FORMATS = { "output tokens": fmt.num, "latency ms": fmt.ms, "cost per call": fmt.usd,
+                        "error rate": fmt.pct, "refusal rate": fmt.pct };
+
+// Each model's metrics over the window, bucket by bucket against the baseline: the band outside which a
+// move is big enough to be drift (dashed), and the alerts (buckets whose verdict is drift) as red marks,
+// listed under the charts.
+function driftCharts(data) {
+  if (!data.lines) return "";
+  const lines = data.lines.filter((line) => line.values.some((x) => x !== null));
+  if (!lines.length) return el("p", { class: "muted", id: "drift-charts" }, "Not enough calls in any bucket of this window to chart drift.");
+  const span = [data.window.since, data.window.until];
+  const constant = (x) => data.t.map(() => x);
+  const alerts = [];
+  const charts = lines.map((line) => {
+    const format = DRIFT_FORMATS[line.metric] ?? fmt.num;
+    line.alerts.forEach((alert, i) => { if (alert) alerts.push({ ...line, at: data.t[i], value: line.values[i] }); });
+    return timeChart(`${line.model}: ${line.metric}`, data.t, [
+      { label: "window", values: line.values },
+      { label: "baseline", values: constant(line.baseline), color: "#6b7280", dash: [2, 3] },
+      { label: "drift below", values: constant(line.low), color: "#c0392b", dash: [6, 4] },
+      { label: "drift above", values: constant(line.high), color: "#c0392b", dash: [6, 4] },
+      { label: "alert", values: line.values.map((x, i) => (line.alerts[i] ? x : null)), color: "#c0392b", markers: true },
+    ], format, `drift:${line.model}:${line.metric}`, span);
+  });
+  return el("div", { id: "drift-charts" },
+    el("h3", {}, `Over time (${Math.round(data.step_s / 60)} min buckets, each against the baseline)`),
+    el("div", { class: "charts" }, charts),
+    alerts.length ? table([
+      { label: "When", value: (a) => fmt.time(a.at) },
+      { label: "Model", value: (a) => a.model },
+      { label: "Metric", value: (a) => a.metric },
+      { label: "Value", value: (a) => figure("span", a.value, DRIFT_FORMATS[a.metric] ?? fmt.num) },
+      { label: "Baseline", value: (a) => figure("span", a.baseline, DRIFT_FORMATS[a.metric] ?? fmt.num) },
+      { label: "", value: () => badge("alert", "alert") },
+    ], alerts, { attrs: { id: "drift-alerts" }, rowAttrs: (a) => ({ "data-alert": `${a.model}:${a.metric}:${a.at}` }) })
+      : el("p", { class: "muted", id: "drift-alerts" }, "No drift alert in this window."));
 }
 
 // The run's metrics (mean against threshold), each with its change from `prior` (the suite's run before).
