@@ -39,11 +39,13 @@ def records(n: int, start: float, end: float, *, seed: int, tokens: float, upstr
 
 # The week before the last hour: steady; the last hour: longer answers from a new upstream model.
 BASELINE = records(300, NOW - 6 * DAY, NOW - 2 * DAY, seed=1, tokens=20, upstream="gpt-a")
-WINDOW = records(100, NOW - 50 * 60, NOW - 60, seed=2, tokens=45, upstream="gpt-b")
+# Recent, within the last ten minutes of the module's import: `keel drift` reads "the last hour" from its own
+# clock, which a long test session moves on by many minutes before these tests run.
+WINDOW = records(100, NOW - 10 * 60, NOW - 60, seed=2, tokens=45, upstream="gpt-b")
 OLD = records(50, NOW - 30 * DAY, NOW - 20 * DAY, seed=3, tokens=500, upstream="gpt-z")  # outside both windows
 # A model that did not change.
 STEADY = (records(300, NOW - 6 * DAY, NOW - 2 * DAY, seed=5, tokens=20, upstream="gpt-a", model="steady")
-          + records(100, NOW - 50 * 60, NOW - 60, seed=4, tokens=20, upstream="gpt-a", model="steady"))
+          + records(100, NOW - 10 * 60, NOW - 60, seed=4, tokens=20, upstream="gpt-a", model="steady"))
 
 
 @pytest.fixture(scope="module")
