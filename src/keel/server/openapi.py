@@ -67,7 +67,7 @@ def _dialect(names: Sequence[str], required: dict[str, Any], **more: Any) -> dic
                            "stream": {"type": "boolean"}}}
 
 
-TEXT = {"type": "string", "maxLength": 200}
+TEXT = {"type": "string"}
 CHAT_MESSAGE = {"type": "object", "required": ["role", "content"],
                 "properties": {"role": {"enum": ["user", "assistant"]}, "content": TEXT}}
 
