@@ -4,8 +4,9 @@ environment), and the passwords in the PostgreSQL (request log) and Redis (cache
 A real `keel serve` takes a mix of good and bad calls, among them calls to an upstream that fails and
 echoes the Authorization header it got (with every other header) back in its error body, plain and
 mid-stream. Then every output is grepped for every secret: each answer's body and headers, the
-request-log rows, the spool directory, the gateway's stdout/stderr, /metrics, the dashboard's HTML and
-its API's JSON, the admin API's JSON and the OpenAPI document. None may appear anywhere.
+request-log rows and every other table of its database (virtual keys are stored as hashes only),
+what Keel wrote to Redis, the spool directory, the gateway's stdout/stderr, /metrics, the dashboard's
+HTML and its API's JSON, the admin API's JSON and the OpenAPI document. None may appear anywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -77,8 +79,16 @@ def pg_url() -> Iterator[str]:
         yield url.replace("postgresql://postgres@", f"postgresql://postgres:{PG_PASSWORD}@", 1)
 
 
+class LeakGateway(GatewayProcess):
+    """`keel serve` whose Redis keys start with `redis_prefix`."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str], redis_prefix: str) -> None:
+        super().__init__(config, tmp, env)
+        self.redis_prefix = redis_prefix
+
+
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, upstream: ThreadedServer, pg_url: str) -> Iterator[GatewayProcess]:
+def gw(tmp_path_factory: pytest.TempPathFactory, upstream: ThreadedServer, pg_url: str) -> Iterator[LeakGateway]:
     import redis
 
     assert PG_PASSWORD in pg_url
@@ -101,7 +111,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstream: ThreadedServer, pg_ur
         "cache": {"backend": "redis", "exact": {"enabled": True}},
         "auth": {"virtual_keys": True},
     }
-    process = GatewayProcess(config, tmp, {"KEEL_MASTER_KEY": MASTER, UPSTREAM_ENV: UPSTREAM})
+    process = LeakGateway(config, tmp, {"KEEL_MASTER_KEY": MASTER, UPSTREAM_ENV: UPSTREAM}, prefix)
     process.start()
     yield process
     process.stop()
@@ -111,11 +121,35 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstream: ThreadedServer, pg_ur
         client.delete(*keys)
 
 
+def database_dump(url: str) -> list[tuple[str, str]]:
+    """Every row of every table of the request-log database, as text: (table, rows)."""
+    import psycopg
+
+    with psycopg.connect(url.replace(f":{PG_PASSWORD}@", "@"), autocommit=True) as conn:
+        tables = [row[0] for row in conn.execute(
+            "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_type = 'BASE TABLE'")]
+        dump = [(f"table {table}", "\n".join(str(row) for row in conn.execute(f"SELECT * FROM {table}")))
+                for table in tables]
+    assert any("keys" in table and rows for table, rows in dump), [table for table, _ in dump]
+    return dump
+
+
+def redis_dump(prefix: str) -> str:
+    """Every key under `prefix` (the cache's entries, the shared counters) with its value, as text."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    assert keys, "the cache wrote nothing to Redis"
+    return "\n".join(f"{key!r}: {client.dump(key)!r}" for key in keys)
+
+
 def chat(model: str, content: str, **more: Any) -> bytes:
     return orjson.dumps({"model": model, "messages": [{"role": "user", "content": content}], **more})
 
 
-def test_no_secret_appears_in_any_output(gw: GatewayProcess, pg_url: str) -> None:
+def test_no_secret_appears_in_any_output(gw: LeakGateway, pg_url: str) -> None:
     master = {"authorization": f"Bearer {MASTER}"}
     created = httpx.post(gw.url + "/admin/keys", json={"tenant": "acme"}, headers=master, timeout=30)
     assert created.status_code == 201, created.text
@@ -173,6 +207,8 @@ def test_no_secret_appears_in_any_output(gw: GatewayProcess, pg_url: str) -> Non
     rows = read_records(pg_url, since=time.time() - 3600)
     assert len(rows) > 40
     outputs.append(("request-log rows", repr(rows)))
+    outputs.extend(database_dump(pg_url))  # the keys (their hashes only), spans, stored responses, ...
+    outputs.append(("redis", redis_dump(gw.redis_prefix)))
     for spooled in sorted((gw.config_path.parent / "spool").rglob("*")):
         if spooled.is_file():
             outputs.append((f"spool {spooled.name}", spooled.read_text(errors="replace")))
