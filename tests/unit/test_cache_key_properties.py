@@ -48,7 +48,7 @@ def key(fields: dict[str, Any], tenant: str | None = None) -> str:
     return cache_key(ChatRequest.model_validate(fields), tenant)
 
 
-@settings(max_examples=100, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True, deadline=None)
 @given(REQUEST, TENANT, st.data())
 def test_the_order_of_dict_keys_does_not_change_the_key(fields: dict[str, Any], tenant: str | None,
                                                         data: st.DataObject) -> None:
@@ -74,7 +74,7 @@ CHANGES = st.sampled_from([
 ])
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
+@settings(max_examples=80, derandomize=True, deadline=None)
 @given(REQUEST, TENANT, CHANGES)
 def test_a_change_that_determines_the_answer_changes_the_key(fields: dict[str, Any], tenant: str | None,
                                                             change: tuple[str, Any]) -> None:
@@ -88,7 +88,7 @@ USER = st.from_regex(r"[a-z0-9-]{0,12}", fullmatch=True)
 METADATA = st.dictionaries(st.from_regex(r"[a-z]{1,5}", fullmatch=True), TEXT, max_size=3)
 
 
-@settings(max_examples=100, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True, deadline=None)
 @given(REQUEST, TENANT, st.booleans(), USER, METADATA)
 def test_delivery_fields_do_not_change_the_key(fields: dict[str, Any], tenant: str | None, stream: bool,
                                                user: str, metadata: dict[str, str]) -> None:
@@ -98,7 +98,7 @@ def test_delivery_fields_do_not_change_the_key(fields: dict[str, Any], tenant: s
     assert key(delivered, tenant) == key(fields, tenant)
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
+@settings(max_examples=80, derandomize=True, deadline=None)
 @given(REQUEST, TENANT, TENANT)
 def test_two_tenants_never_share_a_key_and_each_scope_finds_only_its_own(fields: dict[str, Any], a: str | None,
                                                                         b: str | None) -> None:

@@ -46,13 +46,13 @@ def config_or_error(data: Any) -> None:
         assert isinstance(config, KeelConfig)
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=120, derandomize=True, deadline=None)
 @given(CONFIG | VALUE)
 def test_any_mapping_is_a_config_or_a_config_error(data: Any) -> None:
     config_or_error(data)
 
 
-@settings(max_examples=150, derandomize=True, deadline=None,
+@settings(max_examples=50, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=200) | CONFIG.map(lambda c: yaml.safe_dump(c, allow_unicode=True)) | st.binary(max_size=60))
 def test_any_file_is_a_config_or_a_config_error(tmp_path: Path, text: str | bytes) -> None:

@@ -44,7 +44,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=120, derandomize=True, deadline=None)
 @given(EVENTS, st.lists(st.integers(min_value=0, max_value=2000), max_size=20))
 def test_any_split_of_a_stream_parses_to_its_events(events: list[tuple[str | None, list[str], bool, bool]],
                                                     cuts: list[int]) -> None:
@@ -63,7 +63,7 @@ def test_a_last_event_without_its_blank_line_still_counts(events: list[tuple[str
         assert parse([wire.removesuffix(b"\r\n").removesuffix(b"\n")]) == expected
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=120, derandomize=True, deadline=None)
 @given(st.lists(st.binary(max_size=40) | st.sampled_from([b"data:", b"event:", b"\r", b"\n", b":", b"\xff"]),
                 max_size=20))
 def test_garbage_never_raises(pieces: list[bytes]) -> None:
