@@ -9,7 +9,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 
-.PHONY: run demo test bench lint install install-dev services vendor clean
+.PHONY: run demo test soak bench lint install install-dev services vendor clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -71,6 +71,10 @@ vendor:
 
 test: install-dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Longer runs than `make test` affords, printing what they found (docs/security.md).
+soak: install-dev
+	KEEL_FUZZ_EXAMPLES=500 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_openapi_fuzz.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests bench

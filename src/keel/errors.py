@@ -58,6 +58,11 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "request_headers_too_large"
+
+
 class AuthenticationFailed(KeelError):
     status = 401
     type = "authentication_error"

@@ -135,6 +135,8 @@ class AnthropicProvider(ChatOnly):
             raise UpstreamMalformed(
                 f"deployment '{self.name}' sent a stream event that is not a JSON object", deployment=self.name
             )
+        if event.get("type") == "error" and isinstance(error := event.get("error"), dict) and "message" in error:
+            error["message"] = self.upstream.scrubbed(str(error["message"]))  # an echoed key stays here
         return event
 
 

@@ -28,8 +28,23 @@ from keel.providers.http_client import (
 )
 
 ErrorMapper = Callable[[int, str, Mapping[str, str], str], KeelError]
+SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})  # OpenAI's, Anthropic's, Azure's
+REDACTED = "[redacted]"
 MAX_REDIRECTS = 5
 FOLLOWED = (307, 308)  # the method and body are kept; 301/302/303 would turn the POST into a GET
+
+
+def secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The credentials among a deployment's headers, whole and without their scheme ("Bearer <key>"),
+    longest first."""
+    found: set[str] = set()
+    for name, value in headers.items():
+        if name.lower() in SECRET_HEADERS and value.strip():
+            found.add(value)
+            scheme, _, credential = value.partition(" ")
+            if scheme and credential.strip():
+                found.add(credential.strip())
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 def mid_stream_error(deployment: str) -> Callable[[HTTPClientError], KeelError]:
@@ -58,11 +73,21 @@ class Upstream:
                  to_error: ErrorMapper) -> None:
         self.config = config
         self.headers = dict(headers)
+        self.secrets = secrets_in(self.headers)
         self.deployment = deployment
         self.to_error = to_error
         self.base_url = base_url
         self.client = self._client(base_url)  # an unusable proxy in the environment fails here, at start-up
         self._moved: dict[str, UpstreamClient] = {}  # origin -> pool, for followed redirects
+
+    def scrubbed(self, text: str) -> str:
+        """`text` from the upstream (an error's body or message) without the deployment's API key, which
+        some upstreams echo back ("Incorrect API key provided: ..."): it would reach the client, the log
+        and the request log."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
     def _client(self, base_url: str) -> UpstreamClient:
         try:
@@ -92,7 +117,7 @@ class Upstream:
                 return response
             text = await _drain(response)
             if response.status >= 400:
-                raise self.to_error(response.status, text, response.headers, self.deployment)
+                raise self.to_error(response.status, self.scrubbed(text), response.headers, self.deployment)
             location = response.headers.get("location")
             if not (self.config.follow_redirects and response.status in FOLLOWED and location
                     and hops < MAX_REDIRECTS):

@@ -97,7 +97,8 @@ class OpenAICompatProvider:
                 if isinstance(chunk, dict) and "error" in chunk:
                     error = chunk["error"] if isinstance(chunk["error"], dict) else {}
                     raise UpstreamServerError(
-                        f"deployment '{self.name}' failed mid-stream: {error.get('message', chunk['error'])}",
+                        f"deployment '{self.name}' failed mid-stream: "
+                        f"{self.upstream.scrubbed(str(error.get('message', chunk['error'])))}",
                         deployment=self.name,
                     )
                 yield chunk

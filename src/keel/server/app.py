@@ -17,7 +17,8 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.auth.admin import keys_router
@@ -32,6 +33,7 @@ from keel.server.admin import admin_router, cache_router
 from keel.server.calls import Served, answer_of, authorised, context, key_id, parse, served_by
 from keel.server.dialect_routes import dialect_routes, stored_responses_router
 from keel.server.gateway import REQUEST_ID, Answer, Gateway, HotRoute, Incoming
+from keel.server.openapi import openapi_document
 from keel.server.responses import error_response, json_response, spec_nulls_dropped
 from keel.types import ChatRequest, EmbeddingRequest
 
@@ -56,6 +58,7 @@ def create_app(keel: Keel) -> Gateway:
     api.mount(STATIC_PATH, static_files(), name="dashboard-static")
     api.add_exception_handler(KeelError, keel_error)  # type: ignore[arg-type]
     api.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    api.add_exception_handler(RequestValidationError, invalid_parameter)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, unexpected)
     api.include_router(stored_responses_router)
     hot: dict[str, HotRoute] = {
@@ -64,6 +67,7 @@ def create_app(keel: Keel) -> Gateway:
         # The other APIs clients speak, translated at the edge to the one internal call (docs/dialects.md).
         **dialect_routes(served),
     }
+    api.state.openapi = partial(openapi_document, api, list(hot), [m.name for m in keel.config.models])
     return Gateway(api, hot, on_error=hot_error, not_allowed=not_allowed)
 
 
@@ -131,7 +135,7 @@ async def lifespan(api: FastAPI) -> AsyncIterator[None]:
 routes = APIRouter()
 
 
-@routes.get("/metrics")
+@routes.get("/metrics", response_class=PlainTextResponse)  # documented as Prometheus' text
 async def metrics(served: Served = Depends(authorised)) -> Response:
     # Behind the key: per-feature spend is not for anyone who can reach the port.
     body, content_type = served.keel.metrics.render()
@@ -155,6 +159,15 @@ def model_object(served: Served, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": served.created, "owned_by": "keel"}
 
 
+@routes.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, served: Served = Depends(authorised)) -> Response:
+    # Behind the key, as /v1/models: the document names the configured models.
+    document = getattr(request.app.state, "openapi_document", None)
+    if document is None:
+        document = request.app.state.openapi_document = request.app.state.openapi()
+    return json_response(document)
+
+
 @routes.get("/healthz")
 async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
@@ -175,6 +188,27 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     error = route_error(request, exc)
     log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, exc.status_code, error)
     return error_response(error, status=exc.status_code)
+
+
+async def invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
+    """A path, query or body parameter of the FastAPI routes that does not validate: a 400 in OpenAI's
+    shape naming the parameter (FastAPI's own answer is a 422 `{"detail": [...]}`, which clients of an
+    OpenAI-compatible API cannot read)."""
+    error = parameter_error(exc)
+    log_error(request.scope.get("keel.request_id", ""), request.method, request.url.path, error.status, error)
+    return error_response(error)
+
+
+def parameter_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    where, *names = [str(part) for part in first.get("loc", ())] or ["request"]
+    param = ".".join(names) or None
+    value = repr(first.get("input"))
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    what = f"the {where} parameter '{param}'" if param else f"the {where}"
+    return InvalidRequest(
+        f"Invalid value for {what}: {first.get('msg', 'not valid')} (got {shown}). "
+        "See GET /openapi.json for what each parameter takes.", param=param)
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
@@ -210,7 +244,7 @@ class MethodNotAllowed(InvalidRequest):
 ROUTES = (
     "POST /v1/chat/completions, POST /v1/embeddings, POST /v1/responses, GET and DELETE /v1/responses/{id}, "
     "POST /v1/messages, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, "
-    "GET /healthz, GET /readyz, GET /metrics and the dashboard at GET /dashboard"
+    "GET /healthz, GET /readyz, GET /metrics, GET /openapi.json and the dashboard at GET /dashboard"
 )
 
 

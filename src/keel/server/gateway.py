@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel.errors import InvalidJSON, KeelError, RequestTooLarge
+from keel.errors import HeadersTooLarge, InvalidJSON, KeelError, RequestTooLarge
 from keel.pipeline import ChunkStream, Completion, Context, StreamClosed, new_request_id
 from keel.providers.sse import DONE, encode_chunk, encode_error
 from keel.server.responses import ErrorBody, error_parts, spec_nulls_dropped
@@ -27,6 +27,10 @@ from keel.server.responses import ErrorBody, error_parts, spec_nulls_dropped
 log = logging.getLogger("keel.gateway")
 
 REQUEST_ID = "x-keel-request-id"
+# Header limits, for every route: a client needs a few headers of a few hundred bytes (a dashboard
+# session cookie included); more is a mistake or an attack, refused with 431 before any work.
+MAX_HEADER_BYTES = 32 * 1024  # names and values together
+MAX_HEADERS = 100
 JSON = (b"content-type", b"application/json")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
@@ -76,6 +80,21 @@ class Incoming:
                 if not body.isascii():  # ASCII is UTF-8; the check costs nanoseconds
                     check_utf8(body)
                 return body
+
+
+def headers_over_limits(headers: Sequence[tuple[bytes, bytes]]) -> HeadersTooLarge | None:
+    """The refusal of a request with more headers, or more header bytes, than MAX_HEADERS and
+    MAX_HEADER_BYTES; None within them."""
+    if len(headers) > MAX_HEADERS:
+        return HeadersTooLarge(
+            f"The request has {len(headers)} headers; this gateway accepts at most {MAX_HEADERS}. "
+            "Send only the headers the API needs (authorization, content-type).")
+    size = sum(len(name) + len(value) for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        return HeadersTooLarge(
+            f"The request's headers are {size} bytes; this gateway accepts at most {MAX_HEADER_BYTES}. "
+            "Send smaller headers (a large cookie or a header holding data that belongs in the body).")
+    return None
 
 
 def check_utf8(body: bytes) -> None:
@@ -153,6 +172,12 @@ class Gateway:
         request_id = new_request_id()
         scope["keel.request_id"] = request_id
         id_header = (REQUEST_ID.encode(), request_id.encode())
+        if (too_many := headers_over_limits(scope["headers"])) is not None:
+            refusal = error_answer(self.on_error(Incoming(scope, receive, request_id), too_many))
+            await send({"type": "http.response.start", "status": refusal.status,
+                        "headers": [JSON, (b"content-length", b"%d" % len(refusal.body)), id_header]})
+            await send({"type": "http.response.body", "body": refusal.body})
+            return
         path: str = scope["path"]
         route = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
         if route is None:
