@@ -9,7 +9,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 
-.PHONY: run demo test bench lint install install-dev services vendor clean
+.PHONY: run demo test bench soak lint install install-dev services vendor clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -75,6 +75,11 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy --strict src/keel
+
+# Faults, two replicas behind a round-robin (nginx when installed) and --workers 2 against 1, with figures;
+# needs Redis and PostgreSQL (make services). SOAK_ARGS=--quick for a few seconds of each part.
+soak: install-dev
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 # wrk (Debian's package) is bench/overhead.py's load for the CPU and tail figures; without it the tail
 # is measured with aiohttp, which shares the cores with the servers (it says so).
