@@ -73,12 +73,16 @@ test: install-dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Longer runs than `make test` affords, printing what they found (docs/security.md).
-soak: install-dev
-	KEEL_FUZZ_EXAMPLES=500 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_openapi_fuzz.py
-
 lint: install-dev
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy --strict src/keel
+
+# Faults, two replicas behind a round-robin (nginx when installed) and --workers 2 against 1, with figures;
+# needs Redis and PostgreSQL (make services). SOAK_ARGS=--quick for a few seconds of each part.
+# Then the long fuzz run: Schemathesis with 500 examples per operation (docs/security.md).
+soak: install-dev
+	$(PY) bench/soak.py $(SOAK_ARGS)
+	KEEL_FUZZ_EXAMPLES=500 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_openapi_fuzz.py
 
 # wrk (Debian's package) is bench/overhead.py's load for the CPU and tail figures; without it the tail
 # is measured with aiohttp, which shares the cores with the servers (it says so).
