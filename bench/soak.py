@@ -45,6 +45,7 @@ import aiohttp
 import psutil
 import psycopg
 import yaml
+from overhead import free_port, wait_ready  # bench/ is on the path when a script here runs
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
@@ -75,26 +76,6 @@ MODEL_SETTINGS: dict[str, Any] = {
 
 
 # ------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"exited early: {' '.join(map(str, proc.args))}")  # type: ignore[arg-type]
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{url} not ready after {timeout} s")
 
 
 class Processes:
