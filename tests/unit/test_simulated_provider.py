@@ -684,3 +684,24 @@ async def test_a_cut_stream_ends_with_an_error_after_its_first_chunks() -> None:
         assert len(received) >= 1  # the stream had started: no silent retry after the first chunk
     finally:
         await keel.close()
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "minItems": 10**12},
+    {"type": "string", "minLength": 10**9},
+    {"type": "array", "minItems": 100, "items": {"type": "array", "minItems": 100, "items": {"type": "array",
+                                                                                          "minItems": 100}}},
+], ids=["huge-array", "huge-string", "nested-arrays"])
+async def test_a_schema_whose_smallest_value_is_huge_ends_in_a_422_not_a_hung_gateway(schema: dict[str, Any]) -> None:
+    """Found by Schemathesis: minItems of 10^12 made the simulated model build it (16 GB and counting)."""
+    from keel.errors import InvalidOutput
+
+    keel = Keel(parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}]}))
+    request = ChatRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}},
+    })
+    with pytest.raises(InvalidOutput) as refused:
+        await keel.handle(request)
+    assert refused.value.status == 422
+    await keel.close()

@@ -161,7 +161,7 @@ class SimulatedProvider:
     def _answer(self, request: ChatRequest, broken: Broken | None = None) -> Answer:
         tool = tool_to_call(request, self.name)
         if tool is not None:
-            arguments = minimal_instance(tool.parameters or {"type": "object"})
+            arguments = _attempted(tool.parameters or {"type": "object"})
             text = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)
         else:
             text = self._text(request)
@@ -189,7 +189,7 @@ class SimulatedProvider:
             return text
         if response_format.type == "json_object":
             return json.dumps({"echo": text}, ensure_ascii=False)
-        return json.dumps(minimal_instance(response_format.json_schema.schema_ or {}), ensure_ascii=False)
+        return json.dumps(_attempted(response_format.json_schema.schema_ or {}), ensure_ascii=False)
 
     def _completion(self, answer: Answer) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": answer.text}
@@ -412,9 +412,24 @@ _FORMATS = {
 }
 
 
-def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: int = 0) -> Any:
+MAX_INSTANCE_NODES = 10_000  # values in one minimal instance; a schema asking for more gets none
+MAX_INSTANCE_STRING = 10_000  # characters of one string of it
+
+
+class InstanceTooLarge(ValueError):
+    """The smallest value a schema admits is larger than a model answer could be (a `minItems` or
+    `minLength` in the millions, or nested): the simulated model cannot produce it."""
+
+
+def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: int = 0,
+                     budget: list[int] | None = None) -> Any:
     """A small JSON value valid against `schema`: required properties only, shortest arrays,
-    zero or the nearest bound for numbers, the first enum value, the first anyOf/oneOf branch."""
+    zero or the nearest bound for numbers, the first enum value, the first anyOf/oneOf branch.
+    InstanceTooLarge past MAX_INSTANCE_NODES values or a string past MAX_INSTANCE_STRING."""
+    budget = [MAX_INSTANCE_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise InstanceTooLarge(f"the smallest value the schema admits has more than {MAX_INSTANCE_NODES} parts")
     if not isinstance(schema, Mapping) or depth > _MAX_DEPTH:
         return None  # `true` (or an unresolved reference): anything goes, null included
     root = schema if root is None else root
@@ -423,19 +438,22 @@ def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: 
     if schema.get("enum"):
         return schema["enum"][0]
     if "$ref" in schema:
-        return minimal_instance(_resolve(schema["$ref"], root), root, depth + 1)
+        return minimal_instance(_resolve(schema["$ref"], root), root, depth + 1, budget)
     for key in ("anyOf", "oneOf"):
         if schema.get(key):
-            return minimal_instance(schema[key][0], root, depth + 1)
+            return minimal_instance(schema[key][0], root, depth + 1, budget)
     if schema.get("allOf"):
-        return minimal_instance(_merged(schema, root), root, depth + 1)
+        return minimal_instance(_merged(schema, root), root, depth + 1, budget)
     kind = _type_of(schema)
     if kind == "object":
-        return _object_instance(schema, root, depth)
+        return _object_instance(schema, root, depth, budget)
     if kind == "array":
-        return _array_instance(schema, root, depth)
+        return _array_instance(schema, root, depth, budget)
     if kind == "string":
-        return _FORMATS.get(schema.get("format", ""), "a" * int(schema.get("minLength", 0)))
+        length = int(schema.get("minLength", 0))
+        if length > MAX_INSTANCE_STRING:
+            raise InstanceTooLarge(f"the schema asks for a string of at least {length} characters")
+        return _FORMATS.get(schema.get("format", ""), "a" * length)
     if kind in ("number", "integer"):
         return _number_instance(schema, integer=kind == "integer")
     if kind == "boolean":
@@ -443,6 +461,15 @@ def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: 
     if kind == "null":
         return None
     return {}
+
+
+def _attempted(schema: Any) -> Any:
+    """The minimal instance, or `{}` where it would be too large: what a model cut short would give, which
+    the validation stage then re-asks for and refuses (422 invalid_output), as for a real one."""
+    try:
+        return minimal_instance(schema)
+    except InstanceTooLarge:
+        return {}
 
 
 def _type_of(schema: Mapping[str, Any]) -> str:
@@ -489,7 +516,9 @@ def _merged(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def _object_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int) -> dict[str, Any]:
+def _object_instance(
+    schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: list[int],
+) -> dict[str, Any]:
     properties = schema.get("properties") or {}
     extra = schema.get("additionalProperties")
     names = list(dict.fromkeys(schema.get("required") or ()))
@@ -500,17 +529,17 @@ def _object_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: 
         if name not in names:
             names.append(name)
     fallback = extra if isinstance(extra, Mapping) else {}
-    return {name: minimal_instance(properties.get(name, fallback), root, depth + 1) for name in names}
+    return {name: minimal_instance(properties.get(name, fallback), root, depth + 1, budget) for name in names}
 
 
-def _array_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int) -> list[Any]:
+def _array_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: list[int]) -> list[Any]:
     items = schema.get("items")
     prefix = schema.get("prefixItems") or (items if isinstance(items, list) else [])
     rest = items if isinstance(items, Mapping) else schema.get("additionalItems", {})
     size = int(schema.get("minItems", 0))
-    out = [minimal_instance(part, root, depth + 1) for part in prefix[:size]]
+    out = [minimal_instance(part, root, depth + 1, budget) for part in prefix[:size]]
     while len(out) < size:
-        out.append(minimal_instance(rest, root, depth + 1))
+        out.append(minimal_instance(rest, root, depth + 1, budget))
     return out
 
 
