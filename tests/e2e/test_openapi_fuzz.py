@@ -29,6 +29,11 @@ from schemathesis import Case, GenerationMode
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+# Off in `make test` until the gateway's memory growth under this fuzz is found (a gateway reached 7 GB in
+# a whole-suite run, after the simulated model's unbounded schema instance was fixed): `make soak` runs it.
+pytestmark = pytest.mark.skipif(not os.environ.get("KEEL_FUZZ_EXAMPLES"),
+                                reason="the Schemathesis fuzz runs under `make soak` (KEEL_FUZZ_EXAMPLES)")
+
 KEY = "sk-keel-openapi-fuzz"
 EXAMPLES = int(os.environ.get("KEEL_FUZZ_EXAMPLES", "8"))
 HOT = ["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/completions"]
