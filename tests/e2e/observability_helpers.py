@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,28 @@ def traceparent(trace_id: str, span_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
+def metric_total(gateway: GatewayProcess, name: str, key: str | None = None, **labels: str) -> float:
+    """The sum of a metric's samples named `name` whose labels include `labels`, from the gateway's /metrics."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(gateway.url + "/metrics", headers=headers, timeout=10).raise_for_status().text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 def calls_counted(gateway: GatewayProcess, outcome: str | None = None, key: str | None = None) -> int:
     """Calls the gateway's /metrics counts (`keel_requests_total`, of one outcome or all). A call is
     counted as its record is queued, after every other finaliser of it (cost, budget, rate-limit
     corrections) has run: once the count is reached, the calls' bookkeeping is done."""
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    text = httpx.get(gateway.url + "/metrics", headers=headers, timeout=10).raise_for_status().text
-    return int(sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == "keel_requests_total"
-                   and (outcome is None or sample.labels.get("outcome") == outcome)))
+    return int(metric_total(gateway, "keel_requests_total", key, **({"outcome": outcome} if outcome else {})))
+
+
+def eventually(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Wait for another process's state (its /metrics, its request log) to satisfy `condition`: polled, as
+    nothing in this process is told when it changes, and bounded by `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.02)
 
 
 def wait_until_counted(gateways: list[GatewayProcess], at_least: int, outcome: str | None = None,

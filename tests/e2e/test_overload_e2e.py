@@ -17,13 +17,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from aiohttp import web
 from conftest import GatewayProcess
-from observability_helpers import REQUEST_ID, assert_openai_error, read_records, store_section
-from prometheus_client.parser import text_string_to_metric_families
+from observability_helpers import (
+    REQUEST_ID,
+    assert_openai_error,
+    eventually,
+    metric_total,
+    read_records,
+    store_section,
+)
 
 from keel.testing.fake_server import ThreadedServer
 
@@ -111,20 +116,6 @@ def ask(gw: GatewayProcess, key: str, model: str) -> Callable[[], Any]:
         model=model, messages=[{"role": "user", "content": f"{model} by {key}"}])
 
 
-def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
-    text = httpx.get(gw.url + "/metrics", timeout=10).raise_for_status().text
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
-
-
-def eventually(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    """Polls another process's state (its /metrics, its log file), with a bound."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def logged(gw: GatewayProcess, request_id: str) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
 
@@ -149,7 +140,7 @@ def test_the_call_past_a_deployments_limit_waits_then_gets_503_overloaded_with_r
     start = upstream.arrived
     holding = [pool.submit(ask(gateway, f"sk-hold-{i}", "held")) for i in range(2)]
     upstream.wait_arrived(start + 2)
-    assert metric(gateway, "keel_concurrency_in_flight", scope="deployment", limit="held") == 2
+    assert metric_total(gateway, "keel_concurrency_in_flight", scope="deployment", limit="held") == 2
 
     began = time.monotonic()
     with pytest.raises(openai.APIStatusError) as refused:
@@ -164,7 +155,7 @@ def test_the_call_past_a_deployments_limit_waits_then_gets_503_overloaded_with_r
     assert "deployment 'held' has 2 calls in flight, its max_concurrency, and no slot freed" in message
     assert waited >= 0.9  # it waited for a slot until its deadline (timeout_s 1), not refused at once
     assert upstream.arrived == start + 2  # the shed call never reached the upstream
-    assert metric(gateway, "keel_concurrency_shed_total", scope="deployment", limit="held") == 1
+    assert metric_total(gateway, "keel_concurrency_shed_total", scope="deployment", limit="held") == 1
 
     upstream.release(2)
     assert [f.result(30).http_response.status_code for f in holding] == [200, 200]
@@ -172,7 +163,7 @@ def test_the_call_past_a_deployments_limit_waits_then_gets_503_overloaded_with_r
     # An error in the SLO's sense (the service had no room for a valid call), of its own code.
     assert (record["outcome"], record["status"], record["error_type"]) == ("error", 503, "overloaded")
     assert [a["error"] for a in record["attempt_log"]] == ["overloaded"]
-    eventually(lambda: metric(gateway, "keel_concurrency_in_flight", scope="deployment", limit="held") == 0,
+    eventually(lambda: metric_total(gateway, "keel_concurrency_in_flight", scope="deployment", limit="held") == 0,
                "the slots freed")
 
 
@@ -183,7 +174,7 @@ def test_a_waiting_call_takes_a_slot_freed_inside_its_wait_and_is_answered(
     holding = [pool.submit(ask(gateway, f"sk-wait-{i}", "held")) for i in range(2)]
     upstream.wait_arrived(start + 2)
     waiting: Future[Any] = pool.submit(ask(gateway, "sk-wait-2", "held"))
-    eventually(lambda: metric(gateway, "keel_concurrency_waiting", scope="deployment", limit="held") == 1,
+    eventually(lambda: metric_total(gateway, "keel_concurrency_waiting", scope="deployment", limit="held") == 1,
                "the third call to wait")
     assert upstream.arrived == start + 2 and not waiting.done()
 
@@ -207,7 +198,7 @@ def test_the_per_key_limit_holds_one_key_back_and_lets_another_through(
         ask(gateway, "sk-key-a", "keyed-quick")()  # key a again: waits to its deadline, then 503
     assert refused.value.status_code == 503
     assert "this API key has 1 call in flight" in refused.value.response.json()["error"]["message"]
-    assert metric(gateway, "keel_concurrency_shed_total", scope="key", limit="per_key") >= 1
+    assert metric_total(gateway, "keel_concurrency_shed_total", scope="key", limit="per_key") >= 1
 
     other = pool.submit(ask(gateway, "sk-key-b", "keyed"))  # key b: a slot of its own, at once
     upstream.wait_arrived(start + 2)

@@ -21,7 +21,7 @@ import openai
 import psycopg
 import pytest
 from conftest import PG_ADMIN_URL, REDIS_URL, GatewayProcess, fresh_pg_database, require_service
-from observability_helpers import read_records, store_section
+from observability_helpers import eventually, read_records, store_section
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 from test_shutdown import InFlight, refused, wait_until
@@ -129,11 +129,14 @@ def logged_ids(url: str) -> Counter[str]:
 
 def wait_for_log(url: str, ids: list[str], timeout: float = 20) -> Counter[str]:
     """The log's request ids once it holds every one of `ids` (polled, with a bound)."""
-    deadline = time.monotonic() + timeout
-    while not set(ids) <= set(logged := logged_ids(url)):
-        assert time.monotonic() < deadline, f"{len(set(ids) - set(logged))} of {len(ids)} calls not logged"
-        time.sleep(0.05)
-    return logged
+    seen: list[Counter[str]] = [Counter()]
+
+    def complete() -> bool:
+        seen[0] = logged_ids(url)
+        return set(ids) <= set(seen[0])
+
+    eventually(complete, f"the records of all {len(ids)} calls", timeout)
+    return seen[0]
 
 
 # ------------------------------------------------------------------ shared state across the workers

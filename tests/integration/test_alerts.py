@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,15 +174,22 @@ async def test_an_unreachable_webhook_is_retried_like_a_failing_one(sender_for: 
     assert sender.retried == 1
 
 
+def parked_retries() -> tuple[asyncio.Event, Callable[[float], Awaitable[None]]]:
+    """A sender's `sleep` that parks its first retry until the sender stops, and the event set when it does."""
+    retried = asyncio.Event()
+
+    async def park(seconds: float) -> None:
+        retried.set()
+        await asyncio.Event().wait()
+
+    return retried, park
+
+
 async def test_stopping_logs_alerts_still_undelivered(
     webhook: Webhook, caplog: pytest.LogCaptureFixture
 ) -> None:
     webhook.down_for = DOWN_FOR_GOOD
-    retried = asyncio.Event()
-
-    async def park(seconds: float) -> None:  # the first retry waits until the gateway stops
-        retried.set()
-        await asyncio.Event().wait()
+    retried, park = parked_retries()
 
     sender = AlertSender(AlertsConfig(webhook_url=webhook.url), sleep=park)
     await sender.start()
@@ -313,11 +320,7 @@ async def test_alerts_pending_at_a_stop_are_delivered_exactly_once_by_the_next_s
     webhook: Webhook, pending_for: Callable[..., PendingAlerts], caplog: pytest.LogCaptureFixture,
 ) -> None:
     webhook.down_for = DOWN_FOR_GOOD
-    retried = asyncio.Event()
-
-    async def park(seconds: float) -> None:  # the first retry waits until the gateway stops
-        retried.set()
-        await asyncio.Event().wait()
+    retried, park = parked_retries()
 
     first = AlertSender(AlertsConfig(webhook_url=webhook.url), sleep=park, pending=pending_for())
     await first.start()

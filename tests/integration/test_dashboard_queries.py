@@ -238,19 +238,24 @@ def test_a_purge_leaves_the_rollups_of_the_rows_left(url: str) -> None:
     store.close()
 
 
+def log_at(store: RecordStore, revision: str, rows: list[dict[str, Any]]) -> None:
+    """A log migrated only up to `revision`, holding `rows`: what an older Keel left before an upgrade."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+        conn.execute(requests.insert(), rows)
+
+
 def test_the_migration_back_fills_the_rollups_of_rows_logged_before_it(
     url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     records = random_records(900, seed=5)
     store = RecordStore(url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with store.engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0007_evals")
-        later = ("cost_unpriced",)  # revision 0009
-        conn.execute(requests.insert(), [{k: v for k, v in request_row(r).items() if k not in later}
-                                         for r in records])  # as a log before 0008 holds them
+    later = ("cost_unpriced",)  # revision 0009
+    log_at(store, "0007_evals", [{k: v for k, v in request_row(r).items() if k not in later}
+                                 for r in records])  # as a log before 0008 holds them
     monkeypatch.setattr(rollups.backfill, "__defaults__", (250, None, None))  # chunks of 250 rows: many chunk edges
     store.migrate()
     assert_rollups(stored_rollups(store), expected_rollups(records))
@@ -450,12 +455,7 @@ def test_the_migration_back_fills_the_usage_rollups_of_rows_logged_before_it(
 ) -> None:
     records = with_prompts(random_records(900, seed=14), seed=14)
     store = RecordStore(url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with store.engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0009_unpriced_alerts")
-        conn.execute(requests.insert(), [request_row(r) for r in records])  # as a log before 0010 holds them
+    log_at(store, "0009_unpriced_alerts", [request_row(r) for r in records])  # as a log before 0010 holds them
     monkeypatch.setattr(usage_rollups.backfill, "__defaults__", (250,))  # chunks of 250 rows: many chunk edges
     store.migrate()
     assert_rollups(stored_usage(store), expected_usage(records))

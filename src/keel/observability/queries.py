@@ -425,24 +425,19 @@ def _usage_rollup_sums(
     """usage_hours' sums per value over whole units (its '' is "none": None)."""
     out: dict[str | None, Agg] = {}
     table = usage_hours
-    names = (*usage_rollups.COUNT_COLUMNS, *usage_rollups.SUM_COLUMNS)
     # One query per part: each reads one range of the primary key (dimension, width, start); an OR
     # of the parts in one query reads every row of the dimension (SQLite's plan).
     for width, lo, hi in parts:
         where = [table.c.dimension == dimension, table.c.width == width, table.c.start >= lo, table.c.start < hi]
         if tenant is not None:
             where.append(table.c.tenant == tenant)
-        query = select(table.c.value, *(func.sum(table.c[name]).label(name) for name in names)).where(
+        query = select(table.c.value, *(func.sum(table.c[name]).label(name) for name in usage_rollups.COLUMNS)).where(
             *where).group_by(table.c.value)
-        for value, *sums in conn.execute(query):
-            agg = out.get(value or None)
-            if agg is None:
-                agg = out[value or None] = Agg()
-            for name, total in zip(names, sums, strict=True):
-                if name in usage_rollups.SUM_COLUMNS:
-                    agg.sums[name] += float(total)
-                else:
-                    agg.counts[name] += int(total)
+        for row in conn.execute(query).mappings():
+            value = row["value"] or None
+            if value not in out:
+                out[value] = Agg()
+            out[value].add_stored(row)  # usage_hours' columns are request_minutes' own names
     return out
 
 

@@ -96,27 +96,25 @@ def aggregate(rows: Iterable[Mapping[Any, Any]], widths: Sequence[int] = WIDTHS)
                      row["completion_tokens"] or 0, row["cached_tokens"] or 0, row["cost_usd"] or 0.0,
                      float(row["latency_ms"]) if attempted else 0.0)
         for dimension in DIMENSIONS:
-            key = (dimension, 3600, start, tenant, value_of(row, dimension))
-            sums = hours.get(key)
-            if sums is None:
-                hours[key] = list(increment)
-            else:
-                for i, value in enumerate(increment):
-                    sums[i] += value
+            _add(hours, (dimension, 3600, start, tenant, value_of(row, dimension)), increment)
     out: dict[Key, Sums] = {}
     for width in widths:
         if width == 3600:
             out.update(hours)
             continue
         for (dimension, _, start, tenant, value), sums in hours.items():
-            key = (dimension, width, start // width * width, tenant, value)
-            coarse = out.get(key)
-            if coarse is None:
-                out[key] = list(sums)
-            else:
-                for i, number in enumerate(sums):
-                    coarse[i] += number
+            _add(out, (dimension, width, start // width * width, tenant, value), sums)
     return out
+
+
+def _add(into: dict[Key, Sums], key: Key, sums: Sequence[float]) -> None:
+    """`sums` added to `into[key]`, a new row of them when the key has none."""
+    row = into.get(key)
+    if row is None:
+        into[key] = list(sums)
+    else:
+        for i, number in enumerate(sums):
+            row[i] += number
 
 
 def apply(conn: Connection, increments: Mapping[Key, Sums]) -> None:

@@ -173,10 +173,8 @@ class Gateway:
         scope["keel.request_id"] = request_id
         id_header = (REQUEST_ID.encode(), request_id.encode())
         if (too_many := headers_over_limits(scope["headers"])) is not None:
-            refusal = error_answer(self.on_error(Incoming(scope, receive, request_id), too_many))
-            await send({"type": "http.response.start", "status": refusal.status,
-                        "headers": [JSON, (b"content-length", b"%d" % len(refusal.body)), id_header]})
-            await send({"type": "http.response.body", "body": refusal.body})
+            await send_answer(send, error_answer(self.on_error(Incoming(scope, receive, request_id), too_many)),
+                              id_header)
             return
         path: str = scope["path"]
         route = self.hot.get(path) or (self.hot.get(path.rstrip("/")) if path.endswith("/") else None)
@@ -211,16 +209,22 @@ class Gateway:
         if isinstance(reply, ChunkStream):
             reply = chat_stream(reply)
         if isinstance(reply, Answer):
-            headers = [JSON, (b"content-length", b"%d" % len(reply.body)), id_header, *extra]
-            headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
-            try:
-                await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-                await send({"type": "http.response.body", "body": reply.body})
-            finally:
-                if reply.settles is not None:
-                    await reply.settles.settle()
+            await send_answer(send, reply, id_header, extra)
         else:
             await send_stream(reply, request_id, receive, send, id_header, extra)
+
+
+async def send_answer(send: Send, answer: Answer, id_header: tuple[bytes, bytes],
+                      extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """A whole answer, then the settlement of the reply it delivers (if any), even when the send failed."""
+    headers = [JSON, (b"content-length", b"%d" % len(answer.body)), id_header, *extra]
+    headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in answer.headers.items()]
+    try:
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+    finally:
+        if answer.settles is not None:
+            await answer.settles.settle()
 
 
 async def send_stream(stream: EventStream, request_id: str, receive: Receive, send: Send,

@@ -27,8 +27,8 @@ CONCURRENCY = 8  # prompts of one request in flight at once
 async def batch_reply(keel: Keel, requests: Sequence[ChatRequest], contexts: Callable[[int], Context]) -> Reply:
     """The merged reply to `requests`, the call of prompt i in context `contexts(i)`; for the gateway to
     deliver and then settle (which settles every call)."""
-    replies = await gather([_call(keel, request, contexts(i)) for i, request in enumerate(requests)],
-                           concurrency=CONCURRENCY, fail_fast=True)
+    calls = [keel.handle(request, contexts(i), caller_settles=True) for i, request in enumerate(requests)]
+    replies = await gather(calls, concurrency=CONCURRENCY, fail_fast=True)
     done = [reply for reply in replies if not isinstance(reply, Exception)]
     failed = [error for error in replies if isinstance(error, Exception)]
     if failed:
@@ -50,15 +50,11 @@ async def batch_reply(keel: Keel, requests: Sequence[ChatRequest], contexts: Cal
     return merged
 
 
-async def _call(keel: Keel, request: ChatRequest, ctx: Context) -> Reply:
-    return await keel.handle(request, ctx, caller_settles=True)
-
-
 def _merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Whole answers as one chat.completion: the first's id and model, choice i from answer i, usage summed."""
     merged = dict(bodies[0])
     merged["choices"] = [{**(body.get("choices") or [{}])[0], "index": i} for i, body in enumerate(bodies)]
-    usage = summed_usage([body.get("usage") for body in bodies])
+    usage = _summed_usage([body.get("usage") for body in bodies])
     if usage is not None:
         merged["usage"] = usage
     return merged
@@ -96,7 +92,7 @@ async def _merged(streams: Sequence[ChunkStream]) -> AsyncIterator[dict[str, Any
                 usages.append(item.get("usage"))
                 continue
             yield {**item, "choices": [{**choice, "index": index} for choice in choices], "usage": None}
-        usage = summed_usage(usages)
+        usage = _summed_usage(usages)
         if usage is not None and last is not None:
             yield {**last, "choices": [], "usage": usage}
     finally:
@@ -105,7 +101,7 @@ async def _merged(streams: Sequence[ChunkStream]) -> AsyncIterator[dict[str, Any
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
-def summed_usage(usages: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+def _summed_usage(usages: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """The token counts of several calls added up (None when none had any)."""
     counted = [usage for usage in usages if usage]
     if not counted:
