@@ -396,6 +396,33 @@ def test_writes_are_idempotent_on_request_id(url: str, stores: Callable[[str], R
     assert [s["span_id"] for s in store.spans("a" * 32)] == [f"{0:016x}", f"{1:016x}"]
 
 
+def test_an_in_memory_log_is_used_by_many_threads_at_once_without_crashing_sqlite() -> None:
+    """`sqlite:///:memory:` is one connection shared by every thread; sqlite3 crashed with
+    "SystemError: ... returned NULL without setting an exception" (CI, stop 22) when the alert
+    sender released its rows while the writer wrote. Its users take turns."""
+    store = RecordStore("sqlite:///:memory:")
+    store.migrate()
+    start = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def writer(first: int) -> None:
+        start.wait()
+        try:
+            for i in range(first, first + 60):
+                store.write([record(i)], [span(i, f"{i:032x}")])
+                with store.connection() as conn:
+                    conn.execute(select(text("count(*)")).select_from(text("requests"))).scalar_one()
+        except BaseException as exc:  # noqa: BLE001 - the test reports what any thread met
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n * 1000,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(ids(store)) == 6 * 60
+
 def test_unreachable_postgres_is_store_unavailable_saying_what_to_check() -> None:
     store = RecordStore(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/keel", connect_timeout_s=1)
     with pytest.raises(StoreUnavailable) as caught:

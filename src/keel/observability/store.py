@@ -20,7 +20,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,11 @@ class RecordStore:
         self.dialect: str = self._url.get_backend_name()
         self.path: Path | None = _sqlite_path(self._url) if self.dialect == "sqlite" else None
         self.engine: Engine = _engine(self._url, self.path, connect_timeout_s)
+        # An in-memory SQLite database is one connection shared by every thread (StaticPool), and
+        # sqlite3 crashes when two threads use one connection at once: its users take turns.
+        self._turns: AbstractContextManager[Any] = (
+            threading.RLock() if self.dialect == "sqlite" and self.path is None else nullcontext()
+        )
         self._requests = _Inserter(requests, self.engine)
         self._spans = _Inserter(spans, self.engine)
 
@@ -247,7 +252,7 @@ class RecordStore:
         config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
         with (
             self._migration_lock(), _quiet_alembic(), self._translated("create or upgrade the schema of"),
-            self.engine.begin() as conn,
+            self._begin() as conn,
         ):
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
@@ -275,14 +280,19 @@ class RecordStore:
     @contextmanager
     def connection(self) -> Iterator[Connection]:
         """A connection for reading (reports, the dashboard); failures come out as `StoreError`s."""
-        with self._translated("read"), self.engine.connect() as conn:
+        with self._translated("read"), self._turns, self.engine.connect() as conn:
             yield conn
 
     @contextmanager
     def transaction(self, doing: str) -> Iterator[Connection]:
         """A connection in a transaction, committed when the block ends; failures as `StoreError`s
         saying what could not be done (`doing`: "revoke a key in")."""
-        with self._translated(doing), self.engine.begin() as conn:
+        with self._translated(doing), self._begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        with self._turns, self.engine.begin() as conn:
             yield conn
 
     def write(
@@ -299,7 +309,7 @@ class RecordStore:
         span_rows = [span_row(s) if isinstance(s, SpanRecord) else s for s in spans]
         if not request_rows and not span_rows:
             return
-        with self._translated("write to"), self.engine.begin() as conn:
+        with self._translated("write to"), self._begin() as conn:
             if request_rows:
                 # The rollups count the rows actually inserted: a replayed row adds nothing twice.
                 inserted = self._requests.insert(conn, request_rows)
@@ -311,7 +321,7 @@ class RecordStore:
     def purge(self, older_than: float) -> int:
         """Delete records (and spans, rollups and the `retained` tables' rows) that started before
         `older_than` (unix seconds); returns the number of records deleted."""
-        with self._translated("purge old records from"), self.engine.begin() as conn:
+        with self._translated("purge old records from"), self._begin() as conn:
             deleted = conn.execute(delete(requests).where(requests.c.started_at < older_than)).rowcount
             conn.execute(delete(spans).where(spans.c.started_at < older_than))
             for column in _RETAINED:
