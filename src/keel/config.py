@@ -812,12 +812,18 @@ RateLimitBackend = Literal["memory", "redis"]
 
 
 class ConcurrencyConfig(_Strict):
-    """Overload protection: calls in flight at once, per API key (and per deployment: `max_concurrency` on a
-    deployment). Counted in each process: with several workers or replicas, each has these limits."""
+    """Overload protection: calls in flight at once, per API key and per tenant (and per deployment:
+    `max_concurrency` on a deployment). Counted in each process: with several workers or replicas, each has
+    these limits."""
 
     per_key: int | None = Field(
         default=None, ge=1,
         description="calls in flight per API key at once (a virtual key's own max_concurrency replaces it); "
+        "none: no limit",
+    )
+    per_tenant: int | None = Field(
+        default=None, ge=1,
+        description="calls in flight per tenant at once, all its keys together (virtual keys name the tenant); "
         "none: no limit",
     )
     max_wait_s: float = Field(
@@ -849,7 +855,7 @@ class LimitsConfig(_Strict):
     per_user: RateLimitConfig | None = Field(default=None, description="each user (the request's `user`)")
     per_model: RateLimitConfig | None = Field(default=None, description="each model, all callers together")
     concurrency: ConcurrencyConfig = Field(
-        default_factory=ConcurrencyConfig, description="calls in flight at once, per key and per deployment"
+        default_factory=ConcurrencyConfig, description="calls in flight at once, per key, tenant and deployment"
     )
     default_max_tokens: int = Field(
         default=1024, ge=1,
@@ -923,6 +929,13 @@ class KeelConfig(_Strict):
             raise ValueError(
                 "limits.backend is redis but no Redis is named: set limits.redis_url (or state.redis_url)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tenants_come_from_keys(self) -> KeelConfig:
+        if self.limits.concurrency.per_tenant is not None and not self.auth.virtual_keys:
+            raise ValueError("limits.concurrency.per_tenant is set but a call's tenant comes from its virtual key: "
+                             "set auth.virtual_keys: true, or use limits.concurrency.per_key")
         return self
 
     @model_validator(mode="after")

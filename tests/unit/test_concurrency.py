@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
-from keel.config import ConcurrencyConfig
+from keel.config import ConcurrencyConfig, ConfigError, parse_config
 from keel.errors import ConcurrencyExceeded
 from keel.limits.concurrency import ConcurrencyLimit, KeyConcurrency
+from keel.limits.concurrency_stage import ConcurrencyStage
+from keel.pipeline import Call, Context
+from keel.types import ChatRequest
 
 
 def gate(limit: int = 1, **settings: float) -> ConcurrencyLimit:
@@ -73,3 +77,68 @@ async def test_a_keys_gate_is_dropped_once_idle() -> None:
     assert set(keys.gates) == {"key_a"}
     slot.release()
     assert keys.gates == {}
+
+
+class HeldReply:
+    """What `next` answers in the stage tests: its finalisers run when the test settles it."""
+
+    def __init__(self) -> None:
+        self.finishers: list[Any] = []
+
+    def on_finish(self, finisher: Any) -> None:
+        self.finishers.append(finisher)
+
+    def settle(self) -> None:
+        for finisher in self.finishers:
+            finisher(self)
+
+
+def tenant_call(key_id: str, tenant: str) -> Call:
+    model = parse_config({"models": [{"name": "m", "timeout_s": 60, "deployments": [{"provider": "simulated"}]}]})
+    return Call(request=ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}]),
+                model=model.models[0], deployments=(), ctx=Context(key_id=key_id, tenant=tenant))
+
+
+async def test_the_per_tenant_limit_holds_all_of_a_tenants_keys_together_and_not_another_tenant() -> None:
+    gates = KeyConcurrency(ConcurrencyConfig(per_tenant=2, max_wait_s=0.05, retry_after_s=2))
+    stage = ConcurrencyStage(gates)
+    entered = 0
+
+    async def held(call: Call) -> Any:
+        nonlocal entered
+        entered += 1
+        return HeldReply()
+
+    first = await stage(tenant_call("key_1", "acme"), held)
+    second = await stage(tenant_call("key_2", "acme"), held)  # another key of acme: the tenant's second slot
+    with pytest.raises(ConcurrencyExceeded, match="tenant 'acme' has 2 calls in flight") as refused:
+        await stage(tenant_call("key_3", "acme"), held)  # a third key, but acme's two slots are taken
+    assert refused.value.scope == "tenant" and refused.value.headers() == {"retry-after": "2"}
+    other = await stage(tenant_call("key_4", "globex"), held)  # another tenant is not held back
+    assert entered == 3 and gates.tenants.shed == 1
+    first.settle()  # a slot of acme frees: its next call goes through
+    third = await stage(tenant_call("key_3", "acme"), held)
+    for reply in (second, other, third):
+        reply.settle()
+    assert gates.tenants.gates == {} and gates.keys.gates == {}
+
+
+async def test_a_call_refused_by_its_tenant_gives_back_its_keys_slot() -> None:
+    gates = KeyConcurrency(ConcurrencyConfig(per_key=1, per_tenant=1, max_wait_s=0.01))
+    stage = ConcurrencyStage(gates)
+
+    async def held(call: Call) -> Any:
+        return HeldReply()
+
+    holding = await stage(tenant_call("key_1", "acme"), held)
+    with pytest.raises(ConcurrencyExceeded, match="tenant 'acme'"):
+        await stage(tenant_call("key_2", "acme"), held)
+    assert "key_2" not in gates.keys.gates  # its key's slot was taken first, then given back
+    holding.settle()
+    assert gates.tenants.gates == {} and gates.keys.gates == {}
+
+
+def test_a_per_tenant_limit_without_virtual_keys_is_refused_saying_where_tenants_come_from() -> None:
+    with pytest.raises(ConfigError, match=r"set auth\.virtual_keys: true"):
+        parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                      "limits": {"concurrency": {"per_tenant": 4}}})

@@ -1,4 +1,5 @@
-"""Overload protection: at most `limit` calls in flight at once through one gate (a deployment, an API key),
+"""Overload protection: at most `limit` calls in flight at once through one gate (a deployment, an API key,
+a tenant),
 and a short, bounded line of calls waiting for a slot: each waits at most `max_wait_s` (never past its
 deadline), at most `max_waiting` wait at once, and the rest are refused at once with 503 `overloaded`
 and a Retry-After. A slot freed goes to the oldest waiter, so a busy gate is fair.
@@ -44,7 +45,7 @@ class ConcurrencyLimit:
         self.limit = limit
         self.on_idle = on_idle  # told when the last call left and nobody waits
         self.settings = settings
-        self.scope = scope  # "deployment" or "key": what the error message and the metrics call it
+        self.scope = scope  # "deployment", "key" or "tenant": what the error message and the metrics call it
         self.name = name
         self.in_flight = 0
         self.shed = 0  # calls refused: no slot within their wait, or too many waiting already
@@ -103,35 +104,36 @@ class ConcurrencyLimit:
         why = (f"{counted(self.waiting, 'call')} already waiting for a slot" if line_full
                else f"no slot freed within {self.settings.max_wait_s:g} s (limits.concurrency.max_wait_s) or the "
                     "call's deadline")
-        what = f"deployment '{self.name}'" if self.scope == "deployment" else "this API key"
+        what = {"deployment": f"deployment '{self.name}'", "tenant": f"tenant '{self.name}'"}.get(
+            self.scope, "this API key")
+        limit = "its limit (limits.concurrency.per_tenant)" if self.scope == "tenant" else "its max_concurrency"
         return ConcurrencyExceeded(
-            f"{what} has {counted(self.limit, 'call')} in flight, its max_concurrency, and {why}; try again in "
+            f"{what} has {counted(self.limit, 'call')} in flight, {limit}, and {why}; try again in "
             f"{self.settings.retry_after_s:g} s, or send fewer calls at once",
             retry_after=self.settings.retry_after_s, scope=self.scope,
             deployment=self.name if self.scope == "deployment" else None,
         )
 
 
-class KeyConcurrency:
-    """The gates of the API keys, made on a key's first call and dropped once idle (so a million keys
-    seen once cost nothing), and the metrics of every gate: keys summed, deployments each."""
+class CallerGates:
+    """The gates of one kind of caller (API keys, tenants), made on a caller's first call and dropped once
+    idle (so a million keys seen once cost nothing)."""
 
-    def __init__(self, settings: ConcurrencyConfig) -> None:
+    def __init__(self, settings: ConcurrencyConfig, scope: str) -> None:
         self.settings = settings
+        self.scope = scope
         self.gates: dict[str, ConcurrencyLimit] = {}
-        self.deployments: list[ConcurrencyLimit] = []  # watched for the metrics only
-        self.key_shed = 0  # calls the keys' gates refused
-        self.keys_limited = False  # the concurrency stage runs: the keys' figures are shown
+        self.shed = 0  # calls these gates refused
 
-    async def enter(self, key_id: str, limit: int, remaining_s: float | None) -> Slot:
-        gate = self.gates.get(key_id)
-        if gate is None or gate.limit != limit:  # a key whose limit changed starts a new gate
-            gate = self.gates[key_id] = ConcurrencyLimit(limit, self.settings, scope="key", name=key_id,
-                                                         on_idle=self._drop)
+    async def enter(self, name: str, limit: int, remaining_s: float | None) -> Slot:
+        gate = self.gates.get(name)
+        if gate is None or gate.limit != limit:  # a caller whose limit changed starts a new gate
+            gate = self.gates[name] = ConcurrencyLimit(limit, self.settings, scope=self.scope, name=name,
+                                                       on_idle=self._drop)
         try:
             return await gate.enter(remaining_s)
         except ConcurrencyExceeded:
-            self.key_shed += 1
+            self.shed += 1
             if gate.idle:
                 self._drop(gate)
             raise
@@ -140,6 +142,26 @@ class KeyConcurrency:
         if self.gates.get(gate.name) is gate:
             del self.gates[gate.name]
 
+
+class KeyConcurrency:
+    """The gates of the API keys and of the tenants, and the metrics of every gate: keys and tenants
+    summed (one series per key would be unbounded), deployments each."""
+
+    def __init__(self, settings: ConcurrencyConfig) -> None:
+        self.settings = settings
+        self.keys = CallerGates(settings, "key")
+        self.tenants = CallerGates(settings, "tenant")
+        self.deployments: list[ConcurrencyLimit] = []  # watched for the metrics only
+        self.keys_limited = False  # the concurrency stage runs: the keys' figures are shown
+
+    @property
+    def gates(self) -> dict[str, ConcurrencyLimit]:
+        """The keys' gates open now."""
+        return self.keys.gates
+
+    async def enter(self, key_id: str, limit: int, remaining_s: float | None) -> Slot:
+        return await self.keys.enter(key_id, limit, remaining_s)
+
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily("keel_concurrency_in_flight", "Calls holding a concurrency slot now",
                                       labels=["scope", "limit"])
@@ -147,11 +169,14 @@ class KeyConcurrency:
                                     labels=["scope", "limit"])
         shed = CounterMetricFamily("keel_concurrency_shed", "Calls refused with 503 overloaded by a concurrency limit",
                                    labels=["scope", "limit"])
-        if self.keys_limited:  # summed over the keys: one series per key would be unbounded
-            keys = list(self.gates.values())
-            in_flight.add_metric(["key", "per_key"], sum(g.in_flight for g in keys))
-            waiting.add_metric(["key", "per_key"], sum(g.waiting for g in keys))
-            shed.add_metric(["key", "per_key"], self.key_shed)
+        callers = [(self.keys, "per_key")] if self.keys_limited else []
+        if self.settings.per_tenant is not None:
+            callers.append((self.tenants, "per_tenant"))
+        for kind, limit in callers:  # summed over the callers of the kind
+            gates = list(kind.gates.values())
+            in_flight.add_metric([kind.scope, limit], sum(g.in_flight for g in gates))
+            waiting.add_metric([kind.scope, limit], sum(g.waiting for g in gates))
+            shed.add_metric([kind.scope, limit], kind.shed)
         for gate in self.deployments:
             in_flight.add_metric(["deployment", gate.name], gate.in_flight)
             waiting.add_metric(["deployment", gate.name], gate.waiting)
