@@ -80,7 +80,7 @@ lint: install-dev
 # Faults, two replicas behind a round-robin (nginx when installed) and --workers 2 against 1, with figures;
 # needs Redis and PostgreSQL (make services). SOAK_ARGS=--quick for a few seconds of each part.
 # Then the long fuzz run: Schemathesis with 500 examples per operation (docs/security.md).
-soak: install-dev
+soak: install-dev services
 	$(PY) bench/soak.py $(SOAK_ARGS)
 	KEEL_FUZZ_EXAMPLES=500 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_openapi_fuzz.py
 
