@@ -7,9 +7,11 @@ must do, Redis included, is in test_budget_backends_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import random
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -23,6 +25,7 @@ from keel.cost import CostMeter, PricingTable, to_nanos
 from keel.engine import Keel
 from keel.errors import BudgetExceeded, BudgetStoreUnavailable
 from keel.pipeline import Call, Context
+from keel.testing.tcp_proxy import TcpProxy
 from keel.types import ChatRequest
 
 CAP_USD = 1.0
@@ -131,6 +134,37 @@ async def test_counter_keys_expire_after_their_window(prefix: str) -> None:
     assert await client.expiretime(key + ":holds") in (expires_at, -2)  # -2: emptied, so gone
     await client.aclose()
     await first.close()
+
+
+async def test_a_settle_cut_off_by_a_redis_outage_is_logged_with_its_cost_and_no_traceback(
+    prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The call reserved while Redis answered; Redis went away before it settled (an upstream that failed
+    # part-way, having billed something): the answer is the client's already, so nothing raises, and the
+    # log says what the budgets miss, without a stack trace for a known outage.
+    target = urlsplit(REDIS_URL)
+    proxy = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379)).start()
+    budgets = Budgets([BudgetConfig(scope="global", limit_usd=1)], RedisBudgetBackend(proxy.url(REDIS_URL), prefix))
+    stage = BudgetStage(budgets, CostMeter(PricingTable(parse_config(config_dict()))))
+    call = call_for()
+    call.ctx.request_id = "req_settle_cut"
+
+    async def cut_then_fail(inner: Call) -> Any:
+        proxy.stop()
+        inner.ctx.cost.nanos = 1234
+        raise RuntimeError("the upstream failed part-way")  # the stage settles on the way out
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="keel.budgets"), pytest.raises(RuntimeError):
+            await stage(call, cut_then_fail)
+    finally:
+        proxy.stop()
+        await budgets.close()
+    [settle] = [r for r in caplog.records if "could not settle" in r.getMessage()]
+    assert settle.exc_info is None
+    assert settle.getMessage() == (
+        "could not settle the budgets of request req_settle_cut: the budget store (Redis) did not answer; its "
+        "cost (1234 nano-USD) is not counted in its budgets, and its hold lapses on its own")
 
 
 async def test_an_unreachable_redis_refuses_calls_with_a_503() -> None:

@@ -50,6 +50,29 @@ def test_redis_down_makes_the_gateway_not_ready_and_names_it(redis_down: tuple[T
     assert call.status_code == 503 and call.json()["error"]["code"] == "budget_store_unavailable"
 
 
+@pytest.mark.parametrize("on_backend_error", ["fail_open", "fail_closed"])
+def test_redis_down_under_rate_limits_makes_the_gateway_not_ready_only_when_they_fail_closed(
+    monkeypatch: pytest.MonkeyPatch, on_backend_error: str,
+) -> None:
+    port = free_port()  # nothing listens there
+    client, _ = gateway(monkeypatch, limits={
+        "backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "on_backend_error": on_backend_error,
+        "global": {"requests_per_minute": 100}})
+    with client:
+        response = client.get("/readyz")
+        call = client.post("/v1/chat/completions", json=CHAT)
+    checks = response.json()["checks"]
+    if on_backend_error == "fail_open":  # calls go on uncounted: nothing to turn away for
+        assert response.status_code == 200 and "rate_limit_store" not in checks
+        assert call.status_code == 200
+        return
+    assert response.status_code == 503 and checks["rate_limit_store"]["ok"] is False
+    assert f"redis://127.0.0.1:{port}/0" in checks["rate_limit_store"]["detail"]
+    assert "calls are refused (rate_limit_store_unavailable)" in checks["rate_limit_store"]["detail"]
+    # What the probe says is what a call meets.
+    assert call.status_code == 503 and call.json()["error"]["code"] == "rate_limit_store_unavailable"
+
+
 def test_a_running_redis_makes_the_gateway_ready(monkeypatch: pytest.MonkeyPatch, redis_prefix: str) -> None:
     client, _ = gateway(monkeypatch, state={"redis_url": REDIS_URL, "key_prefix": redis_prefix})
     with client:

@@ -6,10 +6,10 @@ at the end; skipped locally when PostgreSQL is not running, a failure in CI).
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +47,7 @@ from keel.observability.store import (
     requests,
 )
 from keel.observability.writer import REDACTED, RecordWriter, Spool
+from keel.testing.tcp_proxy import TcpProxy
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()  # the newest migration, whatever it is
 
@@ -214,72 +215,6 @@ def ids(store: RecordStore) -> list[str]:
 def spool_files(tmp_path: Path) -> list[Path]:
     """The spool and any claimed part of it (not the file of rejected rows)."""
     return sorted(p for p in tmp_path.glob("spool.jsonl*") if not p.name.endswith(".rejected"))
-
-
-class TcpProxy:
-    """A local port forwarded to PostgreSQL: `stop()` is an outage (every connection cut, new ones
-    refused), `start()` the recovery."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._server: socket.socket | None = None
-        self._sockets: list[socket.socket] = []
-        self._running = threading.Event()
-
-    def start(self) -> TcpProxy:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(16)
-        server.settimeout(0.05)
-        self._server = server
-        self._running.set()
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._running.clear()
-        if self._server is not None:
-            self._server.close()
-        for sock in self._sockets:
-            for action in (lambda s=sock: s.shutdown(socket.SHUT_RDWR), sock.close):
-                try:
-                    action()
-                except OSError:
-                    pass
-        self._sockets.clear()
-
-    def _accept(self, server: socket.socket) -> None:
-        while self._running.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                sink.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------------------- schema and store
@@ -550,8 +485,7 @@ def test_postgres_outage_spools_then_replays_exactly_once(
     target = make_url(pg_database)
     proxy = TcpProxy((target.host or "127.0.0.1", target.port or 5432)).start()
     try:
-        through_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
-        writer, _ = writers(through_proxy)
+        writer, _ = writers(proxy.url(pg_database))
         for i in range(10):
             writer.submit(record(i))
         assert writer.flush() and writer.written == 10
@@ -648,6 +582,29 @@ def test_a_row_the_driver_cannot_send_is_dropped_while_the_rest_are_written(
     assert dropped == [(1, "rejected")] and writer.spooled == 0 and spool_files(tmp_path) == []
     (kept,) = (tmp_path / "spool.jsonl.rejected").read_bytes().splitlines()
     assert orjson.loads(kept)["row"]["request_id"] == "req_ok_00002"  # for a person to look at
+
+
+def test_a_spool_append_that_runs_out_of_room_part_way_leaves_only_whole_lines(tmp_path: Path) -> None:
+    # A full disk (here: a file size limit, which fails a write the same way, part-way) must not leave
+    # a cut line: the next append would join it, and the record it holds could not be read back.
+    spool = tmp_path / "spool.jsonl"
+    script = f"""
+import resource
+from keel.observability.writer import Spool
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # Python ignores SIGXFSZ: writes fail with EFBIG
+spool = Spool({str(spool)!r})
+spool.append([b"a" * 999 + b"\\n"])
+try:
+    spool.append([b"b" * 4999 + b"\\n"])  # room for 2000 bytes of it
+except OSError as exc:
+    print(exc.errno)
+spool.append([b"c" * 999 + b"\\n"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.EFBIG)]
+    assert spool.read_bytes().splitlines() == [b"a" * 999, b"c" * 999]
 
 
 def test_spool_appends_from_many_threads_survive_concurrent_replays(tmp_path: Path) -> None:

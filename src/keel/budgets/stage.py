@@ -13,7 +13,7 @@ import logging
 from keel.budgets.alerts import AlertSender
 from keel.budgets.budgets import Alert, Budgets, Reservation
 from keel.cost.accounting import CostMeter
-from keel.errors import BudgetExceeded
+from keel.errors import BudgetExceeded, BudgetStoreUnavailable
 from keel.pipeline import Call, Next, Reply
 
 log = logging.getLogger("keel.budgets")
@@ -44,6 +44,12 @@ class BudgetStage:
         already; an unsettled hold lapses on its own."""
         try:
             self._send(await self.budgets.settle(reservation, call.ctx.cost.nanos))
+        except BudgetStoreUnavailable:  # an outage, already logged by the store: no traceback to add
+            log.error(
+                "could not settle the budgets of request %s: the budget store (Redis) did not answer; its cost "
+                "(%s nano-USD) is not counted in its budgets, and its hold lapses on its own",
+                call.ctx.request_id, call.ctx.cost.nanos,
+            )
         except Exception:
             log.exception(
                 "could not settle the budgets of request %s (cost %s nano-USD); its hold lapses on its own",

@@ -22,6 +22,7 @@ The same thread purges records older than `retention_days`, once an hour by defa
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -150,7 +151,8 @@ class Spool:
         return cls(path, worker=os.getpid())
 
     def append(self, lines: Sequence[bytes]) -> None:
-        """Add lines (each ending in a newline); raises OSError when the file cannot be written."""
+        """Add lines (each ending in a newline), all or none: raises OSError when the file cannot be
+        written, and then none of them is added."""
         data = b"".join(lines)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,9 +162,17 @@ class Spool:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     if not _same_file(fd, self.path):
                         continue  # claimed for a replay while we waited: append to a new file
+                    end = os.fstat(fd).st_size  # under the flock: no one else appends now
                     view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    try:
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    except OSError:
+                        # Out of room part-way (a full disk): a cut line would swallow the next one
+                        # appended after it, so the file goes back to whole lines.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, end)
+                        raise
                     return
                 finally:
                     os.close(fd)  # also releases the flock
