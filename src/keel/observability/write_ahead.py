@@ -95,6 +95,7 @@ class WriteAhead:
             segment = self._map
             if segment is None or self._at + size > len(segment):
                 if segment is not None:
+                    segment.close()  # full (rare): unmapped here, the record waits for the next one
                     self._end(queue)
                 segment = self._open(size)
             if segment is not None:
@@ -105,14 +106,16 @@ class WriteAhead:
     def rotate(self, queue: deque[Any]) -> None:
         """End the open segment, if any: its `SegmentEnd` is queued behind its last record."""
         with self._lock:
-            if self._map is not None:
-                self._end(queue)
+            ended = self._end(queue)
+        if ended is not None:
+            ended.close()  # unmapped outside the lock: the pages stay in the file (the page cache)
 
-    def _end(self, queue: deque[Any]) -> None:
-        assert self._map is not None
-        self._map.close()  # the pages stay in the file (the page cache) when the mapping goes
-        self._map = None
-        queue.append(SegmentEnd(self._path))
+    def _end(self, queue: deque[Any]) -> mmap.mmap | None:
+        """Take the open segment out of use, if any; the caller unmaps it."""
+        ended, self._map = self._map, None
+        if ended is not None:
+            queue.append(SegmentEnd(self._path))
+        return ended
 
     def _open(self, size: int) -> mmap.mmap | None:
         now = time.monotonic()
