@@ -95,7 +95,7 @@ class WriteAhead:
             segment = self._map
             if segment is None or self._at + size > len(segment):
                 if segment is not None:
-                    segment.close()  # full (rare): unmapped here, the record waits for the next one
+                    segment.close()  # full (rare): ended here, and this record starts the next one
                     self._end(queue)
                 segment = self._open(size)
             if segment is not None:
