@@ -10,7 +10,8 @@ run and dropped after; default postgresql://postgres@127.0.0.1:5432/postgres as 
   no redaction), then again with two redaction patterns (an API key, a US SSN); the same rows
   through `RecordStore.write` in batches of 500 with no writer, as the store's own ceiling;
 - the cost of `submit()` on the calling thread: p50/p99 of one call, timed one at a time
-  while the writer thread is draining into the store, beside a no-op call timed the same way,
+  while the writer threads are draining into the store, with the write-ahead file (the default)
+  and without it (`store.write_ahead: false`), beside a no-op call timed the same way,
   interleaved in the same loop (the difference is what the request path pays).
 Figures, not asserts: a noisy 2-core machine moves them; run it twice.
 """
@@ -95,31 +96,41 @@ def store_alone(url: str, n: int) -> float:
 
 def submit_cost(url: str, n: int, spool: Path) -> dict[str, float]:
     store = RecordStore(url)
-    writer = RecordWriter(store, StoreConfig(url=url, redact=REDACT, spool_path=str(spool)), migrate=False)
-    writer.start()
-    batch = records(n, "l")
+    ahead = RecordWriter(store, StoreConfig(url=url, redact=REDACT, spool_path=str(spool)), migrate=False)
+    memory = RecordWriter(store, StoreConfig(url=url, redact=REDACT, spool_path=str(spool), write_ahead=False),
+                          migrate=False)
+    ahead.start()
+    memory.start()
+    batch, twins = records(n, "l"), records(n, "m")
     clock = time.perf_counter_ns
 
     def noop(record: RequestRecord) -> None:
         return None
 
-    submit: Callable[[RequestRecord], None] = writer.submit
+    submit: Callable[[RequestRecord], None] = ahead.submit
+    submit_memory: Callable[[RequestRecord], None] = memory.submit
     base: list[int] = []
     cost: list[int] = []
-    for record in batch:
+    cost_memory: list[int] = []
+    for record, twin in zip(batch, twins, strict=True):
         t0 = clock()
         noop(record)
         t1 = clock()
         submit(record)
         t2 = clock()
+        submit_memory(twin)
+        t3 = clock()
         base.append(t1 - t0)
         cost.append(t2 - t1)
-    writer.close(timeout=300)
+        cost_memory.append(t3 - t2)
+    ahead.close(timeout=300)
+    memory.close(timeout=300)
     store.close()
     q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] / 1000  # noqa: E731  µs
     return {
         "noop_p50_us": q(base, 50), "noop_p99_us": q(base, 99),
         "submit_p50_us": q(cost, 50), "submit_p99_us": q(cost, 99),
+        "memory_p50_us": q(cost_memory, 50), "memory_p99_us": q(cost_memory, 99),
         "added_p50_us": q(cost, 50) - q(base, 50),
     }
 
@@ -149,6 +160,7 @@ def run(name: str, url: str, n: int, tmp: Path) -> None:
         f"{name:<10} writer {plain:>7,.0f} records/s, {redacted:>7,.0f} with 2 redaction patterns; "
         f"store.write alone {ceiling:>7,.0f}/s\n"
         f"{'':<10} submit() p50 {path['submit_p50_us']:.2f} µs p99 {path['submit_p99_us']:.2f} µs; "
+        f"without write-ahead p50 {path['memory_p50_us']:.2f} µs p99 {path['memory_p99_us']:.2f} µs; "
         f"no-op p50 {path['noop_p50_us']:.2f} µs p99 {path['noop_p99_us']:.2f} µs; "
         f"added p50 {path['added_p50_us']:.2f} µs"
     )
@@ -166,22 +178,24 @@ class _Discard:
 
 def request_path(url: str, calls: int) -> None:
     """p50/p99 of one call through the whole pipeline (simulated deployment, no latency), with the
-    request log (and spans) going to `url` through the writer, and with them discarded;
-    interleaved call by call, in one event loop."""
+    request log (and spans) going to `url` through the writer, with and without its write-ahead
+    file, and with them discarded; interleaved call by call, in one event loop."""
 
     async def measure() -> None:
-        def config(store: str) -> KeelConfig:
+        def config(store: str, write_ahead: bool = True) -> KeelConfig:
             return parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
-                                 "store": {"url": store}})
+                                 "store": {"url": store, "write_ahead": write_ahead}})
 
         on = Keel(config(url))
+        memory = Keel(config(url, write_ahead=False))
         off_config = config(url)
         off = Keel(off_config, stages=[Observe(_Discard(), Tracing(off_config.tracing, _Discard()), on.metrics)])
         request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": QUESTION}]})
-        times: dict[str, list[float]] = {"on": [], "off": []}
-        async with on, off:
+        keels = [("on", on), ("memory", memory), ("off", off)]
+        times: dict[str, list[float]] = {name: [] for name, _ in keels}
+        async with on, memory, off:
             for i in range(calls + 200):
-                for name, keel in (("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on)):
+                for name, keel in keels[i % 3:] + keels[:i % 3]:  # each first in turn
                     started = time.perf_counter()
                     await keel.handle(request)
                     if i >= 200:  # warmed up
@@ -189,8 +203,10 @@ def request_path(url: str, calls: int) -> None:
         p50 = {k: statistics.median(v) for k, v in times.items()}
         p99 = {k: statistics.quantiles(v, n=100)[98] for k, v in times.items()}
         print(f"{'':<10} request path, one call: log on p50 {p50['on']:.1f} µs p99 {p99['on']:.1f} µs; "
+              f"without write-ahead p50 {p50['memory']:.1f} µs p99 {p99['memory']:.1f} µs; "
               f"log off p50 {p50['off']:.1f} µs p99 {p99['off']:.1f} µs; "
-              f"added p50 {p50['on'] - p50['off']:+.1f} µs, p99 {p99['on'] - p99['off']:+.1f} µs")
+              f"added p50 {p50['on'] - p50['off']:+.1f} µs ({p50['memory'] - p50['off']:+.1f} without write-ahead), "
+              f"p99 {p99['on'] - p99['off']:+.1f} µs ({p99['memory'] - p99['off']:+.1f})")
 
     asyncio.run(measure())
 

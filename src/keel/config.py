@@ -723,6 +723,11 @@ class StoreConfig(_Strict):
     flush_interval_ms: float = Field(default=200, gt=0, description="longest wait before a partial batch is written")
     queue_size: int = Field(default=50_000, ge=1, description="records waiting to be written; beyond: spooled")
     spool_path: str = Field(default="keel-spool.jsonl", description="where records wait while the store is down")
+    write_ahead: bool = Field(
+        default=True,
+        description="each record is appended to a file beside the spool before it is queued, so a killed process "
+                    "loses none; false: the records of the next batch are in memory only",
+    )
     redact: list[str] = Field(
         default_factory=list,
         description="regular expressions whose matches are replaced in logged content, after the built-in ones",

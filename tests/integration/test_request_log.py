@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -46,7 +47,8 @@ from keel.observability.store import (
     request_row,
     requests,
 )
-from keel.observability.writer import REDACTED, RecordWriter, Spool
+from keel.observability.write_ahead import SegmentEnd, WriteAhead
+from keel.observability.writer import REDACTED, RecordWriter, Spool, spool_line
 from keel.testing.tcp_proxy import TcpProxy
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()  # the newest migration, whatever it is
@@ -659,6 +661,164 @@ def test_spool_appends_from_other_processes_survive_concurrent_replays(tmp_path:
             break
     assert [worker.returncode for worker in workers] == [0, 0]
     assert sorted(read) == sorted(b"%s-%d" % (tag, i) for tag in (b"a", b"b") for i in range(400))
+
+
+# ---------------------------------------------------------------------------- write-ahead
+
+
+def write_ahead_files(tmp_path: Path) -> list[Path]:
+    return sorted(tmp_path.glob("spool.jsonl.wal-*"))
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    """A segment's lines: up to its unused end, which is zeros."""
+    return [orjson.loads(line) for line in path.read_bytes().split(b"\0", 1)[0].splitlines()]
+
+
+SECRET = "sk-" + "a1" * 12  # an API key the built-in redaction replaces
+
+
+def test_a_submitted_record_is_on_disk_before_it_is_written_and_its_file_goes_once_it_is(
+    url: str, writers: WriterFactory, tmp_path: Path,
+) -> None:
+    writer, store = writers(url, flush_interval_ms=60_000, batch_size=1000)
+    assert writer.flush()  # the writer's first round is done: it writes nothing more until asked
+    submitted = [record(i, input=[{"role": "user", "content": f"my key is {SECRET}"}]) for i in range(5)]
+    step = span(0, "e" * 32)
+    for rec in submitted:
+        writer.submit(rec)
+    writer.submit_span(step)
+    assert writer.written == 0 and ids(store) == []
+    (segment,) = write_ahead_files(tmp_path)
+    assert segment.stat().st_mode & 0o777 == 0o600  # unredacted yet: for this user only
+    # The spool's line of each record as submitted, in order.
+    assert lines_of(segment) == [orjson.loads(spool_line("request", request_row(rec))) for rec in submitted] + [
+        orjson.loads(spool_line("span", step.as_dict()))]
+    assert writer.flush()
+    assert sorted(ids(store)) == [rec.request_id for rec in submitted] and len(store.spans("e" * 32)) == 1
+    assert {row["input"][0]["content"] for row in store.records(0)} == {f"my key is {REDACTED}"}
+    assert write_ahead_files(tmp_path) == []
+
+
+KILLED_WRITER = """
+import sys, threading
+import orjson
+from keel.config import StoreConfig
+from keel.observability.record import RequestRecord, SpanRecord
+from keel.observability.store import RecordStore
+from keel.observability.writer import RecordWriter
+
+url, spool, submitted = sys.argv[1], sys.argv[2], orjson.loads(open(sys.argv[3], "rb").read())
+writer = RecordWriter(RecordStore(url), StoreConfig(url=url, spool_path=spool, flush_interval_ms=600_000,
+                                                    batch_size=10_000))
+writer.start()
+assert writer.flush()  # its first round is done: it would write nothing more for ten minutes
+for row in submitted["records"]:
+    writer.submit(RequestRecord(**row))
+for row in submitted["spans"]:
+    writer.submit_span(SpanRecord(**row))
+print("submitted", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_writer_killed_before_its_flush_loses_nothing_once_another_starts(
+    url: str, writers: WriterFactory, stores: Callable[[str], RecordStore], tmp_path: Path,
+) -> None:
+    submitted = [record(i, input=[{"role": "user", "content": f"key {SECRET}"}]) for i in range(40)]
+    spans = [span(i, "f" * 32) for i in range(3)]
+    batch = tmp_path / "batch.json"
+    batch.write_bytes(orjson.dumps({"records": [r.as_dict() for r in submitted],
+                                    "spans": [s.as_dict() for s in spans]}))
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(tmp_path / "spool.jsonl"), str(batch)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout is not None and killed.stdout.readline() == b"submitted\n"
+    finally:
+        killed.kill()
+        killed.wait()
+    store = stores(url)
+    assert ids(store) == []  # none was written: they were in its memory, and in its write-ahead file
+    (segment,) = write_ahead_files(tmp_path)
+    assert segment.name.startswith(f"spool.jsonl.wal-{killed.pid}.") and len(lines_of(segment)) == 43
+    store.write(submitted[:10])  # say a batch of them had been written, and the kill came before its file went
+
+    writer, _ = writers(url)
+    wait_until(lambda: writer.replayed == 43)
+    assert writer.flush()
+    assert sorted(ids(store)) == [r.request_id for r in submitted]  # each once
+    assert [s["span_id"] for s in store.spans("f" * 32)] == [s.span_id for s in spans]
+    # Redacted as they were replayed (the 10 written "before the kill" were stored as given).
+    assert {row["input"][0]["content"] for row in store.records(0)[10:]} == {f"key {REDACTED}"}
+    assert write_ahead_files(tmp_path) == [] and spool_files(tmp_path) == [] and writer.dropped == 0
+
+
+def test_only_the_write_ahead_files_of_processes_that_are_gone_are_replayed(
+    url: str, writers: WriterFactory, tmp_path: Path,
+) -> None:
+    line = lambda i: spool_line("request", request_row(record(i)))  # noqa: E731
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / f"spool.jsonl.wal-{gone.pid}.0a0a0a0a.1").write_bytes(b"".join(line(i) for i in range(3)))
+        # This process's pid, but no writer of it: an earlier process that had the pid (a container restarted).
+        (tmp_path / f"spool.jsonl.wal-{os.getpid()}.1b1b1b1b.4").write_bytes(line(3) + line(4))
+        theirs = tmp_path / f"spool.jsonl.wal-{running.pid}.2c2c2c2c.1"
+        theirs.write_bytes(line(5))
+        writer, store = writers(url)
+        wait_until(lambda: writer.replayed == 5)
+        writer.close()
+        assert sorted(ids(store)) == [f"req_ok_{i:05d}" for i in range(5)]
+        assert write_ahead_files(tmp_path) == [theirs]
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_full_segment_is_ended_by_the_record_that_does_not_fit(tmp_path: Path) -> None:
+    ahead = WriteAhead(tmp_path / "spool.jsonl", segment_bytes=4096)
+    queue: deque[Any] = deque()
+    lines = [b"%d %s\n" % (i, b"x" * 1500) for i in range(3)] + [b"long %s\n" % (b"y" * 9000)]
+    for i, line in enumerate(lines):
+        ahead.append(line, i, queue)
+    ahead.rotate(queue)
+    first, second, third = sorted(write_ahead_files(tmp_path), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    # Two lines fit in the first 4 KB; the third starts a segment; the long one gets one of its own (12 KB).
+    assert [type(entry).__name__ for entry in queue] == ["int", "int", "SegmentEnd", "int", "SegmentEnd", "int",
+                                                          "SegmentEnd"]
+    assert [entry.path for entry in queue if isinstance(entry, SegmentEnd)] == [first, second, third]
+    contents = [path.read_bytes().split(b"\0", 1)[0] for path in (first, second, third)]
+    assert contents == [lines[0] + lines[1], lines[2], lines[3]]
+    assert [path.stat().st_size for path in (first, second, third)] == [4096, 4096, 12288]
+    for entry in queue:
+        if isinstance(entry, SegmentEnd):
+            entry.set()
+    assert write_ahead_files(tmp_path) == []
+
+
+def test_with_write_ahead_off_a_queued_record_is_in_memory_only(
+    url: str, writers: WriterFactory, tmp_path: Path,
+) -> None:
+    writer, store = writers(url, write_ahead=False, flush_interval_ms=60_000, batch_size=1000)
+    assert writer.flush()
+    writer.submit(record(1))
+    assert writer.queue_depth == 1 and list(tmp_path.glob("spool.jsonl*")) == []
+    assert writer.flush() and ids(store) == ["req_ok_00001"]
+
+
+def test_a_write_ahead_file_that_cannot_be_made_leaves_records_in_memory_and_says_so_once(
+    url: str, writers: WriterFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    writer, store = writers(url, spool_path=str(tmp_path / "a-file" / "spool.jsonl"))
+    with caplog.at_level(logging.ERROR, logger="keel.request_log"):
+        for i in range(3):
+            writer.submit(record(i))
+        assert writer.flush()
+    assert sorted(ids(store)) == [f"req_ok_{i:05d}" for i in range(3)] and writer.dropped == 0
+    errors = [r.getMessage() for r in caplog.records if "write-ahead" in r.getMessage()]
+    assert len(errors) == 1 and "a-file" in errors[0] and "records wait in memory only" in errors[0]
 
 
 # ---------------------------------------------------------------------------- content policy

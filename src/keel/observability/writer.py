@@ -1,10 +1,11 @@
 """Request records and spans, written in batches off the request path; nothing lost on the way.
 
-`submit()` is what the request path calls: it appends to a bounded in-memory queue and
-returns (no I/O, no lock, no copying). One background thread drains the queue in batches of
-up to `batch_size` (or whatever is there every `flush_interval_ms`), applies the content
-policy (redaction, `log_content`, `max_content_chars`) and writes each batch in one
-transaction.
+`submit()` is what the request path calls: it writes the record's line to a write-ahead file
+(`store.write_ahead`, keel.observability.write_ahead: one `os.write`, so a killed process loses
+nothing it queued) and appends the record to a bounded in-memory queue. One background thread
+drains the queue in batches of up to `batch_size` (or whatever is there every
+`flush_interval_ms`), applies the content policy (redaction, `log_content`, `max_content_chars`),
+writes each batch in one transaction and deletes the write-ahead files it covered.
 
 When the queue is full, or the store cannot be reached, records go to the spool: a JSONL
 file (`store.spool_path`), already redacted. Once the store answers again the spool is
@@ -41,6 +42,7 @@ from keel.config import StoreConfig
 from keel.observability.record import RequestRecord, SpanRecord
 from keel.observability.redaction import redaction_patterns
 from keel.observability.store import RecordRejected, RecordStore, StoreError, StoreUnavailable, request_row, span_row
+from keel.observability.write_ahead import SegmentEnd, WriteAhead
 from keel.wording import counted
 
 log = logging.getLogger("keel.request_log")
@@ -50,6 +52,7 @@ Hook = Callable[[int, str], None]
 
 Kind = Literal["request", "span"]
 Item = tuple[Kind, dict[str, Any]]  # a prepared row, as written to the store or the spool
+Marker = threading.Event | SegmentEnd  # in the queue: set once everything queued before it is handled
 
 REDACTED = "[REDACTED]"
 
@@ -246,6 +249,20 @@ def spool_line(kind: Kind, row: dict[str, Any]) -> bytes:
         return json.dumps({"kind": kind, "row": row}, default=str).encode() + b"\n"
 
 
+def write_ahead_line(entry: RequestRecord | SpanRecord) -> bytes:
+    """The spool's line of a record as submitted (before the content policy); b"" when it has none.
+    orjson reads the dataclass itself: no row dict is built on the request path."""
+    kind: Kind = "span" if isinstance(entry, SpanRecord) else "request"
+    try:
+        return orjson.dumps({"kind": kind, "row": entry}, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+    except TypeError:
+        pass
+    try:
+        return spool_line(kind, span_row(entry) if isinstance(entry, SpanRecord) else request_row(entry))
+    except Exception:  # the writer thread will say what is wrong with it
+        return b""
+
+
 class RecordWriter:
     """Batches records and spans into a `RecordStore` from one background thread.
 
@@ -279,11 +296,12 @@ class RecordWriter:
         self.rejects = Spool(self.spool.path.with_name(self.spool.path.name + ".rejected"))
         self.on_drop = on_drop
         self.on_spool = on_spool
+        self.write_ahead = WriteAhead(config.spool_path) if config.write_ahead else None
         self.written = 0
         self.spooled = 0
         self.replayed = 0
         self.dropped = 0
-        self._queue: deque[RequestRecord | SpanRecord | threading.Event] = deque()
+        self._queue: deque[RequestRecord | SpanRecord | Marker] = deque()
         self._max = config.queue_size
         self._batch = config.batch_size
         self._interval = config.flush_interval_ms / 1000
@@ -302,6 +320,7 @@ class RecordWriter:
         self._retry_at = 0.0
         self._next_purge = 0.0
         self._spool_pending = True  # a previous run may have left one
+        self._orphans_pending = True  # and write-ahead files, if it was killed
         self._replay_at: tuple[Path, int] | None = None  # how far a failed replay got
 
     # ------------------------------------------------------------------ the request path
@@ -319,7 +338,10 @@ class RecordWriter:
         if len(queue) >= self._max or self._closed:
             self._overflow(item)
             return
-        queue.append(item)
+        if self.write_ahead is None:
+            queue.append(item)
+        else:
+            self.write_ahead.append(write_ahead_line(item), item, queue)
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
@@ -349,6 +371,7 @@ class RecordWriter:
             self._thread = None
             self._stopping.clear()
             self._spool_pending = True
+            self._orphans_pending = True
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="keel-request-log", daemon=True)
@@ -357,10 +380,11 @@ class RecordWriter:
         atexit.register(self._at_exit)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far is written (or spooled); False on timeout
-        or when the writer is not running."""
+        """Wait until everything submitted so far is written (or spooled), and its write-ahead
+        files deleted; False on timeout or when the writer is not running."""
         if self._thread is None or self._closed:
             return False
+        self._rotate()
         done = threading.Event()
         self._queue.append(done)
         self._wake.set()
@@ -388,6 +412,7 @@ class RecordWriter:
                     timeout, self.spool.path,
                 )
         # Whatever a late submit() or a stuck thread left behind goes to the spool.
+        self._rotate()
         items, markers = self._prepare_all(self._take(len(self._queue)))
         if items:
             self._to_spool(items, "closing")
@@ -419,7 +444,11 @@ class RecordWriter:
         now = time.monotonic()
         if not self._store_up and now >= self._retry_at:
             self._recover()
+        if len(self._queue) <= self._batch:
+            self._rotate()  # the batch taken next covers the segment written so far
         self._drain(self._batch)
+        if self._orphans_pending:
+            self._adopt_orphans()
         if self._store_up and self._spool_pending:
             self._replay()
         if self._store_up and now >= self._next_purge:
@@ -428,6 +457,7 @@ class RecordWriter:
     def _finish(self) -> None:
         if not self._store_up:
             self._recover()  # one last try, so a spool can be replayed
+        self._rotate()
         while self._queue:
             self._drain(self._batch)
         if self._store_up and self._spool_pending:
@@ -442,8 +472,12 @@ class RecordWriter:
             wait = min(wait, self._next_purge - now)
         return max(wait, 0.001)
 
-    def _take(self, limit: int) -> list[RequestRecord | SpanRecord | threading.Event]:
-        taken: list[RequestRecord | SpanRecord | threading.Event] = []
+    def _rotate(self) -> None:
+        if self.write_ahead is not None:
+            self.write_ahead.rotate(self._queue)
+
+    def _take(self, limit: int) -> list[RequestRecord | SpanRecord | Marker]:
+        taken: list[RequestRecord | SpanRecord | Marker] = []
         pop = self._queue.popleft
         try:
             for _ in range(limit):
@@ -465,12 +499,12 @@ class RecordWriter:
                 marker.set()
 
     def _prepare_all(
-        self, taken: list[RequestRecord | SpanRecord | threading.Event]
-    ) -> tuple[list[Item], list[threading.Event]]:
+        self, taken: list[RequestRecord | SpanRecord | Marker]
+    ) -> tuple[list[Item], list[Marker]]:
         items: list[Item] = []
-        markers: list[threading.Event] = []
+        markers: list[Marker] = []
         for entry in taken:
-            if isinstance(entry, threading.Event):
+            if isinstance(entry, threading.Event | SegmentEnd):
                 markers.append(entry)
                 continue
             try:
@@ -482,10 +516,15 @@ class RecordWriter:
     def _prepared(self, entry: RequestRecord | SpanRecord) -> Item:
         if isinstance(entry, SpanRecord):
             return "span", span_row(entry)
-        row = request_row(entry)
-        row["input"] = self.policy.apply(row["input"])
-        row["output"] = self.policy.apply(row["output"])
-        return "request", row
+        return self._policed(("request", request_row(entry)))
+
+    def _policed(self, item: Item) -> Item:
+        """A row with the content policy applied (a request's input and output)."""
+        kind, row = item
+        if kind == "request":
+            row["input"] = self.policy.apply(row.get("input"))
+            row["output"] = self.policy.apply(row.get("output"))
+        return item
 
     def _deliver(self, items: list[Item]) -> None:
         if self._store_up:
@@ -607,6 +646,48 @@ class RecordWriter:
         else:
             log.warning("request log store still unavailable, next try in %.1fs: %s", self._backoff, exc)
         self._backoff = min(self._backoff * 2, self._retry_max)
+
+    def _adopt_orphans(self) -> None:
+        """The write-ahead files of processes that are gone: their records, redacted now, into the
+        store (or the spool while it is down), then the files deleted."""
+        self._orphans_pending = False
+        if self.write_ahead is None:
+            return
+        try:
+            orphans = self.write_ahead.claim_orphans(process_alive)
+        except OSError as exc:
+            log.error("request log: the write-ahead files beside %s cannot be read: %s", self.spool.path, exc)
+            return
+        for path in orphans:
+            try:
+                self._adopt(path)
+            except OSError as exc:  # kept: the next writer to start tries again, without duplicates
+                log.error("request log: the write-ahead file %s cannot be replayed: %s", path, exc)
+
+    def _adopt(self, path: Path) -> None:
+        chunk: list[Item] = []
+        for line_no, item in self._read(path, 0):
+            if item is None:
+                continue
+            try:
+                chunk.append(self._policed(item))
+            except Exception as exc:  # content that cannot be redacted is not written anywhere
+                self._drop(1, "unpreparable", f"line {line_no + 1} of {path}: {exc!r}")
+            if len(chunk) >= self._batch:
+                self._recovered(chunk)
+                chunk = []
+        if chunk:
+            self._recovered(chunk)
+        path.unlink(missing_ok=True)
+        log.warning("request log: the records a killed process had queued were recovered from %s", path)
+
+    def _recovered(self, items: list[Item]) -> None:
+        if self._store_up:
+            written, done = self._store_items(items)
+            self.replayed += written
+            items = items[done:]
+        if items:
+            self._to_spool(items, "store_unavailable")
 
     def _replay(self) -> None:
         """Move spooled rows into the store, one claimed file at a time."""
