@@ -25,6 +25,7 @@ from conftest import GatewayProcess
 from observability_helpers import calls_counted, read_records, store_section, wait_until_counted
 from test_bad_input import assert_openai_error
 
+from keel.providers.simulated import MAX_DIMENSIONS
 from keel.request_errors import MAX_NESTING
 from keel.types import METADATA_KEY_CHARS, METADATA_PAIRS, METADATA_VALUE_CHARS
 
@@ -141,6 +142,15 @@ CASES = [
          says=["100000 characters", f"at most {METADATA_VALUE_CHARS}"]),
     Case("metadata-value-not-a-string", chat(metadata={"n": {"deep": 1}}), param="metadata.n",
          says=["expected a string"]),
+    # What Schemathesis found: a few bytes asking the simulated model for gigabytes (a vector of 2.7 * 10^12
+    # floats; a 200 KB constant 9,000 times) grew the gateway to 7 GB, then a 500 on a MemoryError.
+    Case("embeddings-dimensions-past-the-models", orjson.dumps({"model": "sim", "input": "x",
+                                                               "dimensions": 2_704_429_735_294}),
+         path="/v1/embeddings", code="unsupported", param="dimensions",
+         says=["2704429735294", f"at most {MAX_DIMENSIONS} dimensions"]),
+    Case("json-schema-answer-of-gigabytes", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "big", "schema": {"type": "array", "minItems": 9000, "items": {"const": "y" * 200_000}}}}),
+         status=422, code="invalid_output", param="response_format", says=["did not match"]),
     Case("body-over-the-default-cap", chat(messages=[{"role": "user", "content": "y" * DEFAULT_MAX_BODY}]),
          status=413, code="request_too_large", says=[str(DEFAULT_MAX_BODY), "max_body_bytes"]),
 ]

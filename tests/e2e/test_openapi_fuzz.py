@@ -8,6 +8,12 @@ request that breaks the document is refused with a 4xx. Not checked: that every 
 is accepted (JSON Schema's `integer` takes 1.0, which Keel's strict parser refuses, as OpenAI does, with
 a 400 that says so; the dialects' bodies are described by their main fields only).
 
+And the gateway's memory stays bounded: its peak resident size (VmHWM) after the fuzz is under
+`PEAK_RSS_MB`. Schemathesis found requests of a few bytes that made the simulated model build gigabytes
+(`dimensions` of 2.7 * 10^12 on /v1/embeddings: 7 GB, then a MemoryError; a JSON schema whose smallest
+value has 10^12 items: 16 GB); the largest answer it may build now (2,048 inputs of 3,072 dimensions)
+peaks near 500 MB.
+
 Bounded for `make test` (a fixed number of examples per operation, derandomized: the same cases on
 every run); KEEL_FUZZ_EXAMPLES=<n> runs more (`make soak` runs 500 per operation).
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,13 +36,9 @@ from schemathesis import Case, GenerationMode
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-# Off in `make test` until the gateway's memory growth under this fuzz is found (a gateway reached 7 GB in
-# a whole-suite run, after the simulated model's unbounded schema instance was fixed): `make soak` runs it.
-pytestmark = pytest.mark.skipif(not os.environ.get("KEEL_FUZZ_EXAMPLES"),
-                                reason="the Schemathesis fuzz runs under `make soak` (KEEL_FUZZ_EXAMPLES)")
-
 KEY = "sk-keel-openapi-fuzz"
-EXAMPLES = int(os.environ.get("KEEL_FUZZ_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("KEEL_FUZZ_EXAMPLES", "25"))
+PEAK_RSS_MB = 1024  # the gateway's peak resident size after the fuzz: it starts near 120 MB
 HOT = ["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/completions"]
 
 
@@ -88,10 +91,11 @@ def operations(api_schema: Any) -> list[APIOperation]:
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_every_operation_answers_in_its_documented_shape_and_never_a_5xx(api_schema: Any,
-                                                                        mode: GenerationMode) -> None:
+def test_every_operation_answers_in_its_documented_shape_and_never_a_5xx(
+    gw: GatewayProcess, api_schema: Any, mode: GenerationMode,
+) -> None:
     """Each operation in turn, with `EXAMPLES` cases: valid ones (POSITIVE) and ones that break the
-    document (NEGATIVE: those must be refused with a 4xx)."""
+    document (NEGATIVE: those must be refused with a 4xx); then the gateway's peak memory is in bounds."""
     failures: list[str] = []
     seen: set[tuple[str, str]] = set()
     for operation in operations(api_schema):
@@ -111,7 +115,17 @@ def test_every_operation_answers_in_its_documented_shape_and_never_a_5xx(api_sch
         except Exception as exc:  # every operation is tried; the failures are reported together
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
     assert {("POST", path) for path in HOT} <= seen
+    peak = peak_rss_mb(gw)  # first: memory grown without bound also fails the calls that follow (timeouts)
+    assert peak < PEAK_RSS_MB, f"the gateway's resident size peaked at {peak} MB under the fuzz"
     assert not failures, "\n\n".join(failures)
+
+
+def peak_rss_mb(gw: GatewayProcess) -> int:
+    """The gateway process's peak resident size so far (Linux's VmHWM), in MB."""
+    assert gw.proc is not None and gw.proc.poll() is None, "the gateway is not running"
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) // 1024  # "VmHWM:   123456 kB"
 
 
 def test_a_bad_parameter_of_the_admin_api_is_a_400_in_openai_shape(gw: GatewayProcess) -> None:

@@ -133,6 +133,11 @@ def test_function_tools_tool_choice_and_text_format_become_their_chat_forms() ->
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "previous_response_id"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type", "'reasoning'"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "'tool'"),
+    # found by Schemathesis: an object or array where a role or a part's type goes was a 500 (unhashable)
+    ({"input": [{"role": {"a": 1}, "content": "x"}]}, "input[0].role", "got an object"),
+    ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role", "got an array"),
+    ({"input": [{"role": "user", "content": [{"type": {"a": 1}, "text": "x"}]}]}, "input[0].content[0].type",
+     "got an object"),
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice", "web_search_preview"),
     ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice", "allowed_tools"),
     ({"text": {"format": {"type": "grammar"}}}, "text.format.type", "json_schema"),

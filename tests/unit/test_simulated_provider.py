@@ -19,7 +19,9 @@ import pytest
 from keel.config import ConfigError, LatencyDistribution, ModelConfig, SimulatedDeployment, parse_config
 from keel.engine import Keel
 from keel.errors import (
+    InvalidOutput,
     KeelError,
+    NotSupported,
     UpstreamBadRequest,
     UpstreamConnectionError,
     UpstreamError,
@@ -29,7 +31,15 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.pipeline import Call, ChunkStream, Completion
-from keel.providers.simulated import HANG_S, SimulatedProvider, draw_latency_ms, minimal_instance
+from keel.providers.simulated import (
+    HANG_S,
+    MAX_DIMENSIONS,
+    MAX_INSTANCE_CHARS,
+    InstanceTooLarge,
+    SimulatedProvider,
+    draw_latency_ms,
+    minimal_instance,
+)
 from keel.types import ChatCompletion, ChatRequest, EmbeddingRequest
 
 # ---------------------------------------------------------------------------- helpers
@@ -589,6 +599,19 @@ async def test_embeddings_are_deterministic_unit_vectors() -> None:
 async def test_embeddings_honour_dimensions() -> None:
     body = await embed(provider(), input="x", dimensions=5)
     assert len(body["data"][0]["embedding"]) == 5
+    widest = await embed(provider(), input=["x", "y"], dimensions=MAX_DIMENSIONS)
+    assert [len(item["embedding"]) for item in widest["data"]] == [MAX_DIMENSIONS, MAX_DIMENSIONS]
+
+
+@pytest.mark.parametrize("dimensions", [MAX_DIMENSIONS + 1, 2_704_429_735_294])
+async def test_dimensions_past_the_widest_vector_are_a_400_before_any_vector_is_built(dimensions: int) -> None:
+    """Found by Schemathesis: dimensions of 2.7 * 10^12 made the simulated model build the vector in memory
+    (the gateway grew to 7 GB, then answered 500 on a MemoryError)."""
+    with pytest.raises(NotSupported) as refused:
+        await embed(provider(), input="x", dimensions=dimensions)
+    assert refused.value.status == 400 and refused.value.param == "dimensions"
+    assert f"Invalid value for 'dimensions': {dimensions}." in refused.value.message
+    assert f"at most {MAX_DIMENSIONS} dimensions" in refused.value.message
 
 
 async def test_base64_embeddings_decode_to_the_float_ones() -> None:
@@ -686,16 +709,21 @@ async def test_a_cut_stream_ends_with_an_error_after_its_first_chunks() -> None:
         await keel.close()
 
 
+LONG = MAX_INSTANCE_CHARS // 10  # characters of one string, ten of which fill the budget
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "array", "minItems": 10**12},
     {"type": "string", "minLength": 10**9},
     {"type": "array", "minItems": 100, "items": {"type": "array", "minItems": 100, "items": {"type": "array",
                                                                                           "minItems": 100}}},
-], ids=["huge-array", "huge-string", "nested-arrays"])
+    {"type": "array", "minItems": 11, "items": {"type": "string", "minLength": LONG}},
+    {"type": "array", "minItems": 11, "items": {"const": "y" * LONG}},
+    {"type": "array", "minItems": 11, "items": {"enum": [{"text": "y" * LONG}]}},
+], ids=["huge-array", "huge-string", "nested-arrays", "many-long-strings", "repeated-constant", "repeated-enum"])
 async def test_a_schema_whose_smallest_value_is_huge_ends_in_a_422_not_a_hung_gateway(schema: dict[str, Any]) -> None:
-    """Found by Schemathesis: minItems of 10^12 made the simulated model build it (16 GB and counting)."""
-    from keel.errors import InvalidOutput
-
+    """Found by Schemathesis: minItems of 10^12 made the simulated model build it (16 GB and counting). The
+    text counts too: a constant of 200 KB (under the 256 KB a schema may take) 9,000 times is 1.8 GB of answer."""
     keel = Keel(parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}]}))
     request = ChatRequest.model_validate({
         "model": "m", "messages": [{"role": "user", "content": "hi"}],
@@ -705,3 +733,14 @@ async def test_a_schema_whose_smallest_value_is_huge_ends_in_a_422_not_a_hung_ga
         await keel.handle(request)
     assert refused.value.status == 422
     await keel.close()
+
+
+@pytest.mark.parametrize("items", [
+    {"type": "string", "minLength": LONG}, {"const": "y" * LONG}, {"enum": ["y" * LONG, "n"]},
+], ids=["strings", "constants", "enum-values"])
+def test_the_text_budget_is_shared_by_every_string_of_the_instance(items: dict[str, Any]) -> None:
+    """Nine long strings fit (under MAX_INSTANCE_CHARS, with room for the array's own values); eleven do not."""
+    fits = minimal_instance({"type": "array", "minItems": 9, "items": items})
+    assert fits == ["y" * LONG if "minLength" not in items else "a" * LONG] * 9
+    with pytest.raises(InstanceTooLarge, match=f"more than {MAX_INSTANCE_CHARS} characters"):
+        minimal_instance({"type": "array", "minItems": 11, "items": items})

@@ -191,9 +191,9 @@ def _input(value: Any, messages: list[dict[str, Any]], origins: list[str]) -> No
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
-    if role not in _MESSAGE_ROLES:
-        raise refuse(f"{where}.role", f"expected one of 'user', 'system', 'developer', 'assistant', got "
-                                      f"{role!r}.")
+    if not isinstance(role, str) or role not in _MESSAGE_ROLES:  # a set: an object or array is no role
+        got = repr(role) if isinstance(role, str) else json_kind(role)
+        raise refuse(f"{where}.role", f"expected one of 'user', 'system', 'developer', 'assistant', got {got}.")
     content = item.get("content")
     if not isinstance(content, str):
         content = _parts(content, f"{where}.content", role)
@@ -206,7 +206,8 @@ def _parts(parts: Any, where: str, role: str) -> str:
         raise refuse(where, f"expected a string or an array of content parts, got {json_kind(parts)}.")
     texts: list[str] = []
     for n, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
+        raw = part.get("type") if isinstance(part, dict) else None
+        kind = raw if isinstance(raw, str) else None  # looked up in a dict: an object or array is no type
         if kind in _TEXT_PARTS or (kind == "refusal" and role == "assistant"):
             text = part.get("refusal" if kind == "refusal" else "text")
             if not isinstance(text, str):
@@ -217,8 +218,8 @@ def _parts(parts: Any, where: str, role: str) -> str:
                 f"'{kind}' parts are not supported on /v1/responses by Keel; send text parts "
                 "('input_text'), or send images to /v1/chat/completions as 'image_url' parts."))
         else:
-            raise refuse(f"{where}[{n}].type", f"expected a text part ('input_text' or 'output_text'), got "
-                                               f"{kind!r}.")
+            got = repr(raw) if isinstance(raw, str) else json_kind(raw)
+            raise refuse(f"{where}[{n}].type", f"expected a text part ('input_text' or 'output_text'), got {got}.")
     return "".join(texts)
 
 

@@ -32,6 +32,7 @@ import orjson
 
 from keel.config import LatencyDistribution, SimulatedDeployment, SimulatedFault, check_template
 from keel.errors import (
+    NotSupported,
     UpstreamBadRequest,
     UpstreamConnectionError,
     UpstreamMalformed,
@@ -45,6 +46,9 @@ from keel.providers.base import chunk_body, completion_body, usage_body
 from keel.types import ChatRequest, EmbeddingRequest, FunctionDefinition, NamedToolChoice, content_text
 
 DEFAULT_DIMENSIONS = 64
+# text-embedding-3-large's size, the largest OpenAI makes; as a real model, the simulated one refuses more
+# (the vectors are built in memory: `dimensions` of 10^12 once grew a gateway to 7 GB under Schemathesis).
+MAX_DIMENSIONS = 3072
 # Long enough that only a deadline ends it; the reliability stage always sets one.
 HANG_S = 24 * 3600.0
 # Fixed order, so the outcome of a draw does not depend on the key order in keel.yaml.
@@ -99,6 +103,13 @@ class SimulatedProvider:
                 deployment=self.name,
             )
         dimensions = request.dimensions or DEFAULT_DIMENSIONS
+        if dimensions > MAX_DIMENSIONS:
+            raise NotSupported(
+                f"Invalid value for 'dimensions': {dimensions}. Deployment '{self.name}' (simulated) makes vectors "
+                f"of at most {MAX_DIMENSIONS} dimensions, as text-embedding-3-large: send {MAX_DIMENSIONS} or "
+                f"fewer, or leave dimensions out for {DEFAULT_DIMENSIONS}.",
+                param="dimensions", deployment=self.name,
+            )
         data = [
             {"object": "embedding", "index": i, "embedding": encoded(unit_vector(item, dimensions), request)}
             for i, item in enumerate(inputs)
@@ -413,30 +424,54 @@ _FORMATS = {
 
 
 MAX_INSTANCE_NODES = 10_000  # values in one minimal instance; a schema asking for more gets none
-MAX_INSTANCE_STRING = 10_000  # characters of one string of it
+MAX_INSTANCE_CHARS = 100_000  # characters of its strings and constants, all told
 
 
 class InstanceTooLarge(ValueError):
     """The smallest value a schema admits is larger than a model answer could be (a `minItems` or
-    `minLength` in the millions, or nested): the simulated model cannot produce it."""
+    `minLength` in the millions, a long constant repeated, or nested): the simulated model cannot produce it."""
+
+
+@dataclass(slots=True)
+class _Budget:
+    """What one minimal instance may still spend: values, and characters of its strings and constants
+    (a `const` of a megabyte is one value, but a thousand copies of it are a gigabyte of answer)."""
+
+    nodes: int = MAX_INSTANCE_NODES
+    chars: int = MAX_INSTANCE_CHARS
+
+    def node(self) -> None:
+        self.nodes -= 1
+        if self.nodes < 0:
+            raise InstanceTooLarge(f"the smallest value the schema admits has more than {MAX_INSTANCE_NODES} parts")
+
+    def text(self, characters: int) -> None:
+        """Pay for `characters` of a string, or of a constant from the schema, before it is used."""
+        self.chars -= characters
+        if self.chars < 0:
+            raise InstanceTooLarge(
+                f"the smallest value the schema admits has more than {MAX_INSTANCE_CHARS} characters of text")
+
+    def constant(self, value: Any) -> Any:
+        """`value` (a `const` or `enum` value of the schema), paid for by its length as JSON."""
+        self.text(len(value) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False)))
+        return value
 
 
 def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: int = 0,
-                     budget: list[int] | None = None) -> Any:
+                     budget: _Budget | None = None) -> Any:
     """A small JSON value valid against `schema`: required properties only, shortest arrays,
     zero or the nearest bound for numbers, the first enum value, the first anyOf/oneOf branch.
-    InstanceTooLarge past MAX_INSTANCE_NODES values or a string past MAX_INSTANCE_STRING."""
-    budget = [MAX_INSTANCE_NODES] if budget is None else budget
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise InstanceTooLarge(f"the smallest value the schema admits has more than {MAX_INSTANCE_NODES} parts")
+    InstanceTooLarge past MAX_INSTANCE_NODES values or MAX_INSTANCE_CHARS characters of text."""
+    budget = _Budget() if budget is None else budget
+    budget.node()
     if not isinstance(schema, Mapping) or depth > _MAX_DEPTH:
         return None  # `true` (or an unresolved reference): anything goes, null included
     root = schema if root is None else root
     if "const" in schema:
-        return schema["const"]
+        return budget.constant(schema["const"])
     if schema.get("enum"):
-        return schema["enum"][0]
+        return budget.constant(schema["enum"][0])
     if "$ref" in schema:
         return minimal_instance(_resolve(schema["$ref"], root), root, depth + 1, budget)
     for key in ("anyOf", "oneOf"):
@@ -451,8 +486,7 @@ def minimal_instance(schema: Any, root: Mapping[str, Any] | None = None, depth: 
         return _array_instance(schema, root, depth, budget)
     if kind == "string":
         length = int(schema.get("minLength", 0))
-        if length > MAX_INSTANCE_STRING:
-            raise InstanceTooLarge(f"the schema asks for a string of at least {length} characters")
+        budget.text(length)  # before "a" * length is built
         return _FORMATS.get(schema.get("format", ""), "a" * length)
     if kind in ("number", "integer"):
         return _number_instance(schema, integer=kind == "integer")
@@ -517,7 +551,7 @@ def _merged(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any
 
 
 def _object_instance(
-    schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: list[int],
+    schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: _Budget,
 ) -> dict[str, Any]:
     properties = schema.get("properties") or {}
     extra = schema.get("additionalProperties")
@@ -532,7 +566,7 @@ def _object_instance(
     return {name: minimal_instance(properties.get(name, fallback), root, depth + 1, budget) for name in names}
 
 
-def _array_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: list[int]) -> list[Any]:
+def _array_instance(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int, budget: _Budget) -> list[Any]:
     items = schema.get("items")
     prefix = schema.get("prefixItems") or (items if isinstance(items, list) else [])
     rest = items if isinstance(items, Mapping) else schema.get("additionalItems", {})

@@ -64,10 +64,13 @@ def _dialect(names: Sequence[str], required: dict[str, Any], **more: Any) -> dic
     """A dialect's body, described by its fields that matter; the rest pass on as the dialect's docs say."""
     return {"type": "object", "additionalProperties": True, "required": ["model", *required],
             "properties": {"model": _model(names), **required, **more,
-                           "stream": {"type": "boolean"}}}
+                           "stream": {"type": ["boolean", "null"]}}}
 
 
 TEXT = {"type": "string"}
+# The dialects take null for an optional field, as left out (and so does the document).
+NULLABLE_TEXT = {"type": ["string", "null"]}
+COUNT = {"type": ["integer", "null"], "minimum": 1}
 CHAT_MESSAGE = {"type": "object", "required": ["role", "content"],
                 "properties": {"role": {"enum": ["user", "assistant"]}, "content": TEXT}}
 
@@ -85,22 +88,22 @@ def hot_operations(names: Sequence[str], schemas: dict[str, Any]) -> dict[str, d
                            "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}}}}),
         "/v1/responses": _post(
             "Create a response (OpenAI's Responses API; docs/responses-api.md)",
-            _dialect(names, {"input": {"anyOf": [TEXT, {"type": "array", "minItems": 1,
-                                                        "items": CHAT_MESSAGE}]}},
-                     instructions={"type": "string"}, store={"type": "boolean"},
-                     max_output_tokens={"type": "integer", "minimum": 16}),
+            # input may be left out: instructions alone, or a previous_response_id, make a conversation
+            _dialect(names, {}, input={"anyOf": [TEXT, {"type": "array", "minItems": 1, "items": CHAT_MESSAGE}]},
+                     instructions=NULLABLE_TEXT, store={"type": ["boolean", "null"]},
+                     max_output_tokens=COUNT),  # OpenAI asks 16 at least; Keel takes any count
             _answer("A response object, or the Responses API's events.", object="response")),
         "/v1/messages": _post(
             "Create a message (Anthropic's Messages API; docs/messages-api.md)",
             _dialect(names, {"messages": {"type": "array", "minItems": 1, "items": CHAT_MESSAGE},
                              "max_tokens": {"type": "integer", "minimum": 1}},
-                     system={"type": "string"}),
+                     system={"type": ["string", "array", "null"]}),  # text, or Anthropic's text blocks
             _answer("A message, or Anthropic's message events.", type="message"), error=ANTHROPIC_ERROR),
         "/v1/completions": _post(
             "Create a text completion (OpenAI's legacy completions API; docs/completions-api.md)",
             _dialect(names, {"prompt": {"anyOf": [TEXT, {"type": "array", "minItems": 1,
                                                          "items": TEXT}]}},
-                     max_tokens={"type": "integer", "minimum": 1}),
+                     max_tokens=COUNT),
             _answer("A text_completion, or its chunk events then [DONE].", object="text_completion")),
     }
 
