@@ -36,7 +36,7 @@ from keel.cost.stage import CostStage
 from keel.errors import KeelError, ModelNotFound
 from keel.evals.review_feed import ReviewFeed
 from keel.guardrails.stages import GuardrailStages
-from keel.limits.concurrency import ConcurrencyLimit, KeyConcurrency
+from keel.limits.concurrency import CallerConcurrency, ConcurrencyLimit
 from keel.limits.concurrency_stage import ConcurrencyStage
 from keel.limits.limiter import RateLimiter
 from keel.limits.rules import RateRules
@@ -78,7 +78,7 @@ class Keel:
     def __init__(self, config: KeelConfig, stages: list[Stage] | None = None) -> None:
         self.config = config
         # Overload protection (keel.limits.concurrency): one gate per deployment name with max_concurrency.
-        self.concurrency = KeyConcurrency(config.limits.concurrency)
+        self.concurrency = CallerConcurrency(config.limits.concurrency)
         gates: dict[str, ConcurrencyLimit] = {}
         self.deployments: dict[str, list[Deployment]] = {
             model.name: [_deployment(model, dep, gates, config.limits.concurrency, config.slo)

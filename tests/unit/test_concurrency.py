@@ -9,7 +9,7 @@ import pytest
 
 from keel.config import ConcurrencyConfig, ConfigError, parse_config
 from keel.errors import ConcurrencyExceeded
-from keel.limits.concurrency import ConcurrencyLimit, KeyConcurrency
+from keel.limits.concurrency import CallerConcurrency, CallerGates, ConcurrencyLimit
 from keel.limits.concurrency_stage import ConcurrencyStage
 from keel.pipeline import Call, Context
 from keel.types import ChatRequest
@@ -72,7 +72,7 @@ async def test_the_wait_ends_at_the_calls_deadline_and_a_cancelled_waiter_leaks_
 
 
 async def test_a_keys_gate_is_dropped_once_idle() -> None:
-    keys = KeyConcurrency(ConcurrencyConfig())
+    keys = CallerGates(ConcurrencyConfig(), "key")
     slot = await keys.enter("key_a", 2, None)
     assert set(keys.gates) == {"key_a"}
     slot.release()
@@ -100,7 +100,7 @@ def tenant_call(key_id: str, tenant: str) -> Call:
 
 
 async def test_the_per_tenant_limit_holds_all_of_a_tenants_keys_together_and_not_another_tenant() -> None:
-    gates = KeyConcurrency(ConcurrencyConfig(per_tenant=2, max_wait_s=0.05, retry_after_s=2))
+    gates = CallerConcurrency(ConcurrencyConfig(per_tenant=2, max_wait_s=0.05, retry_after_s=2))
     stage = ConcurrencyStage(gates)
     entered = 0
 
@@ -124,7 +124,7 @@ async def test_the_per_tenant_limit_holds_all_of_a_tenants_keys_together_and_not
 
 
 async def test_a_call_refused_by_its_tenant_gives_back_its_keys_slot() -> None:
-    gates = KeyConcurrency(ConcurrencyConfig(per_key=1, per_tenant=1, max_wait_s=0.01))
+    gates = CallerConcurrency(ConcurrencyConfig(per_key=1, per_tenant=1, max_wait_s=0.01))
     stage = ConcurrencyStage(gates)
 
     async def held(call: Call) -> Any:

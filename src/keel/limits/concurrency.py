@@ -143,7 +143,7 @@ class CallerGates:
             del self.gates[gate.name]
 
 
-class KeyConcurrency:
+class CallerConcurrency:
     """The gates of the API keys and of the tenants, and the metrics of every gate: keys and tenants
     summed (one series per key would be unbounded), deployments each."""
 
@@ -153,14 +153,6 @@ class KeyConcurrency:
         self.tenants = CallerGates(settings, "tenant")
         self.deployments: list[ConcurrencyLimit] = []  # watched for the metrics only
         self.keys_limited = False  # the concurrency stage runs: the keys' figures are shown
-
-    @property
-    def gates(self) -> dict[str, ConcurrencyLimit]:
-        """The keys' gates open now."""
-        return self.keys.gates
-
-    async def enter(self, key_id: str, limit: int, remaining_s: float | None) -> Slot:
-        return await self.keys.enter(key_id, limit, remaining_s)
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily("keel_concurrency_in_flight", "Calls holding a concurrency slot now",

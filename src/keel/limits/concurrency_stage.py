@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 
-from keel.limits.concurrency import KeyConcurrency, Slot
+from keel.limits.concurrency import CallerConcurrency, Slot
 from keel.pipeline import Call, Next, Reply
 
 
 class ConcurrencyStage:
-    def __init__(self, gates: KeyConcurrency) -> None:
+    def __init__(self, gates: CallerConcurrency) -> None:
         self.gates = gates
 
     async def __call__(self, call: Call, next: Next) -> Reply:

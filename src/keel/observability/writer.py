@@ -1,8 +1,8 @@
 """Request records and spans, written in batches off the request path; nothing lost on the way.
 
-`submit()` is what the request path calls: it writes the record's line to a write-ahead file
-(`store.write_ahead`, keel.observability.write_ahead: one `os.write`, so a killed process loses
-nothing it queued) and appends the record to a bounded in-memory queue. One background thread
+`submit()` is what the request path calls: it copies the record's line into a write-ahead file
+(`store.write_ahead`, keel.observability.write_ahead: a memory-mapped segment, so a killed process
+loses nothing it queued) and appends the record to a bounded in-memory queue. One background thread
 drains the queue in batches of up to `batch_size` (or whatever is there every
 `flush_interval_ms`), applies the content policy (redaction, `log_content`, `max_content_chars`),
 writes each batch in one transaction and deletes the write-ahead files it covered.
@@ -490,7 +490,7 @@ class RecordWriter:
         items, markers = self._prepare_all(self._take(limit))
         try:
             if items:
-                self._deliver(items)
+                self.written += self._deliver(items)
         except Exception:
             log.exception("request log writer: unexpected error writing a batch; spooling it")
             self._to_spool(items, "writer_error")
@@ -526,13 +526,15 @@ class RecordWriter:
             row["output"] = self.policy.apply(row.get("output"))
         return item
 
-    def _deliver(self, items: list[Item]) -> None:
+    def _deliver(self, items: list[Item]) -> int:
+        """Items into the store, or the spool while it is down; returns the rows written."""
+        written = 0
         if self._store_up:
             written, done = self._store_items(items)
-            self.written += written
             items = items[done:]
         if items:
             self._to_spool(items, "store_unavailable")
+        return written
 
     def _store_items(self, items: list[Item]) -> tuple[int, int]:
         """Write items; returns (rows written, items handled). Handled items are written or,
@@ -674,20 +676,12 @@ class RecordWriter:
             except Exception as exc:  # content that cannot be redacted is not written anywhere
                 self._drop(1, "unpreparable", f"line {line_no + 1} of {path}: {exc!r}")
             if len(chunk) >= self._batch:
-                self._recovered(chunk)
+                self.replayed += self._deliver(chunk)
                 chunk = []
         if chunk:
-            self._recovered(chunk)
+            self.replayed += self._deliver(chunk)
         path.unlink(missing_ok=True)
         log.warning("request log: the records a killed process had queued were recovered from %s", path)
-
-    def _recovered(self, items: list[Item]) -> None:
-        if self._store_up:
-            written, done = self._store_items(items)
-            self.replayed += written
-            items = items[done:]
-        if items:
-            self._to_spool(items, "store_unavailable")
 
     def _replay(self) -> None:
         """Move spooled rows into the store, one claimed file at a time."""
