@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keel.auth.keys import TIER_CHARS, KeyBudget, KeyLimits, VirtualKey, check_tier
 from keel.auth.lookup import KeyLookup
-from keel.auth.store import KeyStore
+from keel.auth.store import KeyRevoked, KeyStore
 from keel.errors import AdminForbidden, InvalidJSON, InvalidRequest, KeysUnavailable
 from keel.observability.store import StoreError
 from keel.validation_errors import describe
@@ -33,6 +33,11 @@ T = TypeVar("T")
 class KeyNotFound(InvalidRequest):
     status = 404
     code = "key_not_found"
+
+
+class KeyNotChangeable(InvalidRequest):
+    status = 409
+    code = "key_revoked"
 
 
 class KeyBudgetSpec(BaseModel):
@@ -60,6 +65,40 @@ class NewKey(BaseModel):
     _plain_tier = field_validator("tier")(check_tier)
 
 
+class KeyChange(BaseModel):
+    """The body of PATCH /admin/keys/{id} (and the options of `keel keys update`): only the fields
+    given change; null clears one (a key with no tier, every model, the default limits, no expiry).
+    A key's tenant, secret and admin right stay as made: for another, create a key and revoke this one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    owner: str | None = Field(default=None, max_length=256)
+    label: str | None = Field(default=None, max_length=256)
+    tier: str | None = Field(default=None, min_length=1, max_length=TIER_CHARS)
+    models: list[str] | None = Field(default=None, min_length=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    budgets: list[KeyBudgetSpec] | None = None
+    expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # from now
+
+    _plain_tier = field_validator("tier")(check_tier)
+
+    def changes(self, now: float) -> dict[str, Any]:
+        """The fields given, as `KeyStore.update` takes them."""
+        changes: dict[str, Any] = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if name == "models":
+                changes[name] = tuple(value) if value else None
+            elif name == "budgets":
+                changes[name] = tuple(KeyBudget(b.limit_usd, b.window) for b in value or ())
+            elif name == "expires_in_s":
+                changes["expires_at"] = now + value if value else None
+            else:
+                changes[name] = value
+        return changes
+
+
 def caller_tenant(request: Request) -> str | None:
     """The tenant the admin caller may see; None: every tenant (the master key)."""
     tenant: str | None = getattr(request.state, "tenant", None)
@@ -79,7 +118,7 @@ def keys_router(keys: KeyStore, lookup: KeyLookup | None, auth: Callable[..., An
     # keel.server (which imports it).
     @router.post("/keys", status_code=201)
     async def create_key(request: Request) -> dict[str, Any]:
-        spec = _new_key(await request.body())
+        spec = _parsed(NewKey, await request.body(), "the new key's fields")
         own = caller_tenant(request)
         tenant = spec.tenant or own
         if tenant is None:
@@ -102,6 +141,21 @@ def keys_router(keys: KeyStore, lookup: KeyLookup | None, auth: Callable[..., An
         if lookup is not None:
             lookup.forget(key.digest)
         return {**key.public(), "revoked": True}
+
+    @router.patch("/keys/{key_id}")
+    async def change_key(key_id: str, request: Request) -> dict[str, Any]:
+        change = _parsed(KeyChange, await request.body(), "the fields to change")
+        if not change.model_fields_set:
+            raise InvalidRequest("Say what to change: {\"tier\": \"pro\"}, {\"label\": null}, ...")
+        try:
+            key = await _store(lambda: keys.update(key_id, change.changes(time.time()), caller_tenant(request)))
+        except KeyRevoked as exc:
+            raise KeyNotChangeable(f"{str(exc).capitalize()}.") from None
+        if key is None:  # another tenant's key is "not found" too
+            raise KeyNotFound(f"There is no key '{key_id}'; GET /admin/keys lists the keys you can see.")
+        if lookup is not None:
+            lookup.forget(key.digest)
+        return key.public()
 
     @router.get("/requests")
     async def list_requests(request: Request, since_s: float = 3600, limit: int = 100) -> dict[str, Any]:
@@ -141,15 +195,18 @@ def tenant_budgets(status: list[dict[str, Any]], tenant: str | None, key_ids: It
     return shown
 
 
-def _new_key(body: bytes) -> NewKey:
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parsed(model: type[M], body: bytes, what: str) -> M:
     try:
         data = orjson.loads(body or b"{}")
     except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"The body is not valid JSON ({exc}); send the new key's fields as a JSON object.") from None
+        raise InvalidJSON(f"The body is not valid JSON ({exc}); send {what} as a JSON object.") from None
     try:
-        return NewKey.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(f"The key is invalid: {describe(exc, NewKey)}") from None
+        raise InvalidRequest(f"The key is invalid: {describe(exc, model)}") from None
 
 
 async def _store(work: Callable[[], T]) -> T:

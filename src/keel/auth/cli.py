@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -115,6 +115,74 @@ def list_keys(
                       ", ".join(key.models or ("all",)),
                       "yes" if key.admin else "", state, key.public()["hint"])
     Console(soft_wrap=False).print(table)
+
+
+# `keel keys update --clear NAME`: the option's name -> KeyChange's field
+CLEARABLE = {"owner": "owner", "label": "label", "tier": "tier", "models": "models", "rpm": "requests_per_minute",
+             "tpm": "tokens_per_minute", "max-concurrency": "max_concurrency", "budgets": "budgets",
+             "expiry": "expires_in_s"}
+
+
+@keys_app.command()
+def update(
+    key_id: Annotated[str, typer.Argument(help="the key's id (vk_...), from `keel keys list`")],
+    config: ConfigOption = None,
+    owner: Annotated[str | None, typer.Option(help="the user or service holding it")] = None,
+    label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
+    tier: Annotated[str | None, typer.Option(help="a label routing rules match (key_tiers)")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="a model it may use (repeat): replaces the list")
+    ] = None,
+    rpm: Annotated[int | None, typer.Option(help="its own requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option(help="its own tokens per minute")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="its own calls in flight at once (per process)")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="its own spend cap, USD: replaces its caps")] = None,
+    budget_window: Annotated[str, typer.Option(help="the cap's window: day, month or total")] = "month",
+    expires_in: Annotated[str | None, typer.Option(help="lifetime from now: 30m, 24h, 90d")] = None,
+    clear: Annotated[list[str] | None, typer.Option(
+        help=f"unset a field (repeat): {', '.join(CLEARABLE)}")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a key in place (its tier, models, limits, caps, expiry, owner, label): every gateway
+    uses the change within a second. The secret, tenant and admin right stay."""
+    import time
+
+    from keel.auth.admin import KeyChange
+    from keel.auth.store import KeyRevoked
+    from keel.cli import _fail
+    from keel.observability.report import parse_window
+    from keel.validation_errors import describe
+
+    fields: dict[str, Any] = {name: value for name, value in (
+        ("owner", owner), ("label", label), ("tier", tier), ("models", model or None), ("requests_per_minute", rpm),
+        ("tokens_per_minute", tpm), ("max_concurrency", max_concurrency)) if value is not None}
+    if budget_usd is not None:
+        fields["budgets"] = [{"limit_usd": budget_usd, "window": budget_window}]
+    for name in clear or ():
+        if name not in CLEARABLE:
+            raise _fail(f"--clear takes one of {', '.join(CLEARABLE)}, not '{name}'", 2)
+        fields[CLEARABLE[name]] = None
+    if not fields and expires_in is None:
+        raise _fail("say what to change: --tier pro, --rpm 60, --clear tier, ... (keel keys update --help)", 2)
+    try:
+        if expires_in is not None:
+            fields["expires_in_s"] = parse_window(expires_in)
+        change = KeyChange.model_validate(fields)
+    except ValidationError as exc:
+        raise _fail(f"the change is invalid: {describe(exc, KeyChange)}", 2) from None
+    except ValueError as exc:
+        raise _fail(str(exc).replace("--since", "--expires-in"), 2) from None
+    with _keys(config) as keys:
+        try:
+            key = keys.update(key_id, change.changes(time.time()))
+        except KeyRevoked as exc:
+            raise _fail(str(exc), 1) from None
+    if key is None:
+        raise _fail(f"there is no key '{key_id}'; `keel keys list` shows the keys", 1)
+    if as_json:
+        sys.stdout.write(orjson.dumps(key.public()).decode() + "\n")
+        return
+    Console(stderr=True).print(f"Changed key {key.id} of tenant '{key.tenant}'.", highlight=False)
 
 
 @keys_app.command()

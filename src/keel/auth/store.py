@@ -4,6 +4,7 @@ reaches it through `lookup.KeyLookup`, off the event loop and rarely."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +34,15 @@ virtual_keys = Table(
     Column("tier", String),  # revision 0004; null: the key has no tier
     Index("ix_virtual_keys_tenant", "tenant"),
 )
+
+
+class KeyRevoked(ValueError):
+    """A revoked key cannot be changed."""
+
+
+# What a key's change may touch (`KeyStore.update`): never its tenant, secret, admin right or history.
+LIMITS = frozenset({"requests_per_minute", "tokens_per_minute", "max_concurrency"})  # KeyLimits' fields
+CHANGEABLE = frozenset({"owner", "label", "tier", "models", "budgets", "expires_at"}) | LIMITS
 
 
 class KeyStore:
@@ -87,6 +97,33 @@ class KeyStore:
                          .values(revoked_at=self.clock()))
             row = conn.execute(select(virtual_keys).where(where)).mappings().first()
         return None if row is None else _key(dict(row))
+
+    def update(self, key_id: str, changes: dict[str, Any], tenant: str | None = None) -> VirtualKey | None:
+        """Change some of a key's fields (of `tenant`'s key only, when given). `changes` maps names in
+        CHANGEABLE to new values (None clears; `models` a tuple, `budgets` KeyBudgets). None when there
+        is no such key; KeyRevoked when it is revoked. Read and written in one transaction with the row
+        locked, so two changes of one key at once both land."""
+        unknown = set(changes) - CHANGEABLE
+        if unknown:
+            raise ValueError(f"a key's {', '.join(sorted(unknown))} cannot be changed")
+        check_tier(changes.get("tier"))
+        where = virtual_keys.c.id == key_id
+        if tenant is not None:
+            where &= virtual_keys.c.tenant == tenant
+        with self.store.transaction("change a key in") as conn:
+            row = conn.execute(select(virtual_keys).where(where).with_for_update()).mappings().first()
+            if row is None:
+                return None
+            key = _key(dict(row))
+            if key.revoked_at is not None:
+                raise KeyRevoked(f"key {key_id} is revoked; create a new key instead")
+            fields = {k: v for k, v in changes.items() if k not in LIMITS}
+            limits = {k: v for k, v in changes.items() if k in LIMITS}
+            if limits:
+                fields["limits"] = dataclasses.replace(key.limits, **limits)
+            changed = dataclasses.replace(key, **fields)
+            conn.execute(update(virtual_keys).where(virtual_keys.c.id == key_id).values(_row(changed)))
+        return changed
 
 
 def _row(key: VirtualKey) -> dict[str, Any]:
