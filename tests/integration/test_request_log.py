@@ -753,6 +753,28 @@ def test_a_writer_killed_before_its_flush_loses_nothing_once_another_starts(
     assert write_ahead_files(tmp_path) == [] and spool_files(tmp_path) == [] and writer.dropped == 0
 
 
+def test_a_running_writer_adopts_the_write_ahead_file_of_a_process_killed_beside_it(
+    url: str, writers: WriterFactory, stores: Callable[[str], RecordStore], tmp_path: Path,
+) -> None:
+    """Not only a writer that starts: one already running looks again every orphan_scan_s."""
+    writer, store = writers(url, options={"orphan_scan_s": 0.05})
+    assert writer.flush()  # its start-up scan is done, before the other process exists
+    submitted = [record(i) for i in range(12)]
+    batch = tmp_path / "batch.json"
+    batch.write_bytes(orjson.dumps({"records": [r.as_dict() for r in submitted], "spans": []}))
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url, str(tmp_path / "spool.jsonl"), str(batch)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout is not None and killed.stdout.readline() == b"submitted\n"
+        assert writer.replayed == 0  # alive: its file is its own
+    finally:
+        killed.kill()
+        killed.wait()
+    wait_until(lambda: writer.replayed == 12)
+    assert sorted(ids(store)) == [r.request_id for r in submitted]
+    assert [p for p in write_ahead_files(tmp_path) if f"wal-{killed.pid}." in p.name] == []  # adopted, then gone
+
+
 def test_only_the_write_ahead_files_of_processes_that_are_gone_are_replayed(
     url: str, writers: WriterFactory, tmp_path: Path,
 ) -> None:

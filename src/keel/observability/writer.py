@@ -287,6 +287,7 @@ class RecordWriter:
         retention_interval_s: float = 3600.0,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
+        orphan_scan_s: float = 30.0,
     ) -> None:
         self.store = store
         self.config = config
@@ -321,6 +322,10 @@ class RecordWriter:
         self._next_purge = 0.0
         self._spool_pending = True  # a previous run may have left one
         self._orphans_pending = True  # and write-ahead files, if it was killed
+        # Looked for again every orphan_scan_s: a process beside this one (a worker, a replica on the
+        # same spool directory) killed while this writer runs leaves its files to be adopted too.
+        self._orphan_scan = orphan_scan_s
+        self._next_orphan_scan = 0.0
         self._replay_at: tuple[Path, int] | None = None  # how far a failed replay got
 
     # ------------------------------------------------------------------ the request path
@@ -447,7 +452,7 @@ class RecordWriter:
         if len(self._queue) <= self._batch:
             self._rotate()  # the batch taken next covers the segment written so far
         self._drain(self._batch)
-        if self._orphans_pending:
+        if self._orphans_pending or (self.write_ahead is not None and now >= self._next_orphan_scan):
             self._adopt_orphans()
         if self._store_up and self._spool_pending:
             self._replay()
@@ -470,6 +475,8 @@ class RecordWriter:
             wait = min(wait, self._retry_at - now)
         if self._store_up:
             wait = min(wait, self._next_purge - now)
+        if self.write_ahead is not None:
+            wait = min(wait, self._next_orphan_scan - now)
         return max(wait, 0.001)
 
     def _rotate(self) -> None:
@@ -653,6 +660,7 @@ class RecordWriter:
         """The write-ahead files of processes that are gone: their records, redacted now, into the
         store (or the spool while it is down), then the files deleted."""
         self._orphans_pending = False
+        self._next_orphan_scan = time.monotonic() + self._orphan_scan
         if self.write_ahead is None:
             return
         try:
@@ -663,7 +671,7 @@ class RecordWriter:
         for path in orphans:
             try:
                 self._adopt(path)
-            except OSError as exc:  # kept: the next writer to start tries again, without duplicates
+            except OSError as exc:  # kept: the next scan (or writer) tries again, without duplicates
                 log.error("request log: the write-ahead file %s cannot be replayed: %s", path, exc)
 
     def _adopt(self, path: Path) -> None:
