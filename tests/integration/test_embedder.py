@@ -85,6 +85,7 @@ def test_vectors_are_384_float32_of_unit_length(either: SentenceEmbedder) -> Non
     assert vectors.array.shape == (len(SENTENCES), DIMENSIONS) and vectors.array.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors.array, axis=1), 1.0, atol=1e-5)
     assert vectors.tokens[3] == 2  # an empty string is [CLS] [SEP]
+    assert either.encode([]).array.shape == (0, DIMENSIONS)
 
 
 def test_each_sentence_is_closest_to_its_own_paraphrase(either: SentenceEmbedder) -> None:

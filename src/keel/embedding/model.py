@@ -102,9 +102,11 @@ class SentenceEmbedder:
     def encode(self, texts: list[str]) -> Vectors:
         import numpy as np
 
+        if not texts:
+            return Vectors(np.zeros((0, self.dimensions), np.float32), [])
         encodings = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), -1)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         lengths = [int(n) for n in mask.sum(axis=1)]
         if self.alone:  # padding is at the end: a text's first `n` tokens are all of it
             pooled = np.zeros((len(texts), self.dimensions), np.float32)
