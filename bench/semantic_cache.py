@@ -2,7 +2,7 @@
 against the same gateway with the cache off, with 10k and 100k entries, per backend.
 
     .venv/bin/python bench/semantic_cache.py [--rounds 5] [--requests 200] [--miss-requests 200]
-                                             [--entries 10000,100000] [--no-postgres]
+                                             [--entries 10000,100000] [--no-postgres] [--quantize both]
 
 Targets are `keel serve` processes (one worker, `keel serve`'s own settings) in front of the same fake
 OpenAI upstream (zero added latency, its own process); the client is this process (aiohttp, uvloop):
@@ -96,15 +96,16 @@ def random_vectors(count: int, seed: int) -> Any:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-async def fill(store: Any, count: int, template: dict[str, Any], embed: Any) -> dict[str, Any]:
-    """The store filled as the stage fills it: REAL embedded questions, then random vectors to `count`."""
+async def fill(store: Any, count: int, template: dict[str, Any], embed: Any, vectors: str) -> dict[str, Any]:
+    """The store filled as the stage fills it: REAL embedded questions, then random vectors to `count`, in the
+    scope the stage reads (`vectors`: the stage's, from keel.yaml's embedder.quantize)."""
     from keel.cache.entry import CachedAnswer
     from keel.cache.semantic_key import semantic_scope
     from keel.request_errors import parse_request
     from keel.types import ChatRequest
 
     asked = questions(REAL)
-    scope = semantic_scope(parse_request(ChatRequest, body(asked[0]), strict=True), None)
+    scope = semantic_scope(parse_request(ChatRequest, body(asked[0]), strict=True), None, vectors)
     choice = template["choices"][0]
 
     def answer(text: str) -> bytes:
@@ -139,7 +140,7 @@ def serve_filled(spec_path: str, argv: list[str]) -> None:
                 return (await stage.embedder.embed(texts)).array
 
             try:
-                return await fill(store, spec["entries"], spec["template"], embed)
+                return await fill(store, spec["entries"], spec["template"], embed, stage.vectors)
             finally:
                 await stage.embedder.close()  # its batcher belongs to this loop; the gateway starts it again
 
@@ -160,11 +161,12 @@ async def start(bench: Bench, args: argparse.Namespace, session: aiohttp.ClientS
     targets = [Target("bare", url, None, proc=proc)]
     async with session.post(url + "/chat/completions", json=body("hello")) as response:
         template = await response.json()
-    for n in args.entries:
-        name = f"memory {label(n)}"
+    for n, quantize in ((n, q) for n in args.entries for q in args.variants):
+        name = f"memory {label(n)}{'' if quantize else ' exact'}"
         report, spec = bench.tmp / f"{name.replace(' ', '-')}.json", bench.tmp / f"{name.replace(' ', '-')}-spec.json"
         spec.write_bytes(orjson.dumps({"entries": n, "template": template, "report": str(report)}))
-        path = with_embedder(bench.config(name, {"semantic": {"enabled": True, "max_entries": n + 100_000}}), args)
+        path = with_embedder(bench.config(name, {"semantic": {"enabled": True, "max_entries": n + 100_000}}), args,
+                             quantize)
         url, proc = bench.gateway(name, path, [str(THIS), "_serve", str(spec)])
         targets.append(Target(name, url, "semantic-hit", n, proc, orjson.loads(report.read_bytes())))
     if not args.no_postgres:
@@ -172,12 +174,12 @@ async def start(bench: Bench, args: argparse.Namespace, session: aiohttp.ClientS
     return targets
 
 
-def with_embedder(path: Path, args: argparse.Namespace) -> Path:
-    """The config at `path` with keel.yaml's `embedder` from --embedder-threads and --spin."""
+def with_embedder(path: Path, args: argparse.Namespace, quantize: bool) -> Path:
+    """The config at `path` with keel.yaml's `embedder` from --embedder-threads, --spin and the variant."""
     import yaml
 
     config = yaml.safe_load(path.read_text())
-    config["embedder"] = {"threads": args.embedder_threads, "spin": args.spin}
+    config["embedder"] = {"threads": args.embedder_threads, "spin": args.spin, "quantize": quantize}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -192,36 +194,40 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
     except ImportError as exc:
         console.print(f"[bold red]postgres rows skipped: {exc}")
         return []
+    from keel.embedding.quantize import RECIPE
+
     server = pgserver.get_server(bench.tmp / "pg", cleanup_mode="stop")
     bench.pg_server = server
-    model = load_embedder()
     targets = []
-    for n in args.entries:
-        database = f"bench_{n}"
+    for n, quantize in ((n, q) for n in args.entries for q in args.variants):
+        model = load_embedder(quantize=quantize)
+        database = f"bench_{n}{'' if quantize else '_exact'}"
         server.psql(f"CREATE DATABASE {database};")
         url = server.get_uri(database)
         store = PostgresVectorStore(url, timeout_s=60)
         await store.start()
 
-        async def embed(texts: list[str]) -> Any:
+        async def embed(texts: list[str], model: Any = model) -> Any:
             return model.encode(texts).array
 
-        filled = await store_fill(store, url, n, template, embed)
+        filled = await store_fill(store, url, n, template, embed, RECIPE if quantize else "")
         await store.close()
-        name = f"postgres {label(n)}"
+        name = f"postgres {label(n)}{'' if quantize else ' exact'}"
         path = with_embedder(bench.config(name, {"backend": "postgres", "postgres_url": url,
-                                                 "semantic": {"enabled": True}}), args)
+                                                 "semantic": {"enabled": True}}), args, quantize)
         gateway_url, proc = bench.gateway(name, path, ["-m", "keel.cli"])
         targets.append(Target(name, gateway_url, "semantic-hit", n, proc, filled))
     return targets
 
 
-async def store_fill(store: Any, url: str, count: int, template: dict[str, Any], embed: Any) -> dict[str, Any]:
+async def store_fill(
+    store: Any, url: str, count: int, template: dict[str, Any], embed: Any, vectors: str,
+) -> dict[str, Any]:
     """`fill` for PostgreSQL: the real questions through the store's own `add`, the random filler with
     COPY into the unindexed table, then the HNSW index built once (bench/pgvector_store.py's way)."""
     from pgvector_store import load, reindex, unindex
 
-    report = await fill(store, REAL, template, embed)
+    report = await fill(store, REAL, template, embed, vectors)
     started = time.perf_counter()
     if count > REAL:
         await unindex(url, store.table)
@@ -256,11 +262,11 @@ async def measure(session: aiohttp.ClientSession, targets: list[Target], args: a
     return hits, misses
 
 
-async def embedder_alone(count: int) -> tuple[float, float]:
+async def embedder_alone(count: int, quantize: bool) -> tuple[float, float]:
     """One query at a time through the `Batcher`, as the stage calls it: p50, p99 (ms)."""
     from keel.embedding.shared import SharedEmbedder
 
-    embedder = SharedEmbedder()
+    embedder = SharedEmbedder(quantize=quantize)
     await embedder.start()
     texts = questions(count)
     latencies = []
@@ -307,9 +313,10 @@ async def run(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     report("Semantic hit (embedding, search, guards, replay), one request at a time, ms", hits, targets)
     report("Miss (embedding, search, upstream call, store), one request at a time, ms", misses, targets)
-    p50, p99 = await embedder_alone(300)
-    console.print(f"the embedder alone, one query through the Batcher, in this process: p50 {p50:.2f} ms, "
-                  f"p99 {p99:.2f} ms")
+    for quantize in args.variants:
+        p50, p99 = await embedder_alone(300, quantize)
+        console.print(f"the embedder alone ({'quantized' if quantize else 'exact'}), one query through the Batcher, "
+                      f"in this process: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     console.print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
                   f"whole run {time.perf_counter() - started:.0f} s; {args.rounds} rounds")
 
@@ -326,7 +333,12 @@ def main() -> None:
     parser.add_argument("--no-postgres", action="store_true", help="skip the postgres (pgserver) targets")
     parser.add_argument("--embedder-threads", type=int, default=None, help="keel.yaml's embedder.threads")
     parser.add_argument("--spin", action="store_true", help="keel.yaml's embedder.spin: true")
-    uvloop.run(run(parser.parse_args()))
+    parser.add_argument("--quantize", choices=["true", "false", "both"], default="true",
+                        help="keel.yaml's embedder.quantize; both: every cache target twice, the exact one "
+                        "named '... exact', interleaved in the same rounds (an A/B in one run)")
+    args = parser.parse_args()
+    args.variants = {"true": [True], "false": [False], "both": [True, False]}[args.quantize]
+    uvloop.run(run(args))
 
 
 if __name__ == "__main__":

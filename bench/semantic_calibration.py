@@ -1,6 +1,7 @@
 """The semantic cache's threshold, chosen on MRPC's train split (plus hand-made pairs) and measured on held-out pairs.
 
     .venv/bin/python bench/semantic_calibration.py [--target 0.99] [--source ../shared/data/paraphrase]
+                                                   [--no-quantize]
 
 End to end, as `keel cache calibrate` does it: the pairs of bench/calibration_data.py (train: MRPC train
 plus half the hand-made near misses and half the chat prompt pairs of tests/data/cache-query-pairs.jsonl;
@@ -55,9 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=0.99, help="precision with the guards to reach on train")
     parser.add_argument("--source", type=Path, default=SHARED, help="folder holding mrpc-train.tsv, mrpc-val.tsv")
+    parser.add_argument("--no-quantize", action="store_true",
+                        help="the exact (float) embedder, as keel.yaml's embedder.quantize: false")
     args = parser.parse_args()
 
-    embedder = load_embedder()
+    embedder = load_embedder(quantize=not args.no_quantize)
+    print(f"embedder: {'exact (float)' if args.no_quantize else 'quantized (the default)'}")
     scored = {}
     for split in ("train", "val"):
         records = build(split, args.source)

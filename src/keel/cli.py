@@ -431,6 +431,9 @@ def cache_calibrate(
     ] = 0.99,
     json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="write the threshold as a keel.yaml snippet")] = None,
+    quantize: Annotated[
+        bool, typer.Option(help="embed as keel.yaml's embedder.quantize (default true) does: pass the same")
+    ] = True,
 ) -> None:
     """Choose the semantic cache's threshold on labelled pairs: the lowest cosine at which hits served
     (cosine >= threshold and the guards pass) reach --target-precision; exit 1 when none does."""
@@ -447,7 +450,7 @@ def cache_calibrate(
         raise _fail(f"--target-precision must be above 0 and at most 1, not {target_precision}", 2)
     try:
         labelled = read_pairs(pairs)
-        result = calibrate(labelled, target_precision, progress=not json_output)
+        result = calibrate(labelled, target_precision, progress=not json_output, quantize=quantize)
     except PairsFileError as exc:
         raise _fail(str(exc), 2) from None
     except ModelNotLoaded as exc:

@@ -158,7 +158,9 @@ class Keel:
         use, loaded on its first text, closed with the Keel."""
         from keel.embedding.shared import SharedEmbedder  # NumPy and onnxruntime: the local extra
 
-        self.embedder = self.embedder or SharedEmbedder(self.config.embedder.threads, self.config.embedder.spin)
+        self.embedder = self.embedder or SharedEmbedder(
+            self.config.embedder.threads, self.config.embedder.spin, self.config.embedder.quantize,
+        )
         return self.embedder
 
     def trace(self, name: str, **attributes: Any) -> TraceScope:

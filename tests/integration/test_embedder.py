@@ -2,7 +2,8 @@
 
 Cosine agreement with the PyTorch reference cannot be checked offline without PyTorch, so the
 tests check what must hold of a sentence embedder: unit vectors, paraphrases closer than
-unrelated sentences, determinism, and batching that changes nothing. Then the provider through
+unrelated sentences, determinism, and batching that changes nothing, for the quantized default
+and the exact (float) model; the quantized model's disk cache and its failures. Then the provider through
 the pipeline (usage, cost 0, base64, the 400s), the error naming what to install, and the
 official `openai` SDK against `keel serve` with no config file.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import logging
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ from conftest import DATA, RecordingSink
 
 from keel import Keel
 from keel.config import KeelConfig, TracingConfig
-from keel.embedding import DIMENSIONS, Batcher, SentenceEmbedder, Vectors, load_embedder
+from keel.embedding import DIMENSIONS, Batcher, SentenceEmbedder, Vectors, load_embedder, quantize
 from keel.embedding import model as embedding_model
 from keel.embedding.model import model_file
 from keel.errors import KeelError, ModelNotLoaded
@@ -33,7 +35,7 @@ from keel.observability.tracing import Tracing
 
 try:
     model_file()
-    import onnxruntime  # noqa: F401
+    import onnxruntime
     import tokenizers  # noqa: F401
 
     MISSING = None
@@ -59,6 +61,16 @@ def embedder() -> SentenceEmbedder:
     return load_embedder()
 
 
+@pytest.fixture(scope="module")
+def exact() -> SentenceEmbedder:
+    return load_embedder(quantize=False)
+
+
+@pytest.fixture(scope="module", params=["quantized", "exact"])
+def either(request: pytest.FixtureRequest, embedder: SentenceEmbedder, exact: SentenceEmbedder) -> SentenceEmbedder:
+    return embedder if request.param == "quantized" else exact
+
+
 def paraphrases() -> list[tuple[str, str]]:
     with (DATA / "paraphrase-sample.tsv").open(encoding="utf-8") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
@@ -68,17 +80,18 @@ def paraphrases() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------- the vectors
 
 
-def test_vectors_are_384_float32_of_unit_length(embedder: SentenceEmbedder) -> None:
-    vectors = embedder.encode(SENTENCES)
+def test_vectors_are_384_float32_of_unit_length(either: SentenceEmbedder) -> None:
+    vectors = either.encode(SENTENCES)
     assert vectors.array.shape == (len(SENTENCES), DIMENSIONS) and vectors.array.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors.array, axis=1), 1.0, atol=1e-5)
     assert vectors.tokens[3] == 2  # an empty string is [CLS] [SEP]
+    assert either.encode([]).array.shape == (0, DIMENSIONS)
 
 
-def test_each_sentence_is_closest_to_its_own_paraphrase(embedder: SentenceEmbedder) -> None:
+def test_each_sentence_is_closest_to_its_own_paraphrase(either: SentenceEmbedder) -> None:
     pairs = paraphrases()
-    first = embedder.encode([a for a, _ in pairs]).array
-    second = embedder.encode([b for _, b in pairs]).array
+    first = either.encode([a for a, _ in pairs]).array
+    second = either.encode([b for _, b in pairs]).array
     cosines = first @ second.T
     nearest = cosines.argmax(axis=1)
     assert list(nearest) == list(range(len(pairs))), "some sentence is closer to another pair than to its paraphrase"
@@ -86,12 +99,27 @@ def test_each_sentence_is_closest_to_its_own_paraphrase(embedder: SentenceEmbedd
     assert cosines.diagonal().mean() > unrelated.mean() + 0.4
 
 
-def test_the_same_text_gives_the_same_vector_in_any_batch(embedder: SentenceEmbedder) -> None:
-    together = embedder.encode(SENTENCES).array
-    one_by_one = np.stack([embedder.encode([text]).array[0] for text in SENTENCES])
+def test_the_same_text_gives_the_same_vector_in_any_batch(either: SentenceEmbedder) -> None:
+    """Whatever its neighbours and their lengths (a quantized model in a shared batch would scale each text's
+    activations by its neighbours': cosine down to 0.983 with itself)."""
+    together = either.encode(SENTENCES).array
+    one_by_one = np.stack([either.encode([text]).array[0] for text in SENTENCES])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)  # padding to the longest changes nothing
-    np.testing.assert_array_equal(embedder.encode(SENTENCES).array, together)
-    np.testing.assert_array_equal(load_embedder().encode(SENTENCES).array, together)  # a fresh load too
+    neighbours = [text for pair in paraphrases()[:12] for text in pair]
+    mixed = either.encode([*neighbours[:9], *SENTENCES[::-1], *neighbours[9:]]).array[9:9 + len(SENTENCES)][::-1]
+    np.testing.assert_allclose(mixed, together, atol=1e-5)
+    np.testing.assert_array_equal(either.encode(SENTENCES).array, together)
+    fresh = load_embedder(quantize=either.alone)
+    np.testing.assert_array_equal(fresh.encode(SENTENCES).array, together)  # a fresh load too
+
+
+def test_the_quantized_default_stays_close_to_the_exact_model(
+    embedder: SentenceEmbedder, exact: SentenceEmbedder,
+) -> None:
+    assert embedder.alone and not exact.alone
+    texts = [text for pair in paraphrases() for text in pair] + SENTENCES
+    agreement = (embedder.encode(texts).array * exact.encode(texts).array).sum(axis=1)
+    assert agreement.min() > 0.95 and np.median(agreement) > 0.99
 
 
 def test_long_inputs_are_cut_at_max_tokens() -> None:
@@ -108,7 +136,7 @@ class CountingEmbedder(SentenceEmbedder):
     """The real model, noting the threads and batch sizes it ran with."""
 
     def __init__(self, model: SentenceEmbedder) -> None:
-        super().__init__(model.session, model.tokenizer, model.max_tokens)
+        super().__init__(model.session, model.tokenizer, model.max_tokens, alone=model.alone)
         self.threads: set[int] = set()
         self.sizes: list[int] = []
 
@@ -186,6 +214,69 @@ def test_missing_weights_name_what_to_install(monkeypatch: pytest.MonkeyPatch) -
         load_embedder()
 
 
+# ---------------------------------------------------------------------------- the quantized model's disk cache
+
+
+def test_the_quantized_model_is_built_once_and_kept_in_the_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedder: SentenceEmbedder,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = load_embedder()
+    [kept] = (tmp_path / "keel" / "embedder").iterdir()
+    assert kept.name.startswith("model-")
+    assert kept.name.endswith(f"-ort{onnxruntime.__version__}-{quantize.RECIPE}.onnx")
+    assert not list(kept.parent.glob("*.partial"))
+
+    def no_build(*args: object) -> Path:
+        raise AssertionError("built again, though the cache holds it")
+
+    monkeypatch.setattr(quantize, "build", no_build)
+    np.testing.assert_array_equal(load_embedder().encode(SENTENCES).array, first.encode(SENTENCES).array)
+    np.testing.assert_array_equal(first.encode(SENTENCES).array, embedder.encode(SENTENCES).array)
+
+
+def test_a_corrupt_cached_model_is_rebuilt_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: SentenceEmbedder,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = quantize.cached_path(model_file(), onnxruntime.__version__)
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"not an onnx model")
+    with caplog.at_level(logging.WARNING, logger="keel.embedding"):
+        rebuilt = load_embedder()
+    assert any("could not be loaded" in r.getMessage() and "building it again" in r.getMessage()
+               for r in caplog.records)
+    np.testing.assert_array_equal(rebuilt.encode(SENTENCES).array, embedder.encode(SENTENCES).array)
+    assert kept.stat().st_size > 1_000_000  # the rebuilt model replaced the corrupt file
+
+
+def test_an_unwritable_cache_dir_builds_the_model_for_this_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: SentenceEmbedder,
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the cache dir cannot be made under a file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    with caplog.at_level(logging.WARNING, logger="keel.embedding"):
+        model = load_embedder()
+    assert any("could not be kept" in r.getMessage() and "XDG_CACHE_HOME" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(model.encode(SENTENCES).array, embedder.encode(SENTENCES).array)
+
+
+def test_quantizing_without_onnx_names_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the model must be built
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(ModelNotLoaded, match=r"onnx is not installed: run pip install 'keel\[local\]'.*quantize: fa"):
+        load_embedder()
+    assert not load_embedder(quantize=False).alone  # the exact model needs no onnx
+
+
+def test_a_model_path_is_not_quantized_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    own = str(model_file())
+    assert not load_embedder(own).alone and not (tmp_path / "keel").exists()
+    assert load_embedder(own, quantize=True).alone
+
+
 def test_a_wrong_model_path_stops_keel_serve_before_it_starts(tmp_path: Path) -> None:
     config = tmp_path / "keel.yaml"
     config.write_text("models:\n  - name: embed\n    deployments:\n"
@@ -215,3 +306,18 @@ async def test_keel_yaml_embedder_threads_and_spin_reach_onnxruntime() -> None:
         await keel.close()
     default = load_embedder().session.get_session_options()
     assert default.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+async def test_keel_yaml_embedder_quantize_false_gives_the_exact_model() -> None:
+    from keel.config import parse_config
+
+    config = parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                           "cache": {"semantic": {"enabled": True}}, "embedder": {"quantize": False}})
+    keel = Keel(config)
+    try:
+        await keel.start()
+        assert keel.embedder is not None and keel.embedder._batcher is not None
+        assert not keel.embedder._batcher.model.alone
+    finally:
+        await keel.close()
+    assert parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}]}).embedder.quantize

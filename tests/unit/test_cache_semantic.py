@@ -119,10 +119,26 @@ async def test_the_scope_keeps_tenants_system_prompts_and_parameters_apart(seman
     assert same.cache_status == "hit_semantic" and upstream.calls == 6
 
 
+def test_the_stage_scopes_its_entries_by_the_embedders_vectors() -> None:
+    from keel.cache.build import semantic_cache
+    from keel.embedding.quantize import RECIPE
+
+    def built(quantize: bool) -> str:
+        config = parse_config({"models": [{"name": "m", "deployments": [{"provider": "simulated"}]}],
+                               "cache": {"semantic": {"enabled": True}}, "embedder": {"quantize": quantize}})
+        stage = semantic_cache(config, lambda: None)  # type: ignore[arg-type,return-value]
+        assert stage is not None
+        return stage.vectors
+
+    assert built(True) == RECIPE and built(False) == ""  # the exact model keeps the scopes it always had
+
+
 def test_the_scope_hashes_all_but_the_last_user_turns_words() -> None:
     assert semantic_scope(chat(ASKED), "t") == semantic_scope(chat(PARAPHRASE), "t")
     assert semantic_scope(chat(ASKED), "t").startswith("s1:t:m:")
     assert semantic_scope(chat(ASKED), "t") != semantic_scope(chat(ASKED, temperature=0, seed=1), "t")
+    quantized = semantic_scope(chat(ASKED), "t", "dyn-int8-pc1")  # entries of other vectors are never compared
+    assert quantized.startswith("s1:t:m:") and quantized != semantic_scope(chat(ASKED), "t")
     assert semantic_query(chat(ASKED)) == ASKED
     parts = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
@@ -178,7 +194,7 @@ async def test_a_semantic_hit_is_replayed_as_a_stream(semantic: Any) -> None:
 
 async def test_an_entry_that_no_longer_parses_is_dropped_not_served(semantic: Any) -> None:
     keel, upstream = semantic()
-    store, scope = stage(keel).settings["m"].store, semantic_scope(chat(ASKED), None)
+    store, scope = stage(keel).settings["m"].store, semantic_scope(chat(ASKED), None, stage(keel).vectors)
     assert keel.embedder is not None
     vector = (await keel.embedder.embed([ASKED])).array[0]
     await store.add(scope, vector, ASKED, b'{"completion": 1}', 60)  # what a damaged or foreign entry reads

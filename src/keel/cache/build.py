@@ -105,7 +105,11 @@ def semantic_cache(
             candidates=semantic.candidates, nondeterministic=semantic.nondeterministic, tools=semantic.tools,
             review_rate=semantic.review_sample_rate,
         )
-    return SemanticCache(settings, embedder(), review=review) if settings else None
+    if not settings:
+        return None
+    from keel.embedding.quantize import RECIPE  # the standard library only: no extra needed
+
+    return SemanticCache(settings, embedder(), review=review, vectors=RECIPE if config.embedder.quantize else "")
 
 
 def _exact_store(section: CacheConfig, config: KeelConfig, healths: dict[str, BackendHealth]) -> CacheStore:

@@ -295,11 +295,12 @@ def choose(
 
 def calibrate(
     pairs: Sequence[LabelledPair], target: float, embedder: SentenceEmbedder | None = None, *,
-    batch_size: int = BATCH_SIZE, progress: bool = True,
+    batch_size: int = BATCH_SIZE, progress: bool = True, quantize: bool = True,
 ) -> Calibration:
-    """Score `pairs` with `embedder` (default: the local all-MiniLM-L6-v2) and `choose` a threshold."""
+    """Score `pairs` with `embedder` (default: the local all-MiniLM-L6-v2, quantized as keel.yaml's
+    `embedder.quantize` says) and `choose` a threshold."""
     if embedder is None:
         from keel.embedding.model import load_embedder
 
-        embedder = load_embedder()
+        embedder = load_embedder(quantize=quantize)
     return choose(score_pairs(pairs, embedder, batch_size=batch_size, progress=progress), target)

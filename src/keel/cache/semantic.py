@@ -85,10 +85,11 @@ def eligible(request: ChatRequest, setting: SemanticSetting) -> bool:
 class SemanticCache:
     def __init__(
         self, settings: Mapping[str, SemanticSetting], embedder: Embedder, *,
-        review: ReviewHook | None = None, rng: random.Random | None = None,
+        review: ReviewHook | None = None, rng: random.Random | None = None, vectors: str = "",
     ) -> None:
         self.settings = settings  # by model name; a model without one is not cached
         self.embedder = embedder
+        self.vectors = vectors  # which vectors the embedder makes: part of every scope (`semantic_scope`)
         self.review = review
         self._rng = rng or random.Random()
         self.refusals: Counter[str] = Counter()  # candidates the guards refused, by guard
@@ -116,7 +117,7 @@ class SemanticCache:
         if query is None or vector is None:  # as the exact stage left it, or bypass
             ctx.cache_status = "bypass" if ctx.cache_status == "none" else ctx.cache_status
             return await next(call)
-        scope = semantic_scope(request, ctx.tenant)
+        scope = semantic_scope(request, ctx.tenant, self.vectors)
         if not control.no_cache and (found := await self._lookup(setting, scope, vector, query)) is not None:
             neighbour, cached = found
             reply = served(call, cached, "hit_semantic")

@@ -30,11 +30,15 @@ def semantic_query(request: ChatRequest) -> str | None:
     return text if text.strip() else None
 
 
-def semantic_scope(request: ChatRequest, tenant: str | None) -> str:
+def semantic_scope(request: ChatRequest, tenant: str | None, vectors: str = "") -> str:
     """`s1:<tenant>:<model>:<sha256>` of the request's answer-determining fields but the last user turn's
-    content, and the caller's tenant."""
+    content, and the caller's tenant. `vectors` names the embedder's vectors when they are not the exact
+    model's (the quantized default: `keel.embedding.quantize.RECIPE`): entries stored with other vectors are
+    in another scope, never compared with these (their cosines differ by up to ~0.03, the threshold's order)."""
     fields = answer_fields(request)
     last = dict(fields["messages"][-1])
     last.pop("content", None)  # the part that is compared by meaning; its name (a `name` field) stays
     fields["messages"] = [*fields["messages"][:-1], last]
+    if vectors:
+        fields["vectors"] = vectors
     return scoped_key(SCOPE_VERSION, fields, request.model, tenant)

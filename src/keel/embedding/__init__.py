@@ -2,7 +2,7 @@
 run off the event loop. The `local-embedder` provider serves it on /v1/embeddings; the semantic
 cache, routing and evals use it through `Batcher.embed`.
 
-    model = load_embedder()                  # blocking, ~0.3 s
+    model = load_embedder()                  # blocking, ~0.1 s (the first time ~2 s: it quantizes, then caches)
     batcher = Batcher(model)
     vectors = await batcher.embed(["hello", "hi there"])   # vectors.array: float32, shape (2, 384)
 """

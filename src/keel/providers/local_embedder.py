@@ -41,7 +41,7 @@ class LocalEmbedderProvider:
             config = self.config
             model = await asyncio.to_thread(
                 load_embedder, config.model_path, config.tokenizer_path,
-                max_tokens=config.max_input_tokens, threads=config.n_threads,
+                max_tokens=config.max_input_tokens, threads=config.n_threads, quantize=config.quantize,
             )
             self._batcher = Batcher(model, max_batch=config.max_batch, window_s=config.batch_window_ms / 1000)
 
