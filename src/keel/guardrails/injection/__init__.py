@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from keel.guardrails.injection import patterns as _patterns
-from keel.guardrails.injection.classifier import Head, HeadNotLoaded, load_head, windows
+from keel.guardrails.injection.classifier import MIN_WORDS, Head, HeadNotLoaded, load_head, windows
 from keel.guardrails.injection.normalise import Normalised, noisy_or, normalise
 
 if TYPE_CHECKING:
@@ -92,17 +92,18 @@ class InjectionDetector:
             raise HeadNotLoaded("the injection classifier is off: no embedder or weights were given")
         return self.head.score(vectors)
 
-    def windows_of(self, texts: Sequence[str]) -> tuple[list[str], list[str]]:
-        """The windows `classify` embeds and, for each, what it is a window of ("text" or a payload kind)."""
+    def windows_of(self, texts: Sequence[str], *, min_words: int = MIN_WORDS) -> tuple[list[str], list[str]]:
+        """The windows `classify` embeds and, for each, what it is a window of ("text" or a payload kind).
+        `min_words=1`: every text's windows, the short ones included, as the head was trained on them."""
         out: list[str] = []
         kinds: list[str] = []
         for text in texts:
             norm = normalise(text)
-            for window in windows(norm.text):
+            for window in windows(norm.text, min_words=min_words):
                 out.append(window)
                 kinds.append("text")
             for kind, view in norm.views:
-                for window in windows(view):
+                for window in windows(view, min_words=min_words):
                     out.append(window)
                     kinds.append(kind)
         return out, kinds

@@ -30,7 +30,8 @@ MAX_WINDOWS: Final = 64  # per text; a longer text gets MAX_WINDOWS windows spre
 MAX_WORD_CHARS: Final = 64  # a "word" longer than this (a base64 blob, a URL) is cut into pieces
 # Shorter texts are not judged by the head (no windows): it scored "ok", "hi", "thanks" and "continue"
 # above its threshold, having learnt from S-Labs that a short command ("Bypass now") is an attack.
-# Normalisation and the patterns still read them.
+# Normalisation and the patterns still read them. A stage policy only: the head is trained on every text
+# (tools/train_injection_head.py cuts windows with min_words=1), as the shipped head was.
 MIN_WORDS: Final = 8
 
 
@@ -94,15 +95,17 @@ def load_head(path: Path | None = None) -> Head:
     return Head(weights, bias, threshold, meta)
 
 
-def windows(text: str) -> list[str]:
-    """Overlapping windows of `text` (WINDOW_WORDS words, half overlapping), at most MAX_WINDOWS."""
+def windows(text: str, *, min_words: int = MIN_WORDS) -> list[str]:
+    """Overlapping windows of `text` (WINDOW_WORDS words, half overlapping), at most MAX_WINDOWS; none for a
+    text under `min_words` words. The stage uses MIN_WORDS; training and the in-distribution figures use 1,
+    as the head was fitted on every text, the shortest commands included (HEAD.md)."""
     words: list[str] = []
     for word in text.split():
         if len(word) > MAX_WORD_CHARS:
             words.extend(word[i:i + MAX_WORD_CHARS] for i in range(0, len(word), MAX_WORD_CHARS))
         else:
             words.append(word)
-    if len(words) < MIN_WORDS:
+    if len(words) < max(1, min_words):
         return []
     if len(words) <= WINDOW_WORDS:
         return [" ".join(words)]
