@@ -64,11 +64,7 @@ def group(source: str) -> str:
 def classifier_scores(detector: InjectionDetector, texts: list[str], min_words: int = MIN_WORDS) -> np.ndarray:
     """Each text's classifier score; 0 for a text without windows (under `min_words` words)."""
     model = detector.embedder.model  # type: ignore[union-attr]
-    chunks, owner = [], []
-    for i, text in enumerate(texts):
-        ws, _ = detector.windows_of([text], min_words=min_words)
-        chunks += ws
-        owner += [i] * len(ws)
+    chunks, owner = detector.windows_by_text(texts, min_words=min_words)
     batches = [model.encode(chunks[b:b + 64]).array for b in range(0, len(chunks), 64)]
     vectors = np.concatenate(batches) if chunks else np.zeros((0, 384))
     window_scores = detector.classify_vectors(vectors)

@@ -194,7 +194,7 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
     except ImportError as exc:
         console.print(f"[bold red]postgres rows skipped: {exc}")
         return []
-    from keel.embedding.quantize import RECIPE
+    from keel.embedding.quantize import vectors_name
 
     server = pgserver.get_server(bench.tmp / "pg", cleanup_mode="stop")
     bench.pg_server = server
@@ -210,7 +210,7 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
         async def embed(texts: list[str], model: Any = model) -> Any:
             return model.encode(texts).array
 
-        filled = await store_fill(store, url, n, template, embed, RECIPE if quantize else "")
+        filled = await store_fill(store, url, n, template, embed, vectors_name(quantize))
         await store.close()
         name = f"postgres {label(n)}{'' if quantize else ' exact'}"
         path = with_embedder(bench.config(name, {"backend": "postgres", "postgres_url": url,

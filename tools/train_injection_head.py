@@ -308,14 +308,7 @@ def training_windows(texts: list[str]) -> tuple[list[str], list[int]]:
     stage's MIN_WORDS would drop ~40% of the training side and count its short rows as misses."""
     from keel.guardrails.injection import InjectionDetector
 
-    detector = InjectionDetector()
-    chunks: list[str] = []
-    owner: list[int] = []
-    for i, text in enumerate(texts):
-        ws, _ = detector.windows_of([text], min_words=1)
-        chunks += ws
-        owner += [i] * len(ws)
-    return chunks, owner
+    return InjectionDetector().windows_by_text(texts, min_words=1)
 
 
 def embed_windows(texts: list[str], cache: Path, quantize: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -46,11 +46,11 @@ class KeyBudgetSpec(BaseModel):
     window: Literal["day", "month", "total"] = "month"
 
 
-class NewKey(BaseModel):
-    """The body of POST /admin/keys (and the options of `keel keys create`)."""
+class KeyFields(BaseModel):
+    """What a key holds that is set when it is made and may be changed after: their constraints in one
+    place for POST and PATCH /admin/keys (and `keel keys create` and `update`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    tenant: str | None = Field(default=None, min_length=1, max_length=128)  # a tenant admin's own by default
     owner: str | None = Field(default=None, max_length=256)
     label: str | None = Field(default=None, max_length=256)
     tier: str | None = Field(default=None, min_length=1, max_length=TIER_CHARS)  # routing rules' `key_tiers`
@@ -58,30 +58,25 @@ class NewKey(BaseModel):
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     max_concurrency: int | None = Field(default=None, ge=1)  # calls in flight at once, per process
-    budgets: list[KeyBudgetSpec] = Field(default_factory=list)
-    admin: bool = False
-    expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # from now
 
     _plain_tier = field_validator("tier")(check_tier)
 
 
-class KeyChange(BaseModel):
+class NewKey(KeyFields):
+    """The body of POST /admin/keys (and the options of `keel keys create`)."""
+
+    tenant: str | None = Field(default=None, min_length=1, max_length=128)  # a tenant admin's own by default
+    budgets: list[KeyBudgetSpec] = Field(default_factory=list)
+    admin: bool = False
+
+
+class KeyChange(KeyFields):
     """The body of PATCH /admin/keys/{id} (and the options of `keel keys update`): only the fields
     given change; null clears one (a key with no tier, every model, the default limits, no expiry).
     A key's tenant, secret and admin right stay as made: for another, create a key and revoke this one."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    owner: str | None = Field(default=None, max_length=256)
-    label: str | None = Field(default=None, max_length=256)
-    tier: str | None = Field(default=None, min_length=1, max_length=TIER_CHARS)
-    models: list[str] | None = Field(default=None, min_length=1)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
     budgets: list[KeyBudgetSpec] | None = None
-    expires_in_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # from now
-
-    _plain_tier = field_validator("tier")(check_tier)
 
     def changes(self, now: float) -> dict[str, Any]:
         """The fields given, as `KeyStore.update` takes them."""
@@ -199,6 +194,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _parsed(model: type[M], body: bytes, what: str) -> M:
+    """`body` as a `model`; errors in OpenAI's shape, `what` saying what the body holds."""
     try:
         data = orjson.loads(body or b"{}")
     except orjson.JSONDecodeError as exc:
@@ -206,7 +202,7 @@ def _parsed(model: type[M], body: bytes, what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(f"The key is invalid: {describe(exc, model)}") from None
+        raise InvalidRequest(f"The body is invalid ({what}): {describe(exc, model)}") from None
 
 
 async def _store(work: Callable[[], T]) -> T:

@@ -1,4 +1,4 @@
-"""`keel keys create | list | revoke`: virtual keys in the request-log database (store.url), the
+"""`keel keys create | list | update | revoke`: virtual keys in the request-log database (store.url), the
 same the gateways read. The secret of a new key goes to stdout, alone, once; the rest to stderr,
 so `KEY=$(keel keys create --tenant team-a)` keeps it."""
 
@@ -18,10 +18,22 @@ from rich.table import Table
 
 from keel.auth.store import KeyStore
 
-keys_app = typer.Typer(help="Virtual API keys: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="Virtual API keys: create, list, update, revoke.", no_args_is_help=True)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="keel.yaml: its store.url holds the keys")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+# The fields `create` sets and `update` changes (keel.auth.admin.KeyFields), declared once for both.
+OwnerOption = Annotated[str | None, typer.Option(help="the user or service holding it")]
+LabelOption = Annotated[str | None, typer.Option(help="a note to tell keys apart")]
+TierOption = Annotated[str | None, typer.Option(help="a label routing rules match (key_tiers): free, pro, ...")]
+ModelsOption = Annotated[list[str] | None, typer.Option(
+    "--model", "-m", help="a model it may use (repeat): the whole list; a key without one may use every model")]
+RpmOption = Annotated[int | None, typer.Option(help="its own requests per minute")]
+TpmOption = Annotated[int | None, typer.Option(help="its own tokens per minute")]
+ConcurrencyOption = Annotated[int | None, typer.Option(help="its own calls in flight at once (per process)")]
+BudgetOption = Annotated[float | None, typer.Option(help="its own spend cap, USD")]
+WindowOption = Annotated[str, typer.Option(help="the cap's window: day, month or total")]
+ExpiresOption = Annotated[str | None, typer.Option(help="lifetime from now: 30m, 24h, 90d")]
 
 
 @contextmanager
@@ -46,19 +58,17 @@ def _keys(config: Path | None) -> Iterator[KeyStore]:
 def create(
     tenant: Annotated[str, typer.Option(help="the team or customer the key belongs to")],
     config: ConfigOption = None,
-    owner: Annotated[str | None, typer.Option(help="the user or service holding it")] = None,
-    label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
-    tier: Annotated[str | None, typer.Option(help="a label routing rules match (key_tiers): free, pro, ...")] = None,
-    model: Annotated[
-        list[str] | None, typer.Option("--model", "-m", help="a model it may use (repeat); default: all")
-    ] = None,
-    rpm: Annotated[int | None, typer.Option(help="its own requests per minute")] = None,
-    tpm: Annotated[int | None, typer.Option(help="its own tokens per minute")] = None,
-    max_concurrency: Annotated[int | None, typer.Option(help="its own calls in flight at once (per process)")] = None,
-    budget_usd: Annotated[float | None, typer.Option(help="its own spend cap, USD")] = None,
-    budget_window: Annotated[str, typer.Option(help="the cap's window: day, month or total")] = "month",
+    owner: OwnerOption = None,
+    label: LabelOption = None,
+    tier: TierOption = None,
+    model: ModelsOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrency: ConcurrencyOption = None,
+    budget_usd: BudgetOption = None,
+    budget_window: WindowOption = "month",
     admin: Annotated[bool, typer.Option("--admin", help="may use the admin API, for its tenant only")] = False,
-    expires_in: Annotated[str | None, typer.Option(help="lifetime: 30m, 24h, 90d; default: none")] = None,
+    expires_in: ExpiresOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a key. Its secret is printed once, now: Keel keeps only its hash."""
@@ -127,18 +137,16 @@ CLEARABLE = {"owner": "owner", "label": "label", "tier": "tier", "models": "mode
 def update(
     key_id: Annotated[str, typer.Argument(help="the key's id (vk_...), from `keel keys list`")],
     config: ConfigOption = None,
-    owner: Annotated[str | None, typer.Option(help="the user or service holding it")] = None,
-    label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
-    tier: Annotated[str | None, typer.Option(help="a label routing rules match (key_tiers)")] = None,
-    model: Annotated[
-        list[str] | None, typer.Option("--model", "-m", help="a model it may use (repeat): replaces the list")
-    ] = None,
-    rpm: Annotated[int | None, typer.Option(help="its own requests per minute")] = None,
-    tpm: Annotated[int | None, typer.Option(help="its own tokens per minute")] = None,
-    max_concurrency: Annotated[int | None, typer.Option(help="its own calls in flight at once (per process)")] = None,
-    budget_usd: Annotated[float | None, typer.Option(help="its own spend cap, USD: replaces its caps")] = None,
-    budget_window: Annotated[str, typer.Option(help="the cap's window: day, month or total")] = "month",
-    expires_in: Annotated[str | None, typer.Option(help="lifetime from now: 30m, 24h, 90d")] = None,
+    owner: OwnerOption = None,
+    label: LabelOption = None,
+    tier: TierOption = None,
+    model: ModelsOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrency: ConcurrencyOption = None,
+    budget_usd: BudgetOption = None,  # replaces its caps
+    budget_window: WindowOption = "month",
+    expires_in: ExpiresOption = None,
     clear: Annotated[list[str] | None, typer.Option(
         help=f"unset a field (repeat): {', '.join(CLEARABLE)}")] = None,
     as_json: JsonOption = False,

@@ -107,9 +107,9 @@ def semantic_cache(
         )
     if not settings:
         return None
-    from keel.embedding.quantize import RECIPE  # the standard library only: no extra needed
+    from keel.embedding.quantize import vectors_name  # the standard library only: no extra needed
 
-    return SemanticCache(settings, embedder(), review=review, vectors=RECIPE if config.embedder.quantize else "")
+    return SemanticCache(settings, embedder(), review=review, vectors=vectors_name(config.embedder.quantize))
 
 
 def _exact_store(section: CacheConfig, config: KeelConfig, healths: dict[str, BackendHealth]) -> CacheStore:

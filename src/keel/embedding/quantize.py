@@ -28,6 +28,12 @@ RECIPE: Final = "dyn-int8-pc1"  # change it when the steps below change: cached 
 PROVIDERS: Final = ["CPUExecutionProvider"]
 
 
+def vectors_name(quantize: bool) -> str:
+    """Which vectors an embedder makes, for the semantic cache's scopes: RECIPE quantized, '' exact (the
+    scopes stored before quantizing existed stay the exact model's)."""
+    return RECIPE if quantize else ""
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "keel" / "embedder"

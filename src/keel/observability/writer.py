@@ -321,9 +321,8 @@ class RecordWriter:
         self._retry_at = 0.0
         self._next_purge = 0.0
         self._spool_pending = True  # a previous run may have left one
-        self._orphans_pending = True  # and write-ahead files, if it was killed
-        # Looked for again every orphan_scan_s: a process beside this one (a worker, a replica on the
-        # same spool directory) killed while this writer runs leaves its files to be adopted too.
+        # And write-ahead files, if it was killed: looked for at once, then every orphan_scan_s (a process
+        # beside this one, a worker or a replica on the same spool directory, may be killed while it runs).
         self._orphan_scan = orphan_scan_s
         self._next_orphan_scan = 0.0
         self._replay_at: tuple[Path, int] | None = None  # how far a failed replay got
@@ -376,7 +375,7 @@ class RecordWriter:
             self._thread = None
             self._stopping.clear()
             self._spool_pending = True
-            self._orphans_pending = True
+            self._next_orphan_scan = 0.0
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="keel-request-log", daemon=True)
@@ -452,8 +451,8 @@ class RecordWriter:
         if len(self._queue) <= self._batch:
             self._rotate()  # the batch taken next covers the segment written so far
         self._drain(self._batch)
-        if self._orphans_pending or (self.write_ahead is not None and now >= self._next_orphan_scan):
-            self._adopt_orphans()
+        if self.write_ahead is not None and now >= self._next_orphan_scan:
+            self._adopt_orphans(self.write_ahead)
         if self._store_up and self._spool_pending:
             self._replay()
         if self._store_up and now >= self._next_purge:
@@ -656,15 +655,12 @@ class RecordWriter:
             log.warning("request log store still unavailable, next try in %.1fs: %s", self._backoff, exc)
         self._backoff = min(self._backoff * 2, self._retry_max)
 
-    def _adopt_orphans(self) -> None:
+    def _adopt_orphans(self, write_ahead: WriteAhead) -> None:
         """The write-ahead files of processes that are gone: their records, redacted now, into the
         store (or the spool while it is down), then the files deleted."""
-        self._orphans_pending = False
         self._next_orphan_scan = time.monotonic() + self._orphan_scan
-        if self.write_ahead is None:
-            return
         try:
-            orphans = self.write_ahead.claim_orphans(process_alive)
+            orphans = write_ahead.claim_orphans(process_alive)
         except OSError as exc:
             log.error("request log: the write-ahead files beside %s cannot be read: %s", self.spool.path, exc)
             return

@@ -92,6 +92,17 @@ class InjectionDetector:
             raise HeadNotLoaded("the injection classifier is off: no embedder or weights were given")
         return self.head.score(vectors)
 
+    def windows_by_text(self, texts: Sequence[str], *, min_words: int = MIN_WORDS) -> tuple[list[str], list[int]]:
+        """Every text's windows (as `windows_of` cuts them) and, for each, the index of its text: how the
+        bench scores texts and the training script fits them (`min_words=1`: every text)."""
+        out: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            found, _ = self.windows_of([text], min_words=min_words)
+            out += found
+            owners += [i] * len(found)
+        return out, owners
+
     def windows_of(self, texts: Sequence[str], *, min_words: int = MIN_WORDS) -> tuple[list[str], list[str]]:
         """The windows `classify` embeds and, for each, what it is a window of ("text" or a payload kind).
         `min_words=1`: every text's windows, the short ones included, as the head was trained on them."""
