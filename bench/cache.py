@@ -304,6 +304,14 @@ async def start(bench: Bench, args: argparse.Namespace, session: aiohttp.ClientS
 # ---------------------------------------------------------------- requests
 
 
+class UnexpectedCacheStatus(RuntimeError):
+    """An answer's `x-keel-cache` is not what the row measures."""
+
+    def __init__(self, base: str, status: str | None, expect: str | None) -> None:
+        super().__init__(f"{base}: x-keel-cache {status!r}, expected {expect!r}")
+        self.status = status
+
+
 async def request(session: aiohttp.ClientSession, base: str, payload: dict[str, Any], expect: str | None) -> Any:
     async with session.post(base + "/chat/completions", data=orjson.dumps(payload),
                             headers={"content-type": "application/json"}) as response:
@@ -312,7 +320,7 @@ async def request(session: aiohttp.ClientSession, base: str, payload: dict[str, 
         if response.status != 200:
             raise RuntimeError(f"{base}: {response.status} {data[:300]!r}")
         if status != expect:
-            raise RuntimeError(f"{base}: x-keel-cache {status!r}, expected {expect!r}")
+            raise UnexpectedCacheStatus(base, status, expect)
     return orjson.loads(data)
 
 

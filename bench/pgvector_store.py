@@ -2,6 +2,7 @@
 latency at 10k and 100k entries in one scope, and for a small scope beside them.
 
     .venv/bin/python bench/pgvector_store.py [--sizes 10000,100000] [--searches 500] [--k 5]
+    .venv/bin/python bench/pgvector_store.py --real [--ef 40,64,100]     # ~3 min
 
 The server is a PostgreSQL 16 with pgvector 0.6.2 started by pgserver in a temporary directory (as in
 tests/pgvector_server.py), talked to over its Unix socket, deleted at the end. Entries are random unit
@@ -16,6 +17,14 @@ entry it was made from comes first (recall@1), and how often the HNSW query alon
 rows of the scope (the store then reads the scope exactly; the planner may also read a small scope
 exactly by itself). Last, a random query (nothing close) in the big scope: p50 / p99.
 
+`--real`: which `hnsw.ef_search` to ship. Random vectors are HNSW's worst case, and the cache's searches
+are for near duplicates of real questions. 100k entries: ~23k real texts (the injection set's and MRPC's
+first sentences, embedded by Keel's embedder) and random vectors to the size; queries are 500 stored
+texts lightly edited (lower case, a question mark added or dropped, a doubled space: what a user retypes)
+and 500 MRPC sentences never stored (misses). Per ef_search, in two interleaved rounds, p50 / p99 of the
+store's `search` at the default threshold, and how many of the queries whose exact nearest neighbour is
+at or above the threshold got one from the store (what a lower ef_search could lose: hits).
+
 A figure, not a test: two shared cores; compare within one run.
 """
 
@@ -23,6 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import json
+import random
 import shutil
 import statistics
 import tempfile
@@ -34,8 +46,12 @@ import numpy as np
 import numpy.typing as npt
 
 from keel.cache.postgres_store import EF_SEARCH, PostgresVectorStore
+from keel.config import SemanticCacheConfig
 
 DIM = 384
+ROOT = Path(__file__).resolve().parents[1]
+INJECTION = ROOT / "bench" / "guardrails_data" / "injection.jsonl"
+MRPC = [ROOT.parent / "shared" / "data" / "paraphrase" / f for f in ("mrpc-train.tsv", "mrpc-val.tsv")]
 BIG, MID, SMALL = ("s1:-:m:" + c * 64 for c in "bms")
 
 
@@ -150,6 +166,78 @@ async def bench_size(url: str, n: int, searches: int, k: int, rng: np.random.Gen
     await store.close()
 
 
+def real_texts() -> tuple[list[str], list[str]]:
+    """Texts to store (the injection set's, MRPC's first sentences) and MRPC's second ones (fresh)."""
+    with INJECTION.open(encoding="utf-8") as lines:  # by "\n" only: texts hold other line breaks
+        stored = [json.loads(line)["text"] for line in lines if line.strip()]
+    fresh: list[str] = []
+    for path in MRPC:
+        with path.open(encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                stored.append(row["#1 String"])
+                fresh.append(row["#2 String"])
+    kept = list(dict.fromkeys(t for t in stored if 3 <= len(t.split()) <= 60))
+    known = set(kept)
+    return kept, [t for t in dict.fromkeys(fresh) if t not in known]
+
+
+def retyped(text: str, rng: random.Random) -> str:
+    """What a user asking again might change: case, the final mark, a space."""
+    text, pick = text.strip(), rng.randrange(3)
+    if pick == 0:
+        return text.lower()
+    if pick == 1:
+        return text.rstrip("?.!") if text[-1:] in "?.!" else text + "?"
+    return text.replace(" ", "  ", 1)
+
+
+def embedded(texts: list[str]) -> npt.NDArray[np.float32]:
+    from rich.progress import track
+
+    from keel.embedding.model import load_embedder
+
+    embedder = load_embedder()
+    batches = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+    return np.concatenate([embedder.encode(b).array for b in track(batches, description="embedding")])
+
+
+async def bench_real(url: str, n: int, efs: list[int], rng: np.random.Generator) -> None:
+    threshold = SemanticCacheConfig().threshold
+    stored, fresh = real_texts()
+    picks = random.Random(3).sample(range(len(stored)), 500)
+    vectors = embedded(stored + [retyped(stored[i], random.Random(i)) for i in picks] + fresh[:500])
+    real, near, far = vectors[:len(stored)], vectors[len(stored):len(stored) + 500], vectors[len(stored) + 500:]
+    table = np.concatenate([real, unit(rng.standard_normal((n - len(real), DIM)).astype(np.float32))])
+    store = PostgresVectorStore(url, table_prefix="real", timeout_s=10)
+    await store.start()
+    await unindex(url, store.table)
+    await load(url, store.table, BIG, table, 0)
+    built = await reindex(url, store.table)
+    await store.close()
+    print(f"\n{n:,} entries in one scope: {len(real):,} real texts and random vectors; HNSW build {built:.1f} s; "
+          f"threshold {threshold}")
+    for name, queries in (("retyped", near), ("fresh", far)):
+        best = (queries @ table.T).max(axis=1)
+        print(f"  {name}: {int((best >= threshold).sum())}/{len(queries)} have a stored neighbour at or above it")
+    for round_ in range(2):
+        for ef in efs:
+            store = PostgresVectorStore(url, table_prefix="real", timeout_s=10, ef_search=ef)
+            parts = []
+            for name, queries in (("retyped", near), ("fresh", far)):
+                await timed(store, BIG, queries[:20], 4)  # warm the pool and the pages
+                best = (queries @ table.T).max(axis=1)
+                latencies: list[float] = []
+                found = 0
+                for q, b in zip(queries, best, strict=True):
+                    began = time.perf_counter()
+                    got = await store.search(BIG, q, 4, threshold)
+                    latencies.append(time.perf_counter() - began)
+                    found += bool(got) and b >= threshold
+                parts.append(f"{name} {pcts(latencies)} found {found}/{int((best >= threshold).sum())}")
+            await store.close()
+            print(f"  round {round_ + 1} ef_search {ef:4d}  " + "  ".join(parts))
+
+
 async def main(args: argparse.Namespace) -> None:
     import psycopg
     from pgserver.postgres_server import get_server
@@ -165,6 +253,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"PostgreSQL {server_version[0] if server_version else '?'}, pgvector {vector[0] if vector else '?'} "
               "(pgserver)")
         rng = np.random.default_rng(1)
+        if args.real:
+            await bench_real(server.get_uri("bench"), max(args.sizes), args.ef, rng)
+            return
         for n in args.sizes:
             await bench_size(server.get_uri("bench"), n, args.searches, args.k, rng)
     finally:
@@ -177,4 +268,7 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000])
     parser.add_argument("--searches", type=int, default=500)
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--real", action="store_true", help="near duplicates of real texts, per --ef")
+    parser.add_argument("--ef", type=lambda s: [int(x) for x in s.split(",")], default=[40, 64, 100],
+                        help="hnsw.ef_search values --real compares")
     asyncio.run(main(parser.parse_args()))

@@ -420,6 +420,11 @@ class SemanticCacheConfig(_Strict):
         "cache.backend is postgres, else memory",
     )
     max_entries: int = Field(default=100_000, ge=1, description="memory backend: past this, the oldest entries go")
+    ef_search: int = Field(
+        default=40, ge=1, le=1000,
+        description="postgres backend: HNSW candidates a search walks (pgvector's hnsw.ef_search); more finds more "
+        "near duplicates in hard data and costs more per search (docs/caching.md#the-semantic-cache-1)",
+    )
     guards: bool = Field(
         default=True,
         description="refuse a hit when negation, numbers, dates, names or argument order differ; false: "

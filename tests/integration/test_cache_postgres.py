@@ -118,6 +118,18 @@ async def test_a_scope_gets_its_own_nearest_even_beside_a_big_scope_hnsw_walks_f
     assert await vectors.search(scope(rest="nothing"), vec(0.0), 3, 0.0) == []
 
 
+async def test_each_connection_walks_the_configured_hnsw_candidates_and_commits_without_a_flush(
+    pgvector_url: str, prefix: str,  # noqa: F811
+) -> None:
+    for store, expected in ((PostgresVectorStore(pgvector_url, table_prefix=prefix), "40"),
+                            (PostgresVectorStore(pgvector_url, table_prefix=prefix, ef_search=123), "123")):
+        async with store._connection() as conn:
+            assert await (await conn.execute("SHOW hnsw.ef_search")).fetchone() == (expected,)
+            # a cache's write need not wait for the WAL flush: a crash costs upstream calls, not answers
+            assert await (await conn.execute("SHOW synchronous_commit")).fetchone() == ("off",)
+        await store.close()
+
+
 def unit(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 

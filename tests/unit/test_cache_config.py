@@ -55,6 +55,24 @@ def test_the_postgres_backend_defaults_to_the_request_log_database_and_carries_t
     assert (own.backend, own.semantic_backend) == ("redis", "postgres")
 
 
+def test_ef_search_reaches_the_postgres_vector_store_of_its_section() -> None:
+    pytest.importorskip("pgvector")
+    from keel.cache.build import semantic_cache
+    from keel.cache.postgres_store import EF_SEARCH, PostgresVectorStore
+
+    config = parse_config({"models": [*SIM, {"name": "wide", "deployments": [{"provider": "simulated"}], "cache": {
+        "backend": "postgres", "semantic": {"enabled": True, "ef_search": 200}}}],
+        "cache": {"backend": "postgres", "semantic": {"enabled": True}}, "store": {"url": "postgresql://db/keel"}})
+    cache = semantic_cache(config, embedder=lambda: None)  # type: ignore[arg-type,return-value]
+    assert cache is not None
+    stores = {name: setting.store for name, setting in cache.settings.items()}
+    assert all(isinstance(s, PostgresVectorStore) for s in stores.values())
+    assert stores["m"].options == f"-c hnsw.ef_search={EF_SEARCH}" and EF_SEARCH == 40
+    assert stores["wide"].options == "-c hnsw.ef_search=200"
+    with pytest.raises(ConfigError, match="ef_search"):
+        parse_config({"models": SIM, "cache": {"semantic": {"ef_search": 0}}})
+
+
 def test_the_example_file_sets_every_cache_key() -> None:
     config = load_config(EXAMPLE)
     sections = [config.cache, *[m.cache for m in config.models if m.cache]]

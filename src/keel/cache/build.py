@@ -130,7 +130,8 @@ def _vector_store(section: CacheConfig, config: KeelConfig, healths: dict[str, B
         from keel.cache.postgres_store import PostgresVectorStore
 
         url = _postgres_url(section, config)
-        return PostgresVectorStore(url, health=healths.setdefault(url, BackendHealth("PostgreSQL")))
+        return PostgresVectorStore(url, health=healths.setdefault(url, BackendHealth("PostgreSQL")),
+                                   ef_search=section.semantic.ef_search)
     from keel.cache.vectors import MemoryVectorStore
 
     return MemoryVectorStore(section.semantic.max_entries)
