@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache import Bench, Rows, Target, UnexpectedCacheStatus, label, rotated, rss, start_upstream, timed
 from overhead import pct
 
+from keel.cache.postgres_store import EF_SEARCH  # psycopg is imported only when a store connects
+
 THIS = Path(__file__).resolve()
 SYSTEM = "You are a helpful support assistant. Answer briefly."
 REAL = 2000
@@ -193,7 +195,7 @@ async def postgres_targets(bench: Bench, args: argparse.Namespace, template: dic
     try:
         import pgserver
 
-        from keel.cache.postgres_store import EF_SEARCH, PostgresVectorStore
+        from keel.cache.postgres_store import PostgresVectorStore
         from keel.embedding.model import load_embedder
     except ImportError as exc:
         console.print(f"[bold red]postgres rows skipped: {exc}")
@@ -353,14 +355,10 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["true", "false", "both"], default="true",
                         help="keel.yaml's embedder.quantize; both: every cache target twice, the exact one "
                         "named '... exact', interleaved in the same rounds (an A/B in one run)")
-    parser.add_argument("--ef-search", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    parser.add_argument("--ef-search", type=lambda s: [int(x) for x in s.split(",")], default=[EF_SEARCH],
                         help="cache.semantic.ef_search of the postgres targets; several (40,100): a gateway each on "
                         "the same table, named '... ef N' past the default (an A/B in one run)")
     args = parser.parse_args()
-    if args.ef_search is None:
-        from keel.cache.postgres_store import EF_SEARCH
-
-        args.ef_search = [EF_SEARCH]
     args.variants = {"true": [True], "false": [False], "both": [True, False]}[args.quantize]
     uvloop.run(run(args))
 

@@ -51,6 +51,7 @@ from keel.cache.health import BackendHealth, reason
 from keel.cache.key import KEY_VERSION, KeyScope, segment
 from keel.cache.redis_store import CacheStoreUnavailable
 from keel.cache.semantic_store import SCOPE_VERSION, Neighbour
+from keel.config import SemanticCacheConfig
 from keel.errors import KeelError
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.cache")
 
 POOL_SIZE = 4  # connections a store keeps at most
-EF_SEARCH = 40  # HNSW candidates per search (pgvector's default); cache.semantic.ef_search
+# HNSW candidates per search: cache.semantic.ef_search's default (pgvector's own, 40)
+EF_SEARCH: int = SemanticCacheConfig.model_fields["ef_search"].default
 SWEEP_EVERY_S = 60.0  # expired rows are deleted on a store at most this often
 SWEEP_BATCH = 1000  # and this many at most each time
 CLEAR_TIMEOUT_S = 30.0  # a clear (an operator's, rare) may delete many rows: it gets longer than a lookup
